@@ -1,0 +1,1 @@
+"""The uploader used by the agent, and the central customer store service."""

@@ -1,0 +1,138 @@
+"""The wiring: open the buffer, start the status endpoint and the sources, stop in order.
+
+Sinks open first and close last; sources stop first. On stop the sources stop taking
+input, commit and acknowledge what they hold, and the buffer closes after them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from cloud_sync.envelope_schema import default_registry
+from edge_agent import systemd
+from edge_agent.buffer import Buffer
+from edge_agent.config import Config
+from edge_agent.decode import DecodeContext
+from edge_agent.pipeline import Pipeline
+from edge_agent.sources.base import Source
+from edge_agent.sources.mqtt import MqttSource
+from edge_agent.status import StatusBoard, StatusServer
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S: Final = 10.0
+
+
+@dataclass
+class RunningAgent:
+    """What a started agent is made of; handed to ``on_ready`` (tests, the demo)."""
+
+    config: Config
+    buffer: Buffer
+    pipeline: Pipeline
+    board: StatusBoard
+    status: StatusServer
+    sources: list[Source] = field(default_factory=list)
+
+
+def build_sources(config: Config) -> list[Source]:
+    context = DecodeContext(config.agent.store_id, default_registry(), config.input)
+    return [MqttSource(config.mqtt, config.mqtt_client_id, context)]
+
+
+async def run_agent(
+    config: Config,
+    stop: asyncio.Event,
+    on_ready: Callable[[RunningAgent], None] | None = None,
+    sources: Sequence[Source] | None = None,
+) -> None:
+    """Run until ``stop`` is set; return after an orderly shutdown."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    buffer = await Buffer.open(config.buffer_path, config.buffer)
+    try:
+        chosen = list(sources) if sources is not None else build_sources(config)
+        pipeline = Pipeline(buffer)
+        board = StatusBoard(buffer, chosen)
+        status = StatusServer(board, config.http.host, config.http.port)
+        await status.start()
+        try:
+            agent = RunningAgent(config, buffer, pipeline, board, status, chosen)
+            await _run_sources(agent, stop, on_ready)
+        finally:
+            await status.stop()
+    finally:
+        await buffer.aclose()
+        log.info("agent.stopped committed=%d", buffer.counters.committed)
+
+
+async def _run_sources(
+    agent: RunningAgent, stop: asyncio.Event, on_ready: Callable[[RunningAgent], None] | None
+) -> None:
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(source.run(agent.pipeline.emit), name=f"source:{source.name}")
+            for source in agent.sources
+        ]
+        watchdog = group.create_task(_watchdog(agent), name="watchdog")
+        systemd.notify("READY=1")
+        log.info(
+            "agent.ready store_id=%s buffer=%s status=http://%s:%d/",
+            agent.config.agent.store_id,
+            agent.buffer.path,
+            agent.config.http.host,
+            agent.status.port,
+        )
+        if on_ready is not None:
+            on_ready(agent)
+        await stop.wait()
+        systemd.notify("STOPPING=1")
+        log.info("agent.stopping")
+        for source in agent.sources:
+            source.request_stop()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            for task in late:
+                log.warning("agent.stop.forced task=%s", task.get_name())
+                task.cancel()
+        watchdog.cancel()
+
+
+async def _watchdog(agent: RunningAgent) -> None:
+    """Ping systemd only while the buffer's writer answers: a hung pipeline gets restarted."""
+    interval = systemd.watchdog_interval_s()
+    if interval is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.wait_for(agent.buffer.call(_probe), timeout=interval)
+        except TimeoutError:
+            log.error(  # noqa: TRY400 - a timeout has no useful traceback
+                "watchdog.stalled buffer writer did not answer within %.1fs", interval
+            )
+            continue
+        counters = agent.buffer.counters
+        systemd.notify(
+            f"WATCHDOG=1\nSTATUS=pending={counters.pending} committed={counters.committed}"
+        )
+
+
+def _probe(connection: sqlite3.Connection) -> None:
+    connection.execute("SELECT 1").fetchone()
+
+
+async def run_until_signalled(config: Config) -> None:
+    """The service's main: SIGTERM or SIGINT starts an orderly stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await run_agent(config, stop)

@@ -1,0 +1,97 @@
+"""Open the buffer file, and recover from a damaged one without a crash loop.
+
+A damaged file (failed quick_check, or not a database at all) is moved aside with its WAL
+and shared-memory files, a loud log line is written, and a fresh file is opened. Only the
+newest few moved-aside files are kept, so recoveries cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from edge_agent.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+KEEP_DAMAGED_FILES: Final = 2
+_SIDE_FILES: Final = ("-wal", "-shm")
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    connection: sqlite3.Connection
+    recovered_from: Path | None  # where the damaged file was moved, when it was
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in the writer.
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    connection.execute("PRAGMA foreign_keys=ON")
+    # Keep the WAL small on an SD card: checkpoint often, truncate what is left.
+    connection.execute("PRAGMA wal_autocheckpoint=1000")
+    connection.execute("PRAGMA journal_size_limit=4194304")
+    return connection
+
+
+def open_checked(path: Path, synchronous: str) -> OpenedFile:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    problem = _check(path, synchronous)
+    if problem is None:
+        return OpenedFile(connect(path, synchronous), None)
+    moved = _move_aside(path)
+    log.error(
+        "buffer.damaged path=%s problem=%r moved_to=%s action=fresh_buffer "
+        "(events in the damaged file are not lost from disk; inspect it with sqlite3)",
+        path,
+        problem,
+        moved,
+    )
+    _prune_damaged(path)
+    return OpenedFile(connect(path, synchronous), moved)
+
+
+def damaged_files(path: Path) -> list[Path]:
+    found = path.parent.glob(f"{path.name}.damaged-*")
+    return sorted(p for p in found if not p.name.endswith(_SIDE_FILES))
+
+
+def _check(path: Path, synchronous: str) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        connection = connect(path, synchronous)
+        try:
+            result = connection.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if result == "ok" else str(result)
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    try:
+        path.rename(target)
+        for suffix in _SIDE_FILES:
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+    except OSError as exc:
+        raise StorageError(f"cannot move damaged buffer {path} aside: {exc}") from exc
+    return target
+
+
+def _prune_damaged(path: Path) -> None:
+    for old in damaged_files(path)[:-KEEP_DAMAGED_FILES]:
+        for candidate in (old, *(old.with_name(old.name + s) for s in _SIDE_FILES)):
+            candidate.unlink(missing_ok=True)
+        log.warning("buffer.damaged.pruned path=%s", old)

@@ -1,0 +1,180 @@
+"""``edge-agent``: run the service, the demo, check a config, ask for status, read the buffer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edge_agent import __version__
+from edge_agent.buffer import inspect
+from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
+from edge_agent.errors import ConfigError, EdgeAgentError
+
+log = logging.getLogger("edge_agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        result: int = args.handler(args)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except EdgeAgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument(
+            "--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG_PATH}"
+        )
+        return command
+
+    run = with_config(commands.add_parser("run", help="run the agent (the systemd service)"))
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="the whole system on this machine, one command")
+    demo.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
+    demo.add_argument("--broker", default=None, help="HOST:PORT of a broker; default: embedded")
+    demo.add_argument("--data-dir", type=Path, default=None)
+    demo.add_argument("--http-port", type=int, default=8787, help="0: any free port")
+    demo.add_argument("--rate", type=float, default=20.0, help="simulated messages per second")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(handler=_demo)
+
+    check = with_config(commands.add_parser("check-config", help="validate a config file"))
+    check.set_defaults(handler=_check_config)
+
+    status = with_config(commands.add_parser("status", help="ask the local status endpoint"))
+    status.set_defaults(handler=_status)
+
+    buffer = commands.add_parser("buffer", help="inspect, export, erase a customer")
+    buffer_commands = buffer.add_subparsers(dest="buffer_command", required=True)
+    stats = with_config(buffer_commands.add_parser("stats", help="figures about the buffer"))
+    stats.set_defaults(handler=_buffer_stats)
+    export = with_config(buffer_commands.add_parser("export", help="every buffered envelope"))
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.set_defaults(handler=_buffer_export)
+    erase = with_config(buffer_commands.add_parser("erase", help="erase a customer's data"))
+    erase.add_argument("--customer", required=True)
+    erase.set_defaults(handler=_buffer_erase)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent.app import run_until_signalled
+
+    asyncio.run(run_until_signalled(_load(args)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edge_agent.demo import DemoOptions, run_demo
+
+    broker = None
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        broker = (host or "127.0.0.1", int(port))
+    options = DemoOptions(
+        args.duration, broker, args.data_dir, args.http_port, args.rate, args.seed
+    )
+    summary = asyncio.run(run_demo(options))
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(
+        f"ok: store_id={config.agent.store_id} data_dir={config.data_dir} "
+        f"broker={config.mqtt.host}:{config.mqtt.port} serial_ports={len(config.serial.ports)} "
+        f"sync={'on' if config.sync.url else 'off'}"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "") else config.http.host
+    url = f"http://{host}:{config.http.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"edge-agent: status endpoint {url} not reachable: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _buffer_stats(args: argparse.Namespace) -> int:
+    config = _load(args)
+    with inspect.open_read_only(config.buffer_path) as connection:
+        print(json.dumps(inspect.stats(connection), indent=2))
+    return 0
+
+
+def _buffer_export(args: argparse.Namespace) -> int:
+    config = _load(args)
+    connection = inspect.open_read_only(config.buffer_path)
+    try:
+        total = connection.execute("SELECT count(*) FROM events").fetchone()[0]
+        out = sys.stdout
+        with tqdm(total=total, unit="ev", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+            for envelope in inspect.iter_envelopes(connection):
+                out.write(envelope)
+                out.write("\n")
+                bar.update()
+        out.flush()
+    finally:
+        connection.close()
+    return 0
+
+
+def _buffer_erase(args: argparse.Namespace) -> int:
+    config = _load(args)
+    connection = inspect.open_for_writing(config.buffer_path)
+    try:
+        deleted = inspect.erase_customer(connection, args.customer)
+    finally:
+        connection.close()
+    print(json.dumps({"customer_id": args.customer, "deleted": deleted}))
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    # journald adds its own timestamps; elsewhere a person reads the log and wants them.
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s %(message)s"
+    if not under_journald:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""One frozen, typed configuration, loaded once from TOML with environment overrides.
+
+Every key has a default except ``agent.store_id``. Unknown keys are errors (a typo in a
+config on a store box should fail loudly at start, not silently fall back to a default).
+Environment variables ``EDGE_AGENT__SECTION__KEY`` override keys of the TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from edge_agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/edge-agent/agent.toml")
+ENV_PREFIX: Final = "EDGE_AGENT__"
+_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    store_id: str = ""
+    data_dir: str = "/var/lib/edge-agent"
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "edge"
+    client_id: str = ""  # default: edge-agent-<store_id>; must be stable for a persistent session
+    qos: int = 1
+    keepalive: int = 30
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+
+@dataclass(frozen=True)
+class InputSection:
+    max_payload_bytes: int = 256 * 1024
+    max_depth: int = 16
+    max_events_per_message: int = 1000
+    max_future_skew_s: float = 24 * 3600.0  # a device clock further ahead is absurd
+    max_event_age_s: float = 30 * 24 * 3600.0  # devices may hold events for weeks, not years
+
+
+@dataclass(frozen=True)
+class BufferSection:
+    path: str = ""  # default: <data_dir>/buffer.db
+    max_bytes: int = 1024**3
+    synchronous: str = "full"  # full: an acknowledged event survives a power cut
+    max_batch: int = 2000
+    commit_linger_ms: float = 2.0
+    quarantine_max_rows: int = 10_000
+    quarantine_raw_bytes: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = ""  # a model directory; default: the bundled model
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class SyncSection:
+    url: str = ""  # empty: no sync
+    token: str = ""
+    interval_s: float = 5.0
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class SerialPort:
+    url: str
+    baud: int = 115200
+    device_id: str = ""  # default: the id the device announces in HELLO
+
+
+@dataclass(frozen=True)
+class SerialSection:
+    ports: tuple[SerialPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class GovernanceSection:
+    require_consent: bool = True
+    pseudonym_key: str = ""  # or EDGE_AGENT__GOVERNANCE__PSEUDONYM_KEY; empty: generated once
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentSection
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    input: InputSection = field(default_factory=InputSection)
+    buffer: BufferSection = field(default_factory=BufferSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    serial: SerialSection = field(default_factory=SerialSection)
+    governance: GovernanceSection = field(default_factory=GovernanceSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.agent.data_dir)
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.buffer.path) if self.buffer.path else self.data_dir / "buffer.db"
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.agent.store_id}"
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate, freeze."""
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text("utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(str(path), "file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    _apply_environment(document, os.environ if environ is None else environ)
+    return config_from_dict(document)
+
+
+def config_from_dict(document: Mapping[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in document.items():
+        if name not in known:
+            raise ConfigError(name, f"unknown section (known: {', '.join(sorted(known))})")
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be a table")
+        if name == "serial":
+            sections[name] = _serial_section(value)
+        else:
+            sections[name] = _build_section(name, _section_type(known[name]), value)
+    sections.setdefault("agent", AgentSection())
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _section_type(config_field: dataclasses.Field[Any]) -> type[Any]:
+    hints = typing.get_type_hints(Config)
+    return typing.cast(type[Any], hints[config_field.name])
+
+
+def _build_section(section: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}", "unknown key")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, expected: Any, value: Any) -> Any:
+    if isinstance(expected, types.UnionType):
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise ConfigError(key, f"must be an integer, got {value!r}") from exc
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError as exc:
+                raise ConfigError(key, f"must be a number, got {value!r}") from exc
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {expected!r}")
+
+
+def _serial_section(values: Mapping[str, Any]) -> SerialSection:
+    unknown = set(values) - {"ports"}
+    if unknown:
+        raise ConfigError(f"serial.{sorted(unknown)[0]}", "unknown key")
+    ports = values.get("ports", [])
+    if not isinstance(ports, list):
+        raise ConfigError("serial.ports", "must be an array of tables ([[serial.ports]])")
+    built = []
+    for index, port in enumerate(ports):
+        if not isinstance(port, dict) or "url" not in port:
+            raise ConfigError(f"serial.ports[{index}].url", "is required")
+        built.append(_build_section(f"serial.ports[{index}]", SerialPort, port))
+    return SerialSection(tuple(built))
+
+
+def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(name, "environment overrides look like EDGE_AGENT__SECTION__KEY")
+        section, key = parts
+        table = document.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table")
+        table[key] = value  # coerced to the key's type by _build_section
+
+
+def _validate(config: Config) -> None:
+    checks: list[tuple[bool, str, str]] = [
+        (bool(config.agent.store_id), "agent.store_id", "is required"),
+        (
+            not config.agent.store_id or bool(_ID_PATTERN.match(config.agent.store_id)),
+            "agent.store_id",
+            "letters, digits, '.', '_' and '-' only, at most 64 characters",
+        ),
+        (bool(config.agent.data_dir), "agent.data_dir", "must not be empty"),
+        (0 < config.mqtt.port < 65536, "mqtt.port", "must be 1..65535"),
+        (config.mqtt.qos in (0, 1), "mqtt.qos", "must be 0 or 1"),
+        (config.mqtt.keepalive >= 5, "mqtt.keepalive", "must be at least 5 seconds"),
+        (bool(config.mqtt.topic_prefix.strip("/")), "mqtt.topic_prefix", "must not be empty"),
+        (
+            not any(c in config.mqtt.topic_prefix for c in "+#"),
+            "mqtt.topic_prefix",
+            "must not contain wildcards",
+        ),
+        (
+            0 < config.mqtt.reconnect_min_s <= config.mqtt.reconnect_max_s,
+            "mqtt.reconnect_min_s",
+            "must be positive and at most mqtt.reconnect_max_s",
+        ),
+        (0 <= config.http.port < 65536, "http.port", "must be 0..65535 (0: any free port)"),
+        (config.input.max_payload_bytes >= 256, "input.max_payload_bytes", "must be >= 256"),
+        (config.input.max_depth >= 2, "input.max_depth", "must be >= 2"),
+        (config.input.max_events_per_message >= 1, "input.max_events_per_message", "must be >= 1"),
+        (config.buffer.max_bytes >= 1024 * 1024, "buffer.max_bytes", "must be at least 1 MiB"),
+        (
+            config.buffer.synchronous in ("full", "normal", "extra"),
+            "buffer.synchronous",
+            "must be full, normal or extra",
+        ),
+        (config.buffer.max_batch >= 1, "buffer.max_batch", "must be >= 1"),
+        (0 <= config.buffer.commit_linger_ms <= 100, "buffer.commit_linger_ms", "must be 0..100"),
+        (config.buffer.quarantine_max_rows >= 10, "buffer.quarantine_max_rows", "must be >= 10"),
+        (config.buffer.quarantine_raw_bytes >= 64, "buffer.quarantine_raw_bytes", "must be >= 64"),
+        (1 <= config.model.top_k <= 50, "model.top_k", "must be 1..50"),
+        (
+            not config.sync.url or config.sync.url.startswith(("http://", "https://")),
+            "sync.url",
+            "must be an http:// or https:// URL, or empty",
+        ),
+        (config.sync.interval_s > 0, "sync.interval_s", "must be positive"),
+        (config.sync.batch_size >= 1, "sync.batch_size", "must be >= 1"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise ConfigError(key, problem)
+    for index, port in enumerate(config.serial.ports):
+        if not port.url:
+            raise ConfigError(f"serial.ports[{index}].url", "must not be empty")
+        if port.baud <= 0:
+            raise ConfigError(f"serial.ports[{index}].baud", "must be positive")
+    if config.mqtt.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(config.mqtt, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"mqtt.{key}", f"file not found: {value}")

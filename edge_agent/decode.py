@@ -1,0 +1,232 @@
+"""Turn one MQTT message into events, or into rejections with a reason.
+
+Decoding never raises on input: every failure becomes a ``Rejected`` that the buffer
+quarantines (reason, source, raw bytes), so a bad product can never stop the agent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from cloud_sync.envelope_schema import MAX_ID_LENGTH, Registry
+from edge_agent.config import InputSection
+from edge_agent.events import SCHEMA_VERSION, Event, Rejected, derive_event_id, format_ts, parse_ts
+
+EVENTS_CHANNEL: Final = "events"
+TELEMETRY_CHANNEL: Final = "telemetry"
+# Epoch numbers above this are milliseconds (year 5138 in seconds; 1973 in milliseconds).
+_EPOCH_MS_THRESHOLD: Final = 1e11
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeContext:
+    store_id: str
+    registry: Registry
+    limits: InputSection
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    context: DecodeContext
+    topic: TopicParts
+    source: str
+    payload: bytes
+    received: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TopicParts:
+    device_id: str
+    channel: str  # "events" or "telemetry"
+
+
+def parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
+    """``{prefix}/{store_id}/devices/{device_id}/{events|telemetry}``, else None."""
+    head = f"{prefix}/{store_id}/devices/"
+    if not topic.startswith(head):
+        return None
+    device_id, _, channel = topic[len(head) :].partition("/")
+    if (
+        not device_id
+        or len(device_id) > MAX_ID_LENGTH
+        or channel
+        not in (
+            EVENTS_CHANNEL,
+            TELEMETRY_CHANNEL,
+        )
+    ):
+        return None
+    return TopicParts(device_id, channel)
+
+
+def decode_message(
+    context: DecodeContext,
+    topic: TopicParts,
+    source: str,
+    payload: bytes,
+    now: datetime | None = None,
+) -> list[Event | Rejected]:
+    """Decode one message's payload (one event, an array of events, or telemetry)."""
+    received = now or datetime.now(UTC)
+    received_at = format_ts(received)
+
+    def reject(reason: str, detail: str = "", raw: bytes = payload) -> list[Event | Rejected]:
+        return [Rejected(source, reason, raw, detail, received_at)]
+
+    limits = context.limits
+    if len(payload) > limits.max_payload_bytes:
+        return reject("too_large", f"{len(payload)} bytes > {limits.max_payload_bytes}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject("not_utf8", str(exc))
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        return reject("too_deep", "nesting exceeds the JSON parser's limit")
+    except json.JSONDecodeError as exc:
+        return reject("not_json", str(exc))
+    if _nesting_may_exceed(payload, limits.max_depth) and _depth(document) > limits.max_depth:
+        return reject("too_deep", f"nesting deeper than {limits.max_depth}")
+
+    message = _Message(context, topic, source, payload, received)
+    if topic.channel == TELEMETRY_CHANNEL:
+        return [_telemetry(message, document)]
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        return reject("empty_batch")
+    if len(items) > limits.max_events_per_message:
+        return reject("too_many_events", f"{len(items)} > {limits.max_events_per_message}")
+    single = not isinstance(document, list)
+    decoded: list[Event | Rejected] = []
+    for index, item in enumerate(items):
+        raw_item = payload if single else json.dumps(item).encode("utf-8")
+        decoded.append(_event(message, raw_item, index, item))
+    return decoded
+
+
+def _event(message: _Message, raw_item: bytes, index: int, item: Any) -> Event | Rejected:
+    context, topic, source = message.context, message.topic, message.source
+    received = message.received
+    received_at = format_ts(received)
+
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(source, reason, raw_item, detail, received_at)
+
+    if not isinstance(item, dict):
+        return reject("wrong_type", f"event {index} is not an object")
+    event_type = item.get("type")
+    if not isinstance(event_type, str):
+        return reject("missing_field" if event_type is None else "wrong_type", "type")
+    if event_type not in context.registry.types:
+        return reject("unknown_type", event_type[:64])
+    data = item.get("data", {})
+    problem = context.registry.check_data(event_type, data)
+    if problem is not None:
+        return reject(problem, f"data of {event_type}")
+    customer_id = item.get("customer_id")
+    if customer_id is not None and not _is_id(customer_id):
+        return reject("wrong_type", "customer_id")
+    event_id = item.get("event_id")
+    if event_id is None:
+        event_id = derive_event_id(source, message.payload, index)
+    elif not _is_id(event_id):
+        return reject("wrong_type", "event_id")
+    ts = _event_time(item.get("ts"), received, context.limits)
+    if isinstance(ts, Rejected):
+        return reject(ts.reason, ts.detail)
+    return Event(
+        event_id=event_id,
+        type=event_type,
+        ts=ts,
+        store_id=context.store_id,
+        device_id=topic.device_id,
+        customer_id=customer_id,
+        source=source,
+        data=data,
+        received_at=received_at,
+        schema=SCHEMA_VERSION,
+        customer=context.registry.is_customer_type(event_type),
+    )
+
+
+def _telemetry(message: _Message, document: Any) -> Event | Rejected:
+    context, topic, source = message.context, message.topic, message.source
+    payload, received = message.payload, message.received
+    received_at = format_ts(received)
+    if not isinstance(document, dict):
+        return Rejected(source, "wrong_type", payload, "telemetry is not an object", received_at)
+    values = document.get("values")
+    if not isinstance(values, dict):
+        reason = "missing_field" if values is None else "wrong_type"
+        return Rejected(source, reason, payload, "values", received_at)
+    for name, value in values.items():
+        if isinstance(value, dict | list):
+            return Rejected(source, "wrong_type", payload, f"values.{name}", received_at)
+    ts = _event_time(document.get("ts"), received, context.limits)
+    if isinstance(ts, Rejected):
+        return Rejected(source, ts.reason, payload, ts.detail, received_at)
+    return Event(
+        event_id=derive_event_id(source, payload),
+        type="telemetry",
+        ts=ts,
+        store_id=context.store_id,
+        device_id=topic.device_id,
+        customer_id=None,
+        source=source,
+        data={"values": values},
+        received_at=received_at,
+        customer=False,
+    )
+
+
+def _event_time(value: Any, received: datetime, limits: InputSection) -> str | Rejected:
+    """The device's time when given and sane; the receive time when absent."""
+    if value is None:
+        return format_ts(received)
+    moment: datetime | None
+    if isinstance(value, bool):
+        moment = None
+    elif isinstance(value, int | float):
+        seconds = value / 1000.0 if value > _EPOCH_MS_THRESHOLD else float(value)
+        try:
+            moment = datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            moment = None
+    elif isinstance(value, str):
+        moment = parse_ts(value)
+    else:
+        moment = None
+    if moment is None:
+        return Rejected("", "bad_timestamp", b"", repr(value)[:64])
+    if moment > received + timedelta(seconds=limits.max_future_skew_s):
+        return Rejected("", "absurd_timestamp", b"", f"{format_ts(moment)} is in the future")
+    if moment < received - timedelta(seconds=limits.max_event_age_s):
+        return Rejected("", "absurd_timestamp", b"", f"{format_ts(moment)} is too old")
+    return format_ts(moment)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
+def _nesting_may_exceed(payload: bytes, max_depth: int) -> bool:
+    # Cheap pre-check: with fewer brackets than the limit the depth cannot exceed it.
+    return payload.count(b"[") + payload.count(b"{") > max_depth
+
+
+def _depth(document: Any) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in node)
+    return deepest

@@ -1,0 +1,46 @@
+"""An embedded MQTT broker (amqtt) for the demo and for machines without mosquitto."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from types import TracebackType
+
+from amqtt.broker import Broker
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """``async with EmbeddedBroker() as broker:`` listens on 127.0.0.1:``broker.port``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._broker = Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+        )
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        await self._broker.start()
+        log.info("broker.embedded.started host=%s port=%d", self.host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._broker.shutdown()

@@ -1,0 +1,86 @@
+"""The one event type that flows through the pipe, and what a rejected input looks like.
+
+Sources turn raw input into ``Event`` (accepted) or ``Rejected`` (quarantined with a reason);
+the pipeline commits both to the buffer before the source acknowledges anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+SCHEMA_VERSION: Final = 1
+# A fixed namespace so the same (source, raw bytes, index) always yields the same event id.
+_EVENT_ID_NAMESPACE: Final = uuid.UUID("6f1c2b1e-4a6e-4f0e-9d55-0b7c1e2a9f10")
+
+
+def derive_event_id(source: str, raw: bytes, index: int = 0) -> str:
+    """A deterministic id for a message that carries none: redelivery maps to the same id."""
+    digest = hashlib.sha256(source.encode("utf-8") + b"\0" + raw).hexdigest()
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{digest}:{index}"))
+
+
+def format_ts(moment: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds and a Z, the envelope's only time format."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_ts(text: str) -> datetime | None:
+    """Parse an RFC 3339 timestamp; None when it is not one or has no time zone."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One governed event envelope (DESIGN.md, "The event envelope")."""
+
+    event_id: str
+    type: str
+    ts: str  # the device's time when given and sane, else the receive time
+    store_id: str
+    device_id: str | None
+    customer_id: str | None
+    source: str  # e.g. "mqtt:edge/store-001/devices/shelf-07/events", "serial:shelf-07"
+    data: dict[str, Any]
+    received_at: str  # the agent's receive time, always kept
+    schema: int = SCHEMA_VERSION
+    customer: bool = True  # a customer interaction (kept longest) rather than telemetry
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "type": self.type,
+            "ts": self.ts,
+            "store_id": self.store_id,
+            "device_id": self.device_id,
+            "customer_id": self.customer_id,
+            "source": self.source,
+            "schema": self.schema,
+            "data": self.data,
+            "received_at": self.received_at,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.envelope(), separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input that failed a check: quarantined with its reason, never an exception."""
+
+    source: str
+    reason: str  # snake_case: not_utf8, not_json, too_large, too_deep, unknown_type, ...
+    raw: bytes
+    detail: str = ""
+    received_at: str = field(default_factory=lambda: format_ts(datetime.now(UTC)))

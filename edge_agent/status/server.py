@@ -1,0 +1,69 @@
+"""The status endpoint (default 127.0.0.1:8787) on aiohttp."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Final
+
+from aiohttp import web
+
+from edge_agent.status import metrics
+from edge_agent.status.snapshot import StatusBoard
+
+log = logging.getLogger(__name__)
+
+_PAGE: Final = resources.files("edge_agent.status").joinpath("page.html")
+
+
+class StatusServer:
+    def __init__(self, board: StatusBoard, host: str, port: int) -> None:
+        self.board = board
+        self.host = host
+        self.port = port  # the bound port once started (useful when configured as 0)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._page)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses  # the bound (host, port), also when port was 0
+        if addresses:
+            self.port = int(addresses[0][1])
+        log.info("status.listening url=http://%s:%d/", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons = self.board.readiness()
+        if reasons:
+            return web.json_response({"ready": False, "reasons": reasons}, status=503)
+        return web.json_response({"ready": True, "reasons": []})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.board.snapshot())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = metrics.render(await self.board.snapshot())
+        return web.Response(
+            body=body,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Format": "prometheus-0.0.4"},
+        )
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return web.Response(text=_PAGE.read_text("utf-8"), content_type="text/html")
