@@ -1,0 +1,202 @@
+"""Benchmark: the suggestion model call alone, and the offline quality target.
+
+For a 1k and a 5k item catalogue: simulate shoppers, train with --holdout-last, then
+- time one onnxruntime call (``SuggestionModel.run_feeds``) on the holdout's requests,
+  p50/p99, and the whole ``suggest()`` (features + call + decoding) for comparison;
+- report HitRate@10 of the model against global and session popularity on that holdout.
+Targets (issue 4): model call p99 < 0.2 ms for 5k items; HitRate@10 >= 3x global popularity.
+
+    .venv/bin/python benchmarks/model_call.py [--json out.json] [--max-seconds 10]
+
+Not a test: figures depend on the machine and its load. Loops are bounded by count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from models.errors import ModelError
+from models.evaluate import EvaluationCase, evaluate, evaluation_cases
+from models.events import load_event_log
+from models.pipeline import train_to_dir
+from models.serving import SuggestionModel
+from models.simulator import SimulationConfig, write_events
+
+P99_TARGET_MS = 0.2
+QUALITY_TARGET = 3.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    items: int
+    customers: int
+    days: int
+
+
+SCENARIOS = (Scenario(1000, 600, 21), Scenario(5000, 2500, 21))
+
+
+def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+    values = np.array(samples_ns, np.float64) / 1e6
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 4),
+        "p99_ms": round(float(np.percentile(values, 99)), 4),
+        "max_ms": round(float(values.max()), 4),
+        "calls": len(samples_ns),
+    }
+
+
+def _time_calls(model: SuggestionModel, cases: list[EvaluationCase], args: Any) -> dict[str, Any]:
+    """Feeds are built beforehand (copies), so only the onnxruntime call is timed."""
+    prepared = []
+    for case in cases[: args.requests]:
+        feeds = model.build_feeds(case.history, case.suggestion_context, case.taken, k=10)
+        prepared.append({name: array.copy() for name, array in feeds.items()})
+    for feeds in prepared[: args.warmup]:
+        model.run_feeds(feeds)
+    call_ns: list[int] = []
+    call_cpu_ns: list[int] = []  # this thread's CPU time: what the call costs without preemption
+    suggest_ns: list[int] = []
+    deadline = time.monotonic() + args.max_seconds
+    gc.collect()
+    while len(call_ns) < args.iterations and time.monotonic() < deadline:
+        for feeds, case in zip(prepared, cases, strict=False):
+            cpu_start, start = time.thread_time_ns(), time.perf_counter_ns()
+            model.run_feeds(feeds)
+            call_ns.append(time.perf_counter_ns() - start)
+            call_cpu_ns.append(time.thread_time_ns() - cpu_start)
+            history = case.history[-30:]  # the agent keeps a bounded session history
+            start = time.perf_counter_ns()
+            model.suggest(history, case.suggestion_context, ())
+            suggest_ns.append(time.perf_counter_ns() - start)
+            if len(call_ns) >= args.iterations:
+                break
+    return {
+        "model_call": _percentiles(call_ns),
+        "model_call_cpu": _percentiles(call_cpu_ns),
+        "suggest": _percentiles(suggest_ns),
+    }
+
+
+def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]:
+    events = workdir / f"events_{scenario.items}.jsonl"
+    config = SimulationConfig(
+        seed=args.seed, customers=scenario.customers, days=scenario.days, items=scenario.items
+    )
+    started = time.monotonic()
+    model_dir = workdir / f"model_{scenario.items}"
+    if not events.is_file():  # with --workdir, data and models are reused across runs
+        write_events(config, events)
+    try:
+        model = SuggestionModel.load(model_dir)
+    except ModelError:  # none yet, or made by other code: train afresh
+        model, _ = train_to_dir(events, model_dir, holdout_last=True, progress=False)
+    with events.open(encoding="utf-8") as handle:
+        count = sum(1 for _ in handle)
+    prepared_s = time.monotonic() - started
+    log = load_event_log(events)
+    quality = evaluate(model, log, progress=False)
+    cases = list(evaluation_cases(log))
+    timing = _time_calls(model, cases, args)
+    model_hr = quality["model"]["hit_rate@10"]
+    popularity_hr = quality["popularity"]["hit_rate@10"]
+    return {
+        "catalogue_items": scenario.items,
+        "model_items": len(model.items),
+        "events": count,
+        "model_bytes": (model_dir / "model.onnx").stat().st_size,
+        "setup_s": round(prepared_s, 1),
+        **timing,
+        "quality": quality,
+        "hit_rate_ratio_vs_popularity": round(model_hr / popularity_hr, 2)
+        if popularity_hr
+        else None,
+    }
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    columns = ("items", "call p50", "call p99", "cpu p50", "cpu p99", "suggest p50", "suggest p99")
+    columns += ("HR@10 model", "HR@10 pop", "HR@10 sess", "ratio", "MB")
+    print(" ".join(f"{column:>11}" for column in columns))
+    for row in results:
+        quality = row["quality"]
+        cells = (
+            row["model_items"],
+            row["model_call"]["p50_ms"],
+            row["model_call"]["p99_ms"],
+            row["model_call_cpu"]["p50_ms"],
+            row["model_call_cpu"]["p99_ms"],
+            row["suggest"]["p50_ms"],
+            row["suggest"]["p99_ms"],
+            quality["model"]["hit_rate@10"],
+            quality["popularity"]["hit_rate@10"],
+            quality["session_popularity"]["hit_rate@10"],
+            row["hit_rate_ratio_vs_popularity"],
+            round(row["model_bytes"] / 1e6, 2),
+        )
+        print(" ".join(f"{cell:>11}" for cell in cells))
+    print("times in ms (call: wall clock; cpu: the thread's CPU time, i.e. without preemption)")
+    print("targets: model call p99 < 0.2 ms at 5k items; HR@10 >= 3x global popularity")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep (and reuse) data and models here"
+    )
+    parser.add_argument("--iterations", type=int, default=20000, help="timed calls at most")
+    parser.add_argument("--max-seconds", type=float, default=10.0, help="per catalogue size")
+    parser.add_argument("--requests", type=int, default=2000, help="distinct holdout requests")
+    parser.add_argument("--warmup", type=int, default=200)
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-model-call-") as scratch:
+        workdir = args.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for scenario in SCENARIOS:
+            results.append(run_scenario(scenario, workdir, args))
+    _print_table(results)
+    five_k = results[-1]
+    summary = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+        "results": results,
+        "targets": {
+            "model_call_p99_ms_5k": five_k["model_call"]["p99_ms"],
+            "model_call_p99_met": five_k["model_call"]["p99_ms"] < P99_TARGET_MS,
+            "model_call_cpu_p99_ms_5k": five_k["model_call_cpu"]["p99_ms"],
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "quality_ratio_5k": five_k["hit_rate_ratio_vs_popularity"],
+            "quality_met": all(
+                (row["hit_rate_ratio_vs_popularity"] or 0) >= QUALITY_TARGET for row in results
+            ),
+        },
+    }
+    print(json.dumps(summary["targets"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""edge-models: simulate | train | evaluate | export.
+
+Results go to stdout (one JSON object where a machine reads it), logs and progress to stderr.
+Exit codes: 0 success, 1 a model or data error (message on stderr), 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.errors import ModelError
+from models.evaluate import evaluate_files
+from models.export import copy_model_dir, verify_model_dir
+from models.pipeline import train_to_dir
+from models.simulator import SimulationConfig, write_events
+from models.train import TrainingParams
+
+logger = logging.getLogger(__name__)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-models", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="write a simulated events file (JSON Lines)")
+    simulate.add_argument("--out", type=Path, required=True)
+    defaults = SimulationConfig()
+    simulate.add_argument("--seed", type=int, default=defaults.seed)
+    simulate.add_argument("--customers", type=_positive, default=defaults.customers)
+    simulate.add_argument("--days", type=_positive, default=defaults.days)
+    simulate.add_argument("--items", type=_positive, default=defaults.items)
+    simulate.add_argument("--stores", type=_positive, default=defaults.stores)
+    simulate.add_argument("--topics", type=_positive, default=defaults.topics)
+    simulate.add_argument("--start", default=defaults.start, help="first day, YYYY-MM-DD (UTC)")
+    simulate.add_argument(
+        "--telemetry-interval-min", type=int, default=defaults.telemetry_interval_min
+    )
+
+    train = commands.add_parser("train", help="train on events and write a model directory")
+    train.add_argument("--events", type=Path, required=True)
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument(
+        "--holdout-last",
+        action="store_true",
+        help="leave each customer's last trigger event out (and score it into the manifest)",
+    )
+    params = TrainingParams()
+    train.add_argument("--top-k", type=_positive, default=10)
+    train.add_argument("--neighbours", type=_positive, default=params.neighbours)
+    train.add_argument("--history-length", type=_positive, default=params.history_length)
+    train.add_argument("--version", default=None, help="default: derived from the sha256")
+    train.add_argument("--created-at", default=None, help="default: now (RFC 3339)")
+
+    evaluate = commands.add_parser("evaluate", help="leave-last-out metrics against baselines")
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--events", type=Path, required=True)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--cutoff", type=_positive, default=10)
+
+    export = commands.add_parser(
+        "export", help="verify a model directory the way the agent does; copy it with --out"
+    )
+    export.add_argument("--model", type=Path, required=True)
+    export.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    methods = ("model", "popularity", "session_popularity")
+    columns = list(report["model"])
+    print(f"{'method':<20}" + "".join(f"{column:>14}" for column in columns))
+    for method in methods:
+        values = "".join(f"{report[method][column]:>14.4f}" for column in columns)
+        print(f"{method:<20}{values}")
+    print(f"customers: {report['customers']}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "simulate":
+        config = SimulationConfig(
+            seed=args.seed,
+            customers=args.customers,
+            days=args.days,
+            items=args.items,
+            stores=args.stores,
+            topics=args.topics,
+            start=args.start,
+            telemetry_interval_min=args.telemetry_interval_min,
+        )
+        count = write_events(config, args.out)
+        print(json.dumps({"events": count, "out": str(args.out)}))
+        return 0
+    if args.command == "train":
+        params = TrainingParams(neighbours=args.neighbours, history_length=args.history_length)
+        model, metrics = train_to_dir(
+            args.events,
+            args.out,
+            holdout_last=args.holdout_last,
+            params=params,
+            top_k=args.top_k,
+            version=args.version,
+            created_at=args.created_at,
+        )
+        summary = {"out": str(args.out), "version": model.version, "items": len(model.items)}
+        print(json.dumps({**summary, "metrics": metrics}))
+        return 0
+    if args.command == "evaluate":
+        report = evaluate_files(args.model, args.events, cutoff=args.cutoff)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print_table(report)
+        return 0
+    model = copy_model_dir(args.model, args.out) if args.out else verify_model_dir(args.model)
+    print(json.dumps({"ok": True, "version": model.version, "dir": str(model.model_dir)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _run(args)
+    except (ModelError, OSError) as exc:
+        print(f"edge-models {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The errors the model pipeline raises; each message names the file or field at fault."""
+
+from __future__ import annotations
+
+
+class ModelError(Exception):
+    """Base class: anything wrong with a model directory, its data or its outputs."""
+
+
+class ModelFormatError(ModelError):
+    """A manifest or model file that is missing, unreadable or not in the expected format."""
+
+
+class ModelIntegrityError(ModelError):
+    """The model file's sha256 does not match the one its manifest declares."""
+
+
+class ModelVerificationError(ModelError):
+    """A model loaded but gave answers other than its golden requests expect."""
+
+
+class EventDataError(ModelError):
+    """An events file that cannot be used for training or evaluation (e.g. no customers)."""
