@@ -1,0 +1,299 @@
+"""The HTTP routes of the central customer store (aiohttp).
+
+Handlers translate between HTTP and the backend; every refusal is a JSON body
+``{"error": reason, "detail": text}`` with a 4xx, and a database outage is a 503 the agents
+retry. Auth rules live in ``auth``; profile shaping in ``profiles``. See ``openapi.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime
+from importlib import resources
+from typing import Any, Final
+
+from aiohttp import web
+
+from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
+from cloud_sync.store import auth, profiles
+from cloud_sync.store.backend import Backend
+from cloud_sync.store.errors import BackendError, BadRequestError
+from cloud_sync.store.ingest import Limits, check_batch, check_content_type, decode_body
+from cloud_sync.store.records import Principal, format_ts
+
+log = logging.getLogger(__name__)
+
+BACKEND: Final = web.AppKey("backend", Backend)
+LIMITS: Final = web.AppKey("limits", Limits)
+DEFAULT_PAGE: Final = 100
+MAX_PAGE: Final = 1000
+MAX_ERASURES_PAGE: Final = 5000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(backend: Backend, limits: Limits | None = None) -> web.Application:
+    """The application; the caller owns ``backend`` and closes it after the app stops."""
+    limits = limits or Limits()
+    # aiohttp's own cap is a backstop; decode_body answers oversized bodies with a JSON 413.
+    app = web.Application(client_max_size=limits.max_body_bytes + 1, middlewares=[_errors_as_json])
+    app[BACKEND] = backend
+    app[LIMITS] = limits
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/openapi.json", _openapi)
+    app.router.add_post("/v1/events", _post_events)
+    app.router.add_get("/v1/customers/{customer_id}", _get_customer)
+    app.router.add_delete("/v1/customers/{customer_id}", _delete_customer)
+    app.router.add_get("/v1/customers/{customer_id}/events", _get_customer_events)
+    app.router.add_get("/v1/erasures", _get_erasures)
+    app.router.add_get("/v1/models/latest", _get_latest_model)
+    app.router.add_get("/v1/models/{version}/model.onnx", _get_model_artifact)
+    app.router.add_get("/v1/aggregates", _get_aggregates)
+    return app
+
+
+def _error(status: int, reason: str, detail: str = "", **headers: str) -> web.Response:
+    return web.json_response({"error": reason, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _RefusedError as refusal:
+        return refusal.response
+    except BadRequestError as exc:
+        log.info(
+            "store.request.refused path=%s status=%d reason=%s",
+            request.path,
+            exc.status,
+            exc.reason,
+        )
+        return _error(exc.status, exc.reason, exc.detail)
+    except BackendError as exc:
+        log.warning("store.backend.unavailable path=%s error=%s", request.path, exc)
+        return _error(503, "backend_unavailable", exc.operation, **{"Retry-After": "1"})
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, "body_too_large", f"limit {request.app[LIMITS].max_body_bytes} bytes")
+
+
+async def _principal(request: web.Request, allowed: Callable[[Principal], bool]) -> Principal:
+    principal = await auth.authenticate(request.app[BACKEND], request.headers.get("Authorization"))
+    if principal is None:
+        raise _RefusedError(
+            _error(
+                401,
+                "unauthorized",
+                "missing or unknown bearer token",
+                **{"WWW-Authenticate": 'Bearer realm="customer-store"'},
+            )
+        )
+    if not allowed(principal):
+        raise _RefusedError(
+            _error(403, "forbidden", f"a {principal.kind} credential may not do this")
+        )
+    return principal
+
+
+class _RefusedError(Exception):
+    """Carries a ready 4xx response out of a helper; the middleware answers with it."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[BACKEND].ping()
+    except BackendError as exc:
+        return _error(503, "backend_unavailable", str(exc))
+    return web.json_response({"status": "ready"})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    text = resources.files("cloud_sync.store").joinpath("openapi.json").read_text("utf-8")
+    return web.Response(text=text, content_type="application/json")
+
+
+async def _post_events(request: web.Request) -> web.Response:
+    principal = await _principal(request, auth.may_upload)
+    check_content_type(request.headers.get("Content-Type"))
+    limits = request.app[LIMITS]
+    if (request.content_length or 0) > limits.max_body_bytes:
+        raise BadRequestError(413, "body_too_large", f"limit {limits.max_body_bytes} bytes")
+    body = await request.read()
+    decoded = decode_body(body, request.headers.get("Content-Encoding"), limits)
+    items = decoded.items
+    batch = check_batch(
+        items, principal.store_id, default_registry(), check_text=decoded.risky_escapes
+    )
+    counts = await request.app[BACKEND].ingest(batch.rows, datetime.now(UTC))
+    log.info(
+        "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d",
+        principal.store_id,
+        len(items),
+        counts.accepted,
+        counts.duplicates + batch.repeated,
+        len(batch.rejected),
+    )
+    return web.json_response(
+        {
+            "accepted": counts.accepted,
+            "duplicates": counts.duplicates + batch.repeated,
+            "erased": counts.erased,
+            "rejected": batch.rejected,
+        }
+    )
+
+
+async def _profile_ids(request: web.Request) -> tuple[str, list[str], Any]:
+    """The requested id, its profile's ids and facts; a 404 for whatever the caller may not see."""
+    principal = await _principal(request, auth.may_read_profiles)
+    customer_id = _id_param(request.match_info["customer_id"], "customer_id")
+    backend = request.app[BACKEND]
+    ids = await backend.identities(customer_id)
+    facts = await backend.customer_facts(ids, profiles.RECENT_SKU_EVENTS)
+    # Unconsented and absent look the same to a partner: a 404 must not reveal a customer.
+    if facts is None or (
+        auth.needs_partner_consent(principal) and not profiles.shares_with_partners(facts)
+    ):
+        raise _RefusedError(_error(404, "not_found", "no such customer"))
+    return customer_id, ids, facts
+
+
+async def _get_customer(request: web.Request) -> web.Response:
+    customer_id, _, facts = await _profile_ids(request)
+    return web.json_response(profiles.profile_document(customer_id, facts))
+
+
+async def _get_customer_events(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    after_text = request.query.get("after")
+    after = profiles.decode_cursor(after_text) if after_text else None
+    _, ids, _ = await _profile_ids(request)
+    events = await request.app[BACKEND].customer_events(ids, after, limit + 1)
+    return web.json_response(profiles.events_page(events, limit))
+
+
+async def _delete_customer(request: web.Request) -> web.Response:
+    principal = await _principal(request, auth.may_erase)
+    customer_id = _id_param(request.match_info["customer_id"], "customer_id")
+    backend = request.app[BACKEND]
+    ids = await backend.identities(customer_id)
+    deleted = await backend.erase(ids, f"{principal.kind}:{principal.name}", datetime.now(UTC))
+    log.info("store.customer.erased ids=%d events=%d by=%s", len(ids), deleted, principal.name)
+    return web.json_response(
+        {"customer_id": customer_id, "identities": ids, "events_deleted": deleted}
+    )
+
+
+async def _get_erasures(request: web.Request) -> web.Response:
+    await _principal(request, auth.may_read_feeds)
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 500, 1, MAX_ERASURES_PAGE)
+    rows = await request.app[BACKEND].erasures(after, limit)
+    return web.json_response(
+        {
+            "erasures": [
+                {
+                    "cursor": str(e.seq),
+                    "customer_id": e.customer_id,
+                    "requested_at": format_ts(e.requested_at),
+                }
+                for e in rows
+            ],
+            "next_after": str(rows[-1].seq if rows else after),
+        }
+    )
+
+
+async def _get_latest_model(request: web.Request) -> web.Response:
+    await _principal(request, auth.may_read_feeds)
+    record = await request.app[BACKEND].latest_model()
+    if record is None:
+        return _error(404, "not_found", "no model published yet")
+    etag = f'"{record.sha256}"'
+    headers = {"ETag": etag, "X-Model-Version": record.version}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    return web.json_response(record.manifest, headers=headers)
+
+
+async def _get_model_artifact(request: web.Request) -> web.Response:
+    await _principal(request, auth.may_read_feeds)
+    version = _id_param(request.match_info["version"], "version")
+    found = await request.app[BACKEND].model(version)
+    if found is None:
+        return _error(404, "not_found", "no such model version")
+    record, artifact = found
+    return web.Response(
+        body=artifact,
+        content_type="application/octet-stream",
+        headers={
+            "ETag": f'"{record.sha256}"',
+            "X-Model-Sha256": record.sha256,
+            "X-Model-Version": record.version,
+        },
+    )
+
+
+async def _get_aggregates(request: web.Request) -> web.Response:
+    await _principal(request, auth.may_read_aggregates)
+    since, until = _date_param(request, "from"), _date_param(request, "to")
+    store_id = request.query.get("store_id")
+    if store_id is not None:
+        store_id = _id_param(store_id, "store_id")
+    rows = await request.app[BACKEND].aggregates(since, until, store_id)
+    return web.json_response(
+        {
+            "aggregates": [
+                {
+                    "day": r.day.isoformat(),
+                    "store_id": r.store_id,
+                    "type": r.type,
+                    "events": r.events,
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
+def _id_param(text: str, name: str) -> str:
+    """An id as envelopes carry them; anything else is refused before it reaches SQL."""
+    try:
+        text.encode("utf-8")  # a lone surrogate from a bad %-escape cannot reach the driver
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(400, "bad_parameter", f"{name} is not valid UTF-8") from exc
+    if not 0 < len(text) <= MAX_ID_LENGTH or "\x00" in text:
+        raise BadRequestError(400, "bad_parameter", f"{name} is not a valid id")
+    return text
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise BadRequestError(400, "bad_parameter", f"{name} must be an integer") from exc
+    if not low <= value <= high:
+        raise BadRequestError(400, "bad_parameter", f"{name} must be within {low}..{high}")
+    return value
+
+
+def _date_param(request: web.Request, name: str) -> date | None:
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise BadRequestError(400, "bad_parameter", f"{name} must be YYYY-MM-DD") from exc

@@ -1,0 +1,120 @@
+"""Credentials and who may do what.
+
+Three kinds of bearer credential, one table: an agent token (one store; uploads events, reads
+erasures and models), a partner key (scopes ``profiles:read`` and/or ``aggregates:read``) and
+an admin key (reads every profile, erases customers). Only the sha256 of a token is stored: a
+token is 32 random bytes, so a plain hash is enough and lookups stay one indexed query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Final
+
+from cloud_sync.store.backend import Backend
+from cloud_sync.store.records import (
+    PARTNER_SCOPES,
+    SCOPE_AGGREGATES,
+    SCOPE_PROFILES,
+    Kind,
+    Principal,
+)
+
+log = logging.getLogger(__name__)
+
+# The prefix tells a person (and a secret scanner) what a leaked string is; it is not trusted.
+TOKEN_PREFIX: Final[dict[Kind, str]] = {
+    "agent": "cst_agent_",
+    "partner": "cst_partner_",
+    "admin": "cst_admin_",
+}
+MAX_TOKEN_LENGTH: Final = 200
+
+
+class CredentialError(ValueError):
+    """A credential cannot be created as asked (unknown scope, missing store)."""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token(kind: Kind) -> str:
+    return TOKEN_PREFIX[kind] + secrets.token_urlsafe(32)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH:
+        return None
+    return token
+
+
+async def authenticate(backend: Backend, header: str | None) -> Principal | None:
+    token = bearer_token(header)
+    if token is None:
+        return None
+    return await backend.find_principal(hash_token(token))
+
+
+async def create_credential(
+    backend: Backend,
+    kind: Kind,
+    *,
+    name: str,
+    store_id: str | None = None,
+    scopes: Sequence[str] = (),
+) -> str:
+    """Store a new credential and return its token: the only time the token exists in clear."""
+    if kind == "agent" and not store_id:
+        raise CredentialError("an agent token needs --store")
+    if kind != "agent" and store_id:
+        raise CredentialError("only agent tokens belong to a store")
+    unknown = sorted(set(scopes) - PARTNER_SCOPES)
+    if unknown:
+        raise CredentialError(f"unknown scopes {unknown}; known: {sorted(PARTNER_SCOPES)}")
+    if kind == "partner" and not scopes:
+        raise CredentialError("a partner key needs at least one --scope")
+    if kind != "partner" and scopes:
+        raise CredentialError("only partner keys carry scopes")
+    token = new_token(kind)
+    credential_id = await backend.add_credential(kind, name, store_id, scopes, hash_token(token))
+    log.info("store.credential.created id=%d kind=%s name=%s", credential_id, kind, name)
+    return token
+
+
+def may_upload(principal: Principal) -> bool:
+    return principal.kind == "agent"
+
+
+def may_read_feeds(principal: Principal) -> bool:
+    """Erasure feed and model downloads: the agents, and admins for inspection."""
+    return principal.kind in ("agent", "admin")
+
+
+def may_read_profiles(principal: Principal) -> bool:
+    """Admins read every profile; partners with profiles:read only consented ones."""
+    return principal.kind == "admin" or (
+        principal.kind == "partner" and SCOPE_PROFILES in principal.scopes
+    )
+
+
+def needs_partner_consent(principal: Principal) -> bool:
+    return principal.kind != "admin"
+
+
+def may_read_aggregates(principal: Principal) -> bool:
+    return principal.kind == "admin" or (
+        principal.kind == "partner" and SCOPE_AGGREGATES in principal.scopes
+    )
+
+
+def may_erase(principal: Principal) -> bool:
+    return principal.kind == "admin"

@@ -1,0 +1,106 @@
+"""The one small interface both databases implement, and the ``--db`` URL that picks one.
+
+``sqlite:///abs/path`` or ``sqlite:relative/path`` is the embedded default; ``postgresql://...``
+(or ``postgres://``) is the real deployment. Both apply the same versioned migrations on open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Protocol
+
+from cloud_sync.store.errors import DatabaseUrlError
+from cloud_sync.store.records import (
+    AggregateRow,
+    CustomerFacts,
+    Erasure,
+    EventRow,
+    IngestCounts,
+    Kind,
+    ModelRecord,
+    Principal,
+    Stats,
+    StoredEvent,
+)
+
+# An identity graph larger than this is a data problem, not a customer; stop walking it.
+MAX_IDENTITIES = 256
+
+
+class Backend(Protocol):
+    """Everything the service asks of its database. Every multi-row write is one transaction."""
+
+    async def ping(self) -> None: ...
+
+    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
+        """Insert new events (by event_id), link aliases, drop events of erased customers."""
+        ...
+
+    async def find_principal(self, token_hash: str) -> Principal | None: ...
+
+    async def add_credential(
+        self, kind: Kind, name: str, store_id: str | None, scopes: Sequence[str], token_hash: str
+    ) -> int: ...
+
+    async def identities(self, customer_id: str) -> list[str]:
+        """Every id linked to ``customer_id`` (itself included) by ``customer.identified``."""
+        ...
+
+    async def customer_facts(self, ids: Sequence[str], recent: int) -> CustomerFacts | None: ...
+
+    async def customer_events(
+        self, ids: Sequence[str], after: tuple[datetime, int] | None, limit: int
+    ) -> list[StoredEvent]:
+        """Events of these ids ordered by (ts, seq), strictly after the cursor."""
+        ...
+
+    async def erase(self, ids: Sequence[str], requested_by: str, now: datetime) -> int:
+        """Delete the ids' events and links, record one erasure per id; returns events deleted."""
+        ...
+
+    async def erasures(self, after: int, limit: int) -> list[Erasure]: ...
+
+    async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
+        """Store a model version; False when that version already holds the same sha256."""
+        ...
+
+    async def latest_model(self) -> ModelRecord | None: ...
+
+    async def model(self, version: str) -> tuple[ModelRecord, bytes] | None: ...
+
+    async def aggregates(
+        self, since: date | None, until: date | None, store_id: str | None
+    ) -> list[AggregateRow]: ...
+
+    async def stats(self) -> Stats: ...
+
+    async def close(self) -> None: ...
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file path of a ``sqlite:`` URL, or None when the URL is not one."""
+    if url.startswith("sqlite://"):
+        return url.removeprefix("sqlite://") or None
+    if url.startswith("sqlite:"):
+        return url.removeprefix("sqlite:") or None
+    return None
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+async def open_backend(url: str, *, pool_size: int = 10) -> Backend:
+    """Open the database named by ``url`` and bring its schema up to date."""
+    # Imported here so that a run loads only the driver it uses.
+    path = sqlite_path(url)
+    if path is not None:
+        from cloud_sync.store.db_sqlite import SqliteBackend
+
+        return await SqliteBackend.open(path)
+    if is_postgres(url):
+        from cloud_sync.store.db_postgres import PostgresBackend
+
+        return await PostgresBackend.open(url, pool_size=pool_size)
+    raise DatabaseUrlError(url, "expected sqlite:///path or postgresql://...")

@@ -1,0 +1,165 @@
+"""``customer-store``: run the central store and administer it.
+
+stdout carries only what a script reads (a token or key as the last line, one JSON object for
+``stats``, the ``listening`` line of ``serve``); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from cloud_sync.store import auth
+from cloud_sync.store.backend import Backend, open_backend
+from cloud_sync.store.errors import StoreError
+from cloud_sync.store.ingest import Limits
+from cloud_sync.store.model_publish import read_model_dir
+from cloud_sync.store.records import PARTNER_SCOPES
+from cloud_sync.store.server import serve
+
+log = logging.getLogger(__name__)
+DEFAULT_DB: Final = "sqlite:customer-store.db"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8700
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="customer-store", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--db",
+            default=os.environ.get("CUSTOMER_STORE_DB", DEFAULT_DB),
+            help="sqlite:///abs/path, sqlite:rel/path or postgresql://... "
+            "(default $CUSTOMER_STORE_DB or %(default)s)",
+        )
+        return p
+
+    run = with_db(commands.add_parser("serve", help="run the HTTP service"))
+    run.add_argument("--host", default=DEFAULT_HOST)
+    run.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    run.add_argument("--pool-size", type=int, default=10, help="PostgreSQL connections")
+    run.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
+    run.add_argument("--max-events", type=int, default=Limits().max_events, help="per batch")
+    run.add_argument("--access-log", action="store_true", help="log every request")
+    run.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let several instances share --port (SO_REUSEPORT)",
+    )
+
+    token = commands.add_parser("token", help="agent tokens").add_subparsers(
+        dest="action", required=True
+    )
+    create = with_db(token.add_parser("create", help="create an agent token for one store"))
+    create.add_argument("--store", required=True, help="the store_id the agent uploads for")
+    create.add_argument("--name", default="", help="a label (default: agent-STORE)")
+
+    partner = commands.add_parser("partner", help="partner API keys").add_subparsers(
+        dest="action", required=True
+    )
+    pcreate = with_db(partner.add_parser("create", help="create a scoped partner key"))
+    pcreate.add_argument("--name", required=True)
+    pcreate.add_argument("--scope", action="append", required=True, choices=sorted(PARTNER_SCOPES))
+
+    admin = commands.add_parser("admin", help="admin keys").add_subparsers(
+        dest="action", required=True
+    )
+    acreate = with_db(admin.add_parser("create", help="create an admin key (read all, erase)"))
+    acreate.add_argument("--name", default="admin")
+
+    model = commands.add_parser("model", help="suggestion models").add_subparsers(
+        dest="action", required=True
+    )
+    publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
+    publish.add_argument("--dir", required=True, type=Path)
+
+    with_db(commands.add_parser("stats", help="print one JSON object of counts"))
+    with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
+    return parser
+
+
+async def _with_backend(url: str, work: Callable[[Backend], Awaitable[str]]) -> str:
+    backend = await open_backend(url, pool_size=1)
+    try:
+        return await work(backend)
+    finally:
+        await backend.close()
+
+
+def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
+    """The work of a one-shot command; it returns the text to print on stdout."""
+    command = (args.command, getattr(args, "action", None))
+    if command == ("token", "create"):
+        name = args.name or f"agent-{args.store}"
+        return lambda b: auth.create_credential(b, "agent", name=name, store_id=args.store)
+    if command == ("partner", "create"):
+        scopes = sorted(set(args.scope))
+        return lambda b: auth.create_credential(b, "partner", name=args.name, scopes=scopes)
+    if command == ("admin", "create"):
+        return lambda b: auth.create_credential(b, "admin", name=args.name)
+    if command == ("model", "publish"):
+        record, artifact = read_model_dir(args.dir)
+
+        async def publish(b: Backend) -> str:
+            created = await b.publish_model(record, artifact, datetime.now(UTC))
+            state = "published" if created else "already published"
+            return f"{state} version={record.version} sha256={record.sha256}"
+
+        return publish
+    if command[0] == "stats":
+
+        async def stats(b: Backend) -> str:
+            return json.dumps((await b.stats()).as_json(), sort_keys=True)
+
+        return stats
+
+    async def migrate(b: Backend) -> str:
+        del b  # opening the backend applied the migrations
+        return "schema up to date"
+
+    return migrate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            limits = Limits(max_body_bytes=args.max_body_bytes, max_events=args.max_events)
+            asyncio.run(
+                serve(
+                    args.db,
+                    args.host,
+                    args.port,
+                    limits=limits,
+                    pool_size=args.pool_size,
+                    access_log=args.access_log,
+                    reuse_port=args.reuse_port,
+                )
+            )
+            return 0
+        output = asyncio.run(_with_backend(args.db, _command(args)))
+    except (StoreError, auth.CredentialError) as exc:
+        print(f"customer-store: error: {exc}", file=sys.stderr)
+        return 1
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The deployment backend: PostgreSQL through psycopg 3 and an async connection pool.
+
+Nothing is cached in the process: idempotency is the ``event_id`` unique key
+(``ON CONFLICT DO NOTHING``), so any number of service instances can share one database.
+A batch is COPied into a per-connection temporary staging table and moved with one
+``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, all in one transaction: COPY is the cheapest
+way in, and the staging table empties itself at commit. Rows move in event_id order, so
+concurrent batches lock keys in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from cloud_sync.store import migrations, sql_shared
+from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store.errors import BackendError
+from cloud_sync.store.records import (
+    AggregateRow,
+    CustomerFacts,
+    DeviceFacts,
+    Erasure,
+    EventRow,
+    IngestCounts,
+    Kind,
+    ModelRecord,
+    Principal,
+    Stats,
+    StoredEvent,
+)
+
+log = logging.getLogger(__name__)
+
+STATEMENT_TIMEOUT_MS = 60_000
+OPEN_TIMEOUT_S = 15.0
+CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
+COLUMNS = "event_id, type, ts, store_id, device_id, customer_id, source, schema, data, received_at"
+# A session's temporary table: made once per pooled connection (see _configure).
+CREATE_STAGING = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging (event_id text, type text,"
+    " ts timestamptz, store_id text, device_id text, customer_id text, source text,"
+    " schema integer, data jsonb, received_at text) ON COMMIT DELETE ROWS"
+)
+COPY_STAGING = f"COPY ingest_staging ({COLUMNS}) FROM STDIN"
+MOVE_STAGED = (
+    f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM ingest_staging"
+    " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def event_records(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
+    """The batch as COPY records, in ``COLUMNS`` order."""
+    return [
+        (
+            r.event_id,
+            r.type,
+            r.ts,
+            r.store_id,
+            r.device_id,
+            r.customer_id,
+            r.source,
+            r.schema,
+            r.data_json,
+            r.received_at,
+        )
+        for r in rows
+    ]
+
+
+class PostgresBackend:
+    """``Backend`` on PostgreSQL; see ``cloud_sync.store.backend.Backend``."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 10) -> PostgresBackend:
+        pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            name="customer-store",
+            configure=_configure,
+            timeout=CONNECTION_WAIT_S,
+        )
+        try:
+            await pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
+            async with pool.connection() as conn:
+                await _migrate(conn)
+        except psycopg.Error as exc:  # PoolTimeout is an OperationalError too
+            await pool.close()
+            raise BackendError("open", f"postgresql: {exc}") from exc
+        log.info("store.postgres.open pool_max=%d", pool_size)
+        return cls(pool)
+
+    async def _fetch(self, operation: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql, params)
+                return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise BackendError(operation, str(exc)) from exc
+
+    async def ping(self) -> None:
+        await self._fetch("ping", "SELECT 1")
+
+    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
+        del now  # the database's clock stamps ingested_at
+        customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                erased_at: dict[str, datetime] = {}
+                if customers:
+                    cur = await conn.execute(
+                        "SELECT customer_id, max(requested_at) FROM erasures"
+                        " WHERE customer_id = ANY(%s) GROUP BY customer_id",
+                        (customers,),
+                    )
+                    erased_at = {str(c): at for c, at in await cur.fetchall()}
+                keep = sql_shared.without_erased(rows, erased_at)
+                async with conn.cursor() as cur:
+                    async with cur.copy(COPY_STAGING) as copy:
+                        for record in event_records(keep):
+                            await copy.write_row(record)
+                    await cur.execute(MOVE_STAGED)
+                    accepted = cur.rowcount
+                pairs = sorted(sql_shared.link_pairs(keep))
+                if pairs:
+                    await conn.execute(
+                        "INSERT INTO identity_links (a, b) SELECT * FROM"
+                        " unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING",
+                        ([a for a, _ in pairs], [b for _, b in pairs]),
+                    )
+        except psycopg.Error as exc:
+            raise BackendError("ingest", str(exc)) from exc
+        return IngestCounts(accepted, len(keep) - accepted, len(rows) - len(keep))
+
+    async def find_principal(self, token_hash: str) -> Principal | None:
+        rows = await self._fetch(
+            "auth",
+            "SELECT id, kind, name, store_id, scopes FROM credentials"
+            " WHERE token_hash = %s AND revoked_at IS NULL",
+            (token_hash,),
+        )
+        return sql_shared.principal(rows[0]) if rows else None
+
+    async def add_credential(
+        self, kind: Kind, name: str, store_id: str | None, scopes: Sequence[str], token_hash: str
+    ) -> int:
+        rows = await self._fetch(
+            "add_credential",
+            "INSERT INTO credentials (kind, name, store_id, scopes, token_hash)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (kind, name, store_id, " ".join(sorted(scopes)), token_hash),
+        )
+        return int(rows[0][0])
+
+    async def identities(self, customer_id: str) -> list[str]:
+        rows = await self._fetch("identities", sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+        return sorted(str(r[0]) for r in rows)
+
+    async def customer_facts(self, ids: Sequence[str], recent: int) -> CustomerFacts | None:
+        where = "customer_id = ANY(%s)"
+        id_list = list(ids)
+        queries: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                f"SELECT type, count(*), min(ts), max(ts) FROM events WHERE {where} GROUP BY type",
+                (id_list,),
+            ),
+            (
+                "SELECT split_part(source, ':', 1) AS channel, store_id, device_id, count(*)"
+                f" FROM events WHERE {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                (id_list,),
+            ),
+            (
+                f"SELECT data->>'sku', ts FROM events WHERE {where}"
+                " AND jsonb_typeof(data->'sku') = 'string' ORDER BY ts DESC, seq DESC LIMIT %s",
+                (id_list, recent),
+            ),
+            (
+                f"SELECT data, ts FROM events WHERE {where} AND type = 'consent.update'"
+                " ORDER BY ts DESC, seq DESC LIMIT 1",
+                (id_list,),
+            ),
+        ]
+        results: list[list[Any]] = []
+        try:
+            # One snapshot for the four reads, so the parts of a profile agree with each other.
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                for query, params in queries:
+                    cur = await conn.execute(query, params)
+                    results.append(await cur.fetchall())
+        except psycopg.Error as exc:
+            raise BackendError("customer_facts", str(exc)) from exc
+        by_type, devices, skus, consent = results
+        if not by_type:
+            return None
+        return CustomerFacts(
+            ids=tuple(ids),
+            counts={str(r[0]): int(r[1]) for r in by_type},
+            first_seen=min(r[2] for r in by_type),
+            last_seen=max(r[3] for r in by_type),
+            stores=tuple(sorted({str(r[1]) for r in devices})),
+            devices=tuple(DeviceFacts(r[0], r[1], r[2], int(r[3])) for r in devices),
+            recent_skus=tuple((str(r[0]), r[1]) for r in skus),
+            consent=consent[0][0] if consent else None,
+            consent_ts=consent[0][1] if consent else None,
+        )
+
+    async def customer_events(
+        self, ids: Sequence[str], after: tuple[datetime, int] | None, limit: int
+    ) -> list[StoredEvent]:
+        params: list[Any] = [list(ids)]
+        where = ""
+        if after is not None:
+            where = " AND (ts, seq) > (%s, %s)"
+            params += [after[0], after[1]]
+        rows = await self._fetch(
+            "customer_events",
+            f"SELECT seq, {sql_shared.ENVELOPE_COLUMNS} FROM events"
+            f" WHERE customer_id = ANY(%s){where} ORDER BY ts, seq LIMIT %s",
+            [*params, limit],
+        )
+        return [sql_shared.stored_event(r[0], r[3], r[1:], r[9]) for r in rows]
+
+    async def erase(self, ids: Sequence[str], requested_by: str, now: datetime) -> int:
+        id_list = sorted(ids)
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM events WHERE customer_id = ANY(%s)", (id_list,)
+                )
+                deleted = cur.rowcount
+                await conn.execute(
+                    "DELETE FROM identity_links WHERE a = ANY(%s) OR b = ANY(%s)",
+                    (id_list, id_list),
+                )
+                await conn.execute(
+                    "INSERT INTO erasures (customer_id, requested_at, requested_by)"
+                    " SELECT unnest(%s::text[]), %s, %s",
+                    (id_list, now, requested_by),
+                )
+        except psycopg.Error as exc:
+            raise BackendError("erase", str(exc)) from exc
+        return deleted
+
+    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+        rows = await self._fetch(
+            "erasures",
+            "SELECT seq, customer_id, requested_at FROM erasures"
+            " WHERE seq > %s ORDER BY seq LIMIT %s",
+            (after, limit),
+        )
+        return [Erasure(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "INSERT INTO models (version, sha256, size, manifest, artifact, published_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (version) DO NOTHING",
+                    (
+                        record.version,
+                        record.sha256,
+                        record.size,
+                        Jsonb(record.manifest),
+                        artifact,
+                        now,
+                    ),
+                )
+                if cur.rowcount == 1:
+                    return True
+                cur = await conn.execute(
+                    "SELECT sha256 FROM models WHERE version = %s", (record.version,)
+                )
+                existing = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise BackendError("publish_model", str(exc)) from exc
+        return sql_shared.check_republish(record, str(existing[0]) if existing else "")
+
+    async def latest_model(self) -> ModelRecord | None:
+        rows = await self._fetch(
+            "latest_model",
+            "SELECT version, sha256, size, manifest, published_at FROM models"
+            " ORDER BY seq DESC LIMIT 1",
+        )
+        return _model(rows[0]) if rows else None
+
+    async def model(self, version: str) -> tuple[ModelRecord, bytes] | None:
+        rows = await self._fetch(
+            "model",
+            "SELECT version, sha256, size, manifest, published_at, artifact FROM models"
+            " WHERE version = %s",
+            (version,),
+        )
+        return (_model(rows[0]), bytes(rows[0][5])) if rows else None
+
+    async def aggregates(
+        self, since: date | None, until: date | None, store_id: str | None
+    ) -> list[AggregateRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("ts >= %s")
+            params.append(datetime.combine(since, time(), UTC))
+        if until is not None:
+            where.append("ts < %s")
+            params.append(
+                datetime.combine(date.fromisoformat(sql_shared.day_after(until)), time(), UTC)
+            )
+        if store_id is not None:
+            where.append("store_id = %s")
+            params.append(store_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetch(
+            "aggregates",
+            "SELECT (ts AT TIME ZONE 'UTC')::date AS day, store_id, type, count(*) FROM events"
+            f"{clause} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            params,
+        )
+        return [AggregateRow(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    async def stats(self) -> Stats:
+        counts: dict[str, int] = {}
+        for name, sql in sql_shared.STATS_QUERIES.items():
+            rows = await self._fetch("stats", sql)
+            counts[name] = int(rows[0][0])
+        kinds = await self._fetch("stats", sql_shared.CREDENTIAL_COUNTS)
+        return sql_shared.collect_stats(counts, kinds)
+
+    async def close(self) -> None:
+        await self._pool.close()
+        log.info("store.postgres.closed")
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Each new pooled connection gets its own staging table (temporary tables are per session)
+    and a statement timeout, so a stuck database turns into a 503 rather than a hung request."""
+    await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    await conn.execute(CREATE_STAGING)
+    await conn.commit()
+
+
+async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.PG_MIGRATION_LOCK,))
+        await conn.execute(migrations.POSTGRES_LEDGER)
+        cur = await conn.execute("SELECT version FROM schema_migrations")
+        applied = {int(r[0]) for r in await cur.fetchall()}
+        for migration in migrations.pending(applied):
+            for statement in migration.postgres:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+            log.info("store.migration.applied backend=postgres version=%d", migration.version)
+
+
+def _model(row: Sequence[Any]) -> ModelRecord:
+    return ModelRecord(
+        version=str(row[0]),
+        sha256=str(row[1]),
+        size=int(row[2]),
+        manifest=dict(row[3]),
+        published_at=row[4],
+    )

@@ -1,0 +1,390 @@
+"""The embedded backend: one SQLite file in WAL mode, owned by one thread.
+
+sqlite3 blocks, so every call runs on a single-thread executor that owns the connection; the
+event loop only awaits. Writes take ``BEGIN IMMEDIATE`` so a batch is one transaction that
+either commits whole or rolls back whole, also on cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from cloud_sync.store import migrations, sql_shared
+from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store.errors import BackendError
+from cloud_sync.store.records import (
+    AggregateRow,
+    CustomerFacts,
+    DeviceFacts,
+    Erasure,
+    EventRow,
+    IngestCounts,
+    Kind,
+    ModelRecord,
+    Principal,
+    Stats,
+    StoredEvent,
+    parse_ts,
+    sortable_ts,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _ts(text: str) -> datetime:
+    moment = parse_ts(text)
+    if moment is None:  # only our own sortable_ts() text is stored
+        raise BackendError("read", f"corrupt timestamp {text!r}")
+    return moment
+
+
+@contextmanager
+def _atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SqliteBackend:
+    """``Backend`` on a SQLite file; see ``cloud_sync.store.backend.Backend``."""
+
+    def __init__(self, path: str, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+        self._path = path
+        self._executor = executor
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteBackend:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path)
+        except sqlite3.Error as exc:
+            executor.shutdown(wait=False)
+            raise BackendError("open", f"{path}: {exc}") from exc
+        log.info("store.sqlite.open path=%s", path)
+        return cls(path, executor, conn)
+
+    async def _run(self, operation: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, self._conn)
+        except sqlite3.Error as exc:
+            raise BackendError(operation, str(exc)) from exc
+
+    async def ping(self) -> None:
+        await self._run("ping", lambda c: c.execute("SELECT 1").fetchone())
+
+    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
+        return await self._run("ingest", partial(_ingest, rows=rows, now=now))
+
+    async def find_principal(self, token_hash: str) -> Principal | None:
+        row = await self._run(
+            "auth",
+            lambda c: c.execute(
+                "SELECT id, kind, name, store_id, scopes FROM credentials"
+                " WHERE token_hash = ? AND revoked_at IS NULL",
+                (token_hash,),
+            ).fetchone(),
+        )
+        return None if row is None else sql_shared.principal(row)
+
+    async def add_credential(
+        self, kind: Kind, name: str, store_id: str | None, scopes: Sequence[str], token_hash: str
+    ) -> int:
+        def add(conn: sqlite3.Connection) -> int:
+            with _atomic(conn):
+                cur = conn.execute(
+                    "INSERT INTO credentials (kind, name, store_id, scopes, token_hash, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (kind, name, store_id, " ".join(sorted(scopes)), token_hash, _now()),
+                )
+                return int(cast(int, cur.lastrowid))
+
+        return await self._run("add_credential", add)
+
+    async def identities(self, customer_id: str) -> list[str]:
+        sql = sql_shared.IDENTITIES.replace("%s", "?")
+        rows = await self._run(
+            "identities", lambda c: c.execute(sql, (customer_id, MAX_IDENTITIES)).fetchall()
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    async def customer_facts(self, ids: Sequence[str], recent: int) -> CustomerFacts | None:
+        return await self._run("customer_facts", partial(_facts, ids=ids, recent=recent))
+
+    async def customer_events(
+        self, ids: Sequence[str], after: tuple[datetime, int] | None, limit: int
+    ) -> list[StoredEvent]:
+        marks = ",".join("?" * len(ids))
+        params: list[Any] = list(ids)
+        where = ""
+        if after is not None:
+            where = " AND (ts, seq) > (?, ?)"
+            params += [sortable_ts(after[0]), after[1]]
+        sql = (
+            f"SELECT seq, {sql_shared.ENVELOPE_COLUMNS} FROM events"
+            f" WHERE customer_id IN ({marks}){where} ORDER BY ts, seq LIMIT ?"
+        )
+        rows = await self._run(
+            "customer_events", lambda c: c.execute(sql, [*params, limit]).fetchall()
+        )
+        return [sql_shared.stored_event(r[0], _ts(r[3]), r[1:], json.loads(r[9])) for r in rows]
+
+    async def erase(self, ids: Sequence[str], requested_by: str, now: datetime) -> int:
+        def erase(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(ids))
+            with _atomic(conn):
+                deleted = conn.execute(
+                    f"DELETE FROM events WHERE customer_id IN ({marks})", list(ids)
+                ).rowcount
+                conn.execute(
+                    f"DELETE FROM identity_links WHERE a IN ({marks}) OR b IN ({marks})",
+                    [*ids, *ids],
+                )
+                conn.executemany(
+                    "INSERT INTO erasures (customer_id, requested_at, requested_by)"
+                    " VALUES (?, ?, ?)",
+                    [(i, sortable_ts(now), requested_by) for i in ids],
+                )
+                return int(deleted)
+
+        return await self._run("erase", erase)
+
+    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+        rows = await self._run(
+            "erasures",
+            lambda c: c.execute(
+                "SELECT seq, customer_id, requested_at FROM erasures"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall(),
+        )
+        return [Erasure(int(r[0]), str(r[1]), _ts(r[2])) for r in rows]
+
+    async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
+        def publish(conn: sqlite3.Connection) -> bool:
+            with _atomic(conn):
+                row = conn.execute(
+                    "SELECT sha256 FROM models WHERE version = ?", (record.version,)
+                ).fetchone()
+                if row is not None:
+                    return sql_shared.check_republish(record, str(row[0]))
+                conn.execute(
+                    "INSERT INTO models (version, sha256, size, manifest, artifact, published_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.version,
+                        record.sha256,
+                        record.size,
+                        json.dumps(record.manifest),
+                        artifact,
+                        sortable_ts(now),
+                    ),
+                )
+                return True
+
+        return await self._run("publish_model", publish)
+
+    async def latest_model(self) -> ModelRecord | None:
+        row = await self._run(
+            "latest_model",
+            lambda c: c.execute(
+                "SELECT version, sha256, size, manifest, published_at FROM models"
+                " ORDER BY seq DESC LIMIT 1"
+            ).fetchone(),
+        )
+        return None if row is None else _model(row)
+
+    async def model(self, version: str) -> tuple[ModelRecord, bytes] | None:
+        row = await self._run(
+            "model",
+            lambda c: c.execute(
+                "SELECT version, sha256, size, manifest, published_at, artifact FROM models"
+                " WHERE version = ?",
+                (version,),
+            ).fetchone(),
+        )
+        return None if row is None else (_model(row), bytes(row[5]))
+
+    async def aggregates(
+        self, since: date | None, until: date | None, store_id: str | None
+    ) -> list[AggregateRow]:
+        sql = (
+            "SELECT substr(ts, 1, 10) AS day, store_id, type, count(*) FROM events"
+            " WHERE (? IS NULL OR ts >= ?) AND (? IS NULL OR ts < ?)"
+            " AND (? IS NULL OR store_id = ?)"
+            " GROUP BY day, store_id, type ORDER BY day, store_id, type"
+        )
+        lo = since.isoformat() if since else None
+        hi = sql_shared.day_after(until) if until else None
+        rows = await self._run(
+            "aggregates",
+            lambda c: c.execute(sql, (lo, lo, hi, hi, store_id, store_id)).fetchall(),
+        )
+        return [AggregateRow(date.fromisoformat(r[0]), r[1], r[2], int(r[3])) for r in rows]
+
+    async def stats(self) -> Stats:
+        def stats(conn: sqlite3.Connection) -> Stats:
+            counts = {
+                name: int(conn.execute(sql).fetchone()[0])
+                for name, sql in sql_shared.STATS_QUERIES.items()
+            }
+            kinds = conn.execute(sql_shared.CREDENTIAL_COUNTS).fetchall()
+            return sql_shared.collect_stats(counts, kinds)
+
+        return await self._run("stats", stats)
+
+    async def close(self) -> None:
+        try:
+            await self._run("close", lambda c: c.close())
+        finally:
+            self._executor.shutdown(wait=True)
+        log.info("store.sqlite.closed path=%s", self._path)
+
+
+def _now() -> str:
+    return sortable_ts(datetime.now(UTC))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is left half open.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a 2xx means the batch survives a power cut
+    conn.execute("PRAGMA foreign_keys=ON")
+    _migrate(conn)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    with _atomic(conn):
+        conn.execute(migrations.SQLITE_LEDGER)
+        applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+        for migration in migrations.pending(applied):
+            for statement in migration.sqlite:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, _now()),
+            )
+            log.info("store.migration.applied backend=sqlite version=%d", migration.version)
+
+
+def _ingest(conn: sqlite3.Connection, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
+    with _atomic(conn):
+        customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
+        erased_at: dict[str, datetime] = {}
+        for chunk in sql_shared.chunks(customers, 500):
+            marks = ",".join("?" * len(chunk))
+            for cid, at in conn.execute(
+                f"SELECT customer_id, max(requested_at) FROM erasures"
+                f" WHERE customer_id IN ({marks}) GROUP BY customer_id",
+                chunk,
+            ):
+                erased_at[str(cid)] = _ts(at)
+        keep = sql_shared.without_erased(rows, erased_at)
+        stamp = sortable_ts(now)
+        cur = conn.executemany(
+            "INSERT INTO events (event_id, type, ts, store_id, device_id, customer_id, source,"
+            " schema, data, received_at, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (event_id) DO NOTHING",
+            [
+                (
+                    r.event_id,
+                    r.type,
+                    sortable_ts(r.ts),
+                    r.store_id,
+                    r.device_id,
+                    r.customer_id,
+                    r.source,
+                    r.schema,
+                    r.data_json,
+                    r.received_at,
+                    stamp,
+                )
+                for r in keep
+            ],
+        )
+        accepted = cur.rowcount
+        conn.executemany(
+            "INSERT INTO identity_links (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            sql_shared.link_pairs(keep),
+        )
+    return IngestCounts(accepted, len(keep) - accepted, len(rows) - len(keep))
+
+
+def _facts(conn: sqlite3.Connection, ids: Sequence[str], recent: int) -> CustomerFacts | None:
+    # One read transaction: in WAL mode it is one snapshot, so the four reads agree.
+    conn.execute("BEGIN")
+    try:
+        return _facts_in_snapshot(conn, ids, recent)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _facts_in_snapshot(
+    conn: sqlite3.Connection, ids: Sequence[str], recent: int
+) -> CustomerFacts | None:
+    marks = ",".join("?" * len(ids))
+    where = f"customer_id IN ({marks})"
+    params = list(ids)
+    by_type = conn.execute(
+        f"SELECT type, count(*), min(ts), max(ts) FROM events WHERE {where} GROUP BY type", params
+    ).fetchall()
+    if not by_type:
+        return None
+    devices = conn.execute(
+        "SELECT CASE WHEN instr(source, ':') > 0 THEN substr(source, 1, instr(source, ':') - 1)"
+        f" ELSE source END AS channel, store_id, device_id, count(*) FROM events WHERE {where}"
+        " GROUP BY channel, store_id, device_id ORDER BY channel, store_id, device_id",
+        params,
+    ).fetchall()
+    skus = conn.execute(
+        f"SELECT json_extract(data, '$.sku'), ts FROM events WHERE {where}"
+        " AND json_type(data, '$.sku') = 'text' ORDER BY ts DESC, seq DESC LIMIT ?",
+        [*params, recent],
+    ).fetchall()
+    consent = conn.execute(
+        f"SELECT data, ts FROM events WHERE {where} AND type = 'consent.update'"
+        " ORDER BY ts DESC, seq DESC LIMIT 1",
+        params,
+    ).fetchone()
+    return CustomerFacts(
+        ids=tuple(ids),
+        counts={str(r[0]): int(r[1]) for r in by_type},
+        first_seen=min(_ts(r[2]) for r in by_type),
+        last_seen=max(_ts(r[3]) for r in by_type),
+        stores=tuple(sorted({str(r[1]) for r in devices})),
+        devices=tuple(DeviceFacts(r[0], r[1], r[2], int(r[3])) for r in devices),
+        recent_skus=tuple((str(r[0]), _ts(r[1])) for r in skus),
+        consent=None if consent is None else json.loads(consent[0]),
+        consent_ts=None if consent is None else _ts(consent[1]),
+    )
+
+
+def _model(row: Sequence[Any]) -> ModelRecord:
+    return ModelRecord(
+        version=str(row[0]),
+        sha256=str(row[1]),
+        size=int(row[2]),
+        manifest=json.loads(row[3]),
+        published_at=_ts(row[4]),
+    )

@@ -1,0 +1,37 @@
+"""The central store's exceptions: a small hierarchy, each message carrying its context."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of every error the central store raises on purpose."""
+
+
+class DatabaseUrlError(StoreError):
+    """A ``--db`` URL names no backend the store knows."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"database url {url!r}: {problem}")
+        self.url = url
+
+
+class BackendError(StoreError):
+    """The database failed (unreachable, broken, locked too long); the request may be retried."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"backend {operation}: {detail}")
+        self.operation = operation
+
+
+class ModelPublishError(StoreError):
+    """A model directory cannot be published (missing file, bad manifest, sha256 mismatch)."""
+
+
+class BadRequestError(StoreError):
+    """A request body the store refuses as a whole; carries the HTTP status and a reason."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"{status} {reason}: {detail}" if detail else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,129 @@
+"""Versioned schema migrations for both backends, recorded in ``schema_migrations``.
+
+A migration is never edited once released: a change is a new version. Each backend applies
+the pending ones in one transaction; PostgreSQL holds an advisory lock meanwhile so that
+several service instances starting together migrate once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# Any constant works; it only has to be the same for every instance of the service.
+PG_MIGRATION_LOCK: Final = 0x63_73_74_6F_72_65  # "cstore"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "events, identities, credentials, erasures, models",
+        sqlite=(
+            """CREATE TABLE events (
+                seq INTEGER PRIMARY KEY,
+                event_id TEXT NOT NULL UNIQUE,
+                type TEXT NOT NULL,
+                ts TEXT NOT NULL,
+                store_id TEXT NOT NULL,
+                device_id TEXT,
+                customer_id TEXT,
+                source TEXT NOT NULL,
+                schema INTEGER NOT NULL,
+                data TEXT NOT NULL,
+                received_at TEXT,
+                ingested_at TEXT NOT NULL)""",
+            "CREATE INDEX events_customer ON events (customer_id, ts, seq)"
+            " WHERE customer_id IS NOT NULL",
+            """CREATE TABLE identity_links (
+                a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a, b)) WITHOUT ROWID""",
+            """CREATE TABLE credentials (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL CHECK (kind IN ('agent', 'partner', 'admin')),
+                name TEXT NOT NULL,
+                store_id TEXT,
+                scopes TEXT NOT NULL DEFAULT '',
+                token_hash TEXT NOT NULL UNIQUE,
+                created_at TEXT NOT NULL,
+                revoked_at TEXT)""",
+            """CREATE TABLE erasures (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                customer_id TEXT NOT NULL,
+                requested_at TEXT NOT NULL,
+                requested_by TEXT NOT NULL)""",
+            "CREATE INDEX erasures_customer ON erasures (customer_id)",
+            """CREATE TABLE models (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                version TEXT NOT NULL UNIQUE,
+                sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                manifest TEXT NOT NULL,
+                artifact BLOB NOT NULL,
+                published_at TEXT NOT NULL)""",
+        ),
+        postgres=(
+            """CREATE TABLE events (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                event_id text NOT NULL UNIQUE,
+                type text NOT NULL,
+                ts timestamptz NOT NULL,
+                store_id text NOT NULL,
+                device_id text,
+                customer_id text,
+                source text NOT NULL,
+                schema integer NOT NULL,
+                data jsonb NOT NULL,
+                received_at text,
+                ingested_at timestamptz NOT NULL DEFAULT now())""",
+            "CREATE INDEX events_customer ON events (customer_id, ts, seq)"
+            " WHERE customer_id IS NOT NULL",
+            """CREATE TABLE identity_links (
+                a text NOT NULL, b text NOT NULL, PRIMARY KEY (a, b))""",
+            """CREATE TABLE credentials (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                kind text NOT NULL CHECK (kind IN ('agent', 'partner', 'admin')),
+                name text NOT NULL,
+                store_id text,
+                scopes text NOT NULL DEFAULT '',
+                token_hash text NOT NULL UNIQUE,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                revoked_at timestamptz)""",
+            """CREATE TABLE erasures (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                customer_id text NOT NULL,
+                requested_at timestamptz NOT NULL,
+                requested_by text NOT NULL)""",
+            "CREATE INDEX erasures_customer ON erasures (customer_id)",
+            """CREATE TABLE models (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                version text NOT NULL UNIQUE,
+                sha256 text NOT NULL,
+                size bigint NOT NULL,
+                manifest jsonb NOT NULL,
+                artifact bytea NOT NULL,
+                published_at timestamptz NOT NULL)""",
+        ),
+    ),
+)
+
+SQLITE_LEDGER: Final = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"""
+POSTGRES_LEDGER: Final = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY, name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())"""
+
+
+def pending(applied: set[int]) -> list[Migration]:
+    """Migrations not yet recorded, in version order."""
+    return sorted((m for m in MIGRATIONS if m.version not in applied), key=lambda m: m.version)
+
+
+def latest_version() -> int:
+    return max(m.version for m in MIGRATIONS)

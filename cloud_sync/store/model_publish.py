@@ -1,0 +1,55 @@
+"""Reading a model directory for publication: ``model.onnx`` plus its ``manifest.json``.
+
+The store hands out exactly the bytes whose sha256 the manifest names, so a directory whose
+artifact does not match its manifest is refused here, before anything is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Final
+
+from cloud_sync.store.errors import ModelPublishError
+from cloud_sync.store.records import ModelRecord
+
+ARTIFACT: Final = "model.onnx"
+MANIFEST: Final = "manifest.json"
+MAX_ARTIFACT_BYTES: Final = 512 * 1024 * 1024
+# The version is a URL path segment: keep it to characters that need no escaping.
+VERSION_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+SHA256_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_model_dir(directory: Path) -> tuple[ModelRecord, bytes]:
+    """The manifest as a record and the artifact's bytes, after checking they match."""
+    artifact_path, manifest_path = directory / ARTIFACT, directory / MANIFEST
+    try:
+        manifest: Any = json.loads(manifest_path.read_text("utf-8"))
+        if artifact_path.stat().st_size > MAX_ARTIFACT_BYTES:
+            raise ModelPublishError(f"{artifact_path}: larger than {MAX_ARTIFACT_BYTES} bytes")
+        artifact = artifact_path.read_bytes()
+    except OSError as exc:
+        raise ModelPublishError(f"{directory}: cannot read {exc.filename}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ModelPublishError(f"{manifest_path}: not JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ModelPublishError(f"{manifest_path}: expected a JSON object")
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+        raise ModelPublishError(f"{manifest_path}: version must match {VERSION_PATTERN.pattern}")
+    declared = manifest.get("sha256")
+    if not isinstance(declared, str) or not SHA256_PATTERN.match(declared.lower()):
+        raise ModelPublishError(f"{manifest_path}: sha256 must be 64 hex digits")
+    actual = hashlib.sha256(artifact).hexdigest()
+    if actual != declared.lower():
+        raise ModelPublishError(
+            f"{artifact_path}: sha256 {actual} does not match the manifest's {declared}"
+        )
+    return ModelRecord(
+        version=version, sha256=actual, size=len(artifact), manifest=manifest
+    ), artifact

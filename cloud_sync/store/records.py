@@ -1,0 +1,146 @@
+"""Plain records passed between the HTTP layer and the database backends, and time helpers.
+
+Backends speak only these types, so routes and profile assembly never see a driver's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Final, Literal
+
+Kind = Literal["agent", "partner", "admin"]
+SCOPE_PROFILES: Final = "profiles:read"
+SCOPE_AGGREGATES: Final = "aggregates:read"
+PARTNER_SCOPES: Final = frozenset({SCOPE_PROFILES, SCOPE_AGGREGATES})
+
+
+def parse_ts(text: str) -> datetime | None:
+    """An RFC 3339 timestamp with a time zone, in UTC; None when it is not one."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC)
+
+
+def sortable_ts(moment: datetime) -> str:
+    """Fixed-width UTC text (microseconds), so SQLite's text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_ts(moment: datetime) -> str:
+    """The envelope's time format: RFC 3339, UTC, milliseconds, a Z."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One valid envelope, ready to insert."""
+
+    event_id: str
+    type: str
+    ts: datetime
+    store_id: str
+    device_id: str | None
+    customer_id: str | None
+    source: str
+    schema: int
+    data_json: str
+    received_at: str | None
+    alias: str | None  # customer.identified's data.alias: links two ids into one profile
+
+
+@dataclass(frozen=True, slots=True)
+class IngestCounts:
+    accepted: int  # newly stored
+    duplicates: int  # already stored (or repeated within the batch)
+    erased: int  # belonged to a customer erased after the event happened: dropped on purpose
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an agent (one store), a partner (scopes) or an admin."""
+
+    credential_id: int
+    kind: Kind
+    name: str
+    store_id: str | None
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    channel: str
+    store_id: str
+    device_id: str | None
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFacts:
+    """What the database knows about one profile (a set of linked ids)."""
+
+    ids: tuple[str, ...]
+    counts: dict[str, int]
+    first_seen: datetime
+    last_seen: datetime
+    stores: tuple[str, ...]
+    devices: tuple[DeviceFacts, ...]
+    recent_skus: tuple[tuple[str, datetime], ...]  # newest first, may repeat a sku
+    consent: dict[str, Any] | None
+    consent_ts: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    ts: datetime
+    envelope: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    seq: int
+    customer_id: str
+    requested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    version: str
+    sha256: str
+    size: int
+    manifest: dict[str, Any]
+    published_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRow:
+    day: date
+    store_id: str
+    type: str
+    events: int
+
+
+@dataclass(slots=True)
+class Stats:
+    events: int = 0
+    customers: int = 0
+    stores: int = 0
+    erasures: int = 0
+    models: int = 0
+    credentials: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "events": self.events,
+            "customers": self.customers,
+            "stores": self.stores,
+            "erasures": self.erasures,
+            "models": self.models,
+            "credentials": dict(sorted(self.credentials.items())),
+        }

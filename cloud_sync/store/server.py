@@ -1,0 +1,79 @@
+"""Running the service: open the database, serve HTTP, stop cleanly on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Final
+
+from aiohttp import web
+
+from cloud_sync.store.app import create_app
+from cloud_sync.store.backend import open_backend
+from cloud_sync.store.ingest import Limits
+
+log = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT_S = 10.0
+# Request bodies are gunzipped by the ingest code, which bounds the inflated size; tests
+# build their runner with the same options.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {"auto_decompress": False}
+
+
+async def serve(
+    db_url: str,
+    host: str,
+    port: int,
+    *,
+    limits: Limits | None = None,
+    pool_size: int = 10,
+    access_log: bool = False,
+    reuse_port: bool = False,
+) -> None:
+    """Serve until SIGTERM/SIGINT. Prints ``listening http://HOST:PORT`` once accepting."""
+    backend = await open_backend(db_url, pool_size=pool_size)
+    try:
+        app = create_app(backend, limits)
+        runner = web.AppRunner(
+            app,
+            **RUNNER_OPTIONS,
+            access_log=logging.getLogger("aiohttp.access") if access_log else None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            # reuse_port: several instances on one host share a port; the kernel spreads
+            # connections over them, one process per core.
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+            await site.start()
+            bound = _bound_port(runner, port)
+            log.info("store.listening host=%s port=%d", host, bound)
+            # One stdout line that scripts and tests read to learn the port (--port 0).
+            sys.stdout.write(f"listening http://{host}:{bound}\n")
+            sys.stdout.flush()
+            await _until_signalled()
+            log.info("store.stopping")
+        finally:
+            await runner.cleanup()
+    finally:
+        await backend.close()
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
