@@ -13,7 +13,7 @@ import signal
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, Protocol
 
 from cloud_sync.envelope_schema import default_registry
 from edge_agent import systemd
@@ -40,11 +40,33 @@ class RunningAgent:
     board: StatusBoard
     status: StatusServer
     sources: list[Source] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+
+
+class Component(Protocol):
+    """A part that runs beside the pipeline (personalizer, uploader): started after the
+    buffer opens and before the sources, stopped after the sources."""
+
+    name: str
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Sections for /status, e.g. {"sync": {...}}; called on the event loop."""
+        ...
+
+    async def run(self, agent: RunningAgent) -> None:
+        """Attach to the agent (pipeline taps/observers) and run until cancelled."""
+        ...
 
 
 def build_sources(config: Config) -> list[Source]:
     context = DecodeContext(config.agent.store_id, default_registry(), config.input)
-    return [MqttSource(config.mqtt, config.mqtt_client_id, context)]
+    sources: list[Source] = [MqttSource(config.mqtt, config.mqtt_client_id, context)]
+    return sources
+
+
+def build_components(config: Config) -> list[Component]:
+    components: list[Component] = []
+    return components
 
 
 async def run_agent(
@@ -52,18 +74,22 @@ async def run_agent(
     stop: asyncio.Event,
     on_ready: Callable[[RunningAgent], None] | None = None,
     sources: Sequence[Source] | None = None,
+    components: Sequence[Component] | None = None,
 ) -> None:
     """Run until ``stop`` is set; return after an orderly shutdown."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     buffer = await Buffer.open(config.buffer_path, config.buffer)
     try:
         chosen = list(sources) if sources is not None else build_sources(config)
+        parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
         board = StatusBoard(buffer, chosen)
+        for part in parts:
+            _register_status(board, part)
         status = StatusServer(board, config.http.host, config.http.port)
         await status.start()
         try:
-            agent = RunningAgent(config, buffer, pipeline, board, status, chosen)
+            agent = RunningAgent(config, buffer, pipeline, board, status, chosen, parts)
             await _run_sources(agent, stop, on_ready)
         finally:
             await status.stop()
@@ -72,10 +98,23 @@ async def run_agent(
         log.info("agent.stopped committed=%d", buffer.counters.committed)
 
 
+def _register_status(board: StatusBoard, part: Component) -> None:
+    def provider(section: str) -> Callable[[], dict[str, Any]]:
+        return lambda: part.status()[section]
+
+    for section in part.status():
+        board.providers[section] = provider(section)
+
+
 async def _run_sources(
     agent: RunningAgent, stop: asyncio.Event, on_ready: Callable[[RunningAgent], None] | None
 ) -> None:
     async with asyncio.TaskGroup() as group:
+        parts = [
+            group.create_task(part.run(agent), name=f"component:{part.name}")
+            for part in agent.components
+        ]
+        await asyncio.sleep(0)  # let components attach their taps before input flows
         tasks = [
             group.create_task(source.run(agent.pipeline.emit), name=f"source:{source.name}")
             for source in agent.sources
@@ -102,6 +141,8 @@ async def _run_sources(
                 log.warning("agent.stop.forced task=%s", task.get_name())
                 task.cancel()
         watchdog.cancel()
+        for part_task in parts:  # after the sources: what they committed is still served
+            part_task.cancel()
 
 
 async def _watchdog(agent: RunningAgent) -> None:

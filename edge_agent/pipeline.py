@@ -1,9 +1,11 @@
 """The pipe between sources and everything after the buffer.
 
 Sources hand decoded items to ``Pipeline.emit``; it commits them (events to the buffer,
-rejections to quarantine) and only then tells the observers (personalizer, uploader wake-up,
-the live page's recent list). Observers are plain callables run on the event loop; they must
-not block: anything slow schedules its own task.
+rejections to quarantine) and only then tells the observers (uploader wake-up, the live
+page's recent list). Taps see the same events before the commit, for work that must not
+wait for the disk (the personalizer answers in about a millisecond while the commit's fsync
+runs). Taps and observers are plain callables on the event loop; they must not block:
+anything slow schedules its own task.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ Observer = Callable[[Sequence[Event]], None]
 class Pipeline:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
+        self.taps: list[Observer] = []
         self.observers: list[Observer] = []
         self.last_progress = time.monotonic()
 
@@ -37,6 +40,9 @@ class Pipeline:
                 reject.detail[:120],
                 len(reject.raw),
             )
+        if events:
+            for tap in self.taps:
+                tap(events)
         await self.buffer.commit(events, rejects)
         self.last_progress = time.monotonic()
         if events:
