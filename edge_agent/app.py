@@ -24,6 +24,7 @@ from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
 from edge_agent.status import StatusBoard, StatusServer
+from firmware_bridge.serial_source import SerialPortConfig, SerialSource
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Component(Protocol):
 def build_sources(config: Config) -> list[Source]:
     context = DecodeContext(config.agent.store_id, default_registry(), config.input)
     sources: list[Source] = [MqttSource(config.mqtt, config.mqtt_client_id, context)]
+    for port in config.serial.ports:
+        settings = SerialPortConfig(url=port.url, store_id=config.agent.store_id, baud=port.baud)
+        sources.append(SerialSource(settings, registry=context.registry))
     return sources
 
 
@@ -131,6 +135,7 @@ async def _run_sources(
         if on_ready is not None:
             on_ready(agent)
         await stop.wait()
+        watchdog.cancel()  # stopping is timed by TimeoutStopSec, not by the watchdog
         systemd.notify("STOPPING=1")
         log.info("agent.stopping")
         for source in agent.sources:
@@ -140,7 +145,6 @@ async def _run_sources(
             for task in late:
                 log.warning("agent.stop.forced task=%s", task.get_name())
                 task.cancel()
-        watchdog.cancel()
         for part_task in parts:  # after the sources: what they committed is still served
             part_task.cancel()
 

@@ -79,6 +79,19 @@ class BufferSection:
 class ModelSection:
     path: str = ""  # a model directory; default: the bundled model
     top_k: int = 5
+    # The personalizer (edge_agent/personalize/README.md explains each key).
+    session_cap: int = 10_000  # customers whose recent history is kept in memory (LRU)
+    session_max_age_s: float = 86_400.0  # history older than this is forgotten
+    epsilon: float = 0.05  # probability that the last slot shows an exploratory item
+    implicit_accept_window_s: float = 300.0  # a pickup of a suggested item within this accepts
+    suggestion_topic: str = "{prefix}/{store_id}/suggestions/{device_id}"
+    suggestion_qos: int = 0  # a suggestion is stale in a second: no redelivery
+    out_of_stock_file: str = ""  # one sku per line; default: <data_dir>/out_of_stock.txt
+    blocked_skus_file: str = ""  # policy-blocked skus; default: <data_dir>/blocked_skus.txt
+    popularity_window_s: float = 86_400.0  # store popularity counts the last day
+    popularity_refresh_s: float = 60.0
+    watch_interval_s: float = 2.0  # how often models/incoming and models/current are checked
+    max_pending: int = 256  # suggestions waiting for the model; beyond this, triggers are shed
 
 
 @dataclass(frozen=True)
@@ -87,13 +100,18 @@ class SyncSection:
     token: str = ""
     interval_s: float = 5.0
     batch_size: int = 500
+    timeout_s: float = 30.0  # every request to the store, connect to last byte
+    backoff_max_s: float = 60.0  # retries after an outage wait at most this long
+    gzip: bool = True
+    max_events_per_s: float = 0.0  # drain cap for metered links; 0: unlimited
+    live_lane_size: int = 50  # newest customer events sent beside each backlog round
+    concurrency: int = 1  # batches in flight at once (several store replicas)
 
 
 @dataclass(frozen=True)
 class SerialPort:
     url: str
     baud: int = 115200
-    device_id: str = ""  # default: the id the device announces in HELLO
 
 
 @dataclass(frozen=True)
@@ -280,6 +298,25 @@ def _validate(config: Config) -> None:
         (config.buffer.quarantine_max_rows >= 10, "buffer.quarantine_max_rows", "must be >= 10"),
         (config.buffer.quarantine_raw_bytes >= 64, "buffer.quarantine_raw_bytes", "must be >= 64"),
         (1 <= config.model.top_k <= 50, "model.top_k", "must be 1..50"),
+        (config.model.session_cap >= 1, "model.session_cap", "must be >= 1"),
+        (config.model.session_max_age_s > 0, "model.session_max_age_s", "must be positive"),
+        (0.0 <= config.model.epsilon <= 1.0, "model.epsilon", "must be 0..1"),
+        (
+            config.model.implicit_accept_window_s >= 0,
+            "model.implicit_accept_window_s",
+            "must be >= 0 (0: no implicit acceptance)",
+        ),
+        (
+            "{device_id}" in config.model.suggestion_topic
+            and not any(c in config.model.suggestion_topic for c in "+#"),
+            "model.suggestion_topic",
+            "must contain {device_id} and no wildcards",
+        ),
+        (config.model.suggestion_qos in (0, 1), "model.suggestion_qos", "must be 0 or 1"),
+        (config.model.popularity_window_s > 0, "model.popularity_window_s", "must be positive"),
+        (config.model.popularity_refresh_s > 0, "model.popularity_refresh_s", "must be positive"),
+        (config.model.watch_interval_s > 0, "model.watch_interval_s", "must be positive"),
+        (config.model.max_pending >= 1, "model.max_pending", "must be >= 1"),
         (
             not config.sync.url or config.sync.url.startswith(("http://", "https://")),
             "sync.url",
@@ -287,6 +324,16 @@ def _validate(config: Config) -> None:
         ),
         (config.sync.interval_s > 0, "sync.interval_s", "must be positive"),
         (config.sync.batch_size >= 1, "sync.batch_size", "must be >= 1"),
+        (config.sync.timeout_s > 0, "sync.timeout_s", "must be positive"),
+        (config.sync.backoff_max_s >= 0.1, "sync.backoff_max_s", "must be at least 0.1"),
+        (config.sync.max_events_per_s >= 0, "sync.max_events_per_s", "must be >= 0 (0: no cap)"),
+        (config.sync.live_lane_size >= 0, "sync.live_lane_size", "must be >= 0 (0: off)"),
+        (1 <= config.sync.concurrency <= 32, "sync.concurrency", "must be 1..32"),
+        (
+            not config.sync.url or bool(config.sync.token),
+            "sync.token",
+            "is required when sync.url is set (or EDGE_AGENT__SYNC__TOKEN)",
+        ),
     ]
     for ok, key, problem in checks:
         if not ok:

@@ -13,7 +13,9 @@ from tests.support.broker import AmqttBroker, MosquittoBroker, start_broker
 
 
 @pytest.fixture(scope="session")
-def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker | AmqttBroker]:
+def mqtt_broker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[MosquittoBroker | AmqttBroker]:
     broker = start_broker(tmp_path_factory.mktemp("broker"))
     yield broker
     if isinstance(broker, AmqttBroker):
@@ -44,8 +46,12 @@ def agent_config_dict(
 ) -> dict[str, Any]:
     document: dict[str, Any] = {
         "agent": {"store_id": store_id, "data_dir": str(tmp_path / "data")},
-        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1,
-                 "reconnect_max_s": 1.0},
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 1.0,
+        },
         "http": {"host": "127.0.0.1", "port": 0},
     }
     for name, values in sections.items():

@@ -17,13 +17,38 @@ from edge_agent.events import Event, Rejected
 TS = "2026-11-22T08:00:00.000Z"
 
 
-def event(n: int, *, customer: bool = True, customer_id: str | None = "c-1", size: int = 0,
-          event_type: str | None = None, data: dict[str, object] | None = None, ts: str = TS) -> Event:
+def event(
+    n: int,
+    *,
+    customer: bool = True,
+    customer_id: str | None = "c-1",
+    size: int = 0,
+    event_type: str | None = None,
+    data: dict[str, object] | None = None,
+    ts: str = TS,
+) -> Event:
     kind = event_type or ("product.pickup" if customer else "telemetry")
-    payload = data if data is not None else (
-        {"sku": f"SKU-{n}", "pad": "x" * size} if customer else {"values": {"t": n, "pad": "x" * size}})
-    return Event(f"ev-{n:08d}", kind, ts, "store-1", "dev-1", customer_id if customer else None,
-                 "mqtt:test", payload, TS, customer=customer)
+    payload = (
+        data
+        if data is not None
+        else (
+            {"sku": f"SKU-{n}", "pad": "x" * size}
+            if customer
+            else {"values": {"t": n, "pad": "x" * size}}
+        )
+    )
+    return Event(
+        f"ev-{n:08d}",
+        kind,
+        ts,
+        "store-1",
+        "dev-1",
+        customer_id if customer else None,
+        "mqtt:test",
+        payload,
+        TS,
+        customer=customer,
+    )
 
 
 async def open_buffer(path: Path, **settings: object) -> Buffer:
@@ -38,7 +63,8 @@ async def test_commit_is_durable_and_duplicates_are_stored_once(tmp_path: Path) 
         assert buffer.counters.committed == 3
         assert buffer.counters.duplicates == 1
     async with await open_buffer(path) as reopened:
-        assert reopened.counters.total == 3 and reopened.counters.pending == 3
+        assert reopened.counters.total == 3
+        assert reopened.counters.pending == 3
     with open_read_only(path) as connection:
         exported = [json.loads(line) for line in iter_envelopes(connection)]
     assert [e["event_id"] for e in exported] == ["ev-00000001", "ev-00000002", "ev-00000003"]
@@ -65,31 +91,47 @@ async def test_quarantine_keeps_reason_source_and_truncated_raw(tmp_path: Path) 
             await buffer.commit([], [Rejected("mqtt:t", "not_json", b"{" + str(n).encode())])
         assert buffer.counters.quarantined == {"too_large": 1, "not_json": 15}
     with sqlite3.connect(path) as connection:
-        rows = connection.execute("SELECT reason, raw, raw_len FROM quarantine ORDER BY id").fetchall()
+        rows = connection.execute(
+            "SELECT reason, raw, raw_len FROM quarantine ORDER BY id"
+        ).fetchall()
         counters = dict(connection.execute("SELECT name, value FROM counters").fetchall())
     assert len(rows) == 10  # bounded by rows
     assert rows[-1] == ("not_json", b"{14", 3)
-    assert counters["quarantine.not_json"] == 15 and counters["quarantine.too_large"] == 1
+    assert counters["quarantine.not_json"] == 15
+    assert counters["quarantine.too_large"] == 1
     async with await open_buffer(path, quarantine_raw_bytes=64) as buffer:
         await buffer.commit([], [Rejected("mqtt:t", "too_large", b"z" * 1000)])
     with sqlite3.connect(path) as connection:
         raw, raw_len = connection.execute(
-            "SELECT raw, raw_len FROM quarantine ORDER BY id DESC LIMIT 1").fetchone()
-    assert raw == b"z" * 64 and raw_len == 1000
+            "SELECT raw, raw_len FROM quarantine ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert raw == b"z" * 64
+    assert raw_len == 1000
 
 
 async def test_latest_consent_by_event_time_wins(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
 
     def consent(n: int, ts: str, personalization: bool) -> Event:
-        return event(n, event_type="consent.update", ts=ts, data={
-            "personalization": personalization, "profile_sharing": False, "partner_sharing": False})
+        return event(
+            n,
+            event_type="consent.update",
+            ts=ts,
+            data={
+                "personalization": personalization,
+                "profile_sharing": False,
+                "partner_sharing": False,
+            },
+        )
 
     async with await open_buffer(path) as buffer:
         await buffer.commit([consent(1, "2026-11-22T08:00:02.000Z", True)])
         await buffer.commit([consent(2, "2026-11-22T08:00:01.000Z", False)])  # older, arrives late
-        rows = await buffer.call(lambda c: c.execute(
-            "SELECT customer_id, personalization, event_id FROM consent").fetchall())
+        rows = await buffer.call(
+            lambda c: c.execute(
+                "SELECT customer_id, personalization, event_id FROM consent"
+            ).fetchall()
+        )
     assert rows == [("c-1", 1, "ev-00000001")]
 
 
@@ -121,14 +163,17 @@ async def test_corrupted_pages_are_detected(tmp_path: Path) -> None:
         assert buffer.counters.total == 0
 
 
-async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(tmp_path: Path) -> None:
+async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "buffer.db"
     max_bytes = 2 * 1024 * 1024
     async with await open_buffer(path, max_bytes=max_bytes) as buffer:
         customer = [event(n, size=200) for n in range(0, 2000)]
         await buffer.commit(customer[:1000])
         marked = await buffer.mark_synced(
-            await buffer.call(lambda c: [r[0] for r in c.execute("SELECT seq FROM events")]))
+            await buffer.call(lambda c: [r[0] for r in c.execute("SELECT seq FROM events")])
+        )
         assert marked == 1000
         await buffer.commit(customer[1000:])
         telemetry = [event(n, customer=False, size=200) for n in range(10_000, 14_000)]
@@ -137,11 +182,18 @@ async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(tmp
         drops = buffer.counters.drops
         assert drops["synced_evicted"] == 1000  # all synced rows went first
         assert drops["telemetry_evicted_unsynced"] > 0
-        remaining = await buffer.call(lambda c: dict(c.execute(
-            "SELECT customer, count(*) FROM events GROUP BY customer").fetchall()))
+        remaining = await buffer.call(
+            lambda c: dict(
+                c.execute("SELECT customer, count(*) FROM events GROUP BY customer").fetchall()
+            )
+        )
         assert remaining[1] == 1000  # every unsynced customer event is still here
-        kept_telemetry = await buffer.call(lambda c: [r[0] for r in c.execute(
-            "SELECT event_id FROM events WHERE customer = 0 ORDER BY seq")])
+        kept_telemetry = await buffer.call(
+            lambda c: [
+                r[0]
+                for r in c.execute("SELECT event_id FROM events WHERE customer = 0 ORDER BY seq")
+            ]
+        )
         assert kept_telemetry[-1] == "ev-00013999"  # the oldest telemetry went, the newest stayed
         assert kept_telemetry[0] > "ev-00010000"
         used = await buffer.call(lambda c: c.execute("PRAGMA page_count").fetchone()[0]) * 4096
@@ -156,22 +208,29 @@ async def test_backpressure_holds_commits_until_sync_makes_room(tmp_path: Path) 
             batch = [event(n + i, size=400) for i in range(100)]
             n += 100
             try:
-                await asyncio.wait_for(asyncio.shield(pending := asyncio.ensure_future(
-                    buffer.commit(batch))), timeout=1.0)
+                await asyncio.wait_for(
+                    asyncio.shield(pending := asyncio.ensure_future(buffer.commit(batch))),
+                    timeout=1.0,
+                )
             except TimeoutError:
                 break
             assert n < 10_000, "the budget never pushed back"
         assert buffer.counters.backpressure is True
         assert not pending.done()
         held_ids = {e.event_id for e in batch}
-        present = await buffer.call(lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")})
+        present = await buffer.call(
+            lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")}
+        )
         assert not held_ids & present  # nothing of the held batch is acknowledged or written
-        seqs = await buffer.call(lambda c: [r[0] for r in c.execute(
-            "SELECT seq FROM events ORDER BY seq LIMIT 1500")])
+        seqs = await buffer.call(
+            lambda c: [r[0] for r in c.execute("SELECT seq FROM events ORDER BY seq LIMIT 1500")]
+        )
         await buffer.mark_synced(seqs)  # the uploader's job: frees room by policy
         await asyncio.wait_for(pending, timeout=5.0)
         assert buffer.counters.backpressure is False
-        present = await buffer.call(lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")})
+        present = await buffer.call(
+            lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")}
+        )
         assert held_ids <= present
 
 
@@ -191,11 +250,23 @@ async def test_cancelled_commit_leaves_a_working_buffer(tmp_path: Path) -> None:
 async def test_erase_customer_removes_events_consent_and_quarantine(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
     async with await open_buffer(path) as buffer:
-        await buffer.commit([event(1, customer_id="c-gone"), event(2, customer_id="c-stay"),
-                             event(3, event_type="consent.update", customer_id="c-gone", data={
-                                 "personalization": True, "profile_sharing": True,
-                                 "partner_sharing": True})],
-                            [Rejected("mqtt:t", "not_json", b'{"customer_id": "c-gone", ')])
+        await buffer.commit(
+            [
+                event(1, customer_id="c-gone"),
+                event(2, customer_id="c-stay"),
+                event(
+                    3,
+                    event_type="consent.update",
+                    customer_id="c-gone",
+                    data={
+                        "personalization": True,
+                        "profile_sharing": True,
+                        "partner_sharing": True,
+                    },
+                ),
+            ],
+            [Rejected("mqtt:t", "not_json", b'{"customer_id": "c-gone", ')],
+        )
     with sqlite3.connect(path, isolation_level=None) as connection:
         deleted = erase_customer(connection, "c-gone")
     assert deleted == {"events": 2, "consent": 1, "quarantine": 1}
@@ -203,7 +274,8 @@ async def test_erase_customer_removes_events_consent_and_quarantine(tmp_path: Pa
         figures = stats(connection)
         remaining = [json.loads(e)["customer_id"] for e in iter_envelopes(connection)]
     assert remaining == ["c-stay"]
-    assert figures["total"] == 1 and figures["consent_records"] == 0
+    assert figures["total"] == 1
+    assert figures["consent_records"] == 0
 
 
 envelopes = st.builds(
@@ -214,7 +286,9 @@ envelopes = st.builds(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(envelopes, max_size=30))
 def test_export_round_trips_every_envelope(tmp_path: Path, events: list[Event]) -> None:
     path = tmp_path / f"rt-{abs(hash(tuple(e.event_id for e in events)))}.db"
@@ -227,5 +301,7 @@ def test_export_round_trips_every_envelope(tmp_path: Path, events: list[Event]) 
     asyncio.run(run())
     unique = {e.event_id: e for e in reversed(events)}  # the first of each id wins
     with open_read_only(path) as connection:
-        exported = {json.loads(line)["event_id"]: json.loads(line) for line in iter_envelopes(connection)}
+        exported = {
+            json.loads(line)["event_id"]: json.loads(line) for line in iter_envelopes(connection)
+        }
     assert exported == {i: json.loads(e.to_json()) for i, e in unique.items()}

@@ -11,7 +11,11 @@ from edge_agent.errors import ConfigError
 
 def test_defaults_follow_the_design(tmp_path: Path) -> None:
     config = config_from_dict({"agent": {"store_id": "store-001", "data_dir": str(tmp_path)}})
-    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix) == ("127.0.0.1", 1883, "edge")
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix) == (
+        "127.0.0.1",
+        1883,
+        "edge",
+    )
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8787)
     assert config.buffer.max_bytes == 1073741824
     assert config.buffer_path == tmp_path / "buffer.db"
@@ -25,8 +29,12 @@ def test_environment_overrides_keys_with_their_types(tmp_path: Path) -> None:
     path.write_text('[agent]\nstore_id = "s1"\n[mqtt]\nport = 1883\n')
     config = load_config(
         path,
-        {"EDGE_AGENT__MQTT__PORT": "1884", "EDGE_AGENT__GOVERNANCE__REQUIRE_CONSENT": "false",
-         "EDGE_AGENT__SYNC__TOKEN": "secret", "UNRELATED": "x"},
+        {
+            "EDGE_AGENT__MQTT__PORT": "1884",
+            "EDGE_AGENT__GOVERNANCE__REQUIRE_CONSENT": "false",
+            "EDGE_AGENT__SYNC__TOKEN": "secret",
+            "UNRELATED": "x",
+        },
     )
     assert config.mqtt.port == 1884
     assert config.governance.require_consent is False
@@ -45,10 +53,15 @@ def test_environment_overrides_keys_with_their_types(tmp_path: Path) -> None:
         ({"agent": {"store_id": "s"}, "buffer": {"max_bytes": 10}}, "buffer.max_bytes"),
         ({"agent": {"store_id": "s"}, "buffer": {"synchronous": "off"}}, "buffer.synchronous"),
         ({"agent": {"store_id": "s"}, "sync": {"url": "ftp://x"}}, "sync.url"),
-        ({"agent": {"store_id": "s"}, "serial": {"ports": [{"baud": 9600}]}}, "serial.ports[0].url"),
+        (
+            {"agent": {"store_id": "s"}, "serial": {"ports": [{"baud": 9600}]}},
+            "serial.ports[0].url",
+        ),
         ({"agent": {"store_id": "s"}, "nonsense": {}}, "nonsense"),
-        ({"agent": {"store_id": "s"}, "governance": {"require_consent": "maybe"}},
-         "governance.require_consent"),
+        (
+            {"agent": {"store_id": "s"}, "governance": {"require_consent": "maybe"}},
+            "governance.require_consent",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(document: dict[str, object], key: str) -> None:
@@ -60,11 +73,15 @@ def test_invalid_config_names_the_key(document: dict[str, object], key: str) -> 
 
 def test_serial_ports_are_read_in_order() -> None:
     config = config_from_dict(
-        {"agent": {"store_id": "s"},
-         "serial": {"ports": [{"url": "/dev/serial/by-id/a"}, {"url": "loop://", "baud": 9600}]}}
+        {
+            "agent": {"store_id": "s"},
+            "serial": {"ports": [{"url": "/dev/serial/by-id/a"}, {"url": "loop://", "baud": 9600}]},
+        }
     )
     assert [(p.url, p.baud) for p in config.serial.ports] == [
-        ("/dev/serial/by-id/a", 115200), ("loop://", 9600)]
+        ("/dev/serial/by-id/a", 115200),
+        ("loop://", 9600),
+    ]
 
 
 def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,9 @@ def decode(payload: bytes, topic: TopicParts = EVENTS) -> list[Event | Rejected]
 
 
 def test_parse_topic() -> None:
-    assert parse_topic("edge/s1/devices/shelf-7/events", "edge", "s1") == TopicParts("shelf-7", "events")
+    assert parse_topic("edge/s1/devices/shelf-7/events", "edge", "s1") == TopicParts(
+        "shelf-7", "events"
+    )
     assert parse_topic("edge/s1/devices/f/telemetry", "edge", "s1") == TopicParts("f", "telemetry")
     assert parse_topic("edge/s2/devices/f/telemetry", "edge", "s1") is None
     assert parse_topic("edge/s1/devices/f/other", "edge", "s1") is None
@@ -32,8 +34,14 @@ def test_parse_topic() -> None:
 
 
 def test_one_event_becomes_an_envelope() -> None:
-    payload = json.dumps({"type": "product.pickup", "customer_id": "c-000123",
-                          "ts": "2026-11-22T07:59:59.5Z", "data": {"sku": "SKU-1", "weight_g": 412}})
+    payload = json.dumps(
+        {
+            "type": "product.pickup",
+            "customer_id": "c-000123",
+            "ts": "2026-11-22T07:59:59.5Z",
+            "data": {"sku": "SKU-1", "weight_g": 412},
+        }
+    )
     [event] = decode(payload.encode())
     assert isinstance(event, Event)
     envelope = event.envelope()
@@ -50,40 +58,53 @@ def test_one_event_becomes_an_envelope() -> None:
 
 def test_missing_ts_uses_receive_time_and_epoch_numbers_are_accepted() -> None:
     [plain] = decode(b'{"type": "kiosk.view", "data": {}}')
-    assert isinstance(plain, Event) and plain.ts == "2026-11-22T08:00:00.000Z"
+    assert isinstance(plain, Event)
+    assert plain.ts == "2026-11-22T08:00:00.000Z"
     epoch_ms = int((NOW - timedelta(seconds=3)).timestamp() * 1000)
     [ms] = decode(json.dumps({"type": "kiosk.view", "ts": epoch_ms, "data": {}}).encode())
-    assert isinstance(ms, Event) and ms.ts == "2026-11-22T07:59:57.000Z"
+    assert isinstance(ms, Event)
+    assert ms.ts == "2026-11-22T07:59:57.000Z"
 
 
 def test_derived_event_id_is_deterministic_and_device_id_is_kept() -> None:
     payload = b'{"type": "product.scan", "data": {"sku": "SKU-9"}}'
     first, again = decode(payload)[0], decode(payload)[0]
-    assert isinstance(first, Event) and isinstance(again, Event)
+    assert isinstance(first, Event)
+    assert isinstance(again, Event)
     assert first.event_id == again.event_id
     other = decode(b'{"type": "product.scan", "data": {"sku": "SKU-8"}}')[0]
-    assert isinstance(other, Event) and other.event_id != first.event_id
+    assert isinstance(other, Event)
+    assert other.event_id != first.event_id
     [own] = decode(b'{"event_id": "dev-42", "type": "product.scan", "data": {"sku": "S"}}')
-    assert isinstance(own, Event) and own.event_id == "dev-42"
+    assert isinstance(own, Event)
+    assert own.event_id == "dev-42"
 
 
 def test_an_array_yields_each_event_and_quarantines_only_the_bad_one() -> None:
-    payload = json.dumps([
-        {"type": "basket.add", "customer_id": "c-1", "data": {"sku": "A", "qty": 2}},
-        {"type": "basket.add", "customer_id": "c-1", "data": {"sku": "B", "qty": "two"}},
-        {"type": "product.putback", "data": {"sku": "C"}},
-    ]).encode()
+    payload = json.dumps(
+        [
+            {"type": "basket.add", "customer_id": "c-1", "data": {"sku": "A", "qty": 2}},
+            {"type": "basket.add", "customer_id": "c-1", "data": {"sku": "B", "qty": "two"}},
+            {"type": "product.putback", "data": {"sku": "C"}},
+        ]
+    ).encode()
     first, second, third = decode(payload)
-    assert isinstance(first, Event) and isinstance(third, Event)
-    assert isinstance(second, Rejected) and second.reason == "wrong_type"
+    assert isinstance(first, Event)
+    assert isinstance(third, Event)
+    assert isinstance(second, Rejected)
+    assert second.reason == "wrong_type"
     assert json.loads(second.raw)["data"]["qty"] == "two"
     assert first.event_id != third.event_id
 
 
 def test_telemetry_payload() -> None:
-    [event] = decode(b'{"ts": "2026-11-22T07:59:00Z", "values": {"temp_c": 4.1, "ok": true}}', TELEMETRY)
+    [event] = decode(
+        b'{"ts": "2026-11-22T07:59:00Z", "values": {"temp_c": 4.1, "ok": true}}', TELEMETRY
+    )
     assert isinstance(event, Event)
-    assert event.type == "telemetry" and event.customer is False and event.customer_id is None
+    assert event.type == "telemetry"
+    assert event.customer is False
+    assert event.customer_id is None
     assert event.data == {"values": {"temp_c": 4.1, "ok": True}}
 
 
@@ -102,13 +123,25 @@ def test_telemetry_payload() -> None:
         (b'{"type": "product.pickup", "data": {}}', "missing_field", EVENTS),
         (b'{"type": "product.pickup", "data": {"sku": 5}}', "wrong_type", EVENTS),
         (b'{"type": "product.pickup", "data": "sku"}', "wrong_type", EVENTS),
-        (b'{"type": "consent.update", "data": {"personalization": 1, "profile_sharing": true, '
-         b'"partner_sharing": false}}', "wrong_type", EVENTS),
+        (
+            b'{"type": "consent.update", "data": {"personalization": 1, "profile_sharing": true, '
+            b'"partner_sharing": false}}',
+            "wrong_type",
+            EVENTS,
+        ),
         (b'{"type": "kiosk.view", "customer_id": 12, "data": {}}', "wrong_type", EVENTS),
         (b'{"type": "kiosk.view", "event_id": "", "data": {}}', "wrong_type", EVENTS),
         (b'{"type": "kiosk.view", "ts": "yesterday", "data": {}}', "bad_timestamp", EVENTS),
-        (b'{"type": "kiosk.view", "ts": "2126-01-01T00:00:00Z", "data": {}}', "absurd_timestamp", EVENTS),
-        (b'{"type": "kiosk.view", "ts": "1970-01-01T00:00:00Z", "data": {}}', "absurd_timestamp", EVENTS),
+        (
+            b'{"type": "kiosk.view", "ts": "2126-01-01T00:00:00Z", "data": {}}',
+            "absurd_timestamp",
+            EVENTS,
+        ),
+        (
+            b'{"type": "kiosk.view", "ts": "1970-01-01T00:00:00Z", "data": {}}',
+            "absurd_timestamp",
+            EVENTS,
+        ),
         (b"[]", "empty_batch", EVENTS),
         (b"42", "wrong_type", EVENTS),
         (b'{"values": [1, 2]}', "wrong_type", TELEMETRY),
@@ -116,7 +149,9 @@ def test_telemetry_payload() -> None:
         (b'{"values": {"nested": {"a": 1}}}', "wrong_type", TELEMETRY),
     ],
 )
-def test_bad_input_is_rejected_with_its_reason(payload: bytes, reason: str, topic: TopicParts) -> None:
+def test_bad_input_is_rejected_with_its_reason(
+    payload: bytes, reason: str, topic: TopicParts
+) -> None:
     [rejected] = decode(payload, topic)
     assert isinstance(rejected, Rejected)
     assert rejected.reason == reason
@@ -127,7 +162,8 @@ def test_too_many_events_in_one_message() -> None:
     context = DecodeContext("s", default_registry(), InputSection(max_events_per_message=3))
     payload = json.dumps([{"type": "kiosk.view", "data": {}}] * 4).encode()
     [rejected] = decode_message(context, EVENTS, SOURCE, payload, NOW)
-    assert isinstance(rejected, Rejected) and rejected.reason == "too_many_events"
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason == "too_many_events"
 
 
 @settings(max_examples=300, deadline=None)
@@ -140,13 +176,19 @@ def test_decoding_never_raises_on_arbitrary_bytes(payload: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["type", "data", "ts", "customer_id", "event_id", "x"]), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "data", "ts", "customer_id", "event_id", "x"]), json_values
+    )
+)
 def test_any_json_object_is_an_event_or_a_reason(document: dict[str, object]) -> None:
     for item in decode(json.dumps(document).encode()):
         if isinstance(item, Rejected):

@@ -38,7 +38,8 @@ async def test_events_are_committed_and_acknowledged_once(
             await asyncio.to_thread(publisher.wait_all)
             await wait_until(lambda: agent.buffer.counters.committed == 301, 20)
             source = agent.sources[0]
-            assert source.stats.received == 301 and source.stats.accepted == 301
+            assert source.stats.received == 301
+            assert source.stats.accepted == 301
         # A restart on the same persistent session gets nothing again: every message was acked.
         async with agent_running(document) as agent:
             await asyncio.sleep(1.5)
@@ -59,7 +60,11 @@ BAD_CORPUS: list[tuple[str, bytes, str]] = [
     ("events", b'{"type": "product.teleport", "data": {}}', "unknown_type"),
     ("events", b'{"type": "product.pickup"}', "missing_field"),
     ("events", b"[" * 500 + b"]" * 500, "too_deep"),
-    ("events", b'{"type": "kiosk.view", "ts": "2199-01-01T00:00:00Z", "data": {}}', "absurd_timestamp"),
+    (
+        "events",
+        b'{"type": "kiosk.view", "ts": "2199-01-01T00:00:00Z", "data": {}}',
+        "absurd_timestamp",
+    ),
     ("telemetry", b'{"values": "hot"}', "wrong_type"),
 ]
 
@@ -76,8 +81,13 @@ async def test_bad_payloads_are_quarantined_and_the_agent_stays_healthy(
                 publisher.publish(topic, payload)
             publisher.publish(event_topic(store_id), pickup("good-after-bad"))
             await asyncio.to_thread(publisher.wait_all)
-            await wait_until(lambda: agent.buffer.counters.committed == 1
-                             and sum(agent.buffer.counters.quarantined.values()) == len(BAD_CORPUS), 20)
+            await wait_until(
+                lambda: (
+                    agent.buffer.counters.committed == 1
+                    and sum(agent.buffer.counters.quarantined.values()) == len(BAD_CORPUS)
+                ),
+                20,
+            )
             base = f"http://127.0.0.1:{agent.status.port}"
             assert (await asyncio.to_thread(http_get, base + "/healthz"))[0] == 200
             assert (await asyncio.to_thread(http_get, base + "/readyz"))[0] == 200
@@ -154,12 +164,18 @@ async def test_status_and_metrics_carry_the_contract_fields(
             page = (await asyncio.to_thread(http_get, base + "/"))[1].decode()
     finally:
         publisher.close()
-    assert status["version"] and status["uptime_s"] > 0
-    assert status["sources"]["mqtt"] == {"received": 21, "accepted": 20, "quarantined": 1,
-                                         "connected": True}
+    assert status["version"]
+    assert status["uptime_s"] > 0
+    assert status["sources"]["mqtt"] == {
+        "received": 21,
+        "accepted": 20,
+        "quarantined": 1,
+        "connected": True,
+    }
     buffer = status["buffer"]
     assert (buffer["pending"], buffer["total"]) == (20, 20)
-    assert buffer["bytes"] > 0 and buffer["oldest_pending_age_s"] >= 0
+    assert buffer["bytes"] > 0
+    assert buffer["oldest_pending_age_s"] >= 0
     assert status["quarantine"] == {"total": 1, "by_reason": {"not_json": 1}}
     assert status["drops"] == {"total": 0, "by_reason": {}}
     assert set(status["sync"]) >= {"lag_s", "sent", "last_success"}
@@ -169,7 +185,8 @@ async def test_status_and_metrics_carry_the_contract_fields(
 
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     received = families["edge_source_received"].samples[0]
-    assert received.labels == {"source": "mqtt"} and received.value == 21
+    assert received.labels == {"source": "mqtt"}
+    assert received.value == 21
     assert families["edge_buffer_pending_events"].samples[0].value == 20
     assert families["edge_quarantined"].samples[0].labels == {"reason": "not_json"}
     assert "<title>Edge agent</title>" in page
@@ -178,8 +195,7 @@ async def test_status_and_metrics_carry_the_contract_fields(
 async def test_backpressure_stops_acknowledging_and_says_so(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker,
-                                 buffer={"max_bytes": 1024 * 1024})
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, buffer={"max_bytes": 1024 * 1024})
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     big = "x" * 900
     try:
@@ -189,7 +205,8 @@ async def test_backpressure_stops_acknowledging_and_says_so(
             await wait_until(lambda: agent.buffer.counters.backpressure, 30)
             url = f"http://127.0.0.1:{agent.status.port}/readyz"
             status, body = await asyncio.to_thread(http_get, url)
-            assert status == 503 and "backpressure" in json.loads(body)["reasons"][0]
+            assert status == 503
+            assert "backpressure" in json.loads(body)["reasons"][0]
             stalled_at = agent.buffer.counters.committed
             await asyncio.sleep(1.0)
             assert agent.buffer.counters.committed == stalled_at  # nothing more taken in

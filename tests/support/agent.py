@@ -26,7 +26,9 @@ from edge_agent.config import config_from_dict
 
 
 @contextlib.asynccontextmanager
-async def agent_running(document: dict[str, Any], connect_timeout: float = 10.0) -> AsyncIterator[RunningAgent]:
+async def agent_running(
+    document: dict[str, Any], connect_timeout: float = 10.0
+) -> AsyncIterator[RunningAgent]:
     config = config_from_dict(document)
     stop = asyncio.Event()
     ready: asyncio.Future[RunningAgent] = asyncio.get_running_loop().create_future()
@@ -40,11 +42,11 @@ async def agent_running(document: dict[str, Any], connect_timeout: float = 10.0)
         await asyncio.wait_for(task, 20)
 
 
-async def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Any, within: float, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
+            raise TimeoutError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
 
 
@@ -93,8 +95,12 @@ def telemetry_topic(store_id: str, device_id: str = "fridge-01") -> str:
 
 def pickup(event_id: str, customer_id: str = "c-1", sku: str = "SKU-1") -> bytes:
     return json.dumps(
-        {"event_id": event_id, "type": "product.pickup", "customer_id": customer_id,
-         "data": {"sku": sku}}
+        {
+            "event_id": event_id,
+            "type": "product.pickup",
+            "customer_id": customer_id,
+            "data": {"sku": sku},
+        }
     ).encode()
 
 
