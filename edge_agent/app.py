@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from cloud_sync.envelope_schema import default_registry
+from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
@@ -69,7 +70,11 @@ def build_sources(config: Config) -> list[Source]:
 
 
 def build_components(config: Config) -> list[Component]:
-    components: list[Component] = []
+    from edge_agent.personalize import Personalizer  # loads onnxruntime: only when running
+
+    components: list[Component] = [Personalizer(config)] if config.model.enabled else []
+    if config.sync.url:
+        components.append(Uploader(config))
     return components
 
 
@@ -87,7 +92,7 @@ async def run_agent(
         chosen = list(sources) if sources is not None else build_sources(config)
         parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
-        board = StatusBoard(buffer, chosen)
+        board = StatusBoard(buffer, chosen, store_id=config.agent.store_id)
         for part in parts:
             _register_status(board, part)
         status = StatusServer(board, config.http.host, config.http.port)

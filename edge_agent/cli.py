@@ -10,7 +10,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=8787, help="0: any free port")
     demo.add_argument("--rate", type=float, default=20.0, help="simulated messages per second")
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--no-serial", action="store_true", help="without the simulated serial shelf")
+    demo.add_argument("--no-sync", action="store_true", help="without the central store")
     demo.set_defaults(handler=_demo)
 
     check = with_config(commands.add_parser("check-config", help="validate a config file"))
@@ -77,7 +81,41 @@ def _parser() -> argparse.ArgumentParser:
     erase = with_config(buffer_commands.add_parser("erase", help="erase a customer's data"))
     erase.add_argument("--customer", required=True)
     erase.set_defaults(handler=_buffer_erase)
+    _model_commands(commands, with_config)
     return parser
+
+
+def _model_commands(commands: Any, with_config: Callable[[Any], Any]) -> None:
+    model = commands.add_parser("model", help="the suggestion model in use: status, rollback")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    status = with_config(model_commands.add_parser("status", help="current and previous model"))
+    status.set_defaults(handler=_model_status)
+    rollback = with_config(
+        model_commands.add_parser("rollback", help="switch back to the previous model")
+    )
+    rollback.set_defaults(handler=_model_rollback)
+
+
+def _model_store(config: Config) -> Any:
+    from edge_agent.personalize.model_store import ModelStore
+    from models import DEFAULT_MODEL_DIR
+
+    configured = Path(config.model.path) if config.model.path else DEFAULT_MODEL_DIR
+    return ModelStore(config.data_dir, configured)
+
+
+def _model_status(args: argparse.Namespace) -> int:
+    from edge_agent.personalize.model_status import describe
+
+    print(json.dumps(describe(_model_store(_load(args))), indent=2))
+    return 0
+
+
+def _model_rollback(args: argparse.Namespace) -> int:
+    # The running agent follows the pointer file within [model] watch_interval_s.
+    state = _model_store(_load(args)).rollback()
+    print(json.dumps({"current": state.current, "previous": state.previous}))
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Config:

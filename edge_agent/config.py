@@ -47,6 +47,11 @@ class MqttSection:
     key_file: str = ""
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    # MQTT 5 flow control: how many QoS 1 messages the broker may send before our PUBACKs.
+    # PUBACK waits for the commit (an fsync), so a wide window is what keeps throughput up.
+    protocol: str = "auto"  # auto: MQTT 5 for QoS 1, 3.1.1 if the broker lacks 5 (and for QoS 0)
+    receive_maximum: int = 1000
+    session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps our queue while we're down
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ModelSection:
     path: str = ""  # a model directory; default: the bundled model
     top_k: int = 5
     # The personalizer (edge_agent/personalize/README.md explains each key).
+    enabled: bool = True  # false: no suggestions at all (a collect-only agent)
     session_cap: int = 10_000  # customers whose recent history is kept in memory (LRU)
     session_max_age_s: float = 86_400.0  # history older than this is forgotten
     epsilon: float = 0.05  # probability that the last slot shows an exploratory item
@@ -260,6 +266,14 @@ def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> 
         table[key] = value  # coerced to the key's type by _build_section
 
 
+def _suggestion_topic_ok(template: str) -> bool:
+    try:
+        filled = template.format(prefix="p", store_id="s", device_id="d")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return "{device_id}" in template and not any(c in filled for c in "+#")
+
+
 def _validate(config: Config) -> None:
     checks: list[tuple[bool, str, str]] = [
         (bool(config.agent.store_id), "agent.store_id", "is required"),
@@ -283,6 +297,13 @@ def _validate(config: Config) -> None:
             "mqtt.reconnect_min_s",
             "must be positive and at most mqtt.reconnect_max_s",
         ),
+        (
+            config.mqtt.protocol in ("auto", "5", "3.1.1"),
+            "mqtt.protocol",
+            "must be auto, 5 or 3.1.1",
+        ),
+        (1 <= config.mqtt.receive_maximum <= 65535, "mqtt.receive_maximum", "must be 1..65535"),
+        (config.mqtt.session_expiry_s >= 60, "mqtt.session_expiry_s", "must be at least 60"),
         (0 <= config.http.port < 65536, "http.port", "must be 0..65535 (0: any free port)"),
         (config.input.max_payload_bytes >= 256, "input.max_payload_bytes", "must be >= 256"),
         (config.input.max_depth >= 2, "input.max_depth", "must be >= 2"),
@@ -307,10 +328,9 @@ def _validate(config: Config) -> None:
             "must be >= 0 (0: no implicit acceptance)",
         ),
         (
-            "{device_id}" in config.model.suggestion_topic
-            and not any(c in config.model.suggestion_topic for c in "+#"),
+            _suggestion_topic_ok(config.model.suggestion_topic),
             "model.suggestion_topic",
-            "must contain {device_id} and no wildcards",
+            "must contain {device_id}, only {prefix} {store_id} {device_id}, no wildcards",
         ),
         (config.model.suggestion_qos in (0, 1), "model.suggestion_qos", "must be 0 or 1"),
         (config.model.popularity_window_s > 0, "model.popularity_window_s", "must be positive"),

@@ -35,6 +35,7 @@ class _Message:
     source: str
     payload: bytes
     received: datetime
+    received_at: str  # the receive time, formatted once
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ def decode_message(
     if _nesting_may_exceed(payload, limits.max_depth) and _depth(document) > limits.max_depth:
         return reject("too_deep", f"nesting deeper than {limits.max_depth}")
 
-    message = _Message(context, topic, source, payload, received)
+    message = _Message(context, topic, source, payload, received, received_at)
     if topic.channel == TELEMETRY_CHANNEL:
         return [_telemetry(message, document)]
     items = document if isinstance(document, list) else [document]
@@ -110,8 +111,7 @@ def decode_message(
 
 def _event(message: _Message, raw_item: bytes, index: int, item: Any) -> Event | Rejected:
     context, topic, source = message.context, message.topic, message.source
-    received = message.received
-    received_at = format_ts(received)
+    received_at = message.received_at
 
     def reject(reason: str, detail: str) -> Rejected:
         return Rejected(source, reason, raw_item, detail, received_at)
@@ -135,7 +135,7 @@ def _event(message: _Message, raw_item: bytes, index: int, item: Any) -> Event |
         event_id = derive_event_id(source, message.payload, index)
     elif not _is_id(event_id):
         return reject("wrong_type", "event_id")
-    ts = _event_time(item.get("ts"), received, context.limits)
+    ts = _event_time(item.get("ts"), message)
     if isinstance(ts, Rejected):
         return reject(ts.reason, ts.detail)
     return Event(
@@ -155,8 +155,7 @@ def _event(message: _Message, raw_item: bytes, index: int, item: Any) -> Event |
 
 def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     context, topic, source = message.context, message.topic, message.source
-    payload, received = message.payload, message.received
-    received_at = format_ts(received)
+    payload, received_at = message.payload, message.received_at
     if not isinstance(document, dict):
         return Rejected(source, "wrong_type", payload, "telemetry is not an object", received_at)
     values = document.get("values")
@@ -166,7 +165,7 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     for name, value in values.items():
         if isinstance(value, dict | list):
             return Rejected(source, "wrong_type", payload, f"values.{name}", received_at)
-    ts = _event_time(document.get("ts"), received, context.limits)
+    ts = _event_time(document.get("ts"), message)
     if isinstance(ts, Rejected):
         return Rejected(source, ts.reason, payload, ts.detail, received_at)
     return Event(
@@ -183,10 +182,11 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     )
 
 
-def _event_time(value: Any, received: datetime, limits: InputSection) -> str | Rejected:
+def _event_time(value: Any, message: _Message) -> str | Rejected:
     """The device's time when given and sane; the receive time when absent."""
     if value is None:
-        return format_ts(received)
+        return message.received_at
+    received, limits = message.received, message.context.limits
     moment: datetime | None
     if isinstance(value, bool):
         moment = None

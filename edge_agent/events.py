@@ -6,6 +6,7 @@ the pipeline commits both to the buffer before the source acknowledges anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -24,6 +25,7 @@ def derive_event_id(source: str, raw: bytes, index: int = 0) -> str:
     return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{digest}:{index}"))
 
 
+@functools.lru_cache(maxsize=8)  # a burst of messages shares one receive time
 def format_ts(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a Z, the envelope's only time format."""
     utc = moment.astimezone(UTC)

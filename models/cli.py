@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ModelError
-from models.evaluate import evaluate_files
+from models.evaluate import METHODS, HitRateCurve, evaluate_files
 from models.export import copy_model_dir, verify_model_dir
 from models.pipeline import train_to_dir
 from models.simulator import SimulationConfig, write_events
 from models.train import TrainingParams
 
 logger = logging.getLogger(__name__)
+
+PLOT_MAX_K = 20  # evaluate --plot draws HitRate@k for k = 1..PLOT_MAX_K
 
 
 def _positive(text: str) -> int:
@@ -69,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--events", type=Path, required=True)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--cutoff", type=_positive, default=10)
+    evaluate.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help=f"also draw HitRate@k, k = 1..{PLOT_MAX_K}, for the model and its baselines",
+    )
 
     export = commands.add_parser(
         "export", help="verify a model directory the way the agent does; copy it with --out"
@@ -118,7 +127,15 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "metrics": metrics}))
         return 0
     if args.command == "evaluate":
-        report = evaluate_files(args.model, args.events, cutoff=args.cutoff)
+        curves = {name: HitRateCurve(PLOT_MAX_K) for name in METHODS} if args.plot else None
+        report = evaluate_files(args.model, args.events, cutoff=args.cutoff, curves=curves)
+        if curves is not None:
+            from models.plot import plot_hit_rates  # matplotlib only when a plot is asked for
+
+            rates = {name: curve.hit_rates() for name, curve in curves.items()}
+            title = f"HitRate@k, {report['customers']} customers, model {args.model.name}"
+            plot_hit_rates(rates, args.plot, title=title)
+            logger.info("evaluate.plot out=%s", args.plot)
         if args.json:
             print(json.dumps(report))
         else:

@@ -41,6 +41,10 @@ def store_id() -> str:
     return f"store-{uuid.uuid4().hex[:10]}"
 
 
+# The core tests count exactly what they publish: no suggestion.shown events beside it.
+COLLECT_ONLY = {"enabled": False}
+
+
 def agent_config_dict(
     tmp_path: Path, store_id: str, broker: MosquittoBroker | AmqttBroker, **sections: Any
 ) -> dict[str, Any]:
@@ -51,6 +55,8 @@ def agent_config_dict(
             "port": broker.port,
             "reconnect_min_s": 0.1,
             "reconnect_max_s": 1.0,
+            # amqtt (the fallback where mosquitto is absent) speaks MQTT 3.1.1 only.
+            "protocol": "auto" if isinstance(broker, MosquittoBroker) else "3.1.1",
         },
         "http": {"host": "127.0.0.1", "port": 0},
     }

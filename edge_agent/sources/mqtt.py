@@ -1,13 +1,20 @@
 """The MQTT source: subscribe with QoS 1 on a persistent session, PUBACK only after commit.
 
+QoS 1 (the normal case) speaks MQTT 5 with a persistent session (clean_start=False, a
+session expiry) so the broker keeps messages while the agent is down, and a Receive Maximum
+so the broker may have many messages in flight while their commit is under way (MQTT 3.1.1
+leaves that window to the broker's config: 20 on a default mosquitto). QoS 0 has nothing to
+keep or to acknowledge, so it speaks MQTT 3.1.1 and saves parsing properties per message.
+
 Why paho-mqtt on a network thread: aiomqtt cannot defer acknowledgements (its PR #346 is
 open); paho 2.x can (``manual_ack=True`` then ``client.ack(mid, qos)``). One thread owned by
 this source runs paho's network loop and our reconnect loop (capped exponential backoff with
-jitter, which paho's built-in reconnect lacks); it only appends messages to a deque and wakes
-the event loop once per burst. Decoding, committing and acknowledging run on the event loop:
-a whole burst is decoded and committed as one emit, then its PUBACKs are sent in arrival
-order. paho's ack() and publish() are safe to call from another thread (they queue packets
-under paho's own lock).
+jitter, which paho's built-in reconnect lacks); its on_message only appends to a deque and
+wakes the event loop once per burst. Decoding, committing and acknowledging run on the event
+loop: a burst is decoded and committed as one emit, then its PUBACKs are sent in arrival
+order. paho's ack() and publish() may be called from another thread (paho guards its queues
+with its own locks) and may run paho's callbacks there when the write fails, so no lock of
+ours is ever held around a paho call: holding one deadlocked against on_disconnect.
 """
 
 from __future__ import annotations
@@ -15,13 +22,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import ssl
 import threading
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
@@ -34,8 +47,10 @@ log = logging.getLogger(__name__)
 
 MAX_BURST: Final = 2000  # messages per emit: bounds one transaction and one decode pass
 MAX_BURST_BYTES: Final = 256 * 1024  # and bytes: a burst must fit even the smallest budget
+_BURSTS_IN_FLIGHT: Final = 4  # bursts decoded and handed on while earlier ones commit
 MAX_QUEUED_QOS0: Final = 20_000  # QoS 0 has no flow control: beyond this, newest are dropped
 _NETWORK_POLL_S: Final = 0.2
+_CONNACK_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,16 @@ class _Received:
     mid: int
     qos: int
     generation: int  # the connection it came on: a PUBACK is only valid on that one
+
+
+_V3_UNACCEPTABLE_PROTOCOL: Final = 1  # CONNACK return codes that mean "not this version"
+_V5_UNSUPPORTED_PROTOCOL: Final = 0x84
+
+
+def _first_protocol(settings: MqttSection) -> MQTTProtocolVersion:
+    if settings.protocol == "3.1.1" or (settings.protocol == "auto" and settings.qos == 0):
+        return paho.MQTTv311
+    return paho.MQTTv5
 
 
 def status_topic(prefix: str, store_id: str) -> str:
@@ -68,11 +93,14 @@ class MqttSource:
             f"{settings.topic_prefix}/{store_id}/devices/+/telemetry",
         ]
         self._status_topic = status_topic(settings.topic_prefix, store_id)
+        self._client_id = client_id
+        self._protocol = _first_protocol(settings)
+        self._fall_back = False  # set when a broker refuses MQTT 5 and protocol is "auto"
+        self._connack_seen = False
         self._client = self._make_client(client_id)
         self._inbox: collections.deque[_Received] = collections.deque()
         self._inbox_qos0 = 0
         self._generation = 0
-        self._session_lock = threading.Lock()  # generation changes vs. acks in flight
         self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,15 +131,33 @@ class MqttSource:
     # ---- the event loop side ----------------------------------------------------------
 
     async def _consume(self, emit: Emit) -> None:
-        while not self._stop.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            while self._inbox and not self._stop.is_set():
-                burst = self._take_burst()
-                items = self._decode(burst)
-                await emit(items)
-                self.stats.count(items)
-                self._acknowledge(burst)
+        """Decode bursts and hand them on while earlier ones commit; acknowledge in order.
+
+        Up to MAX_BURSTS_IN_FLIGHT emits run at once, so the next burst is decoded (and a
+        trigger among it answered) during the previous commit's fsync, and the writer can
+        group several bursts into one transaction. PUBACKs still follow each burst's commit,
+        in arrival order.
+        """
+        in_flight: collections.deque[tuple[asyncio.Task[None], list[_Received], list[Any]]]
+        in_flight = collections.deque()
+        async with asyncio.TaskGroup() as group:
+            while not self._stop.is_set() or in_flight:
+                while in_flight and in_flight[0][0].done():
+                    task, burst, items = in_flight.popleft()
+                    task.result()  # a failed commit is a bug or a dead disk: let it escape
+                    self.stats.count(items)
+                    self._acknowledge(burst)
+                if self._inbox and not self._stop.is_set() and len(in_flight) < _BURSTS_IN_FLIGHT:
+                    burst = self._take_burst()
+                    items = self._decode(burst)
+                    task = group.create_task(_awaited(emit(items)), name="mqtt-emit")
+                    in_flight.append((task, burst, items))
+                    await asyncio.sleep(0)  # let the emit enqueue its commit, in order
+                elif in_flight:
+                    await asyncio.wait([in_flight[0][0]])
+                elif not self._stop.is_set():
+                    await self._wake.wait()
+                    self._wake.clear()
 
     def _take_burst(self) -> list[_Received]:
         with self._wake_lock:
@@ -129,21 +175,23 @@ class MqttSource:
     def _decode(self, burst: list[_Received]) -> list[Event | Rejected]:
         items: list[Event | Rejected] = []
         prefix, store_id = self.settings.topic_prefix, self._context.store_id
+        now = datetime.now(UTC)  # one receive time per burst: they arrived together
         for message in burst:
             source = f"mqtt:{message.topic}"
             topic = parse_topic(message.topic, prefix, store_id)
             if topic is None:
                 items.append(Rejected(source, "bad_topic", message.payload[:256], message.topic))
                 continue
-            items.extend(decode_message(self._context, topic, source, message.payload))
+            items.extend(decode_message(self._context, topic, source, message.payload, now))
         return items
 
     def _acknowledge(self, burst: list[_Received]) -> None:
-        with self._session_lock:
-            for message in burst:
-                # A message from an earlier connection is redelivered by the broker instead.
-                if message.qos > 0 and message.generation == self._generation:
-                    self._client.ack(message.mid, message.qos)
+        client, generation = self._client, self._generation
+        for message in burst:
+            # A message from an earlier connection is redelivered by the broker instead. (A
+            # reconnect waits out a backoff, so the check cannot race a new connection.)
+            if message.qos > 0 and message.generation == generation:
+                client.ack(message.mid, message.qos)
 
     async def _shutdown(self, network: threading.Thread) -> None:
         if self.stats.connected:
@@ -161,8 +209,9 @@ class MqttSource:
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=False,  # persistent session: the broker keeps QoS 1 while we're down
-            protocol=paho.MQTTv311,
+            protocol=self._protocol,
+            # 3.1.1: a persistent session only where there is something to keep (QoS 1).
+            clean_session=None if self._protocol == paho.MQTTv5 else settings.qos == 0,
             reconnect_on_failure=False,  # our loop reconnects, with jitter
             manual_ack=True,
         )
@@ -177,20 +226,28 @@ class MqttSource:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
         client.max_inflight_messages_set(100)
+        client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
 
+    def _connect_properties(self) -> Properties:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
+        properties.SessionExpiryInterval = self.settings.session_expiry_s
+        properties.ReceiveMaximum = self.settings.receive_maximum
+        return properties
+
     def _network(self) -> None:
+        """Run paho's network loop and our reconnect loop (backoff with jitter)."""
         backoff = Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         client = self._client
         connected = False
+        connect_started = 0.0
         while not self._network_stop.is_set():
             if not connected:
                 try:
-                    client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
-                    connected = True
+                    self._connect(client)
                 except (OSError, ssl.SSLError) as exc:
                     delay = backoff.next_delay()
                     log.warning(
@@ -202,17 +259,55 @@ class MqttSource:
                     )
                     self._network_stop.wait(delay)
                     continue
+                connected = True
+                connect_started = time.monotonic()
+                self._connack_seen = False
             rc = client.loop(timeout=_NETWORK_POLL_S)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                connected = False
-                delay = backoff.next_delay()
-                log.warning("mqtt.connection.lost rc=%s retry_in_s=%.2f", rc, delay)
-                self._network_stop.wait(delay)
-            elif self.stats.connected:
-                backoff.reset()
+            if not self._connack_seen and time.monotonic() - connect_started > _CONNACK_TIMEOUT_S:
+                # Some brokers neither accept nor refuse an MQTT 5 CONNECT: they just wait.
+                log.warning("mqtt.connack.timeout after_s=%.0f", _CONNACK_TIMEOUT_S)
+                self._fall_back = self._protocol == paho.MQTTv5 and self.settings.protocol == "auto"
+                client.disconnect()
+                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self.stats.connected:
+                    backoff.reset()
+                continue
+            connected = False
+            if self._fall_back:
+                client = self._use_mqtt_311()
+                continue
+            delay = backoff.next_delay()
+            log.warning("mqtt.connection.lost rc=%s retry_in_s=%.2f", rc, delay)
+            self._network_stop.wait(delay)
         if connected:
             client.disconnect()
             client.loop(timeout=0.1)
+
+    def _connect(self, client: paho.Client) -> None:
+        settings = self.settings
+        if self._protocol == paho.MQTTv5:
+            client.connect(
+                settings.host,
+                settings.port,
+                settings.keepalive,
+                clean_start=False,  # persistent: the broker queues while we're down
+                properties=self._connect_properties(),
+            )
+        else:
+            client.connect(settings.host, settings.port, settings.keepalive)
+
+    def _use_mqtt_311(self) -> paho.Client:
+        log.warning(
+            "mqtt.protocol.fallback the broker does not speak MQTT 5; using 3.1.1, so the QoS 1 "
+            "window is the broker's max_inflight_messages (raise it for throughput)"
+        )
+        self._fall_back = False
+        self._protocol = paho.MQTTv311
+        client = self._make_client(self._client_id)
+        self._generation += 1
+        self._client = client
+        return client
 
     def _on_connect(
         self,
@@ -222,11 +317,15 @@ class MqttSource:
         reason: ReasonCode,
         properties: Any,
     ) -> None:
+        self._connack_seen = True
         if reason.is_failure:
+            unsupported = reason.value in (_V3_UNACCEPTABLE_PROTOCOL, _V5_UNSUPPORTED_PROTOCOL)
+            if unsupported and self._protocol == paho.MQTTv5 and self.settings.protocol == "auto":
+                self._fall_back = True
+                return
             log.error("mqtt.connect.refused reason=%s", reason)
             return
-        with self._session_lock:
-            self._generation += 1
+        self._generation += 1
         # Subscribe on every connect: a broker that lost our session forgets subscriptions.
         client.subscribe([(topic, self.settings.qos) for topic in self._topics])
         client.publish(self._status_topic, "online", qos=1, retain=True)
@@ -246,8 +345,7 @@ class MqttSource:
         reason: ReasonCode,
         properties: Any,
     ) -> None:
-        with self._session_lock:
-            self._generation += 1
+        self._generation += 1
         if self._network_stop.is_set():
             log.info("mqtt.disconnected reason=%s", reason)
         else:
@@ -281,6 +379,17 @@ class MqttSource:
 
     def _count_drop(self, reason: str) -> None:
         self.stats.drops[reason] += 1
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    # A suggestion is one small packet: without TCP_NODELAY it waits ~40 ms for the
+    # broker's delayed ACK (Nagle), forty times the model's own time.
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _wait_published(info: paho.MQTTMessageInfo, timeout: float) -> None:

@@ -52,9 +52,75 @@ class _SnapshotCollector(Collector):
         yield _counter("edge_sync_sent", "Events acknowledged by the central store", sync["sent"])
         if sync.get("lag_s") is not None:
             yield _gauge("edge_sync_lag_seconds", "Age of the oldest unsynced event", sync["lag_s"])
+        if "backlog" in sync:
+            yield _gauge("edge_sync_backlog_events", "Events waiting for upload", sync["backlog"])
+            yield _counter("edge_sync_errors", "Failed sync attempts", sync["errors"])
+            yield _counter(
+                "edge_sync_rejected", "Events the store refused for good", sync["rejected"]
+            )
+            yield _counter(
+                "edge_sync_erasures_applied", "Erasure requests applied", sync["erasures_applied"]
+            )
         suggestions = status["suggestions"]
         yield _counter("edge_suggestions_shown", "Suggestions shown", suggestions["shown"])
         yield _counter("edge_suggestions_accepted", "Suggestions accepted", suggestions["accepted"])
+        yield from _suggestion_metrics(status["model"], suggestions)
+
+
+def _suggestion_metrics(model: dict[str, Any], suggestions: dict[str, Any]) -> Iterator[Metric]:
+    """The personalizer's figures; absent (no personalizer) means no lines."""
+    info = GaugeMetricFamily(
+        "edge_model_info", "1 for the model in use", labels=["version", "source"]
+    )
+    info.add_metric([str(model.get("version")), str(model.get("source"))], 1)
+    yield info
+    for key, name, text in (
+        ("swaps", "edge_model_swaps", "Model switches since start (updates, rollbacks)"),
+        ("refused", "edge_model_refused", "Model directories refused since start"),
+        ("errors", "edge_model_errors", "Model calls that raised (answered by a fallback)"),
+    ):
+        if key in model:
+            yield _counter(name, text, model[key])
+    if "dismissed" in suggestions:
+        yield _counter(
+            "edge_suggestions_dismissed", "Suggestions dismissed", suggestions["dismissed"]
+        )
+    by_version = suggestions.get("by_model_version", {})
+    shown = CounterMetricFamily(
+        "edge_suggestions_shown_by_version", "Suggestions shown", labels=["model_version"]
+    )
+    accepted = CounterMetricFamily(
+        "edge_suggestions_accepted_by_version", "Suggestions accepted", labels=["model_version"]
+    )
+    rate = GaugeMetricFamily(
+        "edge_suggestion_acceptance_rate",
+        "Accepted / shown, per model version (or fallback)",
+        labels=["model_version"],
+    )
+    for version, figures in sorted(by_version.items()):
+        shown.add_metric([version], figures["shown"])
+        accepted.add_metric([version], figures["accepted"])
+        rate.add_metric([version], figures["acceptance_rate"])
+    yield from (shown, accepted, rate)
+    yield _by_reason(
+        "edge_suggestions_dropped", "Triggers without a suggestion", suggestions.get("dropped", {})
+    )
+    by_source = CounterMetricFamily(
+        "edge_suggestions_by_source", "Suggestions by what ranked them", labels=["source"]
+    )
+    for source, count in sorted(suggestions.get("by_source", {}).items()):
+        by_source.add_metric([source], count)
+    yield by_source
+    latency = suggestions.get("latency_ms")
+    if latency:
+        family = GaugeMetricFamily(
+            "edge_suggestion_latency_ms",
+            "Trigger to publish, recent window",
+            labels=["quantile"],
+        )
+        family.add_metric(["0.5"], latency["p50"])
+        family.add_metric(["0.99"], latency["p99"])
+        yield family
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

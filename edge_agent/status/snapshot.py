@@ -27,6 +27,7 @@ class StatusBoard:
     sources: Sequence[Source]
     started_monotonic: float = field(default_factory=time.monotonic)
     providers: dict[str, SectionProvider] = field(default_factory=dict)
+    store_id: str = ""
 
     async def snapshot(self) -> dict[str, Any]:
         disk = await self.buffer.call(_disk_figures)
@@ -37,6 +38,7 @@ class StatusBoard:
         oldest = disk["oldest_pending_received_at"]
         status: dict[str, Any] = {
             "version": __version__,
+            "store_id": self.store_id,
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "sources": {
                 source.name: {

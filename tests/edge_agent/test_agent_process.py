@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import agent_config_dict
+from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
     AgentProcess,
     Publisher,
@@ -43,7 +43,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
     if not private_broker.persistent:
         missing_service("kill -9 test needs mosquitto's persistent sessions")
     http_port = free_port()
-    document = agent_config_dict(tmp_path, store_id, private_broker, http={"port": http_port})
+    document = agent_config_dict(
+        tmp_path, store_id, private_broker, model=COLLECT_ONLY, http={"port": http_port}
+    )
     config = write_config(tmp_path / "agent.toml", document)
     db = tmp_path / "data" / "buffer.db"
     agent = AgentProcess(config)
@@ -90,7 +92,9 @@ def test_sigterm_commits_and_acknowledges_in_flight_then_exits_0(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
     http_port = free_port()
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker, http={"port": http_port})
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, http={"port": http_port}
+    )
     config = write_config(tmp_path / "agent.toml", document)
     agent = AgentProcess(config)
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
@@ -127,7 +131,9 @@ def test_systemd_ready_watchdog_and_stopping(
     listener.bind(str(notify_path))
     listener.settimeout(1.0)
     http_port = free_port()
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker, http={"port": http_port})
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, http={"port": http_port}
+    )
     config = write_config(tmp_path / "agent.toml", document)
     agent = AgentProcess(config, env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"})
     messages: list[str] = []
@@ -185,7 +191,9 @@ def test_serial_device_through_the_agent_survives_kill_9(
         text=True,
     )
     http_port = free_port()
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker, http={"port": http_port})
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, http={"port": http_port}
+    )
     document["serial"] = {}
     config_path = tmp_path / "agent.toml"
     write_config(config_path, document)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import agent_config_dict
+from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
     Publisher,
     agent_running,
@@ -27,7 +27,7 @@ from tests.support.services import missing_service
 async def test_events_are_committed_and_acknowledged_once(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker)
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY)
     db = tmp_path / "data" / "buffer.db"
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     try:
@@ -72,7 +72,7 @@ BAD_CORPUS: list[tuple[str, bytes, str]] = [
 async def test_bad_payloads_are_quarantined_and_the_agent_stays_healthy(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker)
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY)
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     try:
         async with agent_running(document) as agent:
@@ -106,7 +106,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     if not private_broker.persistent:
         missing_service("broker restart needs mosquitto (amqtt keeps no messages across a restart)")
-    document = agent_config_dict(tmp_path, store_id, private_broker)
+    document = agent_config_dict(tmp_path, store_id, private_broker, model=COLLECT_ONLY)
     total = 3000
     async with agent_running(document) as agent:
         publisher = Publisher(private_broker.host, private_broker.port, client_id=f"pub-{store_id}")
@@ -130,7 +130,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
 async def test_readiness_reports_a_lost_broker_and_recovers(
     tmp_path: Path, store_id: str, private_broker: MosquittoBroker | AmqttBroker
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, private_broker)
+    document = agent_config_dict(tmp_path, store_id, private_broker, model=COLLECT_ONLY)
     async with agent_running(document) as agent:
         url = f"http://127.0.0.1:{agent.status.port}/readyz"
         assert (await asyncio.to_thread(http_get, url))[0] == 200
@@ -148,7 +148,9 @@ async def test_readiness_reports_a_lost_broker_and_recovers(
 async def test_status_and_metrics_carry_the_contract_fields(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker, qos: int
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker, mqtt={"qos": qos})
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, mqtt={"qos": qos}
+    )
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     try:
         async with agent_running(document) as agent:
@@ -195,7 +197,9 @@ async def test_status_and_metrics_carry_the_contract_fields(
 async def test_backpressure_stops_acknowledging_and_says_so(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
-    document = agent_config_dict(tmp_path, store_id, mqtt_broker, buffer={"max_bytes": 1024 * 1024})
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, buffer={"max_bytes": 1024 * 1024}
+    )
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     big = "x" * 900
     try:

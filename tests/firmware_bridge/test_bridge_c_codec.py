@@ -15,6 +15,7 @@ import pytest
 import firmware_bridge
 from firmware_bridge import codec, vectors
 from firmware_bridge.codec import Frame, FrameDecoder, MessageType
+from tests.support.services import missing_service
 
 C_DIR = Path(firmware_bridge.__file__).parent / "c"
 HARNESS = Path(__file__).with_name("c_harness.c")
@@ -55,7 +56,7 @@ def sanitizers_available(compiler: str, workdir: Path) -> bool:
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compiler = shutil.which("cc")
     if compiler is None:
-        pytest.skip("no C compiler on PATH")
+        missing_service("no C compiler (cc) on PATH: the C codec cannot be checked")
     workdir = tmp_path_factory.mktemp("c")
     extra = SANITIZERS if sanitizers_available(compiler, workdir) else []
     codec_object = workdir / "edge_frame.o"

@@ -81,8 +81,8 @@ class Publisher:
         self.pending.clear()
 
     def close(self) -> None:
+        self.client.disconnect()  # first: wakes paho's thread so loop_stop() cannot wait long
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def event_topic(store_id: str, device_id: str = "shelf-01") -> str:

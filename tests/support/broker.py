@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -48,6 +49,9 @@ class MosquittoBroker:
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        # mosquitto started as root drops to its own user, which could not save the
+        # persistence file in pytest's private tmp dirs: a restart would forget every session.
+        stay_as = "user root\n" if os.geteuid() == 0 else ""
         self.config = workdir / "mosquitto.conf"
         # A store box's broker must queue enough for the agent's downtime: mosquitto's
         # default of 1000 queued messages per offline client would drop the rest.
@@ -60,7 +64,7 @@ class MosquittoBroker:
             "max_queued_messages 0\n"
             "max_queued_bytes 0\n"
             "max_inflight_messages 100\n"
-            "log_type error\n"
+            "log_type error\n" + stay_as
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.start()

@@ -1,0 +1,184 @@
+"""The way back to the store: erasure requests and model updates, once per sync cycle.
+
+Erasures: ``GET /v1/erasures?after=CURSOR`` page by page; each page is applied to the
+buffer with ``erase_customer`` (matching the clear id and, for customers uploaded as
+pseudonyms, the clear id whose pseudonym the store names), then the cursor is kept in the
+buffer's ``meta`` table. A crash between the two re-applies the page: erasing is idempotent.
+
+Models: ``GET /v1/models/latest`` with ``If-None-Match``; a new version is streamed to
+``<data_dir>/models/incoming/<version>/``, its sha256 checked against the manifest, and the
+verified directory offered to the personalizer component (``offer_model(path)``) if the agent
+has one. The ETag is kept only once the version was handled, so a failed download retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from cloud_sync.sync_client import StoreClient
+from edge_agent.buffer import Buffer
+from edge_agent.buffer.inspect import erase_customer
+from edge_agent.errors import SyncError
+from edge_agent.governance import pseudonymise
+
+log = logging.getLogger(__name__)
+
+ERASURE_CURSOR_KEY: Final = "sync.erasure_cursor"
+MODEL_ETAG_KEY: Final = "sync.model_etag"
+_MAX_PAGES_PER_CYCLE: Final = 20
+_VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+OfferModel = Callable[[Path], Awaitable[Any]]
+Forget = Callable[[str], Any]
+
+
+class ModelVerificationError(SyncError):
+    """A downloaded artifact does not match its manifest's sha256."""
+
+
+def read_meta(key: str) -> Callable[[sqlite3.Connection], str | None]:
+    def read(connection: sqlite3.Connection) -> str | None:
+        row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    return read
+
+
+def write_meta(key: str, value: str) -> Callable[[sqlite3.Connection], None]:
+    def write(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    return write
+
+
+def erasure_applier(
+    buffer: Buffer, erased_ids: Sequence[str], key: bytes, cursor: str
+) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+    """Erase every buffered customer the page names (clear or pseudonym), keep the cursor."""
+
+    def apply(connection: sqlite3.Connection) -> dict[str, Any]:
+        wanted = set(erased_ids)
+        known = [
+            row[0]
+            for row in connection.execute(
+                "SELECT DISTINCT customer_id FROM events WHERE customer_id IS NOT NULL "
+                "UNION SELECT customer_id FROM consent"
+            )
+        ]
+        targets = [cid for cid in known if cid in wanted or pseudonymise(cid, key) in wanted]
+        totals: dict[str, Any] = {"customers": len(targets), "events": 0, "consent": 0}
+        totals |= {"quarantine": 0, "erased_ids": targets}
+        for customer_id in targets:
+            pending = connection.execute(
+                "SELECT count(*) FROM events WHERE customer_id = ? AND synced_at IS NULL",
+                (customer_id,),
+            ).fetchone()[0]
+            deleted = erase_customer(connection, customer_id)
+            # On the owner thread, as the buffer's own writes: keep its counters right.
+            buffer.counters.pending -= pending
+            buffer.counters.total -= deleted["events"]
+            for name, count in deleted.items():
+                totals[name] += count
+        write_meta(ERASURE_CURSOR_KEY, cursor)(connection)
+        return totals
+
+    return apply
+
+
+class Downlink:
+    """Erasures and models for one agent; ``run_once`` is called once per sync cycle."""
+
+    def __init__(self, client: StoreClient, buffer: Buffer, data_dir: Path, key: bytes) -> None:
+        self.client = client
+        self.buffer = buffer
+        self.incoming = data_dir / "models" / "incoming"
+        self.key = key
+        self.erasures_applied = 0
+        self.model_version: str | None = None
+
+    async def apply_erasures(self, forget: Forget | None = None) -> int:
+        """Fetch and apply every new erasure request; return how many were applied.
+
+        ``forget(customer_id)`` is called for each erased clear id, for state outside the
+        buffer (the personalizer's sessions).
+        """
+        cursor = await self.buffer.call(read_meta(ERASURE_CURSOR_KEY)) or "0"
+        applied = 0
+        for _ in range(_MAX_PAGES_PER_CYCLE):  # bounded: the rest waits for the next cycle
+            page, next_after = await self.client.erasures(cursor)
+            if not page:
+                break
+            ids = [item.customer_id for item in page]
+            totals = await self.buffer.call(erasure_applier(self.buffer, ids, self.key, next_after))
+            applied += len(page)
+            self.erasures_applied += len(page)
+            erased_ids: list[str] = totals.pop("erased_ids")
+            if forget is not None:
+                for customer_id in erased_ids:
+                    forget(customer_id)
+            log.info(
+                "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
+                len(page),
+                totals["customers"],
+                totals["events"],
+                next_after,
+            )
+            cursor = next_after
+        return applied
+
+    async def fetch_model(self, offer: OfferModel | None) -> str | None:
+        """Download a new published model; return its version when one was handled."""
+        etag = await self.buffer.call(read_meta(MODEL_ETAG_KEY))
+        model = await self.client.latest_model(etag)
+        if model is None:
+            return None
+        if not _VERSION.match(model.version):
+            raise SyncError(f"model version {model.version!r} is not a safe directory name")
+        directory = self.incoming / model.version
+        if not (directory / "manifest.json").exists():
+            await self._download(model.version, model.sha256, model.manifest, directory)
+        if offer is None:
+            log.info(
+                "sync.model.verified version=%s path=%s personalizer=absent",
+                model.version,
+                directory,
+            )
+        else:
+            answer = await offer(directory)
+            log.info(
+                "sync.model.offered version=%s path=%s accepted=%s detail=%s",
+                model.version,
+                directory,
+                getattr(answer, "accepted", None),
+                getattr(answer, "detail", ""),
+            )
+        await self.buffer.call(write_meta(MODEL_ETAG_KEY, model.etag))
+        self.model_version = model.version
+        return model.version
+
+    async def _download(
+        self, version: str, sha256: str, manifest: dict[str, Any], directory: Path
+    ) -> None:
+        staging = self.incoming / f".{version}.part"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            actual = await self.client.download_model(version, staging / "model.onnx")
+            if actual != sha256.lower():
+                raise ModelVerificationError(
+                    f"model {version}: sha256 {actual} does not match the manifest's {sha256}"
+                )
+            # The manifest last: its presence marks a complete, verified directory.
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1), "utf-8")
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("sync.model.downloaded version=%s sha256=%s", version, sha256)

@@ -1,0 +1,321 @@
+"""The agent's uploader: buffered events to the central store, exactly once in effect.
+
+A drain runs ``sync.concurrency`` workers; each claims unsynced rows (customer events first,
+oldest first; ``sync_claims``), applies the upload rule (``edge_agent.governance``), posts
+them as one gzip batch and marks them synced, in one transaction, only after the store's
+2xx. A crash anywhere before the mark resends the batch; the store counts the resent events
+as duplicates, so nothing is stored twice and nothing acknowledged by a device is lost.
+
+- Store down, slow or 5xx: a worker retries the same rows with capped exponential backoff
+  and jitter (``sync.backoff_max_s``); every request has ``sync.timeout_s``. The agent keeps
+  collecting meanwhile; the buffer holds the backlog within its disk budget.
+- 413 splits a batch in halves; a 400 does too, down to the one event the store cannot read,
+  which is then settled like an event the store ``rejected``: invalid for good, marked
+  synced (it must not block the queue), counted, logged and copied to the quarantine.
+- Live lane: while a large backlog drains, the first worker alternates a batch of the newest
+  ``sync.live_lane_size`` customer events with each backlog batch, so fresh interactions
+  reach the store in seconds even after days offline. ``sync.max_events_per_s`` caps the
+  drain for metered links (batches are spaced, and at most a second's worth each).
+- New customer events wake the loop early (a pipeline observer); telemetry waits for
+  ``sync.interval_s``. Erasures and model updates are fetched every ``sync.interval_s`` by
+  their own task, also while a long drain runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from cloud_sync.sync_batches import Row, build_batch, split
+from cloud_sync.sync_claims import Claims, RateLimiter
+from cloud_sync.sync_client import (
+    BatchRefusedError,
+    BatchTooLargeError,
+    PostResult,
+    StoreClient,
+    StoreForbiddenError,
+    StoreUnavailableError,
+)
+from cloud_sync.sync_downlink import Downlink
+from edge_agent.backoff import Backoff
+from edge_agent.buffer import Buffer
+from edge_agent.config import Config
+from edge_agent.errors import SyncError
+from edge_agent.events import Event, format_ts
+from edge_agent.governance import pseudonym_key
+
+if TYPE_CHECKING:
+    from edge_agent.app import RunningAgent
+
+log = logging.getLogger(__name__)
+
+_WAKE_LINGER_S: Final = 0.2  # gather the events of a burst into one request
+_BACKOFF_BASE_S: Final = 0.5
+_PERSONALIZER: Final = "personalizer"
+_REJECTED: Final = "store_rejected"
+
+
+@dataclass
+class SyncStats:
+    sent: int = 0  # events the store acknowledged since start (stored, duplicate or erased)
+    duplicates: int = 0
+    rejected: int = 0  # settled as invalid for good
+    batches: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_success: str | None = None
+
+
+class Uploader:
+    """The sync component (``name = "sync"``); runs while the agent runs."""
+
+    name = "sync"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.settings = config.sync
+        self.stats = SyncStats()
+        self.downlink: Downlink | None = None
+        self._buffer: Buffer | None = None
+        self._wake = asyncio.Event()
+        self._drained = False  # the last read found nothing and nothing was committed since
+        self._key = b""
+        self._backoff = Backoff(_BACKOFF_BASE_S, config.sync.backoff_max_s)  # shared by workers
+        self._limiter = RateLimiter(config.sync.max_events_per_s)
+
+    # ---- the Component protocol -------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        stats = self.stats
+        pending = self._buffer.counters.pending if self._buffer is not None else 0
+        return {
+            "sync": {
+                "enabled": True,
+                "url": self.settings.url,
+                # None: the status board fills in the live age of the oldest unsynced event.
+                "lag_s": 0.0 if self._drained and pending == 0 else None,
+                "sent": stats.sent,
+                "last_success": stats.last_success,
+                "backlog": pending,
+                "batches": stats.batches,
+                "duplicates": stats.duplicates,
+                "rejected": stats.rejected,
+                "errors": stats.errors,
+                "last_error": stats.last_error,
+                "erasures_applied": self.downlink.erasures_applied if self.downlink else 0,
+                "model_version": self.downlink.model_version if self.downlink else None,
+            }
+        }
+
+    async def run(self, agent: RunningAgent) -> None:
+        self._buffer = agent.buffer
+        self._key = await asyncio.to_thread(pseudonym_key, agent.config)
+        agent.pipeline.observers.append(self._on_commit)
+        connections = max(4, self.settings.concurrency + 2)
+        try:
+            async with StoreClient(
+                self.settings.url, self.settings.token, self.settings.timeout_s, connections
+            ) as client:
+                self.downlink = Downlink(client, agent.buffer, agent.config.data_dir, self._key)
+                await self._loop(client, agent)
+        finally:
+            agent.pipeline.observers.remove(self._on_commit)
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def _on_commit(self, events: Sequence[Event]) -> None:
+        self._drained = False
+        if any(event.customer for event in events):
+            self._wake.set()
+
+    async def _loop(self, client: StoreClient, agent: RunningAgent) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._downlink_loop(agent), name="sync:downlink")
+            while True:
+                self._wake.clear()  # events committed from here on wake the next wait
+                await self._drain(client, agent.buffer)
+                await self._wait(self.settings.interval_s)
+
+    async def _wait(self, within_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), within_s)
+        except TimeoutError:
+            return
+        await asyncio.sleep(_WAKE_LINGER_S)
+
+    async def _downlink_loop(self, agent: RunningAgent) -> None:
+        while True:
+            await self._run_downlink(agent)
+            await asyncio.sleep(self.settings.interval_s)
+
+    async def _run_downlink(self, agent: RunningAgent) -> None:
+        if self.downlink is None:
+            return
+        try:
+            personalizer = _personalizer(agent)
+            await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
+            await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
+        except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
+            self._record_error(exc, self.settings.interval_s)
+
+    async def _drain(self, client: StoreClient, buffer: Buffer) -> None:
+        """Upload until nothing unsynced is left: ``sync.concurrency`` workers in parallel."""
+        claims = Claims(buffer)
+        sent_before, started = self.stats.sent, time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            for number in range(self.settings.concurrency):
+                group.create_task(
+                    self._worker(client, buffer, claims, live=number == 0),
+                    name=f"sync:worker-{number}",
+                )
+        self._drained = buffer.counters.pending == 0
+        sent = self.stats.sent - sent_before
+        if sent:
+            # A backlog drained is news; the steady trickle of a busy store is not.
+            log.log(
+                logging.INFO if sent >= self.settings.batch_size else logging.DEBUG,
+                "sync.drain.complete events=%d seconds=%.2f backlog=%d",
+                sent,
+                time.monotonic() - started,
+                buffer.counters.pending,
+            )
+
+    async def _worker(
+        self, client: StoreClient, buffer: Buffer, claims: Claims, live: bool
+    ) -> None:
+        """Claim, post, settle, until the claims run dry; the first worker runs the live lane."""
+        settings = self.settings
+        size = settings.batch_size
+        if settings.max_events_per_s > 0:  # a batch is at most about a second's worth
+            size = min(size, max(1, math.ceil(settings.max_events_per_s)))
+        backlog_large = size * settings.concurrency
+        while True:
+            if live and settings.live_lane_size and buffer.counters.pending > backlog_large:
+                # Alternate: the newest customer events, then a backlog batch.
+                fresh = await claims.claim_newest(min(settings.live_lane_size, size))
+                if fresh:
+                    await self._deliver(client, buffer, fresh)
+                    claims.settled(fresh)
+            rows = await claims.claim(size)
+            if not rows:
+                return
+            await self._deliver(client, buffer, rows)
+
+    async def _deliver(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
+        """Post ``rows`` until the store settles them, through any outage."""
+        await self._limiter.take(len(rows))
+        while True:
+            try:
+                await self._send(client, buffer, rows)
+            except StoreUnavailableError as exc:
+                delay = max(self._backoff.next_delay(), exc.retry_after_s or 0.0)
+                self._record_error(exc, delay)
+                await asyncio.sleep(delay)
+            except StoreForbiddenError as exc:
+                # A token or config problem: keep collecting, retry rarely, say so loudly.
+                self._record_error(exc, self.settings.backoff_max_s, level=logging.ERROR)
+                await asyncio.sleep(self.settings.backoff_max_s)
+            else:
+                self._backoff.reset()
+                return
+
+    async def _send(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
+        """Post ``rows`` until settled; split on 413/400 to isolate what the store refuses."""
+        governance = self.config.governance
+        batch = await asyncio.to_thread(
+            build_batch, rows, governance.require_consent, self._key, self.settings.gzip
+        )
+        try:
+            result = await client.post_events(batch.body, batch.gzipped)
+        except (BatchTooLargeError, BatchRefusedError) as exc:
+            if len(rows) > 1:
+                log.warning("sync.batch.split rows=%d reason=%s", len(rows), exc)
+                first, second = split(rows)
+                await self._send(client, buffer, first)
+                await self._send(client, buffer, second)
+                return
+            reason = "too_large" if isinstance(exc, BatchTooLargeError) else "unreadable"
+            result = PostResult(0, 0, 0, [{"index": 0, "reason": reason}])
+        await self._settle(buffer, rows, result)
+
+    async def _settle(self, buffer: Buffer, rows: Sequence[Row], result: PostResult) -> None:
+        await buffer.mark_synced([row.seq for row in rows])
+        stats = self.stats
+        stats.batches += 1
+        stats.sent += result.accepted + result.duplicates + result.erased
+        stats.duplicates += result.duplicates
+        stats.last_success = format_ts(datetime.now(UTC))
+        if result.rejected:
+            stats.rejected += len(result.rejected)
+            await buffer.call(_quarantine_rejected(buffer, rows, result.rejected))
+            log.warning(
+                "sync.batch.rejected rows=%d rejected=%d first_reason=%s",
+                len(rows),
+                len(result.rejected),
+                result.rejected[0].get("reason"),
+            )
+        log.debug(
+            "sync.batch.complete rows=%d accepted=%d duplicates=%d erased=%d",
+            len(rows),
+            result.accepted,
+            result.duplicates,
+            result.erased,
+        )
+
+    def _record_error(
+        self, exc: SyncError, retry_in_s: float, level: int = logging.WARNING
+    ) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)[:500]
+        log.log(
+            level,
+            "sync.error kind=%s retry_in_s=%.1f detail=%s",
+            type(exc).__name__,
+            retry_in_s,
+            exc,
+        )
+
+
+def _personalizer(agent: RunningAgent) -> object | None:
+    """The personalizer component if the agent has one (its offer_model, forget_customer)."""
+    return next((part for part in agent.components if part.name == _PERSONALIZER), None)
+
+
+def _quarantine_rejected(
+    buffer: Buffer, rows: Sequence[Row], rejected: Sequence[dict[str, Any]]
+) -> Callable[[sqlite3.Connection], None]:
+    """Keep what the store refused for good in the agent's quarantine, for a person to see."""
+    now = format_ts(datetime.now(UTC))
+    limit = buffer.settings.quarantine_raw_bytes
+
+    def write(connection: sqlite3.Connection) -> None:
+        records = []
+        for item in rejected:
+            index = item.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(rows):
+                continue
+            raw = rows[index].envelope.encode("utf-8")
+            detail = f"store refused: {item.get('reason')}"
+            records.append((now, "sync", _REJECTED, detail, raw[:limit], len(raw)))
+        connection.execute("BEGIN IMMEDIATE")  # the buffer's call runner rolls back on error
+        connection.executemany(
+            "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            records,
+        )
+        connection.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (f"quarantine.{_REJECTED}", len(records)),
+        )
+        connection.execute("COMMIT")
+        buffer.counters.quarantined[_REJECTED] += len(records)  # on the owner thread
+
+    return write

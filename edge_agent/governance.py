@@ -1,0 +1,99 @@
+"""What leaves the store: the pseudonym key and the per-customer upload rule (DESIGN "Consent").
+
+The rule, decided per event at upload time from the customer's latest ``consent.update``:
+every event is uploaded, but with ``require_consent`` on, a customer without
+``profile_sharing`` (or with no consent record at all) leaves the store only as a keyed
+pseudonym, ``ps-`` + HMAC-SHA256(pseudonym_key, customer_id) in hex (128 bits). The same
+applies to the other id an event names: ``data.alias`` of ``customer.identified`` (a loyalty
+card, an app account) is pseudonymised with the same key, so the store still links the
+pseudonyms into one profile without ever seeing a clear id. Consent is looked up by the
+event's ``customer_id`` only (an alias's own consent record does not apply to it).
+
+The pseudonym is deterministic: the same customer always maps to the same pseudonym, so the
+store's profile of a pseudonymised customer is coherent and an erasure request naming the
+pseudonym can be matched back to the clear id in the agent's buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Final
+
+from edge_agent.config import Config
+from edge_agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY_FILE_NAME: Final = "pseudonym.key"
+PSEUDONYM_PREFIX: Final = "ps-"
+_PSEUDONYM_HEX_CHARS: Final = 32
+_MIN_KEY_CHARS: Final = 16
+
+
+def pseudonym_key(config: Config) -> bytes:
+    """The key from ``governance.pseudonym_key`` (or its env override), else the kept file.
+
+    Generated once (32 random bytes, hex) into ``<data_dir>/pseudonym.key`` with 0600
+    permissions and kept: a new key would split every pseudonymised profile in two.
+    """
+    configured = config.governance.pseudonym_key
+    if configured:
+        if len(configured) < _MIN_KEY_CHARS:
+            raise ConfigError(
+                "governance.pseudonym_key", f"must be at least {_MIN_KEY_CHARS} characters"
+            )
+        return configured.encode("utf-8")
+    path = config.data_dir / KEY_FILE_NAME
+    if path.exists():
+        text = path.read_text("ascii").strip()
+        if len(text) < _MIN_KEY_CHARS:
+            raise ConfigError("governance.pseudonym_key", f"key file {path} is damaged or empty")
+        return text.encode("ascii")
+    return _generate_key_file(path)
+
+
+def _generate_key_file(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    temporary = path.with_suffix(".tmp")
+    # Written whole, fsynced, then renamed: a crash never leaves a half key behind.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(descriptor, key.encode("ascii"))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+    log.info("governance.pseudonym_key.generated path=%s", path)
+    return key.encode("ascii")
+
+
+def pseudonymise(customer_id: str, key: bytes) -> str:
+    """A keyed pseudonym: stable for one key, not reversible without it."""
+    digest = hmac.new(key, customer_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    return PSEUDONYM_PREFIX + digest[:_PSEUDONYM_HEX_CHARS]
+
+
+def shares_profile(require_consent: bool, profile_sharing: int | None) -> bool:
+    """Whether a customer's id may leave the store in clear."""
+    return not require_consent or bool(profile_sharing)
+
+
+def pseudonymise_envelope(envelope_json: str, key: bytes) -> str:
+    """The envelope with every customer id it names replaced by its pseudonym."""
+    envelope: dict[str, Any] = json.loads(envelope_json)
+    customer_id = envelope.get("customer_id")
+    if isinstance(customer_id, str) and customer_id:
+        envelope["customer_id"] = pseudonymise(customer_id, key)
+    data = envelope.get("data")
+    if envelope.get("type") == "customer.identified" and isinstance(data, dict):
+        alias = data.get("alias")
+        if isinstance(alias, str) and alias:
+            envelope["data"] = {**data, "alias": pseudonymise(alias, key)}
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)

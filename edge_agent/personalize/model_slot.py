@@ -1,0 +1,192 @@
+"""The model in use, and how it changes: verify in the background, swap atomically.
+
+A candidate (dropped in ``models/incoming/``, offered by the uploader, or named by the
+``current`` pointer after a rollback) is loaded on a loader thread of its own, never on the
+inference thread, so suggestions keep flowing meanwhile: ``SuggestionModel.load`` checks the
+manifest, the sha256 and the golden requests. Only then does ``current`` change, by one
+reference assignment that the inference thread reads once per request: a request runs
+entirely on the old model or entirely on the new one. A refused candidate leaves the old
+model in place. The previous model stays loaded, so a rollback to it is instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.personalize.exploration import Catalogue
+from edge_agent.personalize.model_store import ModelStore
+from models import DEFAULT_MODEL_DIR, ModelError, SuggestionModel
+
+log = logging.getLogger(__name__)
+
+INCOMING_SETTLE_S = 1.0  # an incoming directory untouched this long is complete
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: SuggestionModel
+    catalogue: Catalogue
+    directory: Path
+    origin: str  # "bundled", "config", "state", "update", "rollback"
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class ModelOffer:
+    """The answer to an offered model directory."""
+
+    accepted: bool
+    version: str | None
+    detail: str
+
+
+class ModelSlot:
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.current: LoadedModel | None = None  # read by the inference thread
+        self.previous: LoadedModel | None = None
+        self.refused = 0
+        self.swaps = 0
+        self.last_error: str | None = None
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        self._lock = asyncio.Lock()  # one change at a time
+        self._state_signature: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        """Load the model in use at start; without one, suggestions come from the fallbacks."""
+        await asyncio.to_thread(self.store.ensure_dirs)
+        directory, origin = self.store.active_dir()
+        if origin == "config" and directory.resolve() == DEFAULT_MODEL_DIR.resolve():
+            origin = "bundled"
+        self._state_signature = self.store.state_signature()
+        loaded = await self._load(directory, origin)
+        if loaded is None and origin == "state":
+            loaded = await self._load(self.store.configured, "config")
+        self.current = loaded
+        if loaded is None:
+            log.error("model.unavailable using=fallbacks path=%s", directory)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    async def offer_model(self, path: Path) -> ModelOffer:
+        """Verify a new model directory and switch to it; refuse it and keep the old one
+        when it does not verify. Safe to call from any task on the agent's loop."""
+        async with self._lock:
+            loaded = await self._load(path, "update")
+            if loaded is None:
+                self.refused += 1
+                try:
+                    moved = await asyncio.to_thread(self.store.reject, path)
+                except OSError as exc:  # refused all the same; it may be offered again
+                    moved = None
+                    log.warning("model.reject.move_failed path=%s error=%r", path, exc)
+                log.error("model.refused path=%s moved_to=%s", path, moved)
+                return ModelOffer(False, None, self.last_error or "refused")
+            version = loaded.model.version
+            try:
+                target = await asyncio.to_thread(self.store.install, path, version)
+            except OSError as exc:
+                self.refused += 1
+                self.last_error = f"cannot install {path}: {exc!r}"
+                log.error("model.install.failed path=%s error=%r", path, exc)  # noqa: TRY400
+                return ModelOffer(False, version, self.last_error)
+            installed = LoadedModel(
+                loaded.model, loaded.catalogue, target, "update", loaded.loaded_at
+            )
+            await self._switch(installed, "update")
+            return ModelOffer(True, version, f"installed at {target}")
+
+    async def follow_state(self) -> None:
+        """Switch when the pointer file names another directory (a rollback by the CLI)."""
+        signature = self.store.state_signature()
+        if signature == self._state_signature:
+            return
+        self._state_signature = signature
+        state = await asyncio.to_thread(self.store.read_state)
+        if state is None:
+            return
+        target = Path(state.current)
+        async with self._lock:
+            if self.current is not None and _same(self.current.directory, target):
+                return
+            if self.previous is not None and _same(self.previous.directory, target):
+                loaded: LoadedModel | None = self.previous  # still in memory: instant
+            else:
+                loaded = await self._load(target, state.reason or "state")
+            if loaded is None:
+                self.refused += 1
+                log.error("model.state.refused current=%s keeping=%s", target, self.version)
+                return
+            await self._switch(loaded, state.reason or "state", write_state=False)
+
+    async def watch_incoming(self) -> list[ModelOffer]:
+        ready = await asyncio.to_thread(self.store.incoming_ready, INCOMING_SETTLE_S)
+        return [await self.offer_model(path) for path in ready]
+
+    @property
+    def version(self) -> str | None:
+        current = self.current
+        return current.model.version if current is not None else None
+
+    def status(self) -> dict[str, Any]:
+        current, previous = self.current, self.previous
+        return {
+            "version": current.model.version if current else None,
+            "path": str(current.directory) if current else None,
+            "origin": current.origin if current else None,
+            "loaded_at": round(current.loaded_at, 3) if current else None,
+            "previous_version": previous.model.version if previous else None,
+            "swaps": self.swaps,
+            "refused": self.refused,
+            "last_error": self.last_error,
+        }
+
+    async def _switch(self, loaded: LoadedModel, reason: str, write_state: bool = True) -> None:
+        old = self.current
+        if write_state:
+            await asyncio.to_thread(
+                self.store.record_switch,
+                loaded.directory,
+                old.directory if old else None,
+                reason,
+            )
+            self._state_signature = self.store.state_signature()
+        self.current = loaded  # the swap: one reference, read once per request
+        self.previous = old
+        self.swaps += 1
+        keep = {loaded.directory} | ({old.directory} if old else set())
+        await asyncio.to_thread(self.store.prune, keep)
+        log.info(
+            "model.swapped version=%s previous=%s reason=%s",
+            loaded.model.version,
+            old.model.version if old else None,
+            reason,
+        )
+
+    async def _load(self, directory: Path, origin: str) -> LoadedModel | None:
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self._loader, SuggestionModel.load, directory)
+        except ModelError as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("model.load.failed path=%s error=%s", directory, self.last_error)  # noqa: TRY400
+            return None
+        except OSError as exc:
+            self.last_error = f"cannot read {directory}: {exc!r}"
+            log.error("model.load.failed path=%s error=%s", directory, self.last_error)  # noqa: TRY400
+            return None
+        return LoadedModel(model, Catalogue.of(model.items), directory, origin, time.time())
+
+
+def _same(left: Path, right: Path) -> bool:
+    try:
+        return left.resolve() == right.resolve()
+    except OSError:
+        return False

@@ -1,0 +1,343 @@
+"""The personalizer component: trigger event in, suggestion out, in about a millisecond.
+
+Path of one trigger (``product.pickup`` ... with a customer id):
+
+1. the pipeline tap (on the loop, before the commit's fsync) updates the session and builds
+   a request (history snapshot, masks, context): microseconds;
+2. the request goes to a one-thread executor dedicated to inference (nothing else queues
+   there: no telemetry, no SQLite), which ranks (``Ranker``) and publishes the suggestion
+   straight from that thread (paho's publish is thread-safe), so the answer never waits for
+   the busy event loop;
+3. back on the loop, bookkeeping: status figures, feedback tracking, the ``suggestion.shown``
+   event (committed in batches by the recorder task) and the COMMAND to a serial display.
+
+Suggestions are published with QoS 0 by default (``[model] suggestion_qos``): one is stale
+within a second, a redelivery after a reconnect would show an old one, and QoS 1 would add a
+PUBACK round trip and a place in paho's in-flight window behind other traffic. What was shown
+is recorded durably as the ``suggestion.shown`` event, which is what training reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from edge_agent.config import Config
+from edge_agent.errors import ConfigError
+from edge_agent.events import Event, format_ts
+from edge_agent.personalize.fallback import StorePopularity, bestsellers
+from edge_agent.personalize.feedback import FeedbackBook
+from edge_agent.personalize.model_slot import ModelOffer, ModelSlot
+from edge_agent.personalize.model_store import ModelStore
+from edge_agent.personalize.policy import ConsentBook, MaskFiles, load_consent
+from edge_agent.personalize.ranker import Masked, Ranker, Request
+from edge_agent.personalize.recorder import Recorder, Served
+from edge_agent.personalize.session import (
+    STATE_TYPES,
+    TRIGGER_TYPES,
+    SessionStore,
+    event_seconds,
+    load_recent,
+)
+from edge_agent.personalize.stats import SuggestionStats
+from edge_agent.sources.mqtt import MqttSource
+from firmware_bridge.serial_source import SerialSource
+from models import DEFAULT_MODEL_DIR, SuggestionContext
+
+if TYPE_CHECKING:
+    from edge_agent.app import RunningAgent
+
+log = logging.getLogger(__name__)
+
+SESSION_HISTORY: Final = 32  # entries kept per customer; the model reads its newest H
+IMPLICIT_TYPES: Final = frozenset({"product.pickup", "product.scan", "basket.add"})
+_NAMESPACE: Final = uuid.UUID("0b5e7d0c-3f7a-4f2e-8a51-6a1f3c9e2d44")
+
+
+class Personalizer:
+    name = "personalizer"
+
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        settings = config.model
+        self.config = config
+        self.settings = settings
+        self._topic_template = _check_topic(settings.suggestion_topic, config)
+        configured = Path(settings.path) if settings.path else DEFAULT_MODEL_DIR
+        self.slot = ModelSlot(ModelStore(config.data_dir, configured))
+        self.sessions = SessionStore(
+            settings.session_cap, SESSION_HISTORY, settings.session_max_age_s
+        )
+        self.consent = ConsentBook(config.governance.require_consent)
+        self.masks = MaskFiles(
+            _path_or(settings.out_of_stock_file, config.data_dir / "out_of_stock.txt"),
+            _path_or(settings.blocked_skus_file, config.data_dir / "blocked_skus.txt"),
+        )
+        self.popularity = StorePopularity(settings.popularity_window_s)
+        self.ranker = Ranker(
+            self.slot,
+            self.popularity,
+            bestsellers(),
+            k=settings.top_k,
+            epsilon=settings.epsilon,
+            rng=rng,
+        )
+        self.feedback = FeedbackBook(settings.implicit_accept_window_s)
+        self.stats = SuggestionStats()
+        self.recorder = Recorder(self.feedback, self.stats)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._topics: dict[str, str] = {}
+        self._inflight = 0
+        self._ready = False
+        self._early: list[Event] = []  # triggers that came while the state was loading
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mqtt: MqttSource | None = None
+        self._serial: list[SerialSource] = []
+
+    # ---- Component ------------------------------------------------------------------
+
+    async def run(self, agent: RunningAgent) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._mqtt = next((s for s in agent.sources if isinstance(s, MqttSource)), None)
+        self._serial = [s for s in agent.sources if isinstance(s, SerialSource)]
+        agent.pipeline.taps.append(self._on_events)  # first, before any await: miss nothing
+        try:
+            await self._start(agent)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.recorder.run(agent.pipeline.emit), name="personalize:record")
+                group.create_task(self._maintain(agent), name="personalize:maintain")
+        finally:
+            agent.pipeline.taps.remove(self._on_events)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.slot.close()
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        totals = self.feedback.totals()
+        model = self.slot.status()
+        model["source"] = self._active_source()
+        model["latency_ms"] = self.stats.latency()
+        model["errors"] = self.ranker.model_errors
+        return {
+            "model": model,
+            "suggestions": {
+                "shown": totals.shown,
+                "accepted": totals.accepted,
+                "implicit_accepted": totals.implicit,
+                "dismissed": totals.dismissed,
+                "acceptance_rate": totals.as_dict()["acceptance_rate"],
+                "by_model_version": {k: v.as_dict() for k, v in self.feedback.by_version.items()},
+                "by_source": dict(self.stats.by_source),
+                "dropped": dict(self.stats.dropped),
+                "pending": self._inflight,
+                "latency_ms": self.stats.latency(),
+                "sessions": len(self.sessions),
+                "sessions_evicted": self.sessions.evicted,
+                "recent": [
+                    {**entry, "accepted": self.feedback.was_accepted(entry["suggestion_id"])}
+                    for entry in self.stats.recent
+                ],
+            },
+        }
+
+    @property
+    def ready(self) -> bool:
+        """True once the model, consent, sessions and popularity are loaded."""
+        return self._ready
+
+    def forget_customer(self, customer_id: str) -> None:
+        """Drop what is held in memory about a customer (an erasure request); on the loop."""
+        self.sessions.forget(customer_id)
+        self.feedback.forget_customer(customer_id)
+
+    async def offer_model(self, path: Path) -> ModelOffer:
+        """Verify a downloaded model directory and switch to it (the uploader calls this)."""
+        return await self.slot.offer_model(path)
+
+    # ---- start and background work --------------------------------------------------
+
+    async def _start(self, agent: RunningAgent) -> None:
+        await self.slot.start()
+        self.consent.load(await agent.buffer.call(load_consent))
+        max_age = self.settings.session_max_age_s
+        rows = await agent.buffer.call(lambda connection: load_recent(connection, max_age))
+        used = self.sessions.load(
+            (row for row in rows if self.consent.allows(row[0])), allowed=None
+        )
+        await agent.buffer.call(self.popularity.refresh)
+        await asyncio.to_thread(self.masks.refresh)
+        self._ready = True
+        log.info(
+            "personalizer.ready model=%s sessions=%d rows=%d popular=%d",
+            self.slot.version,
+            len(self.sessions),
+            used,
+            len(self.popularity.ranked),
+        )
+        early, self._early = self._early, []
+        if early:
+            self._on_events(early)
+
+    async def _maintain(self, agent: RunningAgent) -> None:
+        """Popularity, mask files, model drops and the rollback pointer, each on its period."""
+        settings = self.settings
+        next_popularity = time.monotonic() + settings.popularity_refresh_s
+        while True:
+            await asyncio.sleep(settings.watch_interval_s)
+            try:
+                await asyncio.to_thread(self.masks.refresh)
+                await self.slot.watch_incoming()
+                await self.slot.follow_state()
+                if time.monotonic() >= next_popularity:
+                    next_popularity = time.monotonic() + settings.popularity_refresh_s
+                    await agent.buffer.call(self.popularity.refresh)
+            except (OSError, sqlite3.Error) as exc:
+                # A file that vanished mid-scan, a busy disk: suggestions go on, retry later.
+                log.warning("personalizer.maintenance.failed error=%r", exc)
+
+    def _active_source(self) -> str:
+        if self.slot.current is not None:
+            return "model"
+        return self.ranker.fallback(Masked()).source
+
+    # ---- the tap (event loop) -------------------------------------------------------
+
+    def _on_events(self, events: Sequence[Event]) -> None:
+        if not self._ready:
+            self._early.extend(e for e in events if e.customer_id is not None)
+            del self._early[: max(0, len(self._early) - self.settings.max_pending)]
+            return
+        for event in events:
+            customer_id = event.customer_id
+            if customer_id is None or event.source == Recorder.SOURCE:
+                if event.source == Recorder.SOURCE and event.type == "suggestion.accepted":
+                    self.feedback.accepted(str(event.data.get("suggestion_id")), True)
+                continue
+            kind = event.type
+            if kind in STATE_TYPES:
+                self._on_state_event(event, customer_id)
+            elif kind == "suggestion.accepted":
+                implicit = bool(event.data.get("implicit", False))
+                self.feedback.accepted(str(event.data.get("suggestion_id")), implicit)
+            elif kind == "suggestion.dismissed":
+                self.feedback.dismissed(str(event.data.get("suggestion_id")))
+            elif kind == "consent.update" and self.consent.observe(event) is False:
+                self.forget_customer(customer_id)  # nothing about them feeds personal state
+
+    def _on_state_event(self, event: Event, customer_id: str) -> None:
+        personal = self.consent.allows(customer_id)
+        if personal:
+            self.sessions.observe_event(event)
+            sku = event.data.get("sku")
+            if event.type in IMPLICIT_TYPES and isinstance(sku, str):
+                shown = self.feedback.implicit_match(customer_id, sku)
+                if shown is not None:
+                    self.feedback.accepted(shown.suggestion_id, True)
+                    self.recorder.record(self.recorder.implicit_accept(event, shown, sku))
+        if event.type in TRIGGER_TYPES:
+            self._submit(event, customer_id, personal)
+
+    def _submit(self, event: Event, customer_id: str, personal: bool) -> None:
+        device_id = event.device_id
+        if device_id is None:
+            self.stats.dropped["no_device"] += 1
+            return
+        if self._inflight >= self.settings.max_pending:
+            self.stats.dropped["overload"] += 1  # shed: a late suggestion is a useless one
+            return
+        now = event_seconds(event.ts)
+        sku = event.data.get("sku")
+        picked = frozenset((sku,)) if isinstance(sku, str) else frozenset()
+        session = self.sessions.get(customer_id) if personal else None
+        basket = session.basket.copy() if session is not None else set()
+        request = Request(
+            history=self.sessions.history(customer_id, now) if personal else [],
+            context=SuggestionContext(_utc_hour(event.ts), event.store_id, device_id),
+            masked=Masked(self.masks.skus, basket, picked),
+            now=now,
+            personal=personal,
+        )
+        topic = self._topics.get(device_id)
+        if topic is None:
+            topic = self._topics[device_id] = self._topic_template.replace("{device_id}", device_id)
+        self._inflight += 1
+        started = time.perf_counter_ns()
+        self._executor.submit(self._serve, event, request, topic, started)
+
+    # ---- the inference thread ---------------------------------------------------------
+
+    def _serve(self, trigger: Event, request: Request, topic: str, started_ns: int) -> None:
+        try:
+            self._rank_and_publish(trigger, request, topic, started_ns)
+        except Exception:  # a bug here must not stall the pending count: log, count, go on
+            log.exception("suggestion.failed trigger=%s", trigger.event_id)
+            self._to_loop(self._serve_failed)
+
+    def _rank_and_publish(
+        self, trigger: Event, request: Request, topic: str, started_ns: int
+    ) -> None:
+        decision = self.ranker.decide(request)
+        suggestion_id = str(uuid.uuid5(_NAMESPACE, f"{trigger.event_id}"))
+        ts = format_ts(datetime.now(UTC))
+        payload = Recorder.payload(suggestion_id, trigger, decision, ts)
+        if self._mqtt is not None:
+            self._mqtt.publish(topic, payload, qos=self.settings.suggestion_qos)
+        latency_ns = time.perf_counter_ns() - started_ns
+        served = Served(suggestion_id, trigger, request.personal, decision, ts, latency_ns)
+        self._to_loop(self._after_serve, served)
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # shutting down: the suggestion went out, its bookkeeping cannot
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            log.debug("suggestion.bookkeeping.skipped loop closed")
+
+    # ---- back on the loop ---------------------------------------------------------------
+
+    def _serve_failed(self) -> None:
+        self._inflight -= 1
+        self.stats.dropped["error"] += 1
+
+    def _after_serve(self, served: Served) -> None:
+        self._inflight -= 1
+        self.recorder.shown(served)
+        device_id = served.trigger.device_id
+        for source in self._serial:
+            if device_id is not None and source.device_id == device_id:
+                self.recorder.command(source, device_id, served)
+
+
+def _utc_hour(ts: str) -> int:
+    # format_ts writes "YYYY-MM-DDTHH:MM:SS.mmmZ": the hour is at a fixed place.
+    try:
+        return int(ts[11:13]) % 24
+    except ValueError:
+        return datetime.now(UTC).hour
+
+
+def _path_or(value: str, default: Path) -> Path:
+    return Path(value) if value else default
+
+
+def _check_topic(template: str, config: Config) -> str:
+    try:
+        filled = template.format(
+            prefix=config.mqtt.topic_prefix,
+            store_id=config.agent.store_id,
+            device_id="{device_id}",
+        )
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            "model.suggestion_topic", f"only {{prefix}}, {{store_id}}, {{device_id}}: {exc!r}"
+        ) from exc
+    return filled

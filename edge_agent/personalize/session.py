@@ -1,0 +1,154 @@
+"""Per-customer session state in memory: recent takes and the basket, bounded by an LRU.
+
+The model needs a customer's recent trigger events (sku, type, time); the personalizer keeps
+them here, on the event loop, for at most ``cap`` customers (the least recently active are
+forgotten first) and at most ``history_length`` entries each. After a restart the state is
+rebuilt from the buffer (``load_recent``), so a restart does not make every customer a stranger.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from edge_agent.events import Event, parse_ts
+
+log = logging.getLogger(__name__)
+
+TRIGGER_TYPES: Final = frozenset(
+    {"product.pickup", "product.scan", "kiosk.view", "basket.add", "customer.identified"}
+)
+# Types that change session state without triggering a suggestion.
+STATE_TYPES: Final = TRIGGER_TYPES | {"product.putback", "checkout.purchase"}
+REBUILD_MAX_ROWS: Final = 200_000  # bounds the start-up scan on a big buffer
+MAX_BASKET: Final = 200
+
+HistoryEntry = tuple[str, str, float]  # (sku, event type, ts seconds), as models.serving takes
+
+
+@dataclass
+class Session:
+    history: collections.deque[HistoryEntry]
+    basket: set[str] = field(default_factory=set)
+    last_seen: float = 0.0  # ts seconds of the newest event
+
+
+def event_seconds(event_ts: str) -> float:
+    moment = parse_ts(event_ts)
+    return moment.timestamp() if moment is not None else time.time()
+
+
+class SessionStore:
+    """customer id → Session, least recently active evicted beyond ``cap``."""
+
+    def __init__(self, cap: int, history_length: int, max_age_s: float) -> None:
+        self.cap = cap
+        self.history_length = history_length
+        self.max_age_s = max_age_s
+        self.evicted = 0
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, customer_id: object) -> bool:
+        return customer_id in self._sessions
+
+    def get(self, customer_id: str) -> Session | None:
+        return self._sessions.get(customer_id)
+
+    def forget(self, customer_id: str) -> None:
+        """Drop everything about a customer (consent withdrawn, erasure)."""
+        self._sessions.pop(customer_id, None)
+
+    def observe(self, customer_id: str, event_type: str, sku: str | None, ts: float) -> Session:
+        """Record one event of a customer and mark them most recently active."""
+        session = self._sessions.get(customer_id)
+        if session is None:
+            session = Session(collections.deque(maxlen=self.history_length))
+            self._sessions[customer_id] = session
+            while len(self._sessions) > self.cap:
+                self._sessions.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._sessions.move_to_end(customer_id)
+        session.last_seen = max(session.last_seen, ts)
+        if event_type == "checkout.purchase":
+            session.basket.clear()  # a new visit starts with an empty basket
+            return session
+        if sku is None:
+            return session
+        if event_type == "product.putback":
+            session.basket.discard(sku)
+            return session
+        if event_type in TRIGGER_TYPES:
+            session.history.append((sku, event_type, ts))
+        if event_type == "basket.add" and len(session.basket) < MAX_BASKET:
+            session.basket.add(sku)
+        return session
+
+    def history(self, customer_id: str, now: float) -> list[HistoryEntry]:
+        """The customer's recent takes, oldest first, without those older than max_age_s."""
+        session = self._sessions.get(customer_id)
+        if session is None:
+            return []
+        horizon = now - self.max_age_s
+        return [entry for entry in session.history if entry[2] >= horizon]
+
+    def observe_event(self, event: Event) -> Session | None:
+        if event.customer_id is None or event.type not in STATE_TYPES:
+            return None
+        sku = event.data.get("sku")
+        return self.observe(
+            event.customer_id,
+            event.type,
+            sku if isinstance(sku, str) else None,
+            event_seconds(event.ts),
+        )
+
+    def load(self, rows: Iterable[tuple[str, str, str, float]], allowed: set[str] | None) -> int:
+        """Replay (customer id, type, sku-or-'' , ts) rows, oldest first; returns rows used.
+        ``allowed``: when given, only these customers (personalization consent) are kept."""
+        used = 0
+        for customer_id, event_type, sku, ts in rows:
+            if allowed is not None and customer_id not in allowed:
+                continue
+            self.observe(customer_id, event_type, sku or None, ts)
+            used += 1
+        return used
+
+
+def load_recent(
+    connection: sqlite3.Connection, max_age_s: float, max_rows: int = REBUILD_MAX_ROWS
+) -> list[tuple[str, str, str, float]]:
+    """Recent state events from the buffer, oldest first (runs on the buffer's thread).
+
+    Bounded twice: by arrival time and by the newest ``max_rows`` rows (a seq range scan),
+    so a start on a full buffer stays quick.
+    """
+    newest = connection.execute("SELECT max(seq) FROM events").fetchone()[0]
+    if newest is None:
+        return []
+    marks = ",".join("?" * len(STATE_TYPES))
+    cursor = connection.execute(
+        f"SELECT customer_id, type, envelope FROM events WHERE seq > ? AND received_at >= ? "
+        f"AND customer_id IS NOT NULL AND type IN ({marks}) ORDER BY seq",
+        (newest - max_rows, time.time() - max_age_s, *sorted(STATE_TYPES)),
+    )
+    rows: list[tuple[str, str, str, float]] = []
+    for customer_id, event_type, envelope in cursor:
+        try:
+            document = json.loads(envelope)
+        except ValueError:
+            log.warning("session.rebuild.bad_envelope type=%s", event_type)
+            continue
+        sku = document.get("data", {}).get("sku")
+        ts = event_seconds(str(document.get("ts", "")))
+        rows.append((customer_id, event_type, sku if isinstance(sku, str) else "", ts))
+    return rows

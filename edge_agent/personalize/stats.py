@@ -1,0 +1,42 @@
+"""Figures about the suggestion path for /status and /metrics: latency, counts, recent."""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+LATENCY_SAMPLES: Final = 2048  # a sliding window: the percentiles describe recent traffic
+RECENT: Final = 10  # suggestions shown on the live page
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class SuggestionStats:
+    """Kept on the event loop."""
+
+    latency_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
+    )
+    by_source: collections.Counter[str] = field(default_factory=collections.Counter)
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    recent: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT)
+    )
+
+    def latency(self) -> dict[str, Any]:
+        values = sorted(self.latency_ms)
+        return {
+            "p50": round(percentile(values, 0.50), 3),
+            "p99": round(percentile(values, 0.99), 3),
+            "max": round(values[-1], 3) if values else 0.0,
+            "samples": len(values),
+        }
