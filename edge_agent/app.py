@@ -70,9 +70,12 @@ def build_sources(config: Config) -> list[Source]:
 
 
 def build_components(config: Config) -> list[Component]:
-    from edge_agent.personalize import Personalizer  # loads onnxruntime: only when running
+    components: list[Component] = []
+    if config.model.enabled:
+        # onnxruntime and numpy cost ~30 MB: a collect-only agent never loads them.
+        from edge_agent.personalize import Personalizer
 
-    components: list[Component] = [Personalizer(config)] if config.model.enabled else []
+        components.append(Personalizer(config))
     if config.sync.url:
         components.append(Uploader(config))
     return components
