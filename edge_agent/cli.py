@@ -212,6 +212,9 @@ def _setup_logging(level: str) -> None:
     if not under_journald:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # The embedded broker narrates every connection at INFO; keep its warnings only.
+    for chatty in ("amqtt", "transitions"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 if __name__ == "__main__":
