@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.figures import Figures, add_png_argument
 from benchmarks.local_broker import free_port, mosquitto, wait_for_port
 
 RUN_TIMEOUT_S = 180.0
@@ -222,6 +223,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=30_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    add_png_argument(parser)
     parser.add_argument(
         "--no-model", action="store_true", help="a collect-only agent ([model] enabled = false)"
     )
@@ -275,6 +277,13 @@ def _run_all(args: argparse.Namespace, workdir: Path, port: int) -> int:
     print(f"agent peak RSS               {result['peak_rss_mb']:>10.1f} MB (target < 80)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.png:
+        figures = Figures("Ingest: agent vs bare MQTT receivers (medians)", "messages/s")
+        figures.add("QoS 0 bare paho", median["bare_paho_qos0"])
+        figures.add("QoS 0 agent (committed)", median["agent_qos0"])
+        figures.add("QoS 1 mosquitto_sub -q 1", median["mosquitto_sub_qos1"])
+        figures.add("QoS 1 agent (commit, PUBACK)", median["agent_qos1"])
+        figures.write_png(args.png)
     return 0
 
 

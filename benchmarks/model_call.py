@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.figures import Figures, add_png_argument
 from models.errors import ModelError
 from models.evaluate import EvaluationCase, evaluate, evaluation_cases
 from models.events import load_event_log
@@ -155,6 +156,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_png_argument(parser)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep (and reuse) data and models here"
@@ -195,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if args.png:
+        figures = Figures("Model call alone (target p99 < 0.2 ms at 5k items)", "milliseconds")
+        for row in results:
+            for stat in ("p50_ms", "p99_ms"):
+                label = f"{row['model_items']} items, {stat.removesuffix('_ms')}"
+                figures.add(label, row["model_call"][stat])
+        figures.write_png(args.png)
     return 0
 
 

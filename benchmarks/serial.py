@@ -32,6 +32,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 
+from benchmarks.figures import Figures, add_png_argument  # noqa: E402
 from edge_agent.events import Event, Rejected  # noqa: E402
 from firmware_bridge import codec  # noqa: E402
 from firmware_bridge.codec import Frame, FrameDecoder, MessageType  # noqa: E402
@@ -155,7 +156,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baud-seconds", type=float, default=3.0, help="length of a 115200 run")
+    add_png_argument(parser)
     args = parser.parse_args()
+    figures = Figures("Serial: frames per second (medians)", "frames/s", log_scale=True)
     frames = event_frames(args.frames)
     stream = b"".join(frames)
     mean_frame = len(stream) / len(frames)
@@ -165,9 +168,12 @@ def main() -> None:
     print(f"decoder alone:   {decoded:>10,.0f} frames/s ({decoded * mean_frame / 1e6:.1f} MB/s)")
     print(f"bytes.split:     {split:>10,.0f} chunks/s")
     print(f"ratio split/decoder: {split / decoded:.0f}x")
+    figures.add("bytes.split(b'\\0') baseline", split)
+    figures.add("decoder alone", decoded)
 
     full = [asyncio.run(bench_pty(frames, None)) for _ in range(args.runs)]
     print(f"pty, full speed: {statistics.median(full):>10,.0f} frames/s decoded+committed+acked")
+    figures.add("pty full speed, committed+ACKed", statistics.median(full))
 
     uart_bytes_per_s = 115200 / 10  # 8N1: ten bits a byte
     count = int(args.baud_seconds * uart_bytes_per_s / mean_frame)
@@ -177,6 +183,9 @@ def main() -> None:
         f"pty, 115200 8N1: {statistics.median(paced):>10,.0f} frames/s "
         f"(line limit {line_rate:.0f} frames/s)"
     )
+    figures.add("pty at 115200 baud", statistics.median(paced))
+    if args.png:
+        figures.write_png(args.png)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import aiohttp
 import psycopg
 from psycopg import sql
 
+from benchmarks.figures import Figures, add_png_argument
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store import auth
 from cloud_sync.store.backend import open_backend
@@ -271,7 +272,7 @@ async def post_all(
     return sent
 
 
-async def fleet(db_url: str, args: argparse.Namespace) -> None:
+async def fleet(db_url: str, args: argparse.Namespace, figures: Figures) -> None:
     stores = [f"store-{n:03d}" for n in range(args.agents)]
     tokens = await make_tokens(db_url, stores)
     per_agent = args.events // args.agents
@@ -313,10 +314,15 @@ async def fleet(db_url: str, args: argparse.Namespace) -> None:
         f" p99_ms={percentile(latencies, 0.99) * 1000:.1f}"
         f" max_ms={max(latencies, default=0) * 1000:.1f}"
     )
+    figures.add(f"fleet of {args.agents} agents", sum(sent) / seconds)
 
 
 async def drain(
-    db_url: str, direct_url: str, envelopes: list[dict[str, Any]], args: argparse.Namespace
+    db_url: str,
+    direct_url: str,
+    envelopes: list[dict[str, Any]],
+    args: argparse.Namespace,
+    figures: Figures,
 ) -> float:
     """The store's HTTP ingest path with large batches, and the backend alone."""
     (token,) = await make_tokens(db_url, ["store-drain"])
@@ -337,6 +343,7 @@ async def drain(
     finally:
         store.stop()
     http_rate = sum(sent) / http_seconds
+    figures.add("drain over HTTP", http_rate)
     print(
         f"drain/http: events={sum(sent)} batch={args.drain_batch}"
         f" concurrency={args.drain_concurrency} instances={args.instances}"
@@ -357,6 +364,7 @@ async def drain(
         f"drain/backend.ingest (no HTTP, no JSON): events={len(rows)}"
         f" seconds={direct_seconds:.2f} events/s={len(rows) / direct_seconds:,.0f}"
     )
+    figures.add("backend.ingest, no HTTP", len(rows) / direct_seconds)
     return http_rate
 
 
@@ -365,13 +373,14 @@ def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 async def run(args: argparse.Namespace) -> None:
+    figures = Figures("Central store on PostgreSQL", "events/s")
     with scratch_database(args.pg_url) as db:
         if "fleet" in args.only:
-            await fleet(new_schema(db, "fleet"), args)
+            await fleet(new_schema(db, "fleet"), args, figures)
         if "drain" in args.only:
             envelopes = make_envelopes(args.events, "store-drain")
             http_rate = await drain(
-                new_schema(db, "drain"), new_schema(db, "direct"), envelopes, args
+                new_schema(db, "drain"), new_schema(db, "direct"), envelopes, args, figures
             )
             ceiling = await measure_copy(db, envelopes)
             print(
@@ -379,6 +388,9 @@ async def run(args: argparse.Namespace) -> None:
                 f" events/s={ceiling.rate:,.0f}"
             )
             print(f"ratio drain/http to copy: {http_rate / ceiling.rate:.2f}")
+            figures.add("bare COPY (ceiling)", ceiling.rate)
+    if args.png:
+        figures.write_png(args.png)
 
 
 def main() -> None:
@@ -396,6 +408,7 @@ def main() -> None:
     parser.add_argument("--drain-concurrency", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=180.0, help="per measurement")
     parser.add_argument("--only", nargs="+", default=["fleet", "drain"], choices=["fleet", "drain"])
+    add_png_argument(parser)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -15,7 +15,7 @@ Triggers are sent one at a time (the next after the answer or a 1 s timeout), so
 is the latency of one request, not of a queue. Targets (issue 4): agent p99 within 2x the
 floor's p99 idle, and under 5 ms loaded.
 
-    .venv/bin/python benchmarks/suggest.py [--samples 1000] [--rate 5000] [--json out.json]
+    .venv/bin/python -m benchmarks.suggest [--samples 1000] [--rate 5000] [--json out.json]
 
 Not a test: figures depend on the machine and its load. Everything is bounded by count and time.
 """
@@ -45,6 +45,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from benchmarks.figures import Figures, add_png_argument
 from benchmarks.local_broker import free_port, stop_process
 from benchmarks.local_broker import mosquitto as local_mosquitto
 
@@ -344,6 +345,7 @@ def main() -> None:
         help="the agent's [buffer] synchronous (full: fsync per commit, the default)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_png_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-suggest-") as tmp, mosquitto(Path(tmp)) as port:
         floor = run_floor(port, args)
@@ -369,6 +371,14 @@ def main() -> None:
     print(text)
     if args.json is not None:
         args.json.write_text(text + "\n")
+    if args.png is not None:
+        figures = Figures("Event to suggestion latency", "milliseconds", log_scale=True)
+        for who, phases in (("floor", floor), ("agent", agent)):
+            for phase in ("idle", "loaded"):
+                for stat in ("p50_ms", "p99_ms"):
+                    label = f"{who} {phase} {stat.removesuffix('_ms')}"
+                    figures.add(label, phases[phase].get(stat))
+        figures.write_png(args.png)
 
 
 if __name__ == "__main__":

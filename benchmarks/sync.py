@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.figures import Figures, add_png_argument
 from benchmarks.store import (
     DEFAULT_PG,
     make_envelopes,
@@ -191,6 +192,11 @@ async def run(args: argparse.Namespace) -> None:
             f" events/s={ceiling.rate:,.0f}"
         )
         print(f"ratio drain/copy: {rate / ceiling.rate:.2f}")
+        if args.png:
+            figures = Figures(f"Sync drain of {args.events:,} events", "events/s")
+            figures.add("agent -> store, end to end", rate)
+            figures.add("bare COPY (ceiling)", ceiling.rate)
+            figures.write_png(args.png)
 
 
 def main() -> None:
@@ -203,6 +209,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="sync.concurrency")
     parser.add_argument("--consent", choices=["shared", "none"], default="shared")
     parser.add_argument("--max-seconds", type=float, default=900.0)
+    add_png_argument(parser)
     asyncio.run(run(parser.parse_args()))
 
 

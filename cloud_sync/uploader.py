@@ -27,11 +27,14 @@ import asyncio
 import logging
 import math
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
+
+from tqdm import tqdm
 
 from cloud_sync.sync_batches import Row, build_batch, split
 from cloud_sync.sync_claims import Claims, RateLimiter
@@ -60,6 +63,41 @@ _WAKE_LINGER_S: Final = 0.2  # gather the events of a burst into one request
 _BACKOFF_BASE_S: Final = 0.5
 _PERSONALIZER: Final = "personalizer"
 _REJECTED: Final = "store_rejected"
+_PROGRESS_FROM_EVENTS: Final = 20_000  # a backlog this large is worth a progress display
+_PROGRESS_LOG_EVERY_S: Final = 10.0
+
+
+class DrainProgress:
+    """Progress of one large drain: a tqdm bar when stderr is a terminal, else log lines."""
+
+    def __init__(self, backlog: int, log_every_s: float = _PROGRESS_LOG_EVERY_S) -> None:
+        self._log_every_s = log_every_s
+        self._bar = tqdm(
+            total=backlog,
+            unit="ev",
+            desc="sync backlog",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
+        self._started = self._logged = time.monotonic()
+        self._sent = 0
+        log.info("sync.drain.start backlog=%d", backlog)
+
+    def advance(self, events: int, remaining: int) -> None:
+        self._sent += events
+        self._bar.update(events)
+        now = time.monotonic()
+        if now - self._logged >= self._log_every_s:
+            self._logged = now
+            log.info(
+                "sync.drain.progress sent=%d remaining=%d rate_per_s=%.0f",
+                self._sent,
+                remaining,
+                self._sent / max(now - self._started, 1e-6),
+            )
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 @dataclass
@@ -89,6 +127,7 @@ class Uploader:
         self._key = b""
         self._backoff = Backoff(_BACKOFF_BASE_S, config.sync.backoff_max_s)  # shared by workers
         self._limiter = RateLimiter(config.sync.max_events_per_s)
+        self._progress: DrainProgress | None = None
 
     # ---- the Component protocol -------------------------------------------------------
 
@@ -169,12 +208,21 @@ class Uploader:
         """Upload until nothing unsynced is left: ``sync.concurrency`` workers in parallel."""
         claims = Claims(buffer)
         sent_before, started = self.stats.sent, time.monotonic()
-        async with asyncio.TaskGroup() as group:
-            for number in range(self.settings.concurrency):
-                group.create_task(
-                    self._worker(client, buffer, claims, live=number == 0),
-                    name=f"sync:worker-{number}",
-                )
+        backlog = buffer.counters.pending
+        # A large backlog (days offline) shows its progress: a bar on a terminal, a log
+        # line every few seconds for journald.
+        self._progress = DrainProgress(backlog) if backlog >= _PROGRESS_FROM_EVENTS else None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for number in range(self.settings.concurrency):
+                    group.create_task(
+                        self._worker(client, buffer, claims, live=number == 0),
+                        name=f"sync:worker-{number}",
+                    )
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+                self._progress = None
         self._drained = buffer.counters.pending == 0
         sent = self.stats.sent - sent_before
         if sent:
@@ -247,6 +295,8 @@ class Uploader:
 
     async def _settle(self, buffer: Buffer, rows: Sequence[Row], result: PostResult) -> None:
         await buffer.mark_synced([row.seq for row in rows])
+        if self._progress is not None:
+            self._progress.advance(len(rows), buffer.counters.pending)
         stats = self.stats
         stats.batches += 1
         stats.sent += result.accepted + result.duplicates + result.erased
