@@ -20,7 +20,7 @@ from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
-from edge_agent.decode import DecodeContext
+from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
@@ -62,7 +62,18 @@ class Component(Protocol):
 
 def build_sources(config: Config) -> list[Source]:
     context = DecodeContext(config.agent.store_id, default_registry(), config.input)
-    sources: list[Source] = [MqttSource(config.mqtt, config.mqtt_client_id, context)]
+    client_id = config.mqtt_client_id
+    sources: list[Source] = [
+        MqttSource(config.mqtt, client_id, context, channels=(EVENTS_CHANNEL,)),
+        MqttSource(
+            config.mqtt,
+            f"{client_id}-telemetry",
+            context,
+            channels=(TELEMETRY_CHANNEL,),
+            name="mqtt-telemetry",
+            announce=False,
+        ),
+    ]
     for port in config.serial.ports:
         settings = SerialPortConfig(url=port.url, store_id=config.agent.store_id, baud=port.baud)
         sources.append(SerialSource(settings, registry=context.registry))

@@ -39,7 +39,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import MqttSection
-from edge_agent.decode import DecodeContext, decode_message, parse_topic
+from edge_agent.decode import (
+    EVENTS_CHANNEL,
+    TELEMETRY_CHANNEL,
+    DecodeContext,
+    decode_message,
+    parse_topic,
+)
 from edge_agent.events import Event, Rejected
 from edge_agent.sources.base import Emit, SourceStats
 
@@ -77,21 +83,38 @@ def status_topic(prefix: str, store_id: str) -> str:
 
 
 class MqttSource:
-    """Events and telemetry from products on the store network."""
+    """Events or telemetry (or both) from products on the store network.
 
-    name = "mqtt"
+    The agent runs two: customer events on one connection and telemetry on another, each
+    with its own session and in-flight window, so a customer event never waits at the
+    broker behind a queue of telemetry. Only the events connection announces the agent's
+    online/offline status.
+    """
 
     def __init__(
-        self, settings: MqttSection, client_id: str, decode_context: DecodeContext
+        self,
+        settings: MqttSection,
+        client_id: str,
+        decode_context: DecodeContext,
+        *,
+        channels: tuple[str, ...] = (EVENTS_CHANNEL, TELEMETRY_CHANNEL),
+        name: str = "mqtt",
+        announce: bool = True,
     ) -> None:
+        self.name = name
         self.settings = settings
         self.stats = SourceStats()
         self._context = decode_context
         store_id = decode_context.store_id
-        self._topics = [
-            f"{settings.topic_prefix}/{store_id}/devices/+/events",
-            f"{settings.topic_prefix}/{store_id}/devices/+/telemetry",
+        prefix = f"{settings.topic_prefix}/{store_id}/devices/+/"
+        self._topics = [prefix + channel for channel in channels]
+        # An older session of this client id may hold the other channel's subscription.
+        self._other_topics = [
+            prefix + channel
+            for channel in (EVENTS_CHANNEL, TELEMETRY_CHANNEL)
+            if channel not in channels
         ]
+        self._announce = announce
         self._status_topic = status_topic(settings.topic_prefix, store_id)
         self._client_id = client_id
         self._protocol = _first_protocol(settings)
@@ -194,7 +217,7 @@ class MqttSource:
                 client.ack(message.mid, message.qos)
 
     async def _shutdown(self, network: threading.Thread) -> None:
-        if self.stats.connected:
+        if self.stats.connected and self._announce:
             info = self._client.publish(self._status_topic, "offline", qos=1, retain=True)
             # The clean disconnect suppresses the last will, so say "offline" ourselves.
             await asyncio.to_thread(_wait_published, info, 2.0)
@@ -215,7 +238,8 @@ class MqttSource:
             reconnect_on_failure=False,  # our loop reconnects, with jitter
             manual_ack=True,
         )
-        client.will_set(self._status_topic, "offline", qos=1, retain=True)
+        if self._announce:
+            client.will_set(self._status_topic, "offline", qos=1, retain=True)
         if settings.username:
             client.username_pw_set(settings.username, settings.password or None)
         if settings.tls:
@@ -328,7 +352,10 @@ class MqttSource:
         self._generation += 1
         # Subscribe on every connect: a broker that lost our session forgets subscriptions.
         client.subscribe([(topic, self.settings.qos) for topic in self._topics])
-        client.publish(self._status_topic, "online", qos=1, retain=True)
+        if self._other_topics:
+            client.unsubscribe(self._other_topics)
+        if self._announce:
+            client.publish(self._status_topic, "online", qos=1, retain=True)
         log.info(
             "mqtt.connected host=%s port=%d session_present=%s",
             self.settings.host,
