@@ -11,11 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from edge_agent.embedded_broker import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["free_port", "mosquitto", "stop_process", "wait_for_port"]
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:

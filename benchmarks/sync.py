@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import select
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.figures import Figures, add_png_argument
+from benchmarks.local_broker import free_port
 from benchmarks.store import (
     DEFAULT_PG,
     make_envelopes,
@@ -49,12 +49,6 @@ from edge_agent.events import Event
 
 STORE_ID = "store-drain"
 FILL_CHUNK = 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -131,6 +131,8 @@ class Downlink:
                 next_after,
             )
             cursor = next_after
+        if applied:
+            await self.buffer.recount()  # erased rows left the counters behind
         return applied
 
     async def fetch_model(self, offer: OfferModel | None) -> str | None:

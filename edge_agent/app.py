@@ -107,8 +107,7 @@ async def run_agent(
         parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
         board = StatusBoard(buffer, chosen, store_id=config.agent.store_id)
-        for part in parts:
-            _register_status(board, part)
+        board.providers.extend(part.status for part in parts)
         status = StatusServer(board, config.http.host, config.http.port)
         await status.start()
         try:
@@ -119,14 +118,6 @@ async def run_agent(
     finally:
         await buffer.aclose()
         log.info("agent.stopped committed=%d", buffer.counters.committed)
-
-
-def _register_status(board: StatusBoard, part: Component) -> None:
-    def provider(section: str) -> Callable[[], dict[str, Any]]:
-        return lambda: part.status()[section]
-
-    for section in part.status():
-        board.providers[section] = provider(section)
 
 
 async def _run_sources(

@@ -104,16 +104,17 @@ def decode_message(
     single = not isinstance(document, list)
     decoded: list[Event | Rejected] = []
     for index, item in enumerate(items):
-        raw_item = payload if single else json.dumps(item).encode("utf-8")
-        decoded.append(_event(message, raw_item, index, item))
+        decoded.append(_event(message, index, item, single))
     return decoded
 
 
-def _event(message: _Message, raw_item: bytes, index: int, item: Any) -> Event | Rejected:
+def _event(message: _Message, index: int, item: Any, single: bool) -> Event | Rejected:
     context, topic, source = message.context, message.topic, message.source
     received_at = message.received_at
 
     def reject(reason: str, detail: str) -> Rejected:
+        # Only a rejected item of an array is re-encoded: valid events skip that work.
+        raw_item = message.payload if single else json.dumps(item).encode("utf-8")
         return Rejected(source, reason, raw_item, detail, received_at)
 
     if not isinstance(item, dict):

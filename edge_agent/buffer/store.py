@@ -92,6 +92,7 @@ class Buffer:
         buffer.recovered_from = opened.recovered_from
         await asyncio.to_thread(buffer._prepare)
         buffer._thread.start()
+        await buffer.recount()
         return buffer
 
     @property
@@ -116,23 +117,6 @@ class Buffer:
         self._jobs.put(_Call(function, future, loop))
         return await future
 
-    async def pending_batch(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` unsynced (seq, envelope) rows: customer events first, oldest first."""
-
-        def read(connection: sqlite3.Connection) -> list[tuple[int, str]]:
-            rows: list[tuple[int, str]] = []
-            for customer in (1, 0):
-                rows += connection.execute(
-                    "SELECT seq, envelope FROM events WHERE synced_at IS NULL AND customer = ? "
-                    "ORDER BY seq LIMIT ?",
-                    (customer, limit - len(rows)),
-                ).fetchall()
-                if len(rows) >= limit:
-                    break
-            return rows
-
-        return await self.call(read)
-
     async def mark_synced(self, seqs: Sequence[int]) -> int:
         """Mark rows as acknowledged by the central store, in one transaction."""
 
@@ -155,6 +139,18 @@ class Buffer:
 
         return await self.call(mark)
 
+    async def recount(self) -> None:
+        """Set total and pending from the file: erasures (from the CLI or sync) delete rows
+        the counters never saw. Runs on the owner thread, so no write slips in between."""
+
+        def count(connection: sqlite3.Connection) -> None:
+            self.counters.total = connection.execute("SELECT count(*) FROM events").fetchone()[0]
+            self.counters.pending = connection.execute(
+                "SELECT count(*) FROM events WHERE synced_at IS NULL"
+            ).fetchone()[0]
+
+        await self.call(count)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -174,10 +170,6 @@ class Buffer:
     def _prepare(self) -> None:
         connection = self._connection
         migrate(connection)
-        self.counters.total = connection.execute("SELECT count(*) FROM events").fetchone()[0]
-        self.counters.pending = connection.execute(
-            "SELECT count(*) FROM events WHERE synced_at IS NULL"
-        ).fetchone()[0]
         if self.recovered_from is not None:
             with connection:
                 connection.execute(

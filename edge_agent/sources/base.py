@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge_agent.events import Event, Rejected
 
 # emit(items) returns once every item is committed to the buffer (events) or quarantined
 # (rejections). Only then may the source acknowledge the input they came from. It waits
 # (backpressure) while the buffer is full of what may not be dropped.
-Emit = Callable[[Sequence[Event | Rejected]], Awaitable[None]]
+Emit = Callable[[Sequence[Event | Rejected]], Coroutine[Any, Any, None]]
 
 
 @dataclass

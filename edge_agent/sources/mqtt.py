@@ -26,7 +26,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -130,7 +129,6 @@ class MqttSource:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._network_stop = threading.Event()
-        self._connected_once = threading.Event()
 
     # ---- the public surface -----------------------------------------------------------
 
@@ -173,7 +171,7 @@ class MqttSource:
                 if self._inbox and not self._stop.is_set() and len(in_flight) < _BURSTS_IN_FLIGHT:
                     burst = self._take_burst()
                     items = self._decode(burst)
-                    task = group.create_task(_awaited(emit(items)), name="mqtt-emit")
+                    task = group.create_task(emit(items), name="mqtt-emit")
                     in_flight.append((task, burst, items))
                     await asyncio.sleep(0)  # let the emit enqueue its commit, in order
                 elif in_flight:
@@ -401,15 +399,9 @@ class MqttSource:
 
     def _set_connected(self, connected: bool) -> None:
         self.stats.connected = connected
-        if connected:
-            self._connected_once.set()
 
     def _count_drop(self, reason: str) -> None:
         self.stats.drops[reason] += 1
-
-
-async def _awaited(awaitable: Awaitable[None]) -> None:
-    await awaitable
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

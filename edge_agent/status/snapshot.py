@@ -18,7 +18,9 @@ from edge_agent.buffer import Buffer
 from edge_agent.buffer.budget import used_bytes
 from edge_agent.sources.base import Source
 
-SectionProvider = Callable[[], dict[str, Any]]
+# A component's sections for /status, e.g. {"sync": {...}}: called once per snapshot.
+SectionProvider = Callable[[], dict[str, dict[str, Any]]]
+RECOUNT_EVERY_S = 60.0
 
 
 @dataclass
@@ -26,10 +28,16 @@ class StatusBoard:
     buffer: Buffer
     sources: Sequence[Source]
     started_monotonic: float = field(default_factory=time.monotonic)
-    providers: dict[str, SectionProvider] = field(default_factory=dict)
+    providers: list[SectionProvider] = field(default_factory=list)
     store_id: str = ""
+    _recounted: float = 0.0
 
     async def snapshot(self) -> dict[str, Any]:
+        if time.monotonic() - self._recounted > RECOUNT_EVERY_S:
+            # The page polls every 2 s: a count over a million rows that often would hold
+            # up the writer, so the tracked counters are reconciled only now and then.
+            await self.buffer.recount()
+            self._recounted = time.monotonic()
         disk = await self.buffer.call(_disk_figures)
         counters = self.buffer.counters
         drops: Counter[str] = Counter(counters.drops)
@@ -51,8 +59,8 @@ class StatusBoard:
                 for source in self.sources
             },
             "buffer": {
-                "pending": disk["pending"],
-                "total": disk["total"],
+                "pending": counters.pending,
+                "total": counters.total,
                 "bytes": disk["bytes"],
                 "file_bytes": disk["file_bytes"],
                 "max_bytes": self.buffer.settings.max_bytes,
@@ -77,8 +85,8 @@ class StatusBoard:
             "model": {"version": None, "source": "none"},
             "suggestions": {"shown": 0, "accepted": 0},
         }
-        for name, provider in self.providers.items():
-            status[name] = provider()
+        for provider in self.providers:
+            status.update(provider())
         if status["sync"].get("lag_s") is None and oldest is not None:
             # Without sync, the lag is how long the oldest unsynced event has waited.
             status["sync"]["lag_s"] = status["buffer"]["oldest_pending_age_s"]
@@ -108,17 +116,10 @@ def _disk_figures(connection: sqlite3.Connection) -> dict[str, Any]:
         ).fetchone()
         if row is not None:
             oldest = row[0] if oldest is None else min(oldest, row[0])
-    # Counted, not tracked: an erasure from the CLI changes the file behind the agent's back.
-    total = connection.execute("SELECT count(*) FROM events").fetchone()[0]
-    pending = connection.execute("SELECT count(*) FROM events WHERE synced_at IS NULL").fetchone()[
-        0
-    ]
     page_size = connection.execute("PRAGMA page_size").fetchone()[0]
     pages = connection.execute("PRAGMA page_count").fetchone()[0]
     return {
         "bytes": used_bytes(connection),
         "file_bytes": int(page_size * pages),
         "oldest_pending_received_at": oldest,
-        "total": total,
-        "pending": pending,
     }

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import select
-import signal
 import subprocess
 import sys
 import time
@@ -21,13 +18,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cstore_helpers import batch
+from sync_helpers import StoreProcess
 
 BATCHES = 48
 BATCH_SIZE = 200
 SENDERS = 4
 KILLS = 2
 DEADLINE_S = 40.0
-STARTUP_TIMEOUT_S = 15.0
 
 pytestmark = pytest.mark.slow
 
@@ -41,58 +38,6 @@ def store_cli(*args: str) -> str:
         check=True,
     )
     return done.stdout
-
-
-@dataclass
-class StoreProcess:
-    db_url: str
-    log_path: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start ``serve`` and wait for its ``listening`` line (port 0 first, then the same)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "cloud_sync.store",
-                    "serve",
-                    "--db",
-                    self.db_url,
-                    "--port",
-                    str(self.port),
-                    "--pool-size",
-                    "4",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_TIMEOUT_S)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        assert line.startswith("listening http://"), f"store did not start: {line!r}"
-        self.port = int(line.strip().rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 @dataclass

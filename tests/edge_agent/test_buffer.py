@@ -305,3 +305,20 @@ def test_export_round_trips_every_envelope(tmp_path: Path, events: list[Event]) 
             json.loads(line)["event_id"]: json.loads(line) for line in iter_envelopes(connection)
         }
     assert exported == {i: json.loads(e.to_json()) for i, e in unique.items()}
+
+
+async def test_recount_follows_rows_deleted_behind_the_writers_back(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path) as buffer:
+        await buffer.commit(
+            [
+                event(1, customer_id="c-gone"),
+                event(2, customer_id="c-gone"),
+                event(3, customer_id="c-stay"),
+            ]
+        )
+        with sqlite3.connect(path, isolation_level=None, timeout=10) as other:
+            erase_customer(other, "c-gone")  # what `edge-agent buffer erase` does meanwhile
+        assert (buffer.counters.total, buffer.counters.pending) == (3, 3)
+        await buffer.recount()
+        assert (buffer.counters.total, buffer.counters.pending) == (1, 1)

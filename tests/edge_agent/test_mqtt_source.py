@@ -118,7 +118,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
                 publisher.publish(event_topic(store_id), pickup(f"ev-{n}"))
             await asyncio.to_thread(publisher.wait_all)
             await asyncio.to_thread(private_broker.restart)
-            await wait_until(lambda: agent.sources[0].stats.connected, 20)
+            await wait_until(lambda: all(s.stats.connected for s in agent.sources), 20)
             await wait_until(publisher.client.is_connected, 20)
             for n in range(total // 2, total):
                 publisher.publish(event_topic(store_id), pickup(f"ev-{n}"))
@@ -143,7 +143,7 @@ async def test_readiness_reports_a_lost_broker_and_recovers(
         assert status == 503
         assert "source mqtt is not connected" in json.loads(body)["reasons"]
         await asyncio.to_thread(private_broker.restart)
-        await wait_until(lambda: agent.sources[0].stats.connected, 20)
+        await wait_until(lambda: all(s.stats.connected for s in agent.sources), 20)
         assert (await asyncio.to_thread(http_get, url))[0] == 200
 
 
@@ -220,7 +220,14 @@ async def test_backpressure_stops_acknowledging_and_says_so(
             assert agent.buffer.counters.drops == {}  # no customer event was dropped
             # The uploader marks everything synced: the policy may now evict, input resumes.
             for _ in range(20):
-                seqs = [seq for seq, _ in await agent.buffer.pending_batch(5000)]
+                seqs = await agent.buffer.call(
+                    lambda c: [
+                        r[0]
+                        for r in c.execute(
+                            "SELECT seq FROM events WHERE synced_at IS NULL LIMIT 5000"
+                        )
+                    ]
+                )
                 await agent.buffer.mark_synced(seqs)
                 if agent.buffer.counters.committed >= 2500:
                     break

@@ -366,6 +366,8 @@ async def test_a_serial_device_gets_its_suggestion_as_a_command(
             async with agent_running(document):
                 await wait_until(lambda: len(suggestions.ids_for("shelf-sim")) >= 3, 20)
                 await asyncio.sleep(0.5)  # let the last commands get their RESULT
+            # The agent's last publishes may still be on their way through the broker.
+            await asyncio.sleep(0.5)
         sim.send_signal(signal.SIGTERM)
         out, _ = await asyncio.to_thread(sim.communicate, timeout=20)
     finally:

@@ -6,28 +6,12 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Protocol
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+from benchmarks.local_broker import free_port, wait_for_port
 
 
 class TestBroker(Protocol):
