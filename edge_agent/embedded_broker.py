@@ -23,16 +23,18 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self._broker: Broker | None = None
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        # Created here, not in __init__: amqtt 0.12 needs a running event loop to build one.
         self._broker = Broker(
             {
-                "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                 "plugins": {
                     "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
                 },
             }
         )
-
-    async def __aenter__(self) -> EmbeddedBroker:
         await self._broker.start()
         log.info("broker.embedded.started host=%s port=%d", self.host, self.port)
         return self
@@ -43,4 +45,6 @@ class EmbeddedBroker:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self._broker.shutdown()
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()
