@@ -24,8 +24,30 @@ from cloud_sync.store.records import Principal, format_ts
 
 log = logging.getLogger(__name__)
 
+
+class IngestSlots:
+    """Ingests in progress per credential: one token cannot hold every worker and its memory."""
+
+    def __init__(self, per_credential: int) -> None:
+        self.per_credential = per_credential
+        self._busy: dict[int, int] = {}
+
+    def take(self, credential_id: int) -> bool:
+        busy = self._busy.get(credential_id, 0)
+        if busy >= self.per_credential:
+            return False
+        self._busy[credential_id] = busy + 1
+        return True
+
+    def give_back(self, credential_id: int) -> None:
+        busy = self._busy.pop(credential_id) - 1
+        if busy:
+            self._busy[credential_id] = busy
+
+
 BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
+SLOTS: Final = web.AppKey("slots", IngestSlots)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -39,6 +61,7 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app = web.Application(client_max_size=limits.max_body_bytes + 1, middlewares=[_errors_as_json])
     app[BACKEND] = backend
     app[LIMITS] = limits
+    app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -127,13 +150,35 @@ async def _post_events(request: web.Request) -> web.Response:
     limits = request.app[LIMITS]
     if (request.content_length or 0) > limits.max_body_bytes:
         raise BadRequestError(413, "body_too_large", f"limit {limits.max_body_bytes} bytes")
+    slots = request.app[SLOTS]
+    # Taken before the body is read: the limit bounds memory, not only database work.
+    if not slots.take(principal.credential_id):
+        log.info("store.batch.throttled store=%s", principal.store_id)
+        return _error(
+            429,
+            "too_many_concurrent_ingests",
+            f"at most {slots.per_credential} at once per credential",
+            **{"Retry-After": "1"},
+        )
+    try:
+        return await _ingest(request, principal, limits)
+    finally:
+        slots.give_back(principal.credential_id)
+
+
+async def _ingest(request: web.Request, principal: Principal, limits: Limits) -> web.Response:
     body = await request.read()
     decoded = decode_body(body, request.headers.get("Content-Encoding"), limits)
     items = decoded.items
+    now = datetime.now(UTC)
     batch = check_batch(
-        items, principal.store_id, default_registry(), check_text=decoded.risky_escapes
+        items,
+        principal.store_id,
+        default_registry(),
+        now=now,
+        max_future_skew_s=limits.max_future_skew_s,
     )
-    counts = await request.app[BACKEND].ingest(batch.rows, datetime.now(UTC))
+    counts = await request.app[BACKEND].ingest(batch.rows, now, principal.credential_id)
     log.info(
         "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d",
         principal.store_id,

@@ -54,7 +54,7 @@ def decode_or_status(data: bytes, encoding: str | None) -> tuple[DecodedBody | N
 def test_any_json_items_are_judged_one_by_one(items: list[Any]) -> None:
     body = json.dumps(items).encode()
     decoded = decode_body(body, None, LIMITS)
-    batch = check_batch(decoded.items, "store-001", default_registry(), check_text=True)
+    batch = check_batch(decoded.items, "store-001", default_registry())
     assert len(batch.rows) + len(batch.rejected) + batch.repeated == len(items)
     assert [r["index"] for r in batch.rejected] == sorted(r["index"] for r in batch.rejected)
 
@@ -68,7 +68,7 @@ def test_valid_envelopes_keep_their_content(sku: str, customer: str) -> None:
     item = envelope(customer_id=customer, data={"sku": sku})
     body = json.dumps([item]).encode()
     decoded = decode_body(body, None, LIMITS)
-    batch = check_batch(decoded.items, "store-001", default_registry(), check_text=True)
+    batch = check_batch(decoded.items, "store-001", default_registry())
     storable = "\x00" not in sku + customer and _utf8(sku + customer)
     if not storable:
         assert batch.rows == []
