@@ -32,6 +32,9 @@ class IngestSlots:
         self.per_credential = per_credential
         self._busy: dict[int, int] = {}
 
+    def in_progress(self) -> int:
+        return sum(self._busy.values())
+
     def take(self, credential_id: int) -> bool:
         busy = self._busy.get(credential_id, 0)
         if busy >= self.per_credential:
