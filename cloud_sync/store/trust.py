@@ -3,10 +3,10 @@
 Any agent token can post any envelope for its store, so a compromised store box can claim
 anything about any customer id. The rules here keep one forged message from winning:
 
-- Consent of one id: a flag is on only when both the latest ``consent.update`` the store
-  *received* and the latest by *event time* say so. A withdrawal received later wins at
-  once, whatever its date; an old grant arriving from a backlog does not undo a newer
-  withdrawal; far-future dates are refused at ingest (``ts_in_future``).
+- Consent of one id: a flag is on only when the latest ``consent.update`` the store
+  *received* grants it and every withdrawal of it is dated before that grant. A withdrawal
+  received later wins at once, whatever its date; an old grant arriving from a backlog does
+  not undo a newer withdrawal; far-future dates are refused at ingest (``ts_in_future``).
 - Consent of a profile (linked ids): the most restrictive value. Every id with a history
   of its own counts, and an id with a history but no consent record counts as "no".
 - Links (``customer.identified`` with ``data.alias``): only from declared identifier kinds
@@ -75,11 +75,15 @@ def resolve_consent(
 
 
 def _id_allows(changes: list[ConsentChange], flag: str) -> bool:
+    """On only when the last change received grants it and every withdrawal is dated before
+    that grant: a withdrawal wins on receipt whatever its date, and an old grant arriving
+    late (or a grant dated ahead and then withdrawn) cannot reopen what was withdrawn."""
     if not changes:
         return False  # a history without any consent record: no
-    received_last = max(changes, key=lambda c: c.change_id)
-    dated_last = max(changes, key=lambda c: (c.event_ts, c.change_id))
-    return _flag(received_last.flags, flag) and _flag(dated_last.flags, flag)
+    grant = max(changes, key=lambda c: c.change_id)
+    if not _flag(grant.flags, flag):
+        return False
+    return all(c.event_ts < grant.event_ts for c in changes if not _flag(c.flags, flag))
 
 
 def _flag(flags: Mapping[str, Any], flag: str) -> bool:
