@@ -7,6 +7,7 @@ retry. Auth rules live in ``auth``; profile shaping in ``profiles``. See ``opena
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -19,7 +20,14 @@ from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.store import auth, profiles
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
-from cloud_sync.store.ingest import Limits, check_batch, check_content_type, decode_body
+from cloud_sync.store.ingest import (
+    CheckedBatch,
+    Limits,
+    Piece,
+    check_batch,
+    check_content_type,
+    decode_body,
+)
 from cloud_sync.store.records import Principal, format_ts
 
 log = logging.getLogger(__name__)
@@ -171,15 +179,16 @@ async def _post_events(request: web.Request) -> web.Response:
 
 async def _ingest(request: web.Request, principal: Principal, limits: Limits) -> web.Response:
     body = await request.read()
-    decoded = decode_body(body, request.headers.get("Content-Encoding"), limits)
-    items = decoded.items
     now = datetime.now(UTC)
-    batch = check_batch(
-        items,
+    # Gunzip, scan and per-envelope checks take up to seconds of CPU on a hostile body:
+    # off the event loop, so health checks and other agents are still answered meanwhile.
+    items, batch = await asyncio.to_thread(
+        _decode_and_check,
+        body,
+        request.headers.get("Content-Encoding"),
+        limits,
         principal.store_id,
-        default_registry(),
-        now=now,
-        max_future_skew_s=limits.max_future_skew_s,
+        now,
     )
     counts = await request.app[BACKEND].ingest(batch.rows, now, principal.credential_id)
     log.info(
@@ -198,6 +207,16 @@ async def _ingest(request: web.Request, principal: Principal, limits: Limits) ->
             "rejected": batch.rejected,
         }
     )
+
+
+def _decode_and_check(
+    body: bytes, encoding: str | None, limits: Limits, store_id: str | None, now: datetime
+) -> tuple[list[Piece], CheckedBatch]:
+    items = decode_body(body, encoding, limits).items
+    batch = check_batch(
+        items, store_id, default_registry(), now=now, max_future_skew_s=limits.max_future_skew_s
+    )
+    return items, batch
 
 
 async def _profile_ids(request: web.Request) -> tuple[str, list[str], Any]:

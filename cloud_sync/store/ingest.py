@@ -41,7 +41,7 @@ DEFAULT_FUTURE_SKEW_S: Final = 300.0
 class Limits:
     max_body_bytes: int = 8 * 1024 * 1024  # as sent (compressed when gzip)
     # After gunzip: bounds a gzip bomb, and the scan's work (linear in these bytes).
-    max_decoded_bytes: int = 16 * 1024 * 1024
+    max_decoded_bytes: int = 8 * 1024 * 1024
     max_events: int = 10_000
     max_envelope_bytes: int = 64 * 1024  # one envelope as sent, before it is parsed
     max_depth: int = 16  # nesting inside one envelope (the envelope object is 1)

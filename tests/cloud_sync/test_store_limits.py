@@ -66,8 +66,8 @@ async def test_gzip_bomb_of_nested_arrays_is_refused_and_memory_stays_bounded(
     token = await asyncio.to_thread(create_token, db_url)
     # The reported body: 62 KiB of gzip inflating to 63 MiB of nested empty arrays.
     bomb = gzip.compress(b"[" + hostile_event(63 * 1024 * 1024) + b"]", 9)
-    # Under the decoded limit, one envelope far over the envelope limit, beside a good one.
-    big = b"[" + hostile_event(12 * 1024 * 1024) + b"," + json.dumps(batch(1)[0]).encode() + b"]"
+    # Under the decoded limit (8 MiB), one envelope far over the envelope limit, beside a good one.
+    big = b"[" + hostile_event(6 * 1024 * 1024) + b"," + json.dumps(batch(1)[0]).encode() + b"]"
     store = StoreProcess(db_url, tmp_path / "store.log")
     await asyncio.to_thread(store.start)
     try:
