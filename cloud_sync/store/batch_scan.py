@@ -1,11 +1,14 @@
 """Find the envelopes of a batch body without parsing it: byte spans, sizes and nesting depth.
 
 ``json.loads`` of a whole body builds every value at once: 63 MiB of nested empty arrays
-became 1.7 GB of Python lists before anything could look at them. This scanner walks only the
-structural tokens (strings, brackets, commas) with one compiled regular expression, so memory
-stays at the body itself, and reports each element of the batch array as a span with its size
-and deepest nesting. The caller then parses one envelope at a time, and only those within the
-limits; an element's own syntax is checked by that parse, not here.
+became 1.7 GB of Python lists before anything could look at them. This scanner never builds
+a value. It works on the bytes with numpy, a window at a time: escape pairs are blanked
+(same length, so offsets hold), quotes counted to tell what lies inside a string, and a
+running sum of brackets gives each byte's nesting level; commas at level 1 separate the
+batch's envelopes. Time and memory are linear in the body with small constants whatever
+its shape (one Python step per envelope, not per token). The caller then parses one
+envelope at a time, only those within the limits; an envelope's own syntax is checked by
+that parse, not here.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+
 from cloud_sync.store.errors import BadRequestError
 
-# A JSON string (escapes included) or one structural character. Strings are matched whole so
-# that brackets and commas inside them are never counted.
-_TOKEN: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
 _WRAPPED: Final = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"events"[ \t\r\n]*:[ \t\r\n]*')
 _WRAPPED_END: Final = re.compile(rb"[ \t\r\n]*\}[ \t\r\n]*")
 _SPACE: Final = re.compile(rb"[ \t\r\n]*")
-_OPEN: Final = frozenset(b"[{")
-_CLOSE: Final = frozenset(b"]}")
-_COMMA: Final = ord(",")
-_QUOTE: Final = ord('"')
+# A backslash and the byte it escapes; replaced by two neutral bytes, so an escaped quote
+# never counts as one and every offset stays where it was.
+_ESCAPE_PAIR: Final = re.compile(rb"\\.", re.DOTALL)
+WINDOW: Final = 256 * 1024  # bytes per numpy pass: bounds the temporaries (a few MB)
+_QUOTE, _COMMA = ord('"'), ord(",")
+_OPENS, _CLOSES = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,30 +62,41 @@ def batch_spans(body: bytes, max_events: int) -> list[Span]:
                 400, "bad_batch_shape", 'expected [envelope, ...] or {"events": [...]}'
             )
         raise BadRequestError(400, "malformed_json", f"unexpected byte at {pos}")
+    plain = _ESCAPE_PAIR.sub(b"__", body) if b"\\" in body else body
     spans: list[Span] = []
-    depth = 0  # 1 inside the batch array
-    deepest = 1
-    start = pos + 1
-    for token in _TOKEN.finditer(body, pos):
-        char = body[token.start()]
-        if char == _QUOTE:
-            continue
-        if char in _OPEN:
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                if char != ord("]"):
-                    raise BadRequestError(400, "malformed_json", "the batch array is not closed")
-                _finish(body, start, token.start(), deepest, spans, closing=True)
+    start, deepest = pos + 1, 1  # the element in progress; levels count the batch array as 1
+    level, quotes = 0, 0  # carried from one window to the next
+    for low in range(pos, len(plain), WINDOW):
+        chunk = np.frombuffer(plain, np.uint8, min(WINDOW, len(plain) - low), low)
+        quote = chunk == _QUOTE
+        # Even count of quotes before a byte: it is outside every string.
+        outside = ((np.cumsum(quote, dtype=np.int64) - quote + quotes) & 1) == 0
+        step = np.isin(chunk, _OPENS).astype(np.int32) - np.isin(chunk, _CLOSES)
+        step *= outside
+        levels = np.cumsum(step, dtype=np.int64) + level
+        ends = np.flatnonzero(
+            ((chunk == _COMMA) & outside & (levels == 1)) | ((step == -1) & (levels == 0))
+        )
+        if len(ends):
+            marks = np.concatenate(([0], ends[:-1] + 1))
+            tops = np.maximum.reduceat(levels[: ends[-1] + 1], marks)
+            for end, top in zip(ends.tolist(), tops.tolist(), strict=True):
+                deepest = max(deepest, top)
+                closing = bool(levels[end] == 0)
+                _finish(body, start, low + end, deepest, spans, closing=closing)
                 _check_count(spans, max_events)
-                _check_tail(body, token.end(), wrapped is not None)
-                return spans
-        elif depth == 1:  # a comma between two envelopes
-            _finish(body, start, token.start(), deepest, spans, closing=False)
-            _check_count(spans, max_events)
-            start, deepest = token.end(), 1
+                if closing:
+                    if chunk[end] != ord("]"):
+                        raise BadRequestError(400, "malformed_json", "the batch is not closed")
+                    _check_tail(body, low + end + 1, wrapped is not None)
+                    return spans
+                start, deepest = low + end + 1, 1
+            rest = levels[ends[-1] + 1 :]
+        else:
+            rest = levels
+        if len(rest):
+            deepest = max(deepest, int(rest.max()))
+        level, quotes = int(levels[-1]), quotes + int(quote.sum())
     raise BadRequestError(400, "malformed_json", "the batch array is not closed")
 
 
