@@ -169,13 +169,16 @@ def check_batch(
 
 
 def to_row(
-    item: object, registry: Registry, *, latest: datetime, check_text: bool = True
+    item: object, registry: Registry, *, latest: datetime | None = None, check_text: bool = True
 ) -> tuple[EventRow | None, str]:
     """One envelope as a row, or None and the reason it is refused.
 
-    ``latest`` is the last acceptable event time (receipt plus the allowed clock skew): an
-    event dated later is refused, so a forged far-future consent cannot outrank real ones.
+    ``latest`` is the last acceptable event time (receipt plus the allowed clock skew; by
+    default now plus the default skew): an event dated later is refused, so a forged
+    far-future consent cannot outrank real ones.
     """
+    if latest is None:
+        latest = datetime.now(UTC) + timedelta(seconds=DEFAULT_FUTURE_SKEW_S)
     if not isinstance(item, dict):
         return None, "not_an_object"
     reason = check_envelope(item, registry)
