@@ -300,13 +300,14 @@ class PostgresBackend:
                 change = sql_shared.identity_change(row, _same)
                 status, edge = trust.transition(change.kind, change.status, action)
                 pair = (change.customer_id, change.alias, change.alias, change.customer_id)
+                await conn.execute(
+                    sql_shared.SET_CHANGE_STATUS, (status, action, now, decided_by, change_id)
+                )
+                # After the status: the removal looks for other applied changes of the pair.
                 if edge == "add":
                     await conn.execute(sql_shared.ADD_LINK, pair)
                 elif edge == "remove":
                     await conn.execute(sql_shared.REMOVE_LINK, pair)
-                await conn.execute(
-                    sql_shared.SET_CHANGE_STATUS, (status, action, now, decided_by, change_id)
-                )
                 cur = await conn.execute(select, (change_id,))
                 row = await cur.fetchone()
                 if row is None:  # held by FOR UPDATE: it cannot vanish meanwhile

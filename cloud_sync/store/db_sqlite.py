@@ -204,14 +204,15 @@ class SqliteBackend:
                 change = sql_shared.identity_change(row, _ts)
                 status, edge = trust.transition(change.kind, change.status, action)
                 pair = (change.customer_id, change.alias, change.alias, change.customer_id)
-                if edge == "add":
-                    conn.execute(_q(sql_shared.ADD_LINK), pair)
-                elif edge == "remove":
-                    conn.execute(_q(sql_shared.REMOVE_LINK), pair)
                 conn.execute(
                     _q(sql_shared.SET_CHANGE_STATUS),
                     (status, action, sortable_ts(now), decided_by, change_id),
                 )
+                # After the status: the removal looks for other applied changes of the pair.
+                if edge == "add":
+                    conn.execute(_q(sql_shared.ADD_LINK), pair)
+                elif edge == "remove":
+                    conn.execute(_q(sql_shared.REMOVE_LINK), pair)
                 row = conn.execute(
                     f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes WHERE id = ?",
                     (change_id,),

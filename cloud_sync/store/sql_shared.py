@@ -60,7 +60,14 @@ HELD_SAME_LINK: Final = (
 ADD_LINK: Final = (
     "INSERT INTO identity_links (a, b) VALUES (%s, %s), (%s, %s) ON CONFLICT DO NOTHING"
 )
-REMOVE_LINK: Final = "DELETE FROM identity_links WHERE (a = %s AND b = %s) OR (a = %s AND b = %s)"
+# Undoing one link change removes the edge only when no other applied change asserts it.
+REMOVE_LINK: Final = (
+    "DELETE FROM identity_links WHERE ((a = %s AND b = %s) OR (a = %s AND b = %s))"
+    " AND NOT EXISTS (SELECT 1 FROM identity_changes c WHERE c.kind = 'link'"
+    " AND c.status = 'applied' AND ((c.customer_id = identity_links.a"
+    " AND c.alias = identity_links.b) OR (c.customer_id = identity_links.b"
+    " AND c.alias = identity_links.a)))"
+)
 SET_CHANGE_STATUS: Final = (
     "UPDATE identity_changes SET status = %s, reason = %s, decided_at = %s, decided_by = %s"
     " WHERE id = %s"

@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from cstore_helpers import consent, envelope
 
+from cloud_sync.store.backend import Backend
+
 Client = TestClient[Any, Any]
 JSON = {"Content-Type": "application/json"}
 
@@ -122,7 +124,7 @@ async def test_forged_link_reads_and_erases_nothing_of_the_victim(
 
 
 async def test_links_from_undeclared_kinds_are_refused_and_held_links_need_a_second_store(
-    client: Client, tokens: Tokens
+    client: Client, tokens: Tokens, backend: Backend
 ) -> None:
     home, other = await tokens.agent("store-001"), await tokens.agent("store-002")
     admin = await tokens.admin()
@@ -143,6 +145,18 @@ async def test_links_from_undeclared_kinds_are_refused_and_held_links_need_a_sec
     await post(client, other, [link("app-1", "card-1", store_id="store-002")])
     ids = (await (await client.get("/v1/customers/card-1", headers=admin)).json())["identities"]
     assert ids == ["app-1", "card-1", "new-1"]
+    trail = [c for c in await backend.audit("app-1", 10) if c.kind == "link"]
+    assert [(c.method, c.status, c.reason) for c in trail] == [
+        ("free_text", "refused", "undeclared_method"),
+        ("card", "applied", "corroborated"),
+        ("card", "applied", "corroborated"),
+    ]
+    # The edge stays while one applied change still asserts it.
+    now = datetime.now(UTC)
+    await backend.decide_change(trail[1].change_id, "undo", "admin:t", now)
+    assert await backend.identities("app-1") == ["app-1", "card-1", "new-1"]
+    await backend.decide_change(trail[2].change_id, "undo", "admin:t", now)
+    assert await backend.identities("app-1") == ["app-1"]
 
 
 async def test_audit_lists_origin_and_undoes_or_applies_changes(
