@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from importlib import resources
@@ -192,12 +193,14 @@ async def _ingest(request: web.Request, principal: Principal, limits: Limits) ->
     )
     counts = await request.app[BACKEND].ingest(batch.rows, now, principal.credential_id)
     log.info(
-        "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d",
+        "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d"
+        " reasons=%s",
         principal.store_id,
         len(items),
         counts.accepted,
         counts.duplicates + batch.repeated,
         len(batch.rejected),
+        ",".join(f"{k}:{n}" for k, n in Counter(r["reason"] for r in batch.rejected).items()),
     )
     return web.json_response(
         {
