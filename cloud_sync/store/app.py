@@ -7,7 +7,9 @@ retry. Auth rules live in ``auth``; profile shaping in ``profiles``. See ``opena
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from importlib import resources
@@ -19,13 +21,45 @@ from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.store import auth, profiles
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
-from cloud_sync.store.ingest import Limits, check_batch, check_content_type, decode_body
+from cloud_sync.store.ingest import (
+    CheckedBatch,
+    Limits,
+    Piece,
+    check_batch,
+    check_content_type,
+    decode_body,
+)
 from cloud_sync.store.records import Principal, format_ts
 
 log = logging.getLogger(__name__)
 
+
+class IngestSlots:
+    """Ingests in progress per credential: one token cannot hold every worker and its memory."""
+
+    def __init__(self, per_credential: int) -> None:
+        self.per_credential = per_credential
+        self._busy: dict[int, int] = {}
+
+    def in_progress(self) -> int:
+        return sum(self._busy.values())
+
+    def take(self, credential_id: int) -> bool:
+        busy = self._busy.get(credential_id, 0)
+        if busy >= self.per_credential:
+            return False
+        self._busy[credential_id] = busy + 1
+        return True
+
+    def give_back(self, credential_id: int) -> None:
+        busy = self._busy.pop(credential_id) - 1
+        if busy:
+            self._busy[credential_id] = busy
+
+
 BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
+SLOTS: Final = web.AppKey("slots", IngestSlots)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -39,6 +73,7 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app = web.Application(client_max_size=limits.max_body_bytes + 1, middlewares=[_errors_as_json])
     app[BACKEND] = backend
     app[LIMITS] = limits
+    app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -127,20 +162,45 @@ async def _post_events(request: web.Request) -> web.Response:
     limits = request.app[LIMITS]
     if (request.content_length or 0) > limits.max_body_bytes:
         raise BadRequestError(413, "body_too_large", f"limit {limits.max_body_bytes} bytes")
+    slots = request.app[SLOTS]
+    # Taken before the body is read: the limit bounds memory, not only database work.
+    if not slots.take(principal.credential_id):
+        log.info("store.batch.throttled store=%s", principal.store_id)
+        return _error(
+            429,
+            "too_many_concurrent_ingests",
+            f"at most {slots.per_credential} at once per credential",
+            **{"Retry-After": "1"},
+        )
+    try:
+        return await _ingest(request, principal, limits)
+    finally:
+        slots.give_back(principal.credential_id)
+
+
+async def _ingest(request: web.Request, principal: Principal, limits: Limits) -> web.Response:
     body = await request.read()
-    decoded = decode_body(body, request.headers.get("Content-Encoding"), limits)
-    items = decoded.items
-    batch = check_batch(
-        items, principal.store_id, default_registry(), check_text=decoded.risky_escapes
+    now = datetime.now(UTC)
+    # Gunzip, scan and per-envelope checks take up to seconds of CPU on a hostile body:
+    # off the event loop, so health checks and other agents are still answered meanwhile.
+    items, batch = await asyncio.to_thread(
+        _decode_and_check,
+        body,
+        request.headers.get("Content-Encoding"),
+        limits,
+        principal.store_id,
+        now,
     )
-    counts = await request.app[BACKEND].ingest(batch.rows, datetime.now(UTC))
+    counts = await request.app[BACKEND].ingest(batch.rows, now, principal.credential_id)
     log.info(
-        "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d",
+        "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d"
+        " reasons=%s",
         principal.store_id,
         len(items),
         counts.accepted,
         counts.duplicates + batch.repeated,
         len(batch.rejected),
+        ",".join(f"{k}:{n}" for k, n in Counter(r["reason"] for r in batch.rejected).items()),
     )
     return web.json_response(
         {
@@ -150,6 +210,16 @@ async def _post_events(request: web.Request) -> web.Response:
             "rejected": batch.rejected,
         }
     )
+
+
+def _decode_and_check(
+    body: bytes, encoding: str | None, limits: Limits, store_id: str | None, now: datetime
+) -> tuple[list[Piece], CheckedBatch]:
+    items = decode_body(body, encoding, limits).items
+    batch = check_batch(
+        items, store_id, default_registry(), now=now, max_future_skew_s=limits.max_future_skew_s
+    )
+    return items, batch
 
 
 async def _profile_ids(request: web.Request) -> tuple[str, list[str], Any]:

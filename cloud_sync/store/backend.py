@@ -16,6 +16,7 @@ from cloud_sync.store.records import (
     CustomerFacts,
     Erasure,
     EventRow,
+    IdentityChange,
     IngestCounts,
     Kind,
     ModelRecord,
@@ -33,8 +34,12 @@ class Backend(Protocol):
 
     async def ping(self) -> None: ...
 
-    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
-        """Insert new events (by event_id), link aliases, drop events of erased customers."""
+    async def ingest(
+        self, rows: Sequence[EventRow], now: datetime, credential_id: int | None = None
+    ) -> IngestCounts:
+        """Insert new events (by store_id and event_id), drop events of erased customers, and
+        record their consent and link changes with their origin, applying links only as the
+        trust model allows (``trust``)."""
         ...
 
     async def find_principal(self, token_hash: str) -> Principal | None: ...
@@ -60,6 +65,16 @@ class Backend(Protocol):
         ...
 
     async def erasures(self, after: int, limit: int) -> list[Erasure]: ...
+
+    async def audit(self, customer_id: str | None, limit: int) -> list[IdentityChange]:
+        """Consent and link changes (of one id, as either side), oldest first."""
+        ...
+
+    async def decide_change(
+        self, change_id: int, action: str, decided_by: str, now: datetime
+    ) -> IdentityChange:
+        """An operator's ``undo`` or ``apply`` of one change; AuditError when it does not apply."""
+        ...
 
     async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
         """Store a model version; False when that version already holds the same sha256."""

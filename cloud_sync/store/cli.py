@@ -51,6 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pool-size", type=int, default=10, help="PostgreSQL connections")
     run.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
     run.add_argument("--max-events", type=int, default=Limits().max_events, help="per batch")
+    run.add_argument(
+        "--max-decoded-bytes",
+        type=int,
+        default=Limits().max_decoded_bytes,
+        help="a body once gunzipped",
+    )
+    run.add_argument(
+        "--max-envelope-bytes",
+        type=int,
+        default=Limits().max_envelope_bytes,
+        help="one envelope as sent; larger ones are rejected unparsed",
+    )
+    run.add_argument(
+        "--max-depth", type=int, default=Limits().max_depth, help="nesting in one envelope"
+    )
+    run.add_argument(
+        "--max-future-skew-s",
+        type=float,
+        default=Limits().max_future_skew_s,
+        help="events dated later than receipt + this are rejected",
+    )
+    run.add_argument(
+        "--max-concurrent-ingests",
+        type=int,
+        default=Limits().max_concurrent_ingests,
+        help="per credential; more at once get a 429",
+    )
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument(
         "--reuse-port",
@@ -83,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
     publish.add_argument("--dir", required=True, type=Path)
+
+    audit = commands.add_parser(
+        "audit", help="consent and link changes with their origin"
+    ).add_subparsers(dest="action", required=True)
+    alist = with_db(audit.add_parser("list", help="one JSON object per change, oldest first"))
+    alist.add_argument("--customer", help="only changes naming this id (either side)")
+    alist.add_argument("--limit", type=int, default=1000)
+    for action, text in (
+        ("undo", "undo an applied change (a link is removed) or dismiss a held one"),
+        ("apply", "apply a held, refused or undone change"),
+    ):
+        decide = with_db(audit.add_parser(action, help=text))
+        decide.add_argument("id", type=int, help="the change's id from audit list")
+        decide.add_argument("--by", default="operator", help="who decides (kept in the trail)")
 
     with_db(commands.add_parser("stats", help="print one JSON object of counts"))
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
@@ -117,6 +158,21 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
             return f"{state} version={record.version} sha256={record.sha256}"
 
         return publish
+    if command == ("audit", "list"):
+
+        async def audit_list(b: Backend) -> str:
+            changes = await b.audit(args.customer, args.limit)
+            return "\n".join(json.dumps(c.as_json(), sort_keys=True) for c in changes)
+
+        return audit_list
+    if command in (("audit", "undo"), ("audit", "apply")):
+
+        async def audit_decide(b: Backend) -> str:
+            now = datetime.now(UTC)
+            change = await b.decide_change(args.id, args.action, f"admin:{args.by}", now)
+            return json.dumps(change.as_json(), sort_keys=True)
+
+        return audit_decide
     if command[0] == "stats":
 
         async def stats(b: Backend) -> str:
@@ -140,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            limits = Limits(max_body_bytes=args.max_body_bytes, max_events=args.max_events)
+            limits = Limits(
+                max_body_bytes=args.max_body_bytes,
+                max_events=args.max_events,
+                max_decoded_bytes=args.max_decoded_bytes,
+                max_envelope_bytes=args.max_envelope_bytes,
+                max_depth=args.max_depth,
+                max_future_skew_s=args.max_future_skew_s,
+                max_concurrent_ingests=args.max_concurrent_ingests,
+            )
             asyncio.run(
                 serve(
                     args.db,

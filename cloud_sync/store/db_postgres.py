@@ -10,6 +10,7 @@ concurrent batches lock keys in the same order and cannot deadlock.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
@@ -19,15 +20,17 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from cloud_sync.store import migrations, sql_shared
+from cloud_sync.store import migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES
-from cloud_sync.store.errors import BackendError
+from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
+    ConsentChange,
     CustomerFacts,
     DeviceFacts,
     Erasure,
     EventRow,
+    IdentityChange,
     IngestCounts,
     Kind,
     ModelRecord,
@@ -51,7 +54,7 @@ CREATE_STAGING = (
 COPY_STAGING = f"COPY ingest_staging ({COLUMNS}) FROM STDIN"
 MOVE_STAGED = (
     f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM ingest_staging"
-    " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING"
+    " ORDER BY store_id, event_id ON CONFLICT (store_id, event_id) DO NOTHING"
 )
 
 
@@ -112,8 +115,9 @@ class PostgresBackend:
     async def ping(self) -> None:
         await self._fetch("ping", "SELECT 1")
 
-    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
-        del now  # the database's clock stamps ingested_at
+    async def ingest(
+        self, rows: Sequence[EventRow], now: datetime, credential_id: int | None = None
+    ) -> IngestCounts:
         customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
         try:
             async with self._pool.connection() as conn, conn.transaction():
@@ -132,13 +136,22 @@ class PostgresBackend:
                             await copy.write_row(record)
                     await cur.execute(MOVE_STAGED)
                     accepted = cur.rowcount
-                pairs = sorted(sql_shared.link_pairs(keep))
-                if pairs:
-                    await conn.execute(
-                        "INSERT INTO identity_links (a, b) SELECT * FROM"
-                        " unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING",
-                        ([a for a, _ in pairs], [b for _, b in pairs]),
-                    )
+                    consents = [
+                        (
+                            r.customer_id,
+                            r.data_json,
+                            r.event_id,
+                            r.store_id,
+                            credential_id,
+                            r.ts,
+                            now,
+                        )
+                        for r in sql_shared.consents(keep)
+                    ]
+                    if consents:
+                        await cur.executemany(sql_shared.INSERT_CONSENT_CHANGE, consents)
+                for row in sql_shared.links(keep):
+                    await _link(conn, row, credential_id, now)
         except psycopg.Error as exc:
             raise BackendError("ingest", str(exc)) from exc
         return IngestCounts(accepted, len(keep) - accepted, len(rows) - len(keep))
@@ -186,14 +199,19 @@ class PostgresBackend:
                 (id_list, recent),
             ),
             (
-                f"SELECT data, ts FROM events WHERE {where} AND type = 'consent.update'"
-                " ORDER BY ts DESC, seq DESC LIMIT 1",
+                "SELECT id, customer_id, flags, event_ts FROM identity_changes"
+                f" WHERE {where} AND kind = 'consent' AND status = 'applied' ORDER BY id",
+                (id_list,),
+            ),
+            (
+                f"SELECT DISTINCT customer_id FROM events WHERE {where}"
+                " AND type <> 'customer.identified'",
                 (id_list,),
             ),
         ]
         results: list[list[Any]] = []
         try:
-            # One snapshot for the four reads, so the parts of a profile agree with each other.
+            # One snapshot for the five reads, so the parts of a profile agree with each other.
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 for query, params in queries:
@@ -201,7 +219,7 @@ class PostgresBackend:
                     results.append(await cur.fetchall())
         except psycopg.Error as exc:
             raise BackendError("customer_facts", str(exc)) from exc
-        by_type, devices, skus, consent = results
+        by_type, devices, skus, consents, history = results
         if not by_type:
             return None
         return CustomerFacts(
@@ -212,8 +230,10 @@ class PostgresBackend:
             stores=tuple(sorted({str(r[1]) for r in devices})),
             devices=tuple(DeviceFacts(r[0], r[1], r[2], int(r[3])) for r in devices),
             recent_skus=tuple((str(r[0]), r[1]) for r in skus),
-            consent=consent[0][0] if consent else None,
-            consent_ts=consent[0][1] if consent else None,
+            consent_changes=tuple(
+                ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), r[3]) for r in consents
+            ),
+            history_ids=tuple(sorted(str(r[0]) for r in history)),
         )
 
     async def customer_events(
@@ -245,6 +265,10 @@ class PostgresBackend:
                     (id_list, id_list),
                 )
                 await conn.execute(
+                    "DELETE FROM identity_changes WHERE customer_id = ANY(%s) OR alias = ANY(%s)",
+                    (id_list, id_list),
+                )
+                await conn.execute(
                     "INSERT INTO erasures (customer_id, requested_at, requested_by)"
                     " SELECT unnest(%s::text[]), %s, %s",
                     (id_list, now, requested_by),
@@ -252,6 +276,45 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise BackendError("erase", str(exc)) from exc
         return deleted
+
+    async def audit(self, customer_id: str | None, limit: int) -> list[IdentityChange]:
+        where = " WHERE customer_id = %s OR alias = %s" if customer_id is not None else ""
+        params: list[Any] = [customer_id, customer_id] if customer_id is not None else []
+        rows = await self._fetch(
+            "audit",
+            f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes{where} ORDER BY id LIMIT %s",
+            [*params, limit],
+        )
+        return [sql_shared.identity_change(r, _same) for r in rows]
+
+    async def decide_change(
+        self, change_id: int, action: str, decided_by: str, now: datetime
+    ) -> IdentityChange:
+        select = f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes WHERE id = %s"
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(select + " FOR UPDATE", (change_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    raise AuditError(f"no identity change {change_id}")
+                change = sql_shared.identity_change(row, _same)
+                status, edge = trust.transition(change.kind, change.status, action)
+                pair = (change.customer_id, change.alias, change.alias, change.customer_id)
+                await conn.execute(
+                    sql_shared.SET_CHANGE_STATUS, (status, action, now, decided_by, change_id)
+                )
+                # After the status: the removal looks for other applied changes of the pair.
+                if edge == "add":
+                    await conn.execute(sql_shared.ADD_LINK, pair)
+                elif edge == "remove":
+                    await conn.execute(sql_shared.REMOVE_LINK, pair)
+                cur = await conn.execute(select, (change_id,))
+                row = await cur.fetchone()
+                if row is None:  # held by FOR UPDATE: it cannot vanish meanwhile
+                    raise AuditError(f"identity change {change_id} vanished")
+        except psycopg.Error as exc:
+            raise BackendError("decide_change", str(exc)) from exc
+        return sql_shared.identity_change(row, _same)
 
     async def erasures(self, after: int, limit: int) -> list[Erasure]:
         rows = await self._fetch(
@@ -364,6 +427,58 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
                 (migration.version, migration.name),
             )
             log.info("store.migration.applied backend=postgres version=%d", migration.version)
+
+
+async def _link(
+    conn: psycopg.AsyncConnection[Any], row: EventRow, credential_id: int | None, now: datetime
+) -> None:
+    """Record one claimed link and apply it when the trust model allows (``trust``)."""
+    a, b = str(row.customer_id), str(row.alias)
+    ids_a = await _walk(conn, a)
+    same = b in ids_a
+    held_ids: list[int] = []
+    if not same:
+        cur = await conn.execute(sql_shared.HELD_SAME_LINK, (row.store_id, a, b, b, a))
+        held_ids = [int(h[0]) for h in await cur.fetchall()]
+    facts = trust.LinkFacts(
+        method=row.method,
+        store_id=row.store_id,
+        same_profile=same,
+        stores_a=() if same else await _history_stores(conn, ids_a),
+        stores_b=() if same else await _history_stores(conn, await _walk(conn, b)),
+        corroborated=bool(held_ids),
+    )
+    status, reason = trust.decide_link(facts, trust.DEFAULT_LINK_METHODS)
+    cur = await conn.execute(
+        sql_shared.INSERT_LINK_CHANGE,
+        (a, b, row.method, row.event_id, row.store_id, credential_id, row.ts, now, status, reason),
+    )
+    if cur.rowcount != 1 or status != trust.APPLIED or same:
+        return  # a resent event, a link not (yet) believed, or nothing to change
+    await conn.execute(sql_shared.ADD_LINK, (a, b, b, a))
+    for held_id in held_ids:
+        await conn.execute(
+            sql_shared.SET_CHANGE_STATUS,
+            (trust.APPLIED, "corroborated", now, f"store:{row.store_id}", held_id),
+        )
+
+
+async def _walk(conn: psycopg.AsyncConnection[Any], customer_id: str) -> list[str]:
+    cur = await conn.execute(sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+    return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def _history_stores(conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> set[str]:
+    cur = await conn.execute(
+        "SELECT DISTINCT store_id FROM events WHERE customer_id = ANY(%s)"
+        " AND type <> 'customer.identified'",
+        (list(ids),),
+    )
+    return {str(r[0]) for r in await cur.fetchall()}
+
+
+def _same(value: datetime) -> datetime:
+    return value  # psycopg already returns timestamptz as an aware datetime
 
 
 def _model(row: Sequence[Any]) -> ModelRecord:

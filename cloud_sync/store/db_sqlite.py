@@ -19,15 +19,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from cloud_sync.store import migrations, sql_shared
+from cloud_sync.store import migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES
-from cloud_sync.store.errors import BackendError
+from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
+    ConsentChange,
     CustomerFacts,
     DeviceFacts,
     Erasure,
     EventRow,
+    IdentityChange,
     IngestCounts,
     Kind,
     ModelRecord,
@@ -90,8 +92,12 @@ class SqliteBackend:
     async def ping(self) -> None:
         await self._run("ping", lambda c: c.execute("SELECT 1").fetchone())
 
-    async def ingest(self, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
-        return await self._run("ingest", partial(_ingest, rows=rows, now=now))
+    async def ingest(
+        self, rows: Sequence[EventRow], now: datetime, credential_id: int | None = None
+    ) -> IngestCounts:
+        return await self._run(
+            "ingest", partial(_ingest, rows=rows, now=now, credential_id=credential_id)
+        )
 
     async def find_principal(self, token_hash: str) -> Principal | None:
         row = await self._run(
@@ -157,6 +163,11 @@ class SqliteBackend:
                     f"DELETE FROM identity_links WHERE a IN ({marks}) OR b IN ({marks})",
                     [*ids, *ids],
                 )
+                conn.execute(
+                    f"DELETE FROM identity_changes WHERE customer_id IN ({marks})"
+                    f" OR alias IN ({marks})",
+                    [*ids, *ids],
+                )
                 conn.executemany(
                     "INSERT INTO erasures (customer_id, requested_at, requested_by)"
                     " VALUES (?, ?, ?)",
@@ -165,6 +176,50 @@ class SqliteBackend:
                 return int(deleted)
 
         return await self._run("erase", erase)
+
+    async def audit(self, customer_id: str | None, limit: int) -> list[IdentityChange]:
+        where = " WHERE customer_id = ? OR alias = ?" if customer_id is not None else ""
+        params: list[Any] = [customer_id, customer_id] if customer_id is not None else []
+        rows = await self._run(
+            "audit",
+            lambda c: c.execute(
+                f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes{where}"
+                " ORDER BY id LIMIT ?",
+                [*params, limit],
+            ).fetchall(),
+        )
+        return [sql_shared.identity_change(r, _ts) for r in rows]
+
+    async def decide_change(
+        self, change_id: int, action: str, decided_by: str, now: datetime
+    ) -> IdentityChange:
+        def decide(conn: sqlite3.Connection) -> IdentityChange:
+            with _atomic(conn):
+                row = conn.execute(
+                    f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes WHERE id = ?",
+                    (change_id,),
+                ).fetchone()
+                if row is None:
+                    raise AuditError(f"no identity change {change_id}")
+                change = sql_shared.identity_change(row, _ts)
+                status, edge = trust.transition(change.kind, change.status, action)
+                pair = (change.customer_id, change.alias, change.alias, change.customer_id)
+                conn.execute(
+                    _q(sql_shared.SET_CHANGE_STATUS),
+                    (status, action, sortable_ts(now), decided_by, change_id),
+                )
+                # After the status: the removal looks for other applied changes of the pair.
+                if edge == "add":
+                    conn.execute(_q(sql_shared.ADD_LINK), pair)
+                elif edge == "remove":
+                    conn.execute(_q(sql_shared.REMOVE_LINK), pair)
+                row = conn.execute(
+                    f"SELECT {sql_shared.CHANGE_COLUMNS} FROM identity_changes WHERE id = ?",
+                    (change_id,),
+                ).fetchone()
+                return sql_shared.identity_change(row, _ts)
+
+        return await self._run("decide_change", decide)
 
     async def erasures(self, after: int, limit: int) -> list[Erasure]:
         rows = await self._run(
@@ -288,7 +343,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
             log.info("store.migration.applied backend=sqlite version=%d", migration.version)
 
 
-def _ingest(conn: sqlite3.Connection, rows: Sequence[EventRow], now: datetime) -> IngestCounts:
+def _ingest(
+    conn: sqlite3.Connection, rows: Sequence[EventRow], now: datetime, credential_id: int | None
+) -> IngestCounts:
     with _atomic(conn):
         customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
         erased_at: dict[str, datetime] = {}
@@ -305,7 +362,7 @@ def _ingest(conn: sqlite3.Connection, rows: Sequence[EventRow], now: datetime) -
         cur = conn.executemany(
             "INSERT INTO events (event_id, type, ts, store_id, device_id, customer_id, source,"
             " schema, data, received_at, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (event_id) DO NOTHING",
+            " ON CONFLICT (store_id, event_id) DO NOTHING",
             [
                 (
                     r.event_id,
@@ -325,10 +382,84 @@ def _ingest(conn: sqlite3.Connection, rows: Sequence[EventRow], now: datetime) -
         )
         accepted = cur.rowcount
         conn.executemany(
-            "INSERT INTO identity_links (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            sql_shared.link_pairs(keep),
+            _q(sql_shared.INSERT_CONSENT_CHANGE),
+            [
+                (
+                    r.customer_id,
+                    r.data_json,
+                    r.event_id,
+                    r.store_id,
+                    credential_id,
+                    sortable_ts(r.ts),
+                    stamp,
+                )
+                for r in sql_shared.consents(keep)
+            ],
         )
+        for row in sql_shared.links(keep):
+            _link(conn, row, credential_id, stamp)
     return IngestCounts(accepted, len(keep) - accepted, len(rows) - len(keep))
+
+
+def _link(conn: sqlite3.Connection, row: EventRow, credential_id: int | None, stamp: str) -> None:
+    """Record one claimed link and apply it when the trust model allows (``trust``)."""
+    a, b = str(row.customer_id), str(row.alias)
+    ids_a = _walk(conn, a)
+    same = b in ids_a
+    held = [] if same else conn.execute(_q(sql_shared.HELD_SAME_LINK), (row.store_id, a, b, b, a))
+    held_ids = [int(h[0]) for h in held]
+    facts = trust.LinkFacts(
+        method=row.method,
+        store_id=row.store_id,
+        same_profile=same,
+        stores_a=() if same else _history_stores(conn, ids_a),
+        stores_b=() if same else _history_stores(conn, _walk(conn, b)),
+        corroborated=bool(held_ids),
+    )
+    status, reason = trust.decide_link(facts, trust.DEFAULT_LINK_METHODS)
+    cur = conn.execute(
+        _q(sql_shared.INSERT_LINK_CHANGE),
+        (
+            a,
+            b,
+            row.method,
+            row.event_id,
+            row.store_id,
+            credential_id,
+            sortable_ts(row.ts),
+            stamp,
+            status,
+            reason,
+        ),
+    )
+    if cur.rowcount != 1 or status != trust.APPLIED or same:
+        return  # a resent event, a link not (yet) believed, or nothing to change
+    conn.execute(_q(sql_shared.ADD_LINK), (a, b, b, a))
+    for held_id in held_ids:
+        conn.execute(
+            _q(sql_shared.SET_CHANGE_STATUS),
+            (trust.APPLIED, "corroborated", stamp, f"store:{row.store_id}", held_id),
+        )
+
+
+def _walk(conn: sqlite3.Connection, customer_id: str) -> list[str]:
+    rows = conn.execute(_q(sql_shared.IDENTITIES), (customer_id, MAX_IDENTITIES)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _history_stores(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        f"SELECT DISTINCT store_id FROM events WHERE customer_id IN ({marks})"
+        " AND type <> 'customer.identified'",
+        list(ids),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def _q(sql: str) -> str:
+    """Shared SQL (``%s`` placeholders) in sqlite3's ``?`` style."""
+    return sql.replace("%s", "?")
 
 
 def _facts(conn: sqlite3.Connection, ids: Sequence[str], recent: int) -> CustomerFacts | None:
@@ -362,11 +493,15 @@ def _facts_in_snapshot(
         " AND json_type(data, '$.sku') = 'text' ORDER BY ts DESC, seq DESC LIMIT ?",
         [*params, recent],
     ).fetchall()
-    consent = conn.execute(
-        f"SELECT data, ts FROM events WHERE {where} AND type = 'consent.update'"
-        " ORDER BY ts DESC, seq DESC LIMIT 1",
+    consents = conn.execute(
+        "SELECT id, customer_id, flags, event_ts FROM identity_changes"
+        f" WHERE {where} AND kind = 'consent' AND status = 'applied' ORDER BY id",
         params,
-    ).fetchone()
+    ).fetchall()
+    history = conn.execute(
+        f"SELECT DISTINCT customer_id FROM events WHERE {where} AND type <> 'customer.identified'",
+        params,
+    ).fetchall()
     return CustomerFacts(
         ids=tuple(ids),
         counts={str(r[0]): int(r[1]) for r in by_type},
@@ -375,8 +510,10 @@ def _facts_in_snapshot(
         stores=tuple(sorted({str(r[1]) for r in devices})),
         devices=tuple(DeviceFacts(r[0], r[1], r[2], int(r[3])) for r in devices),
         recent_skus=tuple((str(r[0]), _ts(r[1])) for r in skus),
-        consent=None if consent is None else json.loads(consent[0]),
-        consent_ts=None if consent is None else _ts(consent[1]),
+        consent_changes=tuple(
+            ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), _ts(r[3])) for r in consents
+        ),
+        history_ids=tuple(sorted(str(r[0]) for r in history)),
     )
 
 

@@ -35,3 +35,7 @@ class BadRequestError(StoreError):
         self.status = status
         self.reason = reason
         self.detail = detail
+
+
+class AuditError(StoreError):
+    """An audit action does not apply (unknown change, or not in a state it can leave)."""

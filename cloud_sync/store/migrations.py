@@ -111,6 +111,107 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 published_at timestamptz NOT NULL)""",
         ),
     ),
+    Migration(
+        2,
+        "events are unique per (store_id, event_id), not per event_id",
+        # SQLite cannot drop a column's UNIQUE: the table is rebuilt, rows and seq kept.
+        sqlite=(
+            """CREATE TABLE events_by_store (
+                seq INTEGER PRIMARY KEY,
+                event_id TEXT NOT NULL,
+                type TEXT NOT NULL,
+                ts TEXT NOT NULL,
+                store_id TEXT NOT NULL,
+                device_id TEXT,
+                customer_id TEXT,
+                source TEXT NOT NULL,
+                schema INTEGER NOT NULL,
+                data TEXT NOT NULL,
+                received_at TEXT,
+                ingested_at TEXT NOT NULL,
+                UNIQUE (store_id, event_id))""",
+            "INSERT INTO events_by_store SELECT seq, event_id, type, ts, store_id, device_id,"
+            " customer_id, source, schema, data, received_at, ingested_at FROM events",
+            "DROP TABLE events",
+            "ALTER TABLE events_by_store RENAME TO events",
+            "CREATE INDEX events_customer ON events (customer_id, ts, seq)"
+            " WHERE customer_id IS NOT NULL",
+        ),
+        postgres=(
+            "ALTER TABLE events ADD CONSTRAINT events_store_event_key UNIQUE (store_id, event_id)",
+            "ALTER TABLE events DROP CONSTRAINT IF EXISTS events_event_id_key",
+        ),
+    ),
+    Migration(
+        3,
+        "identity_changes: every consent and link change with its origin",
+        sqlite=(
+            """CREATE TABLE identity_changes (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL CHECK (kind IN ('consent', 'link')),
+                customer_id TEXT NOT NULL,
+                alias TEXT,
+                method TEXT,
+                flags TEXT,
+                event_id TEXT NOT NULL,
+                store_id TEXT NOT NULL,
+                credential_id INTEGER,
+                event_ts TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                status TEXT NOT NULL,
+                reason TEXT NOT NULL DEFAULT '',
+                decided_at TEXT,
+                decided_by TEXT,
+                UNIQUE (store_id, event_id))""",
+            "CREATE INDEX identity_changes_customer ON identity_changes (customer_id, kind)",
+            "CREATE INDEX identity_changes_alias ON identity_changes (alias)"
+            " WHERE alias IS NOT NULL",
+            # What was stored before keeps counting, marked as recorded without an origin.
+            "INSERT INTO identity_changes (kind, customer_id, flags, event_id, store_id,"
+            " event_ts, received_at, status, reason) SELECT 'consent', customer_id, data,"
+            " event_id, store_id, ts, ingested_at, 'applied', 'before_audit' FROM events"
+            " WHERE type = 'consent.update' AND customer_id IS NOT NULL ORDER BY seq",
+            "INSERT INTO identity_changes (kind, customer_id, alias, method, event_id,"
+            " store_id, event_ts, received_at, status, reason) SELECT 'link', e.customer_id,"
+            " json_extract(e.data, '$.alias'), json_extract(e.data, '$.method'), e.event_id,"
+            " e.store_id, e.ts, e.ingested_at, 'applied', 'before_audit' FROM events e"
+            " WHERE e.type = 'customer.identified' AND e.customer_id IS NOT NULL"
+            " AND EXISTS (SELECT 1 FROM identity_links l WHERE l.a = e.customer_id"
+            " AND l.b = json_extract(e.data, '$.alias')) ORDER BY e.seq",
+        ),
+        postgres=(
+            """CREATE TABLE identity_changes (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                kind text NOT NULL CHECK (kind IN ('consent', 'link')),
+                customer_id text NOT NULL,
+                alias text,
+                method text,
+                flags text,
+                event_id text NOT NULL,
+                store_id text NOT NULL,
+                credential_id bigint,
+                event_ts timestamptz NOT NULL,
+                received_at timestamptz NOT NULL,
+                status text NOT NULL,
+                reason text NOT NULL DEFAULT '',
+                decided_at timestamptz,
+                decided_by text,
+                UNIQUE (store_id, event_id))""",
+            "CREATE INDEX identity_changes_customer ON identity_changes (customer_id, kind)",
+            "CREATE INDEX identity_changes_alias ON identity_changes (alias)"
+            " WHERE alias IS NOT NULL",
+            "INSERT INTO identity_changes (kind, customer_id, flags, event_id, store_id,"
+            " event_ts, received_at, status, reason) SELECT 'consent', customer_id, data::text,"
+            " event_id, store_id, ts, ingested_at, 'applied', 'before_audit' FROM events"
+            " WHERE type = 'consent.update' AND customer_id IS NOT NULL ORDER BY seq",
+            "INSERT INTO identity_changes (kind, customer_id, alias, method, event_id,"
+            " store_id, event_ts, received_at, status, reason) SELECT 'link', e.customer_id,"
+            " e.data->>'alias', e.data->>'method', e.event_id, e.store_id, e.ts, e.ingested_at,"
+            " 'applied', 'before_audit' FROM events e WHERE e.type = 'customer.identified'"
+            " AND e.customer_id IS NOT NULL AND EXISTS (SELECT 1 FROM identity_links l"
+            " WHERE l.a = e.customer_id AND l.b = e.data->>'alias') ORDER BY e.seq",
+        ),
+    ),
 )
 
 SQLITE_LEDGER: Final = """CREATE TABLE IF NOT EXISTS schema_migrations (

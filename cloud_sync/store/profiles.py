@@ -1,8 +1,9 @@
 """The single customer view: facts from the database shaped into one profile document.
 
 A profile is every id linked by ``customer.identified`` aliases (a loyalty card and an app
-account are one person); any of its ids finds it. Consent is the latest ``consent.update``
-across those ids by event time. Pseudonymised ids are profiles like any other.
+account are one person); any of its ids finds it. Consent is resolved across those ids by
+the trust model (``trust.resolve_consent``: the most restrictive value, a withdrawal wins at
+once). Pseudonymised ids are profiles like any other.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from typing import Any, Final
 
 from cloud_sync.store.errors import BadRequestError
 from cloud_sync.store.records import CustomerFacts, StoredEvent, format_ts, parse_ts, sortable_ts
+from cloud_sync.store.trust import resolve_consent
 
 RECENT_ITEMS: Final = 10
 # Read more sku events than items shown, so repeats of one sku do not crowd out the others.
 RECENT_SKU_EVENTS: Final = 50
-CONSENT_FLAGS: Final = ("personalization", "profile_sharing", "partner_sharing")
 
 
 def shares_with_partners(facts: CustomerFacts) -> bool:
-    """A partner sees a profile only when its latest consent says partner_sharing=true."""
-    return facts.consent is not None and facts.consent.get("partner_sharing") is True
+    """A partner sees a profile only when its resolved consent says partner_sharing=true."""
+    consent = resolve_consent(facts.consent_changes, facts.history_ids)
+    return consent is not None and consent.flags["partner_sharing"]
 
 
 def profile_document(customer_id: str, facts: CustomerFacts) -> dict[str, Any]:
@@ -74,10 +76,11 @@ def recent_items(facts: CustomerFacts) -> list[dict[str, str]]:
 
 
 def consent_state(facts: CustomerFacts) -> dict[str, Any] | None:
-    if facts.consent is None or facts.consent_ts is None:
+    consent = resolve_consent(facts.consent_changes, facts.history_ids)
+    if consent is None:
         return None
-    state: dict[str, Any] = {flag: facts.consent.get(flag) is True for flag in CONSENT_FLAGS}
-    state["updated_at"] = format_ts(facts.consent_ts)
+    state: dict[str, Any] = dict(consent.flags)
+    state["updated_at"] = format_ts(consent.updated_at)
     return state
 
 

@@ -19,11 +19,11 @@ def parse_ts(text: str) -> datetime | None:
     """An RFC 3339 timestamp with a time zone, in UTC; None when it is not one."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            return None
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # 9999-12-31T23:59:59-01:00 overflows in UTC
         return None
-    if moment.tzinfo is None:
-        return None
-    return moment.astimezone(UTC)
 
 
 def sortable_ts(moment: datetime) -> str:
@@ -52,6 +52,7 @@ class EventRow:
     data_json: str
     received_at: str | None
     alias: str | None  # customer.identified's data.alias: links two ids into one profile
+    method: str | None = None  # customer.identified's data.method: the identifier kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +92,56 @@ class CustomerFacts:
     stores: tuple[str, ...]
     devices: tuple[DeviceFacts, ...]
     recent_skus: tuple[tuple[str, datetime], ...]  # newest first, may repeat a sku
-    consent: dict[str, Any] | None
-    consent_ts: datetime | None
+    consent_changes: tuple[ConsentChange, ...]  # applied ones, of every id of the profile
+    history_ids: tuple[str, ...]  # ids with events of their own (customer.identified aside)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentChange:
+    change_id: int  # receipt order
+    customer_id: str
+    flags: dict[str, Any]
+    event_ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """One consent or link change as the audit trail keeps it, with its origin."""
+
+    change_id: int
+    kind: str  # "consent" or "link"
+    customer_id: str
+    alias: str | None
+    method: str | None
+    flags: dict[str, Any] | None
+    event_id: str
+    store_id: str
+    credential_id: int | None  # None: recorded before the audit trail existed
+    event_ts: datetime
+    received_at: datetime
+    status: str  # applied, held, refused, undone
+    reason: str
+    decided_at: datetime | None
+    decided_by: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.change_id,
+            "kind": self.kind,
+            "customer_id": self.customer_id,
+            "alias": self.alias,
+            "method": self.method,
+            "flags": self.flags,
+            "event_id": self.event_id,
+            "store_id": self.store_id,
+            "credential_id": self.credential_id,
+            "event_ts": format_ts(self.event_ts),
+            "received_at": format_ts(self.received_at),
+            "status": self.status,
+            "reason": self.reason,
+            "decided_at": None if self.decided_at is None else format_ts(self.decided_at),
+            "decided_by": self.decided_by,
+        }
 
 
 @dataclass(frozen=True, slots=True)

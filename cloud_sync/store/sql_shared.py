@@ -6,13 +6,15 @@ SQLite's backend rewrites to ``?``); dialect-specific queries stay in each backe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, Final, TypeVar, cast
 
 from cloud_sync.store.errors import ModelPublishError
 from cloud_sync.store.records import (
     EventRow,
+    IdentityChange,
     Kind,
     ModelRecord,
     Principal,
@@ -39,6 +41,41 @@ STATS_QUERIES: Final[Mapping[str, str]] = {
     "erasures": "SELECT count(*) FROM erasures",
     "models": "SELECT count(*) FROM models",
 }
+# The audit trail of consent and link changes (see ``trust``); receipt order is ``id``.
+INSERT_CONSENT_CHANGE: Final = (
+    "INSERT INTO identity_changes (kind, customer_id, flags, event_id, store_id, credential_id,"
+    " event_ts, received_at, status) VALUES ('consent', %s, %s, %s, %s, %s, %s, %s, 'applied')"
+    " ON CONFLICT (store_id, event_id) DO NOTHING"
+)
+INSERT_LINK_CHANGE: Final = (
+    "INSERT INTO identity_changes (kind, customer_id, alias, method, event_id, store_id,"
+    " credential_id, event_ts, received_at, status, reason)"
+    " VALUES ('link', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (store_id, event_id) DO NOTHING"
+)
+HELD_SAME_LINK: Final = (
+    "SELECT id FROM identity_changes WHERE kind = 'link' AND status = 'held' AND store_id <> %s"
+    " AND ((customer_id = %s AND alias = %s) OR (customer_id = %s AND alias = %s))"
+)
+ADD_LINK: Final = (
+    "INSERT INTO identity_links (a, b) VALUES (%s, %s), (%s, %s) ON CONFLICT DO NOTHING"
+)
+# Undoing one link change removes the edge only when no other applied change asserts it.
+REMOVE_LINK: Final = (
+    "DELETE FROM identity_links WHERE ((a = %s AND b = %s) OR (a = %s AND b = %s))"
+    " AND NOT EXISTS (SELECT 1 FROM identity_changes c WHERE c.kind = 'link'"
+    " AND c.status = 'applied' AND ((c.customer_id = identity_links.a"
+    " AND c.alias = identity_links.b) OR (c.customer_id = identity_links.b"
+    " AND c.alias = identity_links.a)))"
+)
+SET_CHANGE_STATUS: Final = (
+    "UPDATE identity_changes SET status = %s, reason = %s, decided_at = %s, decided_by = %s"
+    " WHERE id = %s"
+)
+CHANGE_COLUMNS: Final = (
+    "id, kind, customer_id, alias, method, flags, event_id, store_id, credential_id,"
+    " event_ts, received_at, status, reason, decided_at, decided_by"
+)
 CREDENTIAL_COUNTS: Final = (
     "SELECT kind, count(*) FROM credentials WHERE revoked_at IS NULL GROUP BY kind"
 )
@@ -85,13 +122,34 @@ def without_erased(rows: Sequence[EventRow], erased_at: Mapping[str, datetime]) 
     ]
 
 
-def link_pairs(rows: Sequence[EventRow]) -> list[tuple[str, str]]:
-    """Both directions of every alias link, so the identity walk needs one join."""
-    pairs: list[tuple[str, str]] = []
-    for r in rows:
-        if r.alias and r.customer_id and r.alias != r.customer_id:
-            pairs += [(r.customer_id, r.alias), (r.alias, r.customer_id)]
-    return pairs
+def links(rows: Sequence[EventRow]) -> list[EventRow]:
+    """The rows that claim a link between two different ids, in batch order."""
+    return [r for r in rows if r.alias and r.customer_id and r.alias != r.customer_id]
+
+
+def consents(rows: Sequence[EventRow]) -> list[EventRow]:
+    return [r for r in rows if r.type == "consent.update" and r.customer_id is not None]
+
+
+def identity_change(row: Sequence[Any], ts: Callable[[Any], datetime]) -> IdentityChange:
+    """A row of CHANGE_COLUMNS; ``ts`` turns the backend's time values into datetimes."""
+    return IdentityChange(
+        change_id=int(row[0]),
+        kind=str(row[1]),
+        customer_id=str(row[2]),
+        alias=row[3],
+        method=row[4],
+        flags=None if row[5] is None else json.loads(row[5]),
+        event_id=str(row[6]),
+        store_id=str(row[7]),
+        credential_id=None if row[8] is None else int(row[8]),
+        event_ts=ts(row[9]),
+        received_at=ts(row[10]),
+        status=str(row[11]),
+        reason=str(row[12]),
+        decided_at=None if row[13] is None else ts(row[13]),
+        decided_by=row[14],
+    )
 
 
 def check_republish(record: ModelRecord, existing_sha256: str) -> bool:

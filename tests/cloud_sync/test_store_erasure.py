@@ -29,12 +29,14 @@ async def test_erasure_removes_the_profile_and_feeds_the_agents(
 ) -> None:
     agent, admin = await tokens.agent(), await tokens.admin()
     kept = envelope(customer_id="c-keep", offset_s=1)
+    link = {"method": "app", "alias": "app-9"}
     gone = [
         envelope(customer_id="card-9", offset_s=1),
-        envelope("customer.identified", customer_id="card-9", offset_s=2, data={"alias": "app-9"}),
+        envelope("customer.identified", customer_id="card-9", offset_s=2, data=link),
         envelope("kiosk.view", customer_id="app-9", offset_s=3),
     ]
-    await upload(client, agent, [kept, *gone])
+    await upload(client, agent, [kept, *gone[:2]])
+    await upload(client, agent, gone[2:])  # after the link: app-9 was a new id when linked
     assert (await client.get("/v1/erasures", headers=agent)).status == 200
     before = await (await client.get("/v1/erasures", headers=agent)).json()
     assert before == {"erasures": [], "next_after": "0"}

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.envelope_schema import default_registry
+from cloud_sync.store.batch_scan import WINDOW, batch_spans
 from cloud_sync.store.errors import BadRequestError
 from cloud_sync.store.ingest import DecodedBody, Limits, check_batch, decode_body
 from cloud_sync.store.profiles import decode_cursor, encode_cursor
@@ -54,7 +55,7 @@ def decode_or_status(data: bytes, encoding: str | None) -> tuple[DecodedBody | N
 def test_any_json_items_are_judged_one_by_one(items: list[Any]) -> None:
     body = json.dumps(items).encode()
     decoded = decode_body(body, None, LIMITS)
-    batch = check_batch(decoded.items, "store-001", default_registry(), check_text=True)
+    batch = check_batch(decoded.items, "store-001", default_registry())
     assert len(batch.rows) + len(batch.rejected) + batch.repeated == len(items)
     assert [r["index"] for r in batch.rejected] == sorted(r["index"] for r in batch.rejected)
 
@@ -68,7 +69,7 @@ def test_valid_envelopes_keep_their_content(sku: str, customer: str) -> None:
     item = envelope(customer_id=customer, data={"sku": sku})
     body = json.dumps([item]).encode()
     decoded = decode_body(body, None, LIMITS)
-    batch = check_batch(decoded.items, "store-001", default_registry(), check_text=True)
+    batch = check_batch(decoded.items, "store-001", default_registry())
     storable = "\x00" not in sku + customer and _utf8(sku + customer)
     if not storable:
         assert batch.rows == []
@@ -116,3 +117,38 @@ def test_encodings(content_encoding: str, status: int) -> None:
     with pytest.raises(BadRequestError) as refused:
         decode_body(b"[]", content_encoding, LIMITS)
     assert refused.value.status == status
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@settings(max_examples=300)
+@given(
+    items=st.lists(json_values, max_size=8),
+    spacing=st.sampled_from([None, 1, "\t"]),
+    wrapped=st.booleans(),
+)
+def test_scanned_spans_are_the_elements_json_loads_sees(
+    items: list[Any], spacing: int | str | None, wrapped: bool
+) -> None:
+    document: Any = {"events": items} if wrapped else items
+    body = json.dumps(document, indent=spacing, ensure_ascii=False).encode()
+    spans = batch_spans(body, 100)
+    assert [json.loads(body[s.start : s.end]) for s in spans] == items
+    assert [s.depth for s in spans] == [_depth(item) for item in items]
+
+
+def test_scan_windows_carry_strings_escapes_and_levels_across_their_edges() -> None:
+    # Long strings with escaped quotes and brackets straddle the numpy windows.
+    tricky = 'a\\"[{,}]\\\\' * 30_000
+    items = [{"s": tricky, "n": [[[1]]]}, {"s": "]" * 200_000}, [["x" * 300_000]], 5]
+    body = json.dumps(items).encode()
+    assert len(body) > 3 * WINDOW
+    spans = batch_spans(body, 10)
+    assert [json.loads(body[s.start : s.end]) for s in spans] == items
+    assert [s.depth for s in spans] == [4, 1, 2, 0]

@@ -37,7 +37,8 @@ async def test_profile_gathers_stores_channels_counts_items_and_consent(
             envelope("suggestion.shown", customer_id=cid, offset_s=30),
             envelope("suggestion.accepted", customer_id=cid, offset_s=31),
             consent(cid, partner=True, offset_s=40),
-            consent(cid, partner=False, offset_s=5),  # older, arrives later: must not win
+            # Older, arrives later: a withdrawal counts at once, whatever its date.
+            consent(cid, partner=False, offset_s=5),
             envelope("product.pickup", customer_id="someone-else", offset_s=12),
             envelope("telemetry", customer_id=None, offset_s=13),
         ],
@@ -87,18 +88,19 @@ async def test_profile_gathers_stores_channels_counts_items_and_consent(
         "dismissed": 0,
         "acceptance_rate": 1.0,
     }
-    assert profile["consent"]["partner_sharing"] is True
+    assert profile["consent"]["partner_sharing"] is False
+    assert profile["consent"]["personalization"] is True
     assert profile["consent"]["updated_at"] == "2026-11-22T08:00:40.000Z"
 
 
 async def test_aliases_resolve_to_one_profile(client: Client, tokens: Tokens) -> None:
     agent, admin = await tokens.agent(), await tokens.admin()
+    # New ids attach to a history this store has seen; their events follow the link.
     await upload(
         client,
         agent,
         [
             envelope("product.pickup", customer_id="card-1", offset_s=1, data={"sku": "SKU-1"}),
-            envelope("kiosk.view", customer_id="app-1", offset_s=2),
             envelope(
                 "customer.identified",
                 customer_id="card-1",
@@ -111,6 +113,13 @@ async def test_aliases_resolve_to_one_profile(client: Client, tokens: Tokens) ->
                 offset_s=4,
                 data={"method": "web", "alias": "web-1"},
             ),
+        ],
+    )
+    await upload(
+        client,
+        agent,
+        [
+            envelope("kiosk.view", customer_id="app-1", offset_s=2),
             envelope("basket.add", customer_id="web-1", offset_s=5),
         ],
     )
