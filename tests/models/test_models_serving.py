@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.errors import ModelFormatError, ModelIntegrityError, ModelVerificationError
+from models.events import parse_ts
 from models.manifest import sha256_of
 from models.serving import SuggestionContext, SuggestionModel
 
@@ -159,3 +160,21 @@ def test_any_request_gives_valid_unmasked_suggestions(
     assert np.all(np.isfinite(weights))
     assert np.all(weights >= 0.0)
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-5) or not np.any(weights)
+
+
+def test_golden_requests_carry_no_customer_history(
+    events_file: Path, holdout_model_dir: Path
+) -> None:
+    """They ship to every agent and cannot be erased there: no real interaction may be in them."""
+    real = set()
+    for line in events_file.read_text("utf-8").splitlines():
+        event = json.loads(line)
+        sku = (event.get("data") or {}).get("sku")
+        if sku is not None:
+            real.add((sku, event["type"], parse_ts(event["ts"])))
+    golden = json.loads((holdout_model_dir / "manifest.json").read_text("utf-8"))
+    entries = [
+        tuple(entry) for request in golden["golden_requests"] for entry in request["history"]
+    ]
+    assert entries, "the manifest must still carry golden requests"
+    assert not real & set(entries)
