@@ -45,6 +45,10 @@ class StoreForbiddenError(SyncError):
     """401/403/415 or another 4xx: retrying will not help until the config is fixed."""
 
 
+class ModelTooLargeError(SyncError):
+    """A model download is larger than ``[model] max_download_bytes``; it was cut off."""
+
+
 @dataclass(frozen=True)
 class PostResult:
     accepted: int
@@ -66,11 +70,11 @@ class ModelOffer:
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return str(self.manifest.get("version", ""))
 
     @property
     def sha256(self) -> str:
-        return str(self.manifest["sha256"])
+        return str(self.manifest.get("sha256", ""))
 
 
 class StoreClient:
@@ -131,20 +135,31 @@ class StoreClient:
                 if response.status != 200:
                     _raise_for(response, (await response.text(errors="replace"))[:300])
                 manifest = await response.json(content_type=None)
+                if not isinstance(manifest, dict):
+                    raise StoreUnavailableError(f"GET {url}: the manifest is not a JSON object")
                 return ModelOffer(manifest, response.headers.get("ETag", ""))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StoreUnavailableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
 
-    async def download_model(self, version: str, target: Path) -> str:
-        """Stream the artifact to ``target``; return its sha256 (hex)."""
+    async def download_model(self, version: str, target: Path, max_bytes: int) -> str:
+        """Stream the artifact to ``target``; return its sha256 (hex). More than
+        ``max_bytes`` (announced or received) stops the download: ModelTooLargeError."""
         url = f"{self.base}/v1/models/{version}/model.onnx"
         digest = hashlib.sha256()
+        received = 0
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 if response.status != 200:
                     _raise_for(response, (await response.text(errors="replace"))[:300])
+                if (response.content_length or 0) > max_bytes:
+                    raise ModelTooLargeError(
+                        f"GET {url}: {response.content_length} bytes, limit {max_bytes}"
+                    )
                 with target.open("wb") as out:
                     async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
+                        received += len(chunk)
+                        if received > max_bytes:  # a server that lies about its length
+                            raise ModelTooLargeError(f"GET {url}: more than {max_bytes} bytes")
                         digest.update(chunk)
                         out.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:

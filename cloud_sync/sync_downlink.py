@@ -5,10 +5,14 @@ buffer with ``erase_customer`` (matching the clear id and, for customers uploade
 pseudonyms, the clear id whose pseudonym the store names), then the cursor is kept in the
 buffer's ``meta`` table. A crash between the two re-applies the page: erasing is idempotent.
 
-Models: ``GET /v1/models/latest`` with ``If-None-Match``; a new version is streamed to
-``<data_dir>/models/incoming/<version>/``, its sha256 checked against the manifest, and the
-verified directory offered to the personalizer component (``offer_model(path)``) if the agent
-has one. The ETag is kept only once the version was handled, so a failed download retries.
+Models: ``GET /v1/models/latest`` with ``If-None-Match``. With ``[model] public_key`` set,
+the manifest's ed25519 signature is checked first (``cloud_sync.model_signature``), before
+anything is downloaded; then the artifact is streamed to
+``<data_dir>/models/incoming/<version>/`` (at most ``[model] max_download_bytes``), its
+sha256 checked against the manifest, and the verified directory offered to the personalizer
+component (``offer_model(path)``) if the agent has one. The ETag is kept once the version was
+handled: a refused model (unsigned, badly signed, too large) is not fetched again until a new
+one is published; a failed download (network, sha256 mismatch) retries next cycle.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from cloud_sync.sync_client import StoreClient
+from cloud_sync.model_signature import ModelSignatureError, verify_manifest
+from cloud_sync.sync_client import ModelOffer, ModelTooLargeError, StoreClient
 from edge_agent.buffer import Buffer
 from edge_agent.buffer.inspect import erase_customer
+from edge_agent.config import ModelSection, public_keys
 from edge_agent.errors import SyncError
 from edge_agent.governance import pseudonymise
 
@@ -34,6 +40,7 @@ ERASURE_CURSOR_KEY: Final = "sync.erasure_cursor"
 MODEL_ETAG_KEY: Final = "sync.model_etag"
 _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 
 OfferModel = Callable[[Path], Awaitable[Any]]
 Forget = Callable[[str], Any]
@@ -41,6 +48,15 @@ Forget = Callable[[str], Any]
 
 class ModelVerificationError(SyncError):
     """A downloaded artifact does not match its manifest's sha256."""
+
+
+class ModelRefusedError(SyncError):
+    """A published model this agent must not use (signature, size, manifest); ``reason``
+    is a short token for status and logs."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 def read_meta(key: str) -> Callable[[sqlite3.Connection], str | None]:
@@ -95,13 +111,25 @@ def erasure_applier(
 class Downlink:
     """Erasures and models for one agent; ``run_once`` is called once per sync cycle."""
 
-    def __init__(self, client: StoreClient, buffer: Buffer, data_dir: Path, key: bytes) -> None:
+    def __init__(
+        self,
+        client: StoreClient,
+        buffer: Buffer,
+        data_dir: Path,
+        key: bytes,
+        model: ModelSection | None = None,
+    ) -> None:
         self.client = client
         self.buffer = buffer
         self.incoming = data_dir / "models" / "incoming"
         self.key = key
+        settings = model or ModelSection()
+        self.public_keys = public_keys(settings)
+        self.max_download_bytes = settings.max_download_bytes
         self.erasures_applied = 0
         self.model_version: str | None = None
+        self.models_refused = 0
+        self.last_model_error: str | None = None
 
     async def apply_erasures(self, forget: Forget | None = None) -> int:
         """Fetch and apply every new erasure request; return how many were applied.
@@ -141,11 +169,23 @@ class Downlink:
         model = await self.client.latest_model(etag)
         if model is None:
             return None
-        if not _VERSION.match(model.version):
-            raise SyncError(f"model version {model.version!r} is not a safe directory name")
-        directory = self.incoming / model.version
-        if not (directory / "manifest.json").exists():
-            await self._download(model.version, model.sha256, model.manifest, directory)
+        try:
+            self._check_offer(model)
+            directory = self.incoming / model.version
+            if not (directory / "manifest.json").exists():
+                await self._download(model.version, model.sha256, model.manifest, directory)
+        except ModelRefusedError as exc:
+            self.models_refused += 1
+            self.last_model_error = f"{model.version[:128]!r}: {exc}"
+            log.error(  # noqa: TRY400 (the reason is the message; no traceback to show)
+                "sync.model.refused version=%r reason=%s detail=%s",
+                model.version[:128],
+                exc.reason,
+                exc,
+            )
+            # Refused for good: fetched again only once another model is published.
+            await self.buffer.call(write_meta(MODEL_ETAG_KEY, model.etag))
+            return None
         if offer is None:
             log.info(
                 "sync.model.verified version=%s path=%s personalizer=absent",
@@ -165,6 +205,24 @@ class Downlink:
         self.model_version = model.version
         return model.version
 
+    def _check_offer(self, model: ModelOffer) -> None:
+        """Everything decidable from the manifest alone, signature first."""
+        if self.public_keys:
+            try:
+                signer = verify_manifest(model.manifest, self.public_keys)
+            except ModelSignatureError as exc:
+                raise ModelRefusedError(exc.reason, exc.detail) from exc
+            log.info("sync.model.signature_ok version=%r key_id=%s", model.version[:128], signer)
+        if not _VERSION.match(model.version):
+            raise ModelRefusedError("bad_manifest", "version is not a safe directory name")
+        if not _SHA256.match(model.sha256.lower()):
+            raise ModelRefusedError("bad_manifest", "sha256 is not 64 hex digits")
+        declared = model.manifest.get("size_bytes")
+        if isinstance(declared, int) and declared > self.max_download_bytes:
+            raise ModelRefusedError(
+                "too_large", f"{declared} bytes, limit {self.max_download_bytes}"
+            )
+
     async def _download(
         self, version: str, sha256: str, manifest: dict[str, Any], directory: Path
     ) -> None:
@@ -172,7 +230,12 @@ class Downlink:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            actual = await self.client.download_model(version, staging / "model.onnx")
+            try:
+                actual = await self.client.download_model(
+                    version, staging / "model.onnx", self.max_download_bytes
+                )
+            except ModelTooLargeError as exc:
+                raise ModelRefusedError("too_large", str(exc)) from exc
             if actual != sha256.lower():
                 raise ModelVerificationError(
                     f"model {version}: sha256 {actual} does not match the manifest's {sha256}"

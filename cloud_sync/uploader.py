@@ -150,6 +150,8 @@ class Uploader:
                 "last_error": stats.last_error,
                 "erasures_applied": self.downlink.erasures_applied if self.downlink else 0,
                 "model_version": self.downlink.model_version if self.downlink else None,
+                "models_refused": self.downlink.models_refused if self.downlink else 0,
+                "model_last_error": self.downlink.last_model_error if self.downlink else None,
             }
         }
 
@@ -162,7 +164,9 @@ class Uploader:
             async with StoreClient(
                 self.settings.url, self.settings.token, self.settings.timeout_s, connections
             ) as client:
-                self.downlink = Downlink(client, agent.buffer, agent.config.data_dir, self._key)
+                self.downlink = Downlink(
+                    client, agent.buffer, agent.config.data_dir, self._key, agent.config.model
+                )
                 await self._loop(client, agent)
         finally:
             agent.pipeline.observers.remove(self._on_commit)

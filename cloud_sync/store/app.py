@@ -218,7 +218,8 @@ async def _get_latest_model(request: web.Request) -> web.Response:
     record = await request.app[BACKEND].latest_model()
     if record is None:
         return _error(404, "not_found", "no model published yet")
-    etag = f'"{record.sha256}"'
+    # Two versions may share an artifact (re-signed, re-labelled): the tag names both.
+    etag = f'"{record.sha256}.{record.version}"'
     headers = {"ETag": etag, "X-Model-Version": record.version}
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
 from cloud_sync.store import auth
 from cloud_sync.store.backend import Backend, open_backend
 from cloud_sync.store.errors import StoreError
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
     publish.add_argument("--dir", required=True, type=Path)
+    publish.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="ed25519 private key (PEM, from `model keygen`): sign the manifest",
+    )
+    keygen = model.add_parser(
+        "keygen", help="make a model signing key pair; prints the public key (last line)"
+    )
+    keygen.add_argument("--out", required=True, type=Path, help="private key file (0600)")
 
     with_db(commands.add_parser("stats", help="print one JSON object of counts"))
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
@@ -109,12 +120,14 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     if command == ("admin", "create"):
         return lambda b: auth.create_credential(b, "admin", name=args.name)
     if command == ("model", "publish"):
-        record, artifact = read_model_dir(args.dir)
+        key = None if args.signing_key is None else load_private_key(args.signing_key)
+        record, artifact = read_model_dir(args.dir, key)
 
         async def publish(b: Backend) -> str:
             created = await b.publish_model(record, artifact, datetime.now(UTC))
             state = "published" if created else "already published"
-            return f"{state} version={record.version} sha256={record.sha256}"
+            signed = "signed" if key is not None else "unsigned"
+            return f"{state} version={record.version} sha256={record.sha256} {signed}"
 
         return publish
     if command[0] == "stats":
@@ -139,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s %(message)s",
     )
     try:
+        if (args.command, getattr(args, "action", None)) == ("model", "keygen"):
+            public = write_new_key(args.out)
+            print(f"private key written to {args.out}; agents' [model] public_key:")
+            print(public)
+            return 0
         if args.command == "serve":
             limits = Limits(max_body_bytes=args.max_body_bytes, max_events=args.max_events)
             asyncio.run(
@@ -154,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         output = asyncio.run(_with_backend(args.db, _command(args)))
-    except (StoreError, auth.CredentialError) as exc:
+    except (StoreError, auth.CredentialError, ModelSignatureError) as exc:
         print(f"customer-store: error: {exc}", file=sys.stderr)
         return 1
     print(output)

@@ -1,7 +1,9 @@
 """Reading a model directory for publication: ``model.onnx`` plus its ``manifest.json``.
 
 The store hands out exactly the bytes whose sha256 the manifest names, so a directory whose
-artifact does not match its manifest is refused here, before anything is stored.
+artifact does not match its manifest is refused here, before anything is stored. With a
+signing key the manifest is signed (``cloud_sync.model_signature``) before it is stored: the
+agents verify that signature with the public key in their config.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_sync.model_signature import sign_manifest
 from cloud_sync.store.errors import ModelPublishError
 from cloud_sync.store.records import ModelRecord
 
@@ -23,8 +28,11 @@ VERSION_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 SHA256_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
-def read_model_dir(directory: Path) -> tuple[ModelRecord, bytes]:
-    """The manifest as a record and the artifact's bytes, after checking they match."""
+def read_model_dir(
+    directory: Path, signing_key: Ed25519PrivateKey | None = None
+) -> tuple[ModelRecord, bytes]:
+    """The manifest as a record and the artifact's bytes, after checking they match; signed
+    with ``signing_key`` when one is given."""
     artifact_path, manifest_path = directory / ARTIFACT, directory / MANIFEST
     try:
         manifest: Any = json.loads(manifest_path.read_text("utf-8"))
@@ -50,6 +58,8 @@ def read_model_dir(directory: Path) -> tuple[ModelRecord, bytes]:
         raise ModelPublishError(
             f"{artifact_path}: sha256 {actual} does not match the manifest's {declared}"
         )
+    if signing_key is not None:
+        manifest = sign_manifest(manifest, signing_key)
     return ModelRecord(
         version=version, sha256=actual, size=len(artifact), manifest=manifest
     ), artifact
