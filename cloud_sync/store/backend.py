@@ -13,6 +13,7 @@ from typing import Protocol
 from cloud_sync.store.errors import DatabaseUrlError
 from cloud_sync.store.records import (
     AggregateRow,
+    Credential,
     CustomerFacts,
     Erasure,
     EventRow,
@@ -60,6 +61,28 @@ class Backend(Protocol):
         ...
 
     async def erasures(self, after: int, limit: int) -> list[Erasure]: ...
+
+    async def erasure_exists(self, seq: int) -> bool: ...
+
+    async def erase_pseudonyms(
+        self, store_id: str, pseudonyms: Sequence[str], requested_by: str, now: datetime
+    ) -> int:
+        """Delete one store's events of these pseudonyms (and their links), record them as
+        erased so a late upload stays out; returns events deleted."""
+        ...
+
+    async def pseudonymise(self, store_id: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """Rewrite one store's events of each clear id (and aliases naming it) to its
+        pseudonym and rebuild the links those events made; returns events rewritten."""
+        ...
+
+    async def credentials(self, kind: Kind) -> list[Credential]: ...
+
+    async def credential(self, kind: Kind, credential_id: int) -> Credential | None: ...
+
+    async def revoke_credential(self, kind: Kind, credential_id: int, at: datetime) -> bool:
+        """Revoked from ``at`` (now, or later for a grace period); False: no such active one."""
+        ...
 
     async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
         """Store a model version; False when that version already holds the same sha256."""
