@@ -156,6 +156,7 @@ class Personalizer:
         """Drop what is held in memory about a customer (an erasure request); on the loop."""
         self.sessions.forget(customer_id)
         self.feedback.forget_customer(customer_id)
+        self.stats.forget(customer_id)
 
     async def offer_model(self, path: Path) -> ModelOffer:
         """Verify a downloaded model directory and switch to it (the uploader calls this)."""
