@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from cloud_sync.erasure_blinding import blinding_key
 from edge_agent.errors import SyncError
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ class PostResult:
 
 @dataclass(frozen=True)
 class Erasure:
+    """One feed entry: ``blinded`` for an agent token, ``customer_id`` for an admin key."""
+
     cursor: str
-    customer_id: str
+    blinded: str | None = None
+    customer_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class StoreClient:
 
     def __init__(self, url: str, token: str, timeout_s: float, connections: int = 4) -> None:
         self.base = url.rstrip("/")
+        self.blinding_key = blinding_key(token)  # the erasure feed is blinded with it
         self._headers = {"Authorization": f"Bearer {token}"}
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -118,11 +123,41 @@ class StoreClient:
 
     async def erasures(self, after: str, limit: int = 500) -> tuple[list[Erasure], str]:
         answer = await self._get_json("/v1/erasures", {"after": after, "limit": str(limit)})
-        items = [
-            Erasure(str(item["cursor"]), str(item["customer_id"]))
-            for item in answer.get("erasures", [])
-        ]
+        items = []
+        for item in answer.get("erasures", []):
+            if not isinstance(item, dict) or "cursor" not in item:
+                raise StoreUnavailableError("GET /v1/erasures: an entry without a cursor")
+            blinded, clear = item.get("blinded"), item.get("customer_id")
+            items.append(
+                Erasure(
+                    str(item["cursor"]),
+                    blinded if isinstance(blinded, str) else None,
+                    clear if isinstance(clear, str) else None,
+                )
+            )
         return items, str(answer.get("next_after", after))
+
+    async def report_erased_pseudonyms(self, cursor: str, pseudonyms: list[str]) -> None:
+        """Tell the store which pseudonyms this agent used for the customers it just erased."""
+        await self._post_json(
+            "/v1/erasures/pseudonyms", {"cursor": cursor, "pseudonyms": pseudonyms}
+        )
+
+    async def pseudonymise(self, pairs: list[tuple[str, str]]) -> None:
+        """Customers who withdrew profile sharing: their clear ids at this store become these
+        pseudonyms in what the store already holds."""
+        customers = [{"customer_id": c, "pseudonym": p} for c, p in pairs]
+        await self._post_json("/v1/pseudonymisations", {"customers": customers})
+
+    async def _post_json(self, path: str, document: dict[str, Any]) -> None:
+        url = f"{self.base}{path}"
+        headers = {**self._headers, "Content-Type": "application/json"}
+        try:
+            async with self._session.post(url, json=document, headers=headers) as response:
+                if response.status != 200:
+                    _raise_for(response, (await response.text(errors="replace"))[:300])
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
 
     async def latest_model(self, etag: str | None) -> ModelOffer | None:
         """The published manifest, or None when it is unchanged (304) or none exists (404)."""

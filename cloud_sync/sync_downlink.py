@@ -1,9 +1,18 @@
 """The way back to the store: erasure requests and model updates, once per sync cycle.
 
-Erasures: ``GET /v1/erasures?after=CURSOR`` page by page; each page is applied to the
-buffer with ``erase_customer`` (matching the clear id and, for customers uploaded as
-pseudonyms, the clear id whose pseudonym the store names), then the cursor is kept in the
-buffer's ``meta`` table. A crash between the two re-applies the page: erasing is idempotent.
+Erasures: ``GET /v1/erasures?after=CURSOR`` page by page. Each entry names an erased id
+blinded with this agent's own key (``cloud_sync.erasure_blinding``); the agent blinds the ids
+it holds (each clear id and its pseudonym) and matches. For the customers found it first tells
+the store the pseudonyms it uploaded them under (``POST /v1/erasures/pseudonyms``: the store
+erases those copies too), then erases them from the buffer with ``erase_customer`` and keeps
+the cursor in the buffer's ``meta`` table, in one transaction. A crash or a failed report
+re-applies the page next cycle: both steps are idempotent.
+
+Withdrawals: a ``consent.update`` that leaves a customer without ``profile_sharing`` means the
+events the store already holds under the clear id must not stay in clear. Once per cycle the
+consent updates committed since the last look (``meta`` ``sync.withdrawal_seq``) are read;
+for each customer still without profile sharing, the clear id and its aliases are sent with
+their pseudonyms (``POST /v1/pseudonymisations``) and the store rewrites that store's copies.
 
 Models: ``GET /v1/models/latest`` with ``If-None-Match``. With ``[model] public_key`` set,
 the manifest's ed25519 signature is checked first (``cloud_sync.model_signature``), before
@@ -26,11 +35,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from cloud_sync.erasure_blinding import blind
 from cloud_sync.model_signature import ModelSignatureError, verify_manifest
-from cloud_sync.sync_client import ModelOffer, ModelTooLargeError, StoreClient
+from cloud_sync.sync_client import Erasure, ModelOffer, ModelTooLargeError, StoreClient
 from edge_agent.buffer import Buffer
 from edge_agent.buffer.inspect import erase_customer
-from edge_agent.config import ModelSection, public_keys
+from edge_agent.config import Config, public_keys
 from edge_agent.errors import SyncError
 from edge_agent.governance import pseudonymise
 
@@ -38,6 +48,8 @@ log = logging.getLogger(__name__)
 
 ERASURE_CURSOR_KEY: Final = "sync.erasure_cursor"
 MODEL_ETAG_KEY: Final = "sync.model_etag"
+WITHDRAWAL_SEQ_KEY: Final = "sync.withdrawal_seq"
+_WITHDRAWALS_PER_PAGE: Final = 500
 _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -74,13 +86,15 @@ def write_meta(key: str, value: str) -> Callable[[sqlite3.Connection], None]:
     return write
 
 
-def erasure_applier(
-    buffer: Buffer, erased_ids: Sequence[str], key: bytes, cursor: str
-) -> Callable[[sqlite3.Connection], dict[str, Any]]:
-    """Erase every buffered customer the page names (clear or pseudonym), keep the cursor."""
+def erasure_targets(
+    page: Sequence[Erasure], key: bytes, blinding: bytes
+) -> Callable[[sqlite3.Connection], list[str]]:
+    """The clear ids held in the buffer that the page names (blinded, or clear for an
+    admin-read feed), directly or through their pseudonym."""
 
-    def apply(connection: sqlite3.Connection) -> dict[str, Any]:
-        wanted = set(erased_ids)
+    def find(connection: sqlite3.Connection) -> list[str]:
+        blinded = {item.blinded for item in page if item.blinded}
+        clear = {item.customer_id for item in page if item.customer_id}
         known = [
             row[0]
             for row in connection.execute(
@@ -88,9 +102,25 @@ def erasure_applier(
                 "UNION SELECT customer_id FROM consent"
             )
         ]
-        targets = [cid for cid in known if cid in wanted or pseudonymise(cid, key) in wanted]
+        targets = []
+        for cid in known:
+            pseudonym = pseudonymise(cid, key)
+            names = {cid, pseudonym}
+            if names & clear or {blind(blinding, name) for name in names} & blinded:
+                targets.append(cid)
+        return sorted(targets)
+
+    return find
+
+
+def erasure_applier(
+    buffer: Buffer, targets: Sequence[str], cursor: str
+) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+    """Erase these customers from the buffer, keep the cursor."""
+
+    def apply(connection: sqlite3.Connection) -> dict[str, Any]:
         totals: dict[str, Any] = {"customers": len(targets), "events": 0, "consent": 0}
-        totals |= {"quarantine": 0, "erased_ids": targets}
+        totals["quarantine"] = 0
         for customer_id in targets:
             pending = connection.execute(
                 "SELECT count(*) FROM events WHERE customer_id = ? AND synced_at IS NULL",
@@ -108,22 +138,60 @@ def erasure_applier(
     return apply
 
 
+def withdrawals_since(
+    after: int, limit: int
+) -> Callable[[sqlite3.Connection], tuple[list[tuple[str, str | None]], int]]:
+    """(customer id, alias or None) of customers now without profile sharing whose consent
+    changed after seq ``after``, and the last seq looked at."""
+
+    def read(connection: sqlite3.Connection) -> tuple[list[tuple[str, str | None]], int]:
+        rows = connection.execute(
+            "SELECT seq, customer_id FROM events WHERE seq > ? AND type = 'consent.update'"
+            " AND customer_id IS NOT NULL ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        if not rows:
+            return [], after
+        withdrawn: list[tuple[str, str | None]] = []
+        for customer_id in sorted({str(r[1]) for r in rows}):
+            sharing = connection.execute(
+                "SELECT profile_sharing FROM consent WHERE customer_id = ?", (customer_id,)
+            ).fetchone()
+            if sharing is None or sharing[0]:
+                continue  # erased meanwhile, or sharing again
+            withdrawn.append((customer_id, None))
+            for (envelope,) in connection.execute(
+                "SELECT envelope FROM events WHERE customer_id = ?"
+                " AND type = 'customer.identified'",
+                (customer_id,),
+            ):
+                alias = _alias_of(envelope)
+                if alias:
+                    withdrawn.append((customer_id, alias))
+        return withdrawn, int(rows[-1][0])
+
+    return read
+
+
+def _alias_of(envelope_json: str) -> str | None:
+    try:
+        data = json.loads(envelope_json).get("data")
+    except (ValueError, AttributeError):
+        return None
+    alias = data.get("alias") if isinstance(data, dict) else None
+    return alias if isinstance(alias, str) and alias else None
+
+
 class Downlink:
     """Erasures and models for one agent; ``run_once`` is called once per sync cycle."""
 
-    def __init__(
-        self,
-        client: StoreClient,
-        buffer: Buffer,
-        data_dir: Path,
-        key: bytes,
-        model: ModelSection | None = None,
-    ) -> None:
+    def __init__(self, client: StoreClient, buffer: Buffer, config: Config, key: bytes) -> None:
         self.client = client
         self.buffer = buffer
-        self.incoming = data_dir / "models" / "incoming"
+        self.incoming = config.data_dir / "models" / "incoming"
         self.key = key
-        settings = model or ModelSection()
+        self.require_consent = config.governance.require_consent
+        settings = config.model
         self.public_keys = public_keys(settings)
         self.max_download_bytes = settings.max_download_bytes
         self.erasures_applied = 0
@@ -143,13 +211,17 @@ class Downlink:
             page, next_after = await self.client.erasures(cursor)
             if not page:
                 break
-            ids = [item.customer_id for item in page]
-            totals = await self.buffer.call(erasure_applier(self.buffer, ids, self.key, next_after))
+            targets = await self.buffer.call(
+                erasure_targets(page, self.key, self.client.blinding_key)
+            )
+            if targets:  # before the local erase: a failed report retries the whole page
+                pseudonyms = sorted({pseudonymise(cid, self.key) for cid in targets})
+                await self.client.report_erased_pseudonyms(next_after, pseudonyms)
+            totals = await self.buffer.call(erasure_applier(self.buffer, targets, next_after))
             applied += len(page)
             self.erasures_applied += len(page)
-            erased_ids: list[str] = totals.pop("erased_ids")
             if forget is not None:
-                for customer_id in erased_ids:
+                for customer_id in targets:
                     forget(customer_id)
             log.info(
                 "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
@@ -162,6 +234,29 @@ class Downlink:
         if applied:
             await self.buffer.recount()  # erased rows left the counters behind
         return applied
+
+    async def announce_withdrawals(self) -> int:
+        """Send the store the pseudonyms of customers who withdrew profile sharing since the
+        last look; returns how many ids were announced."""
+        if not self.require_consent:
+            return 0  # every id leaves in clear by configuration: nothing to rewrite
+        kept = await self.buffer.call(read_meta(WITHDRAWAL_SEQ_KEY))
+        after = int(kept or "0")
+        announced = 0
+        for _ in range(_MAX_PAGES_PER_CYCLE):
+            withdrawn, last = await self.buffer.call(
+                withdrawals_since(after, _WITHDRAWALS_PER_PAGE)
+            )
+            if last == after:
+                break
+            ids = sorted({alias or cid for cid, alias in withdrawn})
+            if ids:
+                await self.client.pseudonymise([(i, pseudonymise(i, self.key)) for i in ids])
+                announced += len(ids)
+                log.info("sync.withdrawals.announced ids=%d up_to_seq=%d", len(ids), last)
+            await self.buffer.call(write_meta(WITHDRAWAL_SEQ_KEY, str(last)))
+            after = last
+        return announced
 
     async def fetch_model(self, offer: OfferModel | None) -> str | None:
         """Download a new published model; return its version when one was handled."""

@@ -164,9 +164,7 @@ class Uploader:
             async with StoreClient(
                 self.settings.url, self.settings.token, self.settings.timeout_s, connections
             ) as client:
-                self.downlink = Downlink(
-                    client, agent.buffer, agent.config.data_dir, self._key, agent.config.model
-                )
+                self.downlink = Downlink(client, agent.buffer, agent.config, self._key)
                 await self._loop(client, agent)
         finally:
             agent.pipeline.observers.remove(self._on_commit)
@@ -204,6 +202,7 @@ class Uploader:
         try:
             personalizer = _personalizer(agent)
             await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
+            await self.downlink.announce_withdrawals()
             await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)

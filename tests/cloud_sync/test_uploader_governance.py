@@ -158,7 +158,9 @@ async def test_an_erasure_removes_the_customer_from_the_store_and_then_the_agent
         await publish(mqtt_broker, topic, payloads)
         await synced(agent, 10)
         async with admin_session(store.db_url) as admin:
-            for customer in ("c-shared", hidden):  # the store knows c-hidden only as a pseudonym
+            # The request names c-hidden in clear; the store holds it only as this agent's
+            # pseudonym: the agent reports it once it applied the erasure (issue 10).
+            for customer in ("c-shared", "c-hidden"):
                 async with admin.delete(f"{store.url}/v1/customers/{customer}") as response:
                     assert response.status in (200, 204), await response.text()
                 async with admin.get(f"{store.url}/v1/customers/{customer}") as response:
@@ -185,6 +187,27 @@ async def test_an_erasure_removes_the_customer_from_the_store_and_then_the_agent
     assert "c-shared" not in stored
     assert hidden not in stored
     assert pseudonymise("c-keep", KEY.encode()) in stored
+    assert "c-hidden" not in json.dumps(status)
+
+
+async def test_withdrawing_profile_sharing_rewrites_what_the_store_holds_in_clear(
+    store: StoreProcess, tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    document = agent_document(tmp_path, store_id, mqtt_broker, store)
+    topic = event_topic(store_id)
+    hidden = pseudonymise("c-w", KEY.encode())
+    async with agent_running(document) as agent:
+        await publish(mqtt_broker, topic, [consent("w-0", "c-w", True)])
+        await synced(agent, 1)
+        await publish(mqtt_broker, topic, [pickup(f"w-{n}", customer_id="c-w") for n in (1, 2)])
+        await synced(agent, 3)
+        assert {c for _, c, _ in store_rows(store.db_url)} == {"c-w"}
+        await publish(mqtt_broker, topic, [consent("w-9", "c-w", False)])
+        await synced(agent, 4)
+        await eventually(lambda: {c for _, c, _ in store_rows(store.db_url)} == {hidden}, 15)
+    rows = store_rows(store.db_url)
+    assert {"w-0", "w-1", "w-2", "w-9"} <= {event_id for event_id, _, _ in rows}
+    assert not [row for row in rows if row[1] == "c-w" or '"c-w"' in row[2]]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
