@@ -202,8 +202,8 @@ class Uploader:
         try:
             personalizer = _personalizer(agent)
             await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
-            await self.downlink.announce_withdrawals()
             await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
+            await self.downlink.announce_withdrawals()
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)
 
