@@ -24,6 +24,7 @@ from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
 from cloud_sync.store.ingest import Limits, check_batch, check_content_type, decode_body
 from cloud_sync.store.records import Principal, format_ts
+from cloud_sync.store.sql_shared import AGENT_REPORT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,10 @@ async def _get_erasures(request: web.Request) -> web.Response:
     principal = await _principal(request, auth.may_read_feeds)
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 500, 1, MAX_ERASURES_PAGE)
-    rows = await request.app[BACKEND].erasures(after, limit)
+    agent = principal.kind != "admin"
+    rows = await request.app[BACKEND].erasures(after, limit, agent_reports=not agent)
     key = None
-    if principal.kind != "admin":
+    if agent:
         token = auth.bearer_token(request.headers.get("Authorization")) or ""
         key = blinding_key(token)
     entries: list[dict[str, str]] = []
@@ -240,7 +242,7 @@ async def _post_erased_pseudonyms(request: web.Request) -> web.Response:
         raise BadRequestError(400, "bad_cursor", "no erasure has this cursor")
     pseudonyms = _pseudonyms(body.get("pseudonyms"), "pseudonyms")
     store_id = principal.store_id or ""
-    requested_by = f"agent:{principal.name} store={store_id} cursor={cursor}"
+    requested_by = f"{AGENT_REPORT_PREFIX}{principal.name} store={store_id} cursor={cursor}"
     deleted = await backend.erase_pseudonyms(store_id, pseudonyms, requested_by, datetime.now(UTC))
     log.info(
         "store.pseudonyms.erased store=%s pseudonyms=%d events=%d cursor=%s",

@@ -60,7 +60,13 @@ class Backend(Protocol):
         """Delete the ids' events and links, record one erasure per id; returns events deleted."""
         ...
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]: ...
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        """Erasures after a cursor; ``agent_reports=False`` leaves out the pseudonyms agents
+        reported (each is one agent's own name for a customer: noise to every agent, and the
+        reporting agent would match a returning customer again and again)."""
+        ...
 
     async def erasure_exists(self, seq: int) -> bool: ...
 

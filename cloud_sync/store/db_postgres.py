@@ -254,12 +254,16 @@ class PostgresBackend:
             raise BackendError("erase", str(exc)) from exc
         return deleted
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        skip = "" if agent_reports else sql_shared.WITHOUT_AGENT_REPORTS
+        params = (after,) if agent_reports else (after, sql_shared.AGENT_REPORT_PATTERN)
         rows = await self._fetch(
             "erasures",
-            "SELECT seq, customer_id, requested_at FROM erasures"
-            " WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, limit),
+            f"SELECT seq, customer_id, requested_at FROM erasures"
+            f" WHERE seq > %s{skip} ORDER BY seq LIMIT %s",
+            (*params, limit),
         )
         return [Erasure(int(r[0]), str(r[1]), r[2]) for r in rows]
 

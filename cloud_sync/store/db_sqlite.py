@@ -167,13 +167,17 @@ class SqliteBackend:
 
         return await self._run("erase", erase)
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        skip = "" if agent_reports else sql_shared.WITHOUT_AGENT_REPORTS.replace("%s", "?")
+        params = (after,) if agent_reports else (after, sql_shared.AGENT_REPORT_PATTERN)
         rows = await self._run(
             "erasures",
             lambda c: c.execute(
                 "SELECT seq, customer_id, requested_at FROM erasures"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
+                f" WHERE seq > ?{skip} ORDER BY seq LIMIT ?",
+                (*params, limit),
             ).fetchall(),
         )
         return [Erasure(int(r[0]), str(r[1]), _ts(r[2])) for r in rows]

@@ -51,6 +51,10 @@ def principal(row: Sequence[Any]) -> Principal:
     return Principal(int(row[0]), cast(Kind, row[1]), str(row[2]), row[3], scopes)
 
 
+# requested_by of the erasures an agent reported (POST /v1/erasures/pseudonyms).
+AGENT_REPORT_PREFIX: Final = "agent:"
+AGENT_REPORT_PATTERN: Final = AGENT_REPORT_PREFIX + "%"
+WITHOUT_AGENT_REPORTS: Final = " AND requested_by NOT LIKE %s"
 CREDENTIAL_COLUMNS: Final = "id, kind, name, store_id, scopes, created_at, revoked_at"
 
 

@@ -139,6 +139,12 @@ async def test_pseudonyms_an_agent_reports_are_erased_at_its_store_only(
     assert (await backend.stats()).events == 1  # store-002's event of that name stays
     late = await upload(client, agent, [envelope(customer_id=PS_A, offset_s=0)])
     assert late["erased"] == 1  # a backlog upload cannot bring the copy back
+    # The report is not fed back to the agents (the reporter would match a returning
+    # customer again and again); an admin sees it.
+    newer = await (await client.get(f"/v1/erasures?after={cursor}", headers=agent)).json()
+    assert newer == {"erasures": [], "next_after": cursor}
+    audit = await (await client.get(f"/v1/erasures?after={cursor}", headers=admin)).json()
+    assert [e["customer_id"] for e in audit["erasures"]] == [PS_A]
 
 
 @pytest.mark.parametrize(
