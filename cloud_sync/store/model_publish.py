@@ -23,6 +23,7 @@ from cloud_sync.store.records import ModelRecord
 ARTIFACT: Final = "model.onnx"
 MANIFEST: Final = "manifest.json"
 MAX_ARTIFACT_BYTES: Final = 512 * 1024 * 1024
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 # The version is a URL path segment: keep it to characters that need no escaping.
 VERSION_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 SHA256_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -35,13 +36,15 @@ def read_model_dir(
     with ``signing_key`` when one is given."""
     artifact_path, manifest_path = directory / ARTIFACT, directory / MANIFEST
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelPublishError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
         manifest: Any = json.loads(manifest_path.read_text("utf-8"))
         if artifact_path.stat().st_size > MAX_ARTIFACT_BYTES:
             raise ModelPublishError(f"{artifact_path}: larger than {MAX_ARTIFACT_BYTES} bytes")
         artifact = artifact_path.read_bytes()
     except OSError as exc:
         raise ModelPublishError(f"{directory}: cannot read {exc.filename}: {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelPublishError(f"{manifest_path}: not JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise ModelPublishError(f"{manifest_path}: expected a JSON object")

@@ -98,3 +98,15 @@ def test_verification_is_total_on_hostile_manifests(document: Any) -> None:
         "unknown_key",
         "bad_signature",
     }
+
+
+def test_publishing_a_hostile_manifest_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "model.onnx").write_bytes(b"x")
+    (directory / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    db = f"sqlite://{tmp_path / 'store.db'}"
+    assert main(["model", "publish", "--db", db, "--dir", str(directory)]) == 1
+    assert "not JSON" in capsys.readouterr().err

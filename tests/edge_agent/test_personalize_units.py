@@ -218,6 +218,26 @@ def test_model_cli_status_and_rollback_without_previous(
 
 
 @pytest.mark.parametrize(
+    "manifest", ['{"version": {"x": 1}, "items": 5}', "[" * 50_000 + "]" * 50_000, "[]"]
+)
+def test_model_cli_status_reports_a_hostile_manifest_without_crashing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], manifest: str
+) -> None:
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "manifest.json").write_text(manifest)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nstore_id = "s-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[model]\npath = "{hostile}"\n'
+    )
+    assert cli.main(["model", "status", "--config", str(config)]) == 0
+    current = json.loads(capsys.readouterr().out)["current"]
+    assert current["version"] is None
+    assert current.get("items") is None
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("epsilon", 1.5),
