@@ -36,14 +36,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from cloud_sync.envelope_schema import MAX_ID_LENGTH
 from cloud_sync.erasure_blinding import blind
 from cloud_sync.model_signature import ModelSignatureError, verify_manifest
-from cloud_sync.sync_client import Erasure, ModelOffer, ModelTooLargeError, StoreClient
+from cloud_sync.sync_client import (
+    BatchRefusedError,
+    Erasure,
+    ModelOffer,
+    ModelTooLargeError,
+    StoreClient,
+)
 from edge_agent.buffer import Buffer
 from edge_agent.buffer.inspect import erase_customer
 from edge_agent.config import Config, public_keys
 from edge_agent.errors import SyncError
-from edge_agent.governance import pseudonymise
+from edge_agent.governance import PSEUDONYM_PREFIX, pseudonymise
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ ERASURE_CURSOR_KEY: Final = "sync.erasure_cursor"
 MODEL_ETAG_KEY: Final = "sync.model_etag"
 WITHDRAWAL_SEQ_KEY: Final = "sync.withdrawal_seq"
 _WITHDRAWALS_PER_PAGE: Final = 500
+_IDS_PER_REQUEST: Final = 1000
 _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -173,6 +181,15 @@ def withdrawals_since(
     return read
 
 
+def _announceable(customer_id: str) -> bool:
+    """An id the store accepts in a pseudonymisation (not one of our pseudonyms itself)."""
+    return (
+        0 < len(customer_id) <= MAX_ID_LENGTH
+        and "\x00" not in customer_id
+        and not customer_id.startswith(PSEUDONYM_PREFIX)
+    )
+
+
 def _alias_of(envelope_json: str) -> str | None:
     try:
         data = json.loads(envelope_json).get("data")
@@ -250,10 +267,16 @@ class Downlink:
             )
             if last == after:
                 break
-            ids = sorted({alias or cid for cid, alias in withdrawn})
+            ids = sorted({alias or cid for cid, alias in withdrawn} - {""})
+            ids = [i for i in ids if _announceable(i)]
+            for start in range(0, len(ids), _IDS_PER_REQUEST):  # the store takes 5000 at most
+                chunk = ids[start : start + _IDS_PER_REQUEST]
+                try:
+                    await self.client.pseudonymise([(i, pseudonymise(i, self.key)) for i in chunk])
+                except BatchRefusedError as exc:  # bad data must not stall the downlink
+                    log.warning("sync.withdrawals.refused ids=%d error=%s", len(chunk), exc)
+            announced += len(ids)
             if ids:
-                await self.client.pseudonymise([(i, pseudonymise(i, self.key)) for i in ids])
-                announced += len(ids)
                 log.info("sync.withdrawals.announced ids=%d up_to_seq=%d", len(ids), last)
             await self.buffer.call(write_meta(WITHDRAWAL_SEQ_KEY, str(last)))
             after = last

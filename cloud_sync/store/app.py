@@ -266,7 +266,10 @@ async def _post_pseudonymisations(request: web.Request) -> web.Response:
     for item in items:
         if not isinstance(item, dict):
             raise BadRequestError(400, "bad_customers", "each entry is an object")
-        clear = _id_param(str(item.get("customer_id", "")), "customer_id")
+        clear = item.get("customer_id")
+        if not isinstance(clear, str):
+            raise BadRequestError(400, "bad_customers", "customer_id must be a string")
+        clear = _id_param(clear, "customer_id")
         (pseudonym,) = _pseudonyms([item.get("pseudonym")], "pseudonym")
         if PSEUDONYM_PATTERN.match(clear):
             raise BadRequestError(400, "bad_customers", "customer_id is already a pseudonym")
