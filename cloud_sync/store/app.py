@@ -285,9 +285,14 @@ async def _small_json(request: web.Request) -> dict[str, Any]:
     check_content_type(request.headers.get("Content-Type"))
     if (request.content_length or 0) > MAX_SMALL_BODY_BYTES:
         raise BadRequestError(413, "body_too_large", f"limit {MAX_SMALL_BODY_BYTES} bytes")
-    body = await request.content.read(MAX_SMALL_BODY_BYTES + 1)
-    if len(body) > MAX_SMALL_BODY_BYTES:
-        raise BadRequestError(413, "body_too_large", f"limit {MAX_SMALL_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_SMALL_BODY_BYTES:  # checked while reading: a liar's length costs nothing
+            raise BadRequestError(413, "body_too_large", f"limit {MAX_SMALL_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -202,3 +203,15 @@ async def test_a_withdrawal_rewrites_the_stores_clear_copies_to_the_pseudonym(
     assert "card-w" not in await backend.identities("c-w")
     bad = {"customers": [{"customer_id": PS_B, "pseudonym": PS_A}]}
     assert (await client.post("/v1/pseudonymisations", json=bad, headers=agent)).status == 400
+
+
+async def test_an_oversized_report_is_refused_while_reading(client: Client, tokens: Tokens) -> None:
+    agent = await tokens.agent()
+    body = json.dumps({"cursor": "1", "pseudonyms": [PS_A] * 40_000}).encode()  # about 1.5 MiB
+    answer = await client.post(
+        "/v1/erasures/pseudonyms",
+        data=io.BytesIO(body),  # streamed: no Content-Length to refuse it by
+        headers={**agent, "Content-Type": "application/json"},
+    )
+    assert answer.status == 413
+    assert (await answer.json())["error"] == "body_too_large"
