@@ -22,7 +22,7 @@ from cloud_sync.store import auth
 from cloud_sync.store.backend import Backend, open_backend
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.ingest import Limits
-from cloud_sync.store.model_publish import read_model_dir
+from cloud_sync.store.model_publish import read_model_dir, write_manifest
 from cloud_sync.store.records import PARTNER_SCOPES, Kind, format_ts
 from cloud_sync.store.server import serve
 
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ed25519 private key (PEM, from `model keygen`): sign the manifest",
     )
+    sign = model.add_parser(
+        "sign", help="sign a model directory's manifest in place (for a drop in models/incoming)"
+    )
+    sign.add_argument("--dir", required=True, type=Path)
+    sign.add_argument("--signing-key", required=True, type=Path)
     keygen = model.add_parser(
         "keygen", help="make a model signing key pair; prints the public key (last line)"
     )
@@ -214,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s %(message)s",
     )
     try:
+        if (args.command, getattr(args, "action", None)) == ("model", "sign"):
+            record, _ = read_model_dir(args.dir, load_private_key(args.signing_key))
+            write_manifest(args.dir, record.manifest)
+            print(f"signed version={record.version} sha256={record.sha256}")
+            return 0
         if (args.command, getattr(args, "action", None)) == ("model", "keygen"):
             public = write_new_key(args.out)
             print(f"private key written to {args.out}; agents' [model] public_key:")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Final
@@ -66,3 +67,19 @@ def read_model_dir(
     return ModelRecord(
         version=version, sha256=actual, size=len(artifact), manifest=manifest
     ), artifact
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    target = directory / MANIFEST
+    temporary = directory / f".{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ModelPublishError(f"{target}: cannot write: {exc.strerror}") from exc

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from cloud_sync.model_signature import (
     write_new_key,
 )
 from cloud_sync.store.cli import main
+from models import SuggestionModel
 
 Client = TestClient[Any, Any]
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "default_model"
@@ -110,3 +113,16 @@ def test_publishing_a_hostile_manifest_is_a_clear_error(
     db = f"sqlite://{tmp_path / 'store.db'}"
     assert main(["model", "publish", "--db", db, "--dir", str(directory)]) == 1
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_model_sign_signs_a_directory_for_a_hand_drop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    public = keygen(tmp_path / "k.pem", capsys)
+    directory = tmp_path / "drop"
+    shutil.copytree(DEFAULT_MODEL, directory, ignore=shutil.ignore_patterns("__*"))
+    command = ["model", "sign", "--dir", str(directory), "--signing-key", str(tmp_path / "k.pem")]
+    assert main(command) == 0
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert verify_manifest(manifest, [public])
+    assert SuggestionModel.load(directory).version == manifest["version"]  # still a model
