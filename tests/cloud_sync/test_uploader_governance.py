@@ -199,15 +199,19 @@ async def test_withdrawing_profile_sharing_rewrites_what_the_store_holds_in_clea
     async with agent_running(document) as agent:
         await publish(mqtt_broker, topic, [consent("w-0", "c-w", True)])
         await synced(agent, 1)
-        await publish(mqtt_broker, topic, [pickup(f"w-{n}", customer_id="c-w") for n in (1, 2)])
-        await synced(agent, 3)
+        payloads = [pickup(f"w-{n}", customer_id="c-w") for n in (1, 2)]
+        await publish(mqtt_broker, topic, [*payloads, identified("w-3", "c-w", "card-w")])
+        await synced(agent, 4)
         assert {c for _, c, _ in store_rows(store.db_url)} == {"c-w"}
         await publish(mqtt_broker, topic, [consent("w-9", "c-w", False)])
-        await synced(agent, 4)
+        await synced(agent, 5)
         await eventually(lambda: {c for _, c, _ in store_rows(store.db_url)} == {hidden}, 15)
     rows = store_rows(store.db_url)
     assert {"w-0", "w-1", "w-2", "w-9"} <= {event_id for event_id, _, _ in rows}
     assert not [row for row in rows if row[1] == "c-w" or '"c-w"' in row[2]]
+    (alias_row,) = [row for row in rows if row[0] == "w-3"]
+    assert pseudonymise("card-w", KEY.encode()) in alias_row[2]  # the alias left clear too
+    assert "card-w" not in alias_row[2]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
