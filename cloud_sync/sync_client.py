@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from cloud_sync.erasure_blinding import blinding_key
 from edge_agent.errors import SyncError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class StoreForbiddenError(SyncError):
     """401/403/415 or another 4xx: retrying will not help until the config is fixed."""
 
 
+class ModelTooLargeError(SyncError):
+    """A model download is larger than ``[model] max_download_bytes``; it was cut off."""
+
+
 @dataclass(frozen=True)
 class PostResult:
     accepted: int
@@ -55,8 +60,11 @@ class PostResult:
 
 @dataclass(frozen=True)
 class Erasure:
+    """One feed entry: ``blinded`` for an agent token, ``customer_id`` for an admin key."""
+
     cursor: str
-    customer_id: str
+    blinded: str | None = None
+    customer_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,11 @@ class ModelOffer:
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return str(self.manifest.get("version", ""))
 
     @property
     def sha256(self) -> str:
-        return str(self.manifest["sha256"])
+        return str(self.manifest.get("sha256", ""))
 
 
 class StoreClient:
@@ -78,6 +86,7 @@ class StoreClient:
 
     def __init__(self, url: str, token: str, timeout_s: float, connections: int = 4) -> None:
         self.base = url.rstrip("/")
+        self.blinding_key = blinding_key(token)  # the erasure feed is blinded with it
         self._headers = {"Authorization": f"Bearer {token}"}
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -114,11 +123,41 @@ class StoreClient:
 
     async def erasures(self, after: str, limit: int = 500) -> tuple[list[Erasure], str]:
         answer = await self._get_json("/v1/erasures", {"after": after, "limit": str(limit)})
-        items = [
-            Erasure(str(item["cursor"]), str(item["customer_id"]))
-            for item in answer.get("erasures", [])
-        ]
+        items = []
+        for item in answer.get("erasures", []):
+            if not isinstance(item, dict) or "cursor" not in item:
+                raise StoreUnavailableError("GET /v1/erasures: an entry without a cursor")
+            blinded, clear = item.get("blinded"), item.get("customer_id")
+            items.append(
+                Erasure(
+                    str(item["cursor"]),
+                    blinded if isinstance(blinded, str) else None,
+                    clear if isinstance(clear, str) else None,
+                )
+            )
         return items, str(answer.get("next_after", after))
+
+    async def report_erased_pseudonyms(self, cursor: str, pseudonyms: list[str]) -> None:
+        """Tell the store which pseudonyms this agent used for the customers it just erased."""
+        await self._post_json(
+            "/v1/erasures/pseudonyms", {"cursor": cursor, "pseudonyms": pseudonyms}
+        )
+
+    async def pseudonymise(self, pairs: list[tuple[str, str]]) -> None:
+        """Customers who withdrew profile sharing: their clear ids at this store become these
+        pseudonyms in what the store already holds."""
+        customers = [{"customer_id": c, "pseudonym": p} for c, p in pairs]
+        await self._post_json("/v1/pseudonymisations", {"customers": customers})
+
+    async def _post_json(self, path: str, document: dict[str, Any]) -> None:
+        url = f"{self.base}{path}"
+        headers = {**self._headers, "Content-Type": "application/json"}
+        try:
+            async with self._session.post(url, json=document, headers=headers) as response:
+                if response.status != 200:
+                    _raise_for(response, (await response.text(errors="replace"))[:300])
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
 
     async def latest_model(self, etag: str | None) -> ModelOffer | None:
         """The published manifest, or None when it is unchanged (304) or none exists (404)."""
@@ -131,20 +170,31 @@ class StoreClient:
                 if response.status != 200:
                     _raise_for(response, (await response.text(errors="replace"))[:300])
                 manifest = await response.json(content_type=None)
+                if not isinstance(manifest, dict):
+                    raise StoreUnavailableError(f"GET {url}: the manifest is not a JSON object")
                 return ModelOffer(manifest, response.headers.get("ETag", ""))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StoreUnavailableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
 
-    async def download_model(self, version: str, target: Path) -> str:
-        """Stream the artifact to ``target``; return its sha256 (hex)."""
+    async def download_model(self, version: str, target: Path, max_bytes: int) -> str:
+        """Stream the artifact to ``target``; return its sha256 (hex). More than
+        ``max_bytes`` (announced or received) stops the download: ModelTooLargeError."""
         url = f"{self.base}/v1/models/{version}/model.onnx"
         digest = hashlib.sha256()
+        received = 0
         try:
             async with self._session.get(url, headers=self._headers) as response:
                 if response.status != 200:
                     _raise_for(response, (await response.text(errors="replace"))[:300])
+                if (response.content_length or 0) > max_bytes:
+                    raise ModelTooLargeError(
+                        f"GET {url}: {response.content_length} bytes, limit {max_bytes}"
+                    )
                 with target.open("wb") as out:
                     async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
+                        received += len(chunk)
+                        if received > max_bytes:  # a server that lies about its length
+                            raise ModelTooLargeError(f"GET {url}: more than {max_bytes} bytes")
                         digest.update(chunk)
                         out.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:

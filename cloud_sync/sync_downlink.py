@@ -1,18 +1,32 @@
 """The way back to the store: erasure requests and model updates, once per sync cycle.
 
-Erasures: ``GET /v1/erasures?after=CURSOR`` page by page; each page is applied to the
-buffer with ``erase_customer`` (matching the clear id and, for customers uploaded as
-pseudonyms, the clear id whose pseudonym the store names), then the cursor is kept in the
-buffer's ``meta`` table. A crash between the two re-applies the page: erasing is idempotent.
+Erasures: ``GET /v1/erasures?after=CURSOR`` page by page. Each entry names an erased id
+blinded with this agent's own key (``cloud_sync.erasure_blinding``); the agent blinds the ids
+it holds (each clear id and its pseudonym) and matches. For the customers found it first tells
+the store the pseudonyms it uploaded them under (``POST /v1/erasures/pseudonyms``: the store
+erases those copies too), then erases them from the buffer with ``erase_customer`` and keeps
+the cursor in the buffer's ``meta`` table, in one transaction. A crash or a failed report
+re-applies the page next cycle: both steps are idempotent.
 
-Models: ``GET /v1/models/latest`` with ``If-None-Match``; a new version is streamed to
-``<data_dir>/models/incoming/<version>/``, its sha256 checked against the manifest, and the
-verified directory offered to the personalizer component (``offer_model(path)``) if the agent
-has one. The ETag is kept only once the version was handled, so a failed download retries.
+Withdrawals: a ``consent.update`` that leaves a customer without ``profile_sharing`` means the
+events the store already holds under the clear id must not stay in clear. Once per cycle the
+consent updates committed since the last look (``meta`` ``sync.withdrawal_seq``) are read;
+for each customer still without profile sharing, the clear id and its aliases are sent with
+their pseudonyms (``POST /v1/pseudonymisations``) and the store rewrites that store's copies.
+
+Models: ``GET /v1/models/latest`` with ``If-None-Match``. With ``[model] public_key`` set,
+the manifest's ed25519 signature is checked first (``cloud_sync.model_signature``), before
+anything is downloaded; then the artifact is streamed to
+``<data_dir>/models/incoming/<version>/`` (at most ``[model] max_download_bytes``), its
+sha256 checked against the manifest, and the verified directory offered to the personalizer
+component (``offer_model(path)``) if the agent has one. The ETag is kept once the version was
+handled: a refused model (unsigned, badly signed, too large) is not fetched again until a new
+one is published; a failed download (network, sha256 mismatch) retries next cycle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -22,18 +36,32 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from cloud_sync.sync_client import StoreClient
+from cloud_sync.envelope_schema import MAX_ID_LENGTH
+from cloud_sync.erasure_blinding import blind
+from cloud_sync.model_signature import ModelSignatureError, verify_manifest
+from cloud_sync.sync_client import (
+    BatchRefusedError,
+    Erasure,
+    ModelOffer,
+    ModelTooLargeError,
+    StoreClient,
+)
 from edge_agent.buffer import Buffer
 from edge_agent.buffer.inspect import erase_customer
+from edge_agent.config import Config, public_keys
 from edge_agent.errors import SyncError
-from edge_agent.governance import pseudonymise
+from edge_agent.governance import PSEUDONYM_PREFIX, pseudonymise
 
 log = logging.getLogger(__name__)
 
 ERASURE_CURSOR_KEY: Final = "sync.erasure_cursor"
 MODEL_ETAG_KEY: Final = "sync.model_etag"
+WITHDRAWAL_SEQ_KEY: Final = "sync.withdrawal_seq"
+_WITHDRAWALS_PER_PAGE: Final = 500
+_IDS_PER_REQUEST: Final = 1000
 _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 
 OfferModel = Callable[[Path], Awaitable[Any]]
 Forget = Callable[[str], Any]
@@ -41,6 +69,15 @@ Forget = Callable[[str], Any]
 
 class ModelVerificationError(SyncError):
     """A downloaded artifact does not match its manifest's sha256."""
+
+
+class ModelRefusedError(SyncError):
+    """A published model this agent must not use (signature, size, manifest); ``reason``
+    is a short token for status and logs."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 def read_meta(key: str) -> Callable[[sqlite3.Connection], str | None]:
@@ -58,23 +95,40 @@ def write_meta(key: str, value: str) -> Callable[[sqlite3.Connection], None]:
     return write
 
 
+def held_customers(connection: sqlite3.Connection) -> list[str]:
+    """Every clear customer id the buffer holds (events or consent records)."""
+    return [
+        row[0]
+        for row in connection.execute(
+            "SELECT DISTINCT customer_id FROM events WHERE customer_id IS NOT NULL "
+            "UNION SELECT customer_id FROM consent"
+        )
+    ]
+
+
+def erasure_targets(
+    held: Sequence[str], page: Sequence[Erasure], key: bytes, blinding: bytes
+) -> list[str]:
+    """The held ids the page names (blinded, or clear for an admin-read feed), directly or
+    through their pseudonym. Three HMACs per held id: run it off the buffer's owner thread."""
+    blinded = {item.blinded for item in page if item.blinded}
+    clear = {item.customer_id for item in page if item.customer_id}
+    targets = []
+    for cid in held:
+        names = {cid, pseudonymise(cid, key)}
+        if names & clear or {blind(blinding, name) for name in names} & blinded:
+            targets.append(cid)
+    return sorted(targets)
+
+
 def erasure_applier(
-    buffer: Buffer, erased_ids: Sequence[str], key: bytes, cursor: str
+    buffer: Buffer, targets: Sequence[str], cursor: str
 ) -> Callable[[sqlite3.Connection], dict[str, Any]]:
-    """Erase every buffered customer the page names (clear or pseudonym), keep the cursor."""
+    """Erase these customers from the buffer, keep the cursor."""
 
     def apply(connection: sqlite3.Connection) -> dict[str, Any]:
-        wanted = set(erased_ids)
-        known = [
-            row[0]
-            for row in connection.execute(
-                "SELECT DISTINCT customer_id FROM events WHERE customer_id IS NOT NULL "
-                "UNION SELECT customer_id FROM consent"
-            )
-        ]
-        targets = [cid for cid in known if cid in wanted or pseudonymise(cid, key) in wanted]
         totals: dict[str, Any] = {"customers": len(targets), "events": 0, "consent": 0}
-        totals |= {"quarantine": 0, "erased_ids": targets}
+        totals["quarantine"] = 0
         for customer_id in targets:
             pending = connection.execute(
                 "SELECT count(*) FROM events WHERE customer_id = ? AND synced_at IS NULL",
@@ -92,16 +146,75 @@ def erasure_applier(
     return apply
 
 
+def withdrawals_since(
+    after: int, limit: int
+) -> Callable[[sqlite3.Connection], tuple[list[tuple[str, str | None]], int]]:
+    """(customer id, alias or None) of customers now without profile sharing whose consent
+    changed after seq ``after``, and the last seq looked at."""
+
+    def read(connection: sqlite3.Connection) -> tuple[list[tuple[str, str | None]], int]:
+        rows = connection.execute(
+            "SELECT seq, customer_id FROM events WHERE seq > ? AND type = 'consent.update'"
+            " AND customer_id IS NOT NULL ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        if not rows:
+            return [], after
+        withdrawn: list[tuple[str, str | None]] = []
+        for customer_id in sorted({str(r[1]) for r in rows}):
+            sharing = connection.execute(
+                "SELECT profile_sharing FROM consent WHERE customer_id = ?", (customer_id,)
+            ).fetchone()
+            if sharing is None or sharing[0]:
+                continue  # erased meanwhile, or sharing again
+            withdrawn.append((customer_id, None))
+            for (envelope,) in connection.execute(
+                "SELECT envelope FROM events WHERE customer_id = ?"
+                " AND type = 'customer.identified'",
+                (customer_id,),
+            ):
+                alias = _alias_of(envelope)
+                if alias:
+                    withdrawn.append((customer_id, alias))
+        return withdrawn, int(rows[-1][0])
+
+    return read
+
+
+def _announceable(customer_id: str) -> bool:
+    """An id the store accepts in a pseudonymisation (not one of our pseudonyms itself)."""
+    return (
+        0 < len(customer_id) <= MAX_ID_LENGTH
+        and "\x00" not in customer_id
+        and not customer_id.startswith(PSEUDONYM_PREFIX)
+    )
+
+
+def _alias_of(envelope_json: str) -> str | None:
+    try:
+        data = json.loads(envelope_json).get("data")
+    except (ValueError, AttributeError):
+        return None
+    alias = data.get("alias") if isinstance(data, dict) else None
+    return alias if isinstance(alias, str) and alias else None
+
+
 class Downlink:
     """Erasures and models for one agent; ``run_once`` is called once per sync cycle."""
 
-    def __init__(self, client: StoreClient, buffer: Buffer, data_dir: Path, key: bytes) -> None:
+    def __init__(self, client: StoreClient, buffer: Buffer, config: Config, key: bytes) -> None:
         self.client = client
         self.buffer = buffer
-        self.incoming = data_dir / "models" / "incoming"
+        self.incoming = config.data_dir / "models" / "incoming"
         self.key = key
+        self.require_consent = config.governance.require_consent
+        settings = config.model
+        self.public_keys = public_keys(settings)
+        self.max_download_bytes = settings.max_download_bytes
         self.erasures_applied = 0
         self.model_version: str | None = None
+        self.models_refused = 0
+        self.last_model_error: str | None = None
 
     async def apply_erasures(self, forget: Forget | None = None) -> int:
         """Fetch and apply every new erasure request; return how many were applied.
@@ -115,13 +228,18 @@ class Downlink:
             page, next_after = await self.client.erasures(cursor)
             if not page:
                 break
-            ids = [item.customer_id for item in page]
-            totals = await self.buffer.call(erasure_applier(self.buffer, ids, self.key, next_after))
+            held = await self.buffer.call(held_customers)
+            targets = await asyncio.to_thread(
+                erasure_targets, held, page, self.key, self.client.blinding_key
+            )
+            if targets:  # before the local erase: a failed report retries the whole page
+                pseudonyms = sorted({pseudonymise(cid, self.key) for cid in targets})
+                await self.client.report_erased_pseudonyms(next_after, pseudonyms)
+            totals = await self.buffer.call(erasure_applier(self.buffer, targets, next_after))
             applied += len(page)
             self.erasures_applied += len(page)
-            erased_ids: list[str] = totals.pop("erased_ids")
             if forget is not None:
-                for customer_id in erased_ids:
+                for customer_id in targets:
                     forget(customer_id)
             log.info(
                 "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
@@ -135,17 +253,58 @@ class Downlink:
             await self.buffer.recount()  # erased rows left the counters behind
         return applied
 
+    async def announce_withdrawals(self) -> int:
+        """Send the store the pseudonyms of customers who withdrew profile sharing since the
+        last look; returns how many ids were announced."""
+        if not self.require_consent:
+            return 0  # every id leaves in clear by configuration: nothing to rewrite
+        kept = await self.buffer.call(read_meta(WITHDRAWAL_SEQ_KEY))
+        after = int(kept or "0")
+        announced = 0
+        for _ in range(_MAX_PAGES_PER_CYCLE):
+            withdrawn, last = await self.buffer.call(
+                withdrawals_since(after, _WITHDRAWALS_PER_PAGE)
+            )
+            if last == after:
+                break
+            ids = sorted({alias or cid for cid, alias in withdrawn} - {""})
+            ids = [i for i in ids if _announceable(i)]
+            for start in range(0, len(ids), _IDS_PER_REQUEST):  # the store takes 5000 at most
+                chunk = ids[start : start + _IDS_PER_REQUEST]
+                try:
+                    await self.client.pseudonymise([(i, pseudonymise(i, self.key)) for i in chunk])
+                except BatchRefusedError as exc:  # bad data must not stall the downlink
+                    log.warning("sync.withdrawals.refused ids=%d error=%s", len(chunk), exc)
+            announced += len(ids)
+            if ids:
+                log.info("sync.withdrawals.announced ids=%d up_to_seq=%d", len(ids), last)
+            await self.buffer.call(write_meta(WITHDRAWAL_SEQ_KEY, str(last)))
+            after = last
+        return announced
+
     async def fetch_model(self, offer: OfferModel | None) -> str | None:
         """Download a new published model; return its version when one was handled."""
         etag = await self.buffer.call(read_meta(MODEL_ETAG_KEY))
         model = await self.client.latest_model(etag)
         if model is None:
             return None
-        if not _VERSION.match(model.version):
-            raise SyncError(f"model version {model.version!r} is not a safe directory name")
-        directory = self.incoming / model.version
-        if not (directory / "manifest.json").exists():
-            await self._download(model.version, model.sha256, model.manifest, directory)
+        try:
+            self._check_offer(model)
+            directory = self.incoming / model.version
+            if not (directory / "manifest.json").exists():
+                await self._download(model.version, model.sha256, model.manifest, directory)
+        except ModelRefusedError as exc:
+            self.models_refused += 1
+            self.last_model_error = f"{model.version[:128]!r}: {exc}"
+            log.error(  # noqa: TRY400 (the reason is the message; no traceback to show)
+                "sync.model.refused version=%r reason=%s detail=%s",
+                model.version[:128],
+                exc.reason,
+                exc,
+            )
+            # Refused for good: fetched again only once another model is published.
+            await self.buffer.call(write_meta(MODEL_ETAG_KEY, model.etag))
+            return None
         if offer is None:
             log.info(
                 "sync.model.verified version=%s path=%s personalizer=absent",
@@ -165,6 +324,24 @@ class Downlink:
         self.model_version = model.version
         return model.version
 
+    def _check_offer(self, model: ModelOffer) -> None:
+        """Everything decidable from the manifest alone, signature first."""
+        if self.public_keys:
+            try:
+                signer = verify_manifest(model.manifest, self.public_keys)
+            except ModelSignatureError as exc:
+                raise ModelRefusedError(exc.reason, exc.detail) from exc
+            log.info("sync.model.signature_ok version=%r key_id=%s", model.version[:128], signer)
+        if not _VERSION.match(model.version):
+            raise ModelRefusedError("bad_manifest", "version is not a safe directory name")
+        if not _SHA256.match(model.sha256.lower()):
+            raise ModelRefusedError("bad_manifest", "sha256 is not 64 hex digits")
+        declared = model.manifest.get("size_bytes")
+        if isinstance(declared, int) and declared > self.max_download_bytes:
+            raise ModelRefusedError(
+                "too_large", f"{declared} bytes, limit {self.max_download_bytes}"
+            )
+
     async def _download(
         self, version: str, sha256: str, manifest: dict[str, Any], directory: Path
     ) -> None:
@@ -172,7 +349,12 @@ class Downlink:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            actual = await self.client.download_model(version, staging / "model.onnx")
+            try:
+                actual = await self.client.download_model(
+                    version, staging / "model.onnx", self.max_download_bytes
+                )
+            except ModelTooLargeError as exc:
+                raise ModelRefusedError("too_large", str(exc)) from exc
             if actual != sha256.lower():
                 raise ModelVerificationError(
                     f"model {version}: sha256 {actual} does not match the manifest's {sha256}"

@@ -150,6 +150,8 @@ class Uploader:
                 "last_error": stats.last_error,
                 "erasures_applied": self.downlink.erasures_applied if self.downlink else 0,
                 "model_version": self.downlink.model_version if self.downlink else None,
+                "models_refused": self.downlink.models_refused if self.downlink else 0,
+                "model_last_error": self.downlink.last_model_error if self.downlink else None,
             }
         }
 
@@ -162,7 +164,7 @@ class Uploader:
             async with StoreClient(
                 self.settings.url, self.settings.token, self.settings.timeout_s, connections
             ) as client:
-                self.downlink = Downlink(client, agent.buffer, agent.config.data_dir, self._key)
+                self.downlink = Downlink(client, agent.buffer, agent.config, self._key)
                 await self._loop(client, agent)
         finally:
             agent.pipeline.observers.remove(self._on_commit)
@@ -201,6 +203,7 @@ class Uploader:
             personalizer = _personalizer(agent)
             await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
             await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
+            await self.downlink.announce_withdrawals()
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)
 

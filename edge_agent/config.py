@@ -7,12 +7,16 @@ Environment variables ``EDGE_AGENT__SECTION__KEY`` override keys of the TOML fil
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from edge_agent.errors import ConfigError
 DEFAULT_CONFIG_PATH: Final = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX: Final = "EDGE_AGENT__"
 _ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ED25519_KEY_BYTES: Final = 32
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,10 @@ class ModelSection:
     popularity_refresh_s: float = 60.0
     watch_interval_s: float = 2.0  # how often models/incoming and models/current are checked
     max_pending: int = 256  # suggestions waiting for the model; beyond this, triggers are shed
+    # ed25519 public key(s), base64 of the 32 raw bytes, separated by spaces (two during a
+    # key rotation): a model that arrives (sync or incoming/) must be signed by one of them.
+    public_key: str = ""
+    max_download_bytes: int = 256 * 1024 * 1024  # a model download larger than this is refused
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class SyncSection:
     max_events_per_s: float = 0.0  # drain cap for metered links; 0: unlimited
     live_lane_size: int = 50  # newest customer events sent beside each backlog round
     concurrency: int = 1  # batches in flight at once (several store replicas)
+    allow_insecure_http: bool = False  # http:// to a non-loopback store: only when true
 
 
 @dataclass(frozen=True)
@@ -266,6 +276,30 @@ def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> 
         table[key] = value  # coerced to the key's type by _build_section
 
 
+def public_keys(model: ModelSection) -> tuple[bytes, ...]:
+    """The raw 32-byte ed25519 public keys of ``model.public_key`` (ValueError when bad)."""
+    keys = []
+    for text in model.public_key.replace(",", " ").split():
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"{text[:12]}... is not base64") from exc
+        if len(raw) != _ED25519_KEY_BYTES:
+            raise ValueError(f"{text[:12]}... is not a 32-byte ed25519 public key")
+        keys.append(raw)
+    return tuple(keys)
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _suggestion_topic_ok(template: str) -> bool:
     try:
         filled = template.format(prefix="p", store_id="s", device_id="d")
@@ -342,6 +376,19 @@ def _validate(config: Config) -> None:
             "sync.url",
             "must be an http:// or https:// URL, or empty",
         ),
+        (
+            not config.sync.url.startswith("http://")
+            or config.sync.allow_insecure_http
+            or _is_loopback_url(config.sync.url),
+            "sync.url",
+            "must be https:// (tokens and customer data cross the network); plain http:// is"
+            " allowed only to a loopback host or with sync.allow_insecure_http = true",
+        ),
+        (
+            config.model.max_download_bytes >= 1024 * 1024,
+            "model.max_download_bytes",
+            "must be at least 1 MiB",
+        ),
         (config.sync.interval_s > 0, "sync.interval_s", "must be positive"),
         (config.sync.batch_size >= 1, "sync.batch_size", "must be >= 1"),
         (config.sync.timeout_s > 0, "sync.timeout_s", "must be positive"),
@@ -358,6 +405,11 @@ def _validate(config: Config) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(key, problem)
+    if config.model.public_key:
+        try:
+            public_keys(config.model)
+        except ValueError as exc:
+            raise ConfigError("model.public_key", str(exc)) from exc
     for index, port in enumerate(config.serial.ports):
         if not port.url:
             raise ConfigError(f"serial.ports[{index}].url", "must not be empty")

@@ -51,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         "--telemetry-interval-min", type=int, default=defaults.telemetry_interval_min
     )
 
-    train = commands.add_parser("train", help="train on events and write a model directory")
+    train = commands.add_parser(
+        "train",
+        help="train on events and write a model directory",
+        description="Train on the events of customers whose latest consent.update allows"
+        " personalization; a customer with no consent.update at all is left out (the default"
+        " policy, require_consent = true) and counted in the manifest's"
+        " training.stats.excluded_customers_no_consent.",
+    )
     train.add_argument("--events", type=Path, required=True)
     train.add_argument("--out", type=Path, required=True)
     train.add_argument(

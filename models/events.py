@@ -1,7 +1,9 @@
 """Reading event envelopes from JSON Lines into per-customer timelines of item interactions.
 
 Training and evaluation see the same view of the data: the trigger events that name an sku,
-in time order, for customers whose latest ``consent.update`` allows personalization.
+in time order, for customers whose latest ``consent.update`` allows personalization. A
+customer with no ``consent.update`` at all is left out (DESIGN "Consent": with the default
+``require_consent = true`` no record means no consent), and counted as excluded.
 Consecutive trigger events on the same sku (a kiosk view, then the pickup, then the basket
 add of one product) are one *take*: the customer took that item once. The last take of a
 customer is what leave-last-out holds out and evaluates.
@@ -45,7 +47,7 @@ class CustomerTimeline:
 
     customer_id: str
     interactions: list[Interaction] = field(default_factory=list)
-    personalization: bool = True  # the latest consent.update wins; no update means allowed
+    personalization: bool = False  # the latest consent.update wins; no record: not allowed
     consent_ts: float = -math.inf
 
 

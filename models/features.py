@@ -29,6 +29,9 @@ DEFAULT_TYPE_WEIGHTS: Final[Mapping[str, float]] = {
     "checkout.purchase": 0.6,
 }
 
+# The feed arrays are sized from it: a hostile manifest must not allocate the machine away.
+MAX_HISTORY_LENGTH: Final = 4096
+
 HistoryEntry = tuple[str, str, float]  # (sku, event type, ts in epoch seconds)
 
 
@@ -73,8 +76,12 @@ class FeatureSpec:
                 stores=tuple(str(s) for s in raw["stores"]),
                 devices=tuple(str(d) for d in raw["devices"]),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ModelFormatError(f"manifest feature_spec is invalid: {exc!r}") from exc
+        if not 1 <= spec.history_length <= MAX_HISTORY_LENGTH:
+            raise ModelFormatError(
+                f"manifest feature_spec: history_length must be 1..{MAX_HISTORY_LENGTH}"
+            )
         valid = (
             spec.history_length >= 1
             and spec.half_life_s > 0.0

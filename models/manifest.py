@@ -19,6 +19,10 @@ from models.features import FeatureSpec, HistoryEntry
 FORMAT_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 MODEL_NAME: Final = "model.onnx"
+# Bounds that keep a damaged or hostile manifest a refused model instead of a crash or an
+# allocation of the whole memory (the feed arrays are sized from the manifest).
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
+MAX_TOP_K: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +51,20 @@ class GoldenRequest:
             context = raw["context"]
             return cls(
                 history=tuple((str(s), str(t), float(ts)) for s, t, ts in raw["history"]),
-                context=(int(context["hour"]), str(context["store_id"]), context["device_id"]),
+                context=(int(context["hour"]), str(context["store_id"]), _device(context)),
                 penalty_skus=tuple(str(sku) for sku in raw["penalty_skus"]),
                 now=None if raw["now"] is None else float(raw["now"]),
                 expected=tuple((str(sku), float(score)) for sku, score in raw["expected"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelFormatError(f"manifest golden_requests entry is invalid: {exc!r}") from exc
+
+
+def _device(context: Any) -> str | None:
+    device = context["device_id"]
+    if device is not None and not isinstance(device, str):
+        raise TypeError("context.device_id must be a string or null")
+    return device
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +90,24 @@ def sha256_of(path: Path) -> str:
 def read_manifest(model_dir: Path) -> Manifest:
     path = model_dir / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            text = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ModelFormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raw = json.loads(text.decode("utf-8"))
     except FileNotFoundError as exc:
         raise ModelFormatError(f"no {MANIFEST_NAME} in {model_dir}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelFormatError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{path}: the manifest must be a JSON object")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(f"{path}: format_version must be {FORMAT_VERSION}")
     for name, kind in (("version", str), ("sha256", str), ("model_file", str), ("top_k", int)):
-        if not isinstance(raw.get(name), kind):
+        if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
             raise ModelFormatError(f"{path}: field {name!r} must be a {kind.__name__}")
+    if not 1 <= raw["top_k"] <= MAX_TOP_K:
+        raise ModelFormatError(f"{path}: top_k must be 1..{MAX_TOP_K}")
     items = raw.get("items")
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
         raise ModelFormatError(f"{path}: field 'items' must be a non-empty list of skus")

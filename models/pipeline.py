@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from models.evaluate import evaluate
-from models.events import EventLog, format_ts, load_event_log, split_last_take
+from models.events import format_ts, load_event_log
 from models.export import GoldenInput, write_model_dir
 from models.manifest import MANIFEST_NAME, write_json_atomically
 from models.serving import SuggestionModel
@@ -17,35 +16,39 @@ from models.train import TrainedModel, TrainingParams, train_model
 
 logger = logging.getLogger(__name__)
 
-GOLDEN_CUSTOMERS = 3
+GOLDEN_REQUESTS = 3
+# Golden requests ship to every agent and can never be erased there, so they are made up:
+# skus picked from the catalogue by a fixed stride, at fixed synthetic times, never a real
+# customer's history (issue 10).
+_SYNTHETIC_NOW: Final = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+_SYNTHETIC_TYPES: Final = ("kiosk.view", "product.pickup", "basket.add", "product.scan")
+_STRIDES: Final = (7919, 104_729, 1_299_709)
 
 
-def golden_inputs(log: EventLog, trained: TrainedModel, *, holdout_last: bool) -> list[GoldenInput]:
-    """A few deterministic requests from the training data, plus a cold and a masked one."""
+def golden_inputs(trained: TrainedModel) -> list[GoldenInput]:
+    """A few deterministic synthetic requests, plus a cold and a masked one."""
+    items, spec = trained.items, trained.spec
     requests: list[GoldenInput] = []
-    for timeline in sorted(log.consenting(), key=lambda t: t.customer_id):
-        interactions = timeline.interactions
-        if holdout_last:
-            interactions, _ = split_last_take(interactions)
-        if len(interactions) < 3:
-            continue
-        recent = interactions[-10:]
-        last = recent[-1]
-        hour = datetime.fromtimestamp(last.ts, UTC).hour
+    for number in range(GOLDEN_REQUESTS):
+        length = min(4 + 3 * number, len(items))
+        history = tuple(
+            (
+                items[(number + 1 + step * _STRIDES[number]) % len(items)],
+                _SYNTHETIC_TYPES[step % len(_SYNTHETIC_TYPES)],
+                _SYNTHETIC_NOW - 60.0 * (length - step),
+            )
+            for step in range(length)
+        )
+        store = spec.stores[number % len(spec.stores)] if spec.stores else "store-unknown"
+        device = spec.devices[number % len(spec.devices)] if spec.devices else None
         requests.append(
             GoldenInput(
-                history=tuple((event.sku, event.event_type, event.ts) for event in recent),
-                context=(hour, last.store_id, last.device_id),
-                now=last.ts,
+                history=history, context=(9 + 4 * number, store, device), now=_SYNTHETIC_NOW
             )
         )
-        if len(requests) == GOLDEN_CUSTOMERS:
-            break
-    store = trained.spec.stores[0] if trained.spec.stores else "store-unknown"
+    store = spec.stores[0] if spec.stores else "store-unknown"
     requests.append(GoldenInput(history=(), context=(9, store, None)))
-    if requests[0].history:
-        first = requests[0]
-        requests.append(replace(first, penalty_skus=tuple(trained.items[:50])))
+    requests.append(replace(requests[0], penalty_skus=tuple(items[:50])))
     return requests
 
 
@@ -80,7 +83,7 @@ def train_to_dir(
         items=trained.items,
         spec=trained.spec,
         top_k=top_k,
-        golden_inputs=golden_inputs(log, trained, holdout_last=holdout_last),
+        golden_inputs=golden_inputs(trained),
         extra=extra,
         version=version,
         created_at=created_at,

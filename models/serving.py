@@ -8,10 +8,11 @@ a lock because the feed arrays are allocated once and reused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -147,16 +148,34 @@ class SuggestionModel:
                 if penalty[index] < MASK_PENALTY
             ]
 
+    def _run_checked(
+        self, what: str, run: Callable[[], list[tuple[str, float]]]
+    ) -> list[tuple[str, float]]:
+        try:
+            return run()
+        except Exception as exc:  # onnxruntime's untyped errors, or values no request can hold
+            raise ModelVerificationError(f"{self.model_dir}: {what} failed: {exc!r}"[:500]) from exc
+
     def check_golden_requests(self) -> None:
         """Re-run the requests stored at export; raise ModelVerificationError on a difference.
         The agent's hot swap calls this before switching to a new model."""
+        spec = self.feature_spec
+        # The manifest's last store and device must index the model's tables: a manifest that
+        # names more than the model holds fails here, not on some customer's request later.
+        last_store = spec.stores[-1] if spec.stores else ""
+        probe = (12, last_store, spec.devices[-1] if spec.devices else None)
+        self._run_checked("the store/device probe", functools.partial(self.suggest, (), probe))
         for number, request in enumerate(self.manifest.golden_requests):
-            answer = self.suggest(
-                request.history,
-                request.context,
-                request.penalty_skus,
-                k=len(request.expected) or None,
-                now=request.now,
+            answer = self._run_checked(
+                f"golden request {number}",
+                functools.partial(
+                    self.suggest,
+                    request.history,
+                    request.context,
+                    request.penalty_skus,
+                    k=len(request.expected) or None,
+                    now=request.now,
+                ),
             )
             expected = list(request.expected)
             same_items = [sku for sku, _ in answer] == [sku for sku, _ in expected]

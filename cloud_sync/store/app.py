@@ -8,7 +8,9 @@ retry. Auth rules live in ``auth``; profile shaping in ``profiles``. See ``opena
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -18,6 +20,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
+from cloud_sync.erasure_blinding import blind, blinding_key
 from cloud_sync.store import auth, profiles
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
@@ -30,6 +33,7 @@ from cloud_sync.store.ingest import (
     decode_body,
 )
 from cloud_sync.store.records import Principal, format_ts
+from cloud_sync.store.sql_shared import AGENT_REPORT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,11 @@ SLOTS: Final = web.AppKey("slots", IngestSlots)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
+MAX_PSEUDONYMS: Final = 5000
+MAX_SMALL_BODY_BYTES: Final = 1024 * 1024
+MAX_CURSOR_DIGITS: Final = 19
+# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
+PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -82,6 +91,8 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app.router.add_delete("/v1/customers/{customer_id}", _delete_customer)
     app.router.add_get("/v1/customers/{customer_id}/events", _get_customer_events)
     app.router.add_get("/v1/erasures", _get_erasures)
+    app.router.add_post("/v1/erasures/pseudonyms", _post_erased_pseudonyms)
+    app.router.add_post("/v1/pseudonymisations", _post_pseudonymisations)
     app.router.add_get("/v1/models/latest", _get_latest_model)
     app.router.add_get("/v1/models/{version}/model.onnx", _get_model_artifact)
     app.router.add_get("/v1/aggregates", _get_aggregates)
@@ -264,23 +275,109 @@ async def _delete_customer(request: web.Request) -> web.Response:
 
 
 async def _get_erasures(request: web.Request) -> web.Response:
-    await _principal(request, auth.may_read_feeds)
+    """Admins read clear ids; an agent reads each id blinded with its own credential's key
+    (``cloud_sync.erasure_blinding``), so the feed names nobody to anyone else."""
+    principal = await _principal(request, auth.may_read_feeds)
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 500, 1, MAX_ERASURES_PAGE)
-    rows = await request.app[BACKEND].erasures(after, limit)
+    agent = principal.kind != "admin"
+    rows = await request.app[BACKEND].erasures(after, limit, agent_reports=not agent)
+    key = None
+    if agent:
+        token = auth.bearer_token(request.headers.get("Authorization")) or ""
+        key = blinding_key(token)
+    entries: list[dict[str, str]] = []
+    for e in rows:
+        entry = {"cursor": str(e.seq), "requested_at": format_ts(e.requested_at)}
+        if key is None:
+            entry["customer_id"] = e.customer_id
+        else:
+            entry["blinded"] = blind(key, e.customer_id)
+        entries.append(entry)
     return web.json_response(
-        {
-            "erasures": [
-                {
-                    "cursor": str(e.seq),
-                    "customer_id": e.customer_id,
-                    "requested_at": format_ts(e.requested_at),
-                }
-                for e in rows
-            ],
-            "next_after": str(rows[-1].seq if rows else after),
-        }
+        {"erasures": entries, "next_after": str(rows[-1].seq if rows else after)}
     )
+
+
+async def _post_erased_pseudonyms(request: web.Request) -> web.Response:
+    """An agent that applied an erasure names the pseudonyms it uploaded that customer under;
+    the store erases them too, for that agent's store only."""
+    principal = await _principal(request, auth.may_upload)
+    body = await _small_json(request)
+    cursor = body.get("cursor")
+    if not isinstance(cursor, str) or not cursor.isdigit() or len(cursor) > MAX_CURSOR_DIGITS:
+        raise BadRequestError(400, "bad_cursor", "cursor must be an erasure's cursor")
+    backend = request.app[BACKEND]
+    if not await backend.erasure_exists(int(cursor)):
+        raise BadRequestError(400, "bad_cursor", "no erasure has this cursor")
+    pseudonyms = _pseudonyms(body.get("pseudonyms"), "pseudonyms")
+    store_id = principal.store_id or ""
+    requested_by = f"{AGENT_REPORT_PREFIX}{principal.name} store={store_id} cursor={cursor}"
+    deleted = await backend.erase_pseudonyms(store_id, pseudonyms, requested_by, datetime.now(UTC))
+    log.info(
+        "store.pseudonyms.erased store=%s pseudonyms=%d events=%d cursor=%s",
+        store_id,
+        len(pseudonyms),
+        deleted,
+        cursor,
+    )
+    return web.json_response({"pseudonyms": len(pseudonyms), "events_deleted": deleted})
+
+
+async def _post_pseudonymisations(request: web.Request) -> web.Response:
+    """A customer withdrew profile sharing at an agent's store: that store's events already
+    stored under the clear id are rewritten to the pseudonym it uploads them under now."""
+    principal = await _principal(request, auth.may_upload)
+    body = await _small_json(request)
+    items = body.get("customers")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_PSEUDONYMS:
+        raise BadRequestError(400, "bad_customers", f"customers: 1..{MAX_PSEUDONYMS} objects")
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequestError(400, "bad_customers", "each entry is an object")
+        clear = item.get("customer_id")
+        if not isinstance(clear, str):
+            raise BadRequestError(400, "bad_customers", "customer_id must be a string")
+        clear = _id_param(clear, "customer_id")
+        (pseudonym,) = _pseudonyms([item.get("pseudonym")], "pseudonym")
+        if PSEUDONYM_PATTERN.match(clear):
+            raise BadRequestError(400, "bad_customers", "customer_id is already a pseudonym")
+        pairs.append((clear, pseudonym))
+    store_id = principal.store_id or ""
+    rewritten = await request.app[BACKEND].pseudonymise(store_id, pairs)
+    log.info("store.pseudonymised store=%s customers=%d events=%d", store_id, len(pairs), rewritten)
+    return web.json_response({"customers": len(pairs), "events_rewritten": rewritten})
+
+
+async def _small_json(request: web.Request) -> dict[str, Any]:
+    """A small JSON object body (read with a cap: these requests name ids, nothing more)."""
+    check_content_type(request.headers.get("Content-Type"))
+    if (request.content_length or 0) > MAX_SMALL_BODY_BYTES:
+        raise BadRequestError(413, "body_too_large", f"limit {MAX_SMALL_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_SMALL_BODY_BYTES:  # checked while reading: a liar's length costs nothing
+            raise BadRequestError(413, "body_too_large", f"limit {MAX_SMALL_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequestError(400, "malformed_json", str(exc)[:200]) from exc
+    if not isinstance(document, dict):
+        raise BadRequestError(400, "bad_batch_shape", "expected a JSON object")
+    return document
+
+
+def _pseudonyms(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_PSEUDONYMS:
+        raise BadRequestError(400, "bad_pseudonyms", f"{name}: 1..{MAX_PSEUDONYMS} pseudonyms")
+    if not all(isinstance(p, str) and PSEUDONYM_PATTERN.match(p) for p in value):
+        raise BadRequestError(400, "bad_pseudonyms", f"{name}: each is ps- and 32 hex digits")
+    return sorted(set(value))
 
 
 async def _get_latest_model(request: web.Request) -> web.Response:
@@ -288,7 +385,8 @@ async def _get_latest_model(request: web.Request) -> web.Response:
     record = await request.app[BACKEND].latest_model()
     if record is None:
         return _error(404, "not_found", "no model published yet")
-    etag = f'"{record.sha256}"'
+    # Two versions may share an artifact (re-signed, re-labelled): the tag names both.
+    etag = f'"{record.sha256}.{record.version}"'
     headers = {"ETag": etag, "X-Model-Version": record.version}
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)

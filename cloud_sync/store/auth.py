@@ -4,6 +4,12 @@ Three kinds of bearer credential, one table: an agent token (one store; uploads 
 erasures and models), a partner key (scopes ``profiles:read`` and/or ``aggregates:read``) and
 an admin key (reads every profile, erases customers). Only the sha256 of a token is stored: a
 token is 32 random bytes, so a plain hash is enough and lookups stay one indexed query.
+
+Credentials are listed (never their secret), revoked and rotated here. Every request looks its
+token up in the database, so a revocation holds from the next request on, on every instance.
+A rotation makes a new credential with the same kind, name, store and scopes and revokes the
+old one at once, or after a grace period (``revoked_at`` in the future) so that the agents can
+be given the new token first.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from cloud_sync.store.backend import Backend
@@ -19,6 +26,7 @@ from cloud_sync.store.records import (
     PARTNER_SCOPES,
     SCOPE_AGGREGATES,
     SCOPE_PROFILES,
+    Credential,
     Kind,
     Principal,
 )
@@ -87,6 +95,38 @@ async def create_credential(
     token = new_token(kind)
     credential_id = await backend.add_credential(kind, name, store_id, scopes, hash_token(token))
     log.info("store.credential.created id=%d kind=%s name=%s", credential_id, kind, name)
+    return token
+
+
+async def list_credentials(backend: Backend, kind: Kind) -> list[Credential]:
+    return await backend.credentials(kind)
+
+
+async def revoke_credential(
+    backend: Backend, kind: Kind, credential_id: int, *, grace: timedelta = timedelta(0)
+) -> datetime:
+    """Revoke now (or after ``grace``); returns when it stops working."""
+    at = datetime.now(UTC) + grace
+    if not await backend.revoke_credential(kind, credential_id, at):
+        raise CredentialError(f"no active {kind} credential with id {credential_id}")
+    log.info("store.credential.revoked id=%d kind=%s at=%s", credential_id, kind, at.isoformat())
+    return at
+
+
+async def rotate_credential(
+    backend: Backend, kind: Kind, credential_id: int, *, grace: timedelta = timedelta(0)
+) -> str:
+    """A new credential like the old one; the old one is revoked (after ``grace``). Returns
+    the new token: the only time it exists in clear."""
+    old = await backend.credential(kind, credential_id)
+    now = datetime.now(UTC)
+    if old is None or (old.revoked_at is not None and old.revoked_at <= now):
+        raise CredentialError(f"no active {kind} credential with id {credential_id}")
+    # Made first: if the revocation then fails, the old token still works and nothing is lost.
+    token = await create_credential(
+        backend, kind, name=old.name, store_id=old.store_id, scopes=sorted(old.scopes)
+    )
+    await revoke_credential(backend, kind, credential_id, grace=grace)
     return token
 
 

@@ -13,6 +13,7 @@ from typing import Protocol
 from cloud_sync.store.errors import DatabaseUrlError
 from cloud_sync.store.records import (
     AggregateRow,
+    Credential,
     CustomerFacts,
     Erasure,
     EventRow,
@@ -64,7 +65,35 @@ class Backend(Protocol):
         """Delete the ids' events and links, record one erasure per id; returns events deleted."""
         ...
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]: ...
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        """Erasures after a cursor; ``agent_reports=False`` leaves out the pseudonyms agents
+        reported (each is one agent's own name for a customer: noise to every agent, and the
+        reporting agent would match a returning customer again and again)."""
+        ...
+
+    async def erasure_exists(self, seq: int) -> bool: ...
+
+    async def erase_pseudonyms(
+        self, store_id: str, pseudonyms: Sequence[str], requested_by: str, now: datetime
+    ) -> int:
+        """Delete one store's events of these pseudonyms (and their links), record them as
+        erased so a late upload stays out; returns events deleted."""
+        ...
+
+    async def pseudonymise(self, store_id: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """Rewrite one store's events of each clear id (and aliases naming it) to its
+        pseudonym and rebuild the links those events made; returns events rewritten."""
+        ...
+
+    async def credentials(self, kind: Kind) -> list[Credential]: ...
+
+    async def credential(self, kind: Kind, credential_id: int) -> Credential | None: ...
+
+    async def revoke_credential(self, kind: Kind, credential_id: int, at: datetime) -> bool:
+        """Revoked from ``at`` (now, or later for a grace period); False: no such active one."""
+        ...
 
     async def audit(self, customer_id: str | None, limit: int) -> list[IdentityChange]:
         """Consent and link changes (of one id, as either side), oldest first."""

@@ -13,22 +13,25 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
 from cloud_sync.store import auth
 from cloud_sync.store.backend import Backend, open_backend
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.ingest import Limits
-from cloud_sync.store.model_publish import read_model_dir
-from cloud_sync.store.records import PARTNER_SCOPES
+from cloud_sync.store.model_publish import read_model_dir, write_manifest
+from cloud_sync.store.records import PARTNER_SCOPES, Kind, format_ts
 from cloud_sync.store.server import serve
 
 log = logging.getLogger(__name__)
 DEFAULT_DB: Final = "sqlite:customer-store.db"
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8700
+_KINDS: Final[dict[str, Kind]] = {"token": "agent", "partner": "partner", "admin": "admin"}
+_MAX_GRACE_S: Final = 30 * 24 * 3600.0  # a month: long enough to reach every store box
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     acreate = with_db(admin.add_parser("create", help="create an admin key (read all, erase)"))
     acreate.add_argument("--name", default="admin")
 
+    for group, kind in ((token, "agent"), (partner, "partner"), (admin, "admin")):
+        _credential_commands(group, kind, with_db)
+
     model = commands.add_parser("model", help="suggestion models").add_subparsers(
         dest="action", required=True
     )
     publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
     publish.add_argument("--dir", required=True, type=Path)
+    publish.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="ed25519 private key (PEM, from `model keygen`): sign the manifest",
+    )
+    sign = model.add_parser(
+        "sign", help="sign a model directory's manifest in place (for a drop in models/incoming)"
+    )
+    sign.add_argument("--dir", required=True, type=Path)
+    sign.add_argument("--signing-key", required=True, type=Path)
+    keygen = model.add_parser(
+        "keygen", help="make a model signing key pair; prints the public key (last line)"
+    )
+    keygen.add_argument("--out", required=True, type=Path, help="private key file (0600)")
 
     audit = commands.add_parser(
         "audit", help="consent and link changes with their origin"
@@ -130,6 +151,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _credential_commands(
+    group: Any,
+    kind: str,
+    with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
+    listing = with_db(group.add_parser("list", help=f"{kind} credentials, without secrets"))
+    listing.add_argument("--all", action="store_true", help="include revoked ones")
+    revoke = with_db(group.add_parser("revoke", help=f"revoke a {kind} credential now"))
+    revoke.add_argument("--id", required=True, type=int, help="the id `list` shows")
+    rotate = with_db(
+        group.add_parser(
+            "rotate", help=f"replace a {kind} credential; the new secret is the last line"
+        )
+    )
+    rotate.add_argument("--id", required=True, type=int, help="the id `list` shows")
+    rotate.add_argument(
+        "--grace-s",
+        type=float,
+        default=0.0,
+        help="keep the old secret valid this many seconds (default 0: revoked at once)",
+    )
+
+
+def _credential_command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]] | None:
+    """list / revoke / rotate for the kind named by the command (token = agent)."""
+    kind = _KINDS[args.command]
+    if args.action == "list":
+
+        async def listing(b: Backend) -> str:
+            now = datetime.now(UTC)
+            rows = [
+                c.as_json()
+                for c in await auth.list_credentials(b, kind)
+                if args.all or c.revoked_at is None or c.revoked_at > now
+            ]
+            return "\n".join(json.dumps(row, sort_keys=True) for row in rows)
+
+        return listing
+    if args.action == "revoke":
+
+        async def revoke(b: Backend) -> str:
+            at = await auth.revoke_credential(b, kind, args.id)
+            return f"revoked {kind} credential id={args.id} at={format_ts(at)}"
+
+        return revoke
+    if args.action == "rotate":
+        if not 0 <= args.grace_s <= _MAX_GRACE_S:
+            raise auth.CredentialError(f"--grace-s must be within 0..{_MAX_GRACE_S:.0f}")
+        grace = timedelta(seconds=args.grace_s)
+        return lambda b: auth.rotate_credential(b, kind, args.id, grace=grace)
+    return None
+
+
 async def _with_backend(url: str, work: Callable[[Backend], Awaitable[str]]) -> str:
     backend = await open_backend(url, pool_size=1)
     try:
@@ -141,6 +215,10 @@ async def _with_backend(url: str, work: Callable[[Backend], Awaitable[str]]) -> 
 def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     """The work of a one-shot command; it returns the text to print on stdout."""
     command = (args.command, getattr(args, "action", None))
+    if command[0] in ("token", "partner", "admin") and command[1] != "create":
+        work = _credential_command(args)
+        if work is not None:
+            return work
     if command == ("token", "create"):
         name = args.name or f"agent-{args.store}"
         return lambda b: auth.create_credential(b, "agent", name=name, store_id=args.store)
@@ -150,12 +228,14 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     if command == ("admin", "create"):
         return lambda b: auth.create_credential(b, "admin", name=args.name)
     if command == ("model", "publish"):
-        record, artifact = read_model_dir(args.dir)
+        key = None if args.signing_key is None else load_private_key(args.signing_key)
+        record, artifact = read_model_dir(args.dir, key)
 
         async def publish(b: Backend) -> str:
             created = await b.publish_model(record, artifact, datetime.now(UTC))
             state = "published" if created else "already published"
-            return f"{state} version={record.version} sha256={record.sha256}"
+            signed = "signed" if key is not None else "unsigned"
+            return f"{state} version={record.version} sha256={record.sha256} {signed}"
 
         return publish
     if command == ("audit", "list"):
@@ -195,6 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s %(message)s",
     )
     try:
+        if (args.command, getattr(args, "action", None)) == ("model", "sign"):
+            record, _ = read_model_dir(args.dir, load_private_key(args.signing_key))
+            write_manifest(args.dir, record.manifest)
+            print(f"signed version={record.version} sha256={record.sha256}")
+            return 0
+        if (args.command, getattr(args, "action", None)) == ("model", "keygen"):
+            public = write_new_key(args.out)
+            print(f"private key written to {args.out}; agents' [model] public_key:")
+            print(public)
+            return 0
         if args.command == "serve":
             limits = Limits(
                 max_body_bytes=args.max_body_bytes,
@@ -218,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         output = asyncio.run(_with_backend(args.db, _command(args)))
-    except (StoreError, auth.CredentialError) as exc:
+    except (StoreError, auth.CredentialError, ModelSignatureError) as exc:
         print(f"customer-store: error: {exc}", file=sys.stderr)
         return 1
     print(output)

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -26,6 +26,7 @@ from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
+    Credential,
     CustomerFacts,
     DeviceFacts,
     Erasure,
@@ -160,7 +161,7 @@ class PostgresBackend:
         rows = await self._fetch(
             "auth",
             "SELECT id, kind, name, store_id, scopes FROM credentials"
-            " WHERE token_hash = %s AND revoked_at IS NULL",
+            " WHERE token_hash = %s AND (revoked_at IS NULL OR revoked_at > now())",
             (token_hash,),
         )
         return sql_shared.principal(rows[0]) if rows else None
@@ -316,14 +317,107 @@ class PostgresBackend:
             raise BackendError("decide_change", str(exc)) from exc
         return sql_shared.identity_change(row, _same)
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        skip = "" if agent_reports else sql_shared.WITHOUT_AGENT_REPORTS
+        params = (after,) if agent_reports else (after, sql_shared.AGENT_REPORT_PATTERN)
         rows = await self._fetch(
             "erasures",
-            "SELECT seq, customer_id, requested_at FROM erasures"
-            " WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, limit),
+            f"SELECT seq, customer_id, requested_at FROM erasures"
+            f" WHERE seq > %s{skip} ORDER BY seq LIMIT %s",
+            (*params, limit),
         )
         return [Erasure(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    async def erasure_exists(self, seq: int) -> bool:
+        return bool(await self._fetch("erasure_exists", _ERASURE_EXISTS, (seq,)))
+
+    async def erase_pseudonyms(
+        self, store_id: str, pseudonyms: Sequence[str], requested_by: str, now: datetime
+    ) -> int:
+        names = sorted(pseudonyms)
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM events WHERE store_id = %s AND customer_id = ANY(%s)",
+                    (store_id, names),
+                )
+                deleted = cur.rowcount
+                await conn.execute(
+                    "DELETE FROM identity_links WHERE a = ANY(%s) OR b = ANY(%s)", (names, names)
+                )
+                await conn.execute(
+                    "INSERT INTO erasures (customer_id, requested_at, requested_by)"
+                    " SELECT unnest(%s::text[]), %s, %s",
+                    (names, now, requested_by),
+                )
+        except psycopg.Error as exc:
+            raise BackendError("erase_pseudonyms", str(exc)) from exc
+        return deleted
+
+    async def pseudonymise(self, store_id: str, pairs: Sequence[tuple[str, str]]) -> int:
+        affected = sorted({i for pair in pairs for i in pair})
+        rewritten = 0
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                for clear, pseudonym in sorted(pairs):
+                    cur = await conn.execute(
+                        "UPDATE events SET customer_id = %s"
+                        " WHERE store_id = %s AND customer_id = %s",
+                        (pseudonym, store_id, clear),
+                    )
+                    rewritten += cur.rowcount
+                    await conn.execute(
+                        "UPDATE events SET data = jsonb_set(data, '{alias}', to_jsonb(%s::text))"
+                        " WHERE store_id = %s AND type = 'customer.identified'"
+                        " AND data->>'alias' = %s",
+                        (pseudonym, store_id, clear),
+                    )
+                await conn.execute(
+                    "DELETE FROM identity_links WHERE a = ANY(%s) OR b = ANY(%s)",
+                    (affected, affected),
+                )
+                cur = await conn.execute(
+                    "SELECT customer_id, data->>'alias' FROM events"
+                    " WHERE type = 'customer.identified'"
+                    " AND (customer_id = ANY(%s) OR data->>'alias' = ANY(%s))",
+                    (affected, affected),
+                )
+                links = sql_shared.pairs_both_ways(await cur.fetchall())
+                if links:
+                    await conn.cursor().executemany(
+                        "INSERT INTO identity_links (a, b) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        links,
+                    )
+        except psycopg.Error as exc:
+            raise BackendError("pseudonymise", str(exc)) from exc
+        return rewritten
+
+    async def credentials(self, kind: Kind) -> list[Credential]:
+        rows = await self._fetch(
+            "credentials",
+            f"SELECT {sql_shared.CREDENTIAL_COLUMNS} FROM credentials WHERE kind = %s ORDER BY id",
+            (kind,),
+        )
+        return [sql_shared.credential(r, r[5], r[6]) for r in rows]
+
+    async def credential(self, kind: Kind, credential_id: int) -> Credential | None:
+        rows = await self._fetch(
+            "credential",
+            f"SELECT {sql_shared.CREDENTIAL_COLUMNS} FROM credentials WHERE kind = %s AND id = %s",
+            (kind, credential_id),
+        )
+        return sql_shared.credential(rows[0], rows[0][5], rows[0][6]) if rows else None
+
+    async def revoke_credential(self, kind: Kind, credential_id: int, at: datetime) -> bool:
+        rows = await self._fetch(
+            "revoke_credential",
+            "UPDATE credentials SET revoked_at = %s WHERE kind = %s AND id = %s"
+            " AND (revoked_at IS NULL OR revoked_at > %s) RETURNING id",
+            (at, kind, credential_id, at),
+        )
+        return bool(rows)
 
     async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
         try:
@@ -403,6 +497,9 @@ class PostgresBackend:
     async def close(self) -> None:
         await self._pool.close()
         log.info("store.postgres.closed")
+
+
+_ERASURE_EXISTS: Final = "SELECT 1 FROM erasures WHERE seq = %s"
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:

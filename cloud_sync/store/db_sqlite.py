@@ -25,6 +25,7 @@ from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
+    Credential,
     CustomerFacts,
     DeviceFacts,
     Erasure,
@@ -104,8 +105,8 @@ class SqliteBackend:
             "auth",
             lambda c: c.execute(
                 "SELECT id, kind, name, store_id, scopes FROM credentials"
-                " WHERE token_hash = ? AND revoked_at IS NULL",
-                (token_hash,),
+                " WHERE token_hash = ? AND (revoked_at IS NULL OR revoked_at > ?)",
+                (token_hash, _now()),
             ).fetchone(),
         )
         return None if row is None else sql_shared.principal(row)
@@ -221,16 +222,119 @@ class SqliteBackend:
 
         return await self._run("decide_change", decide)
 
-    async def erasures(self, after: int, limit: int) -> list[Erasure]:
+    async def erasures(
+        self, after: int, limit: int, *, agent_reports: bool = True
+    ) -> list[Erasure]:
+        skip = "" if agent_reports else sql_shared.WITHOUT_AGENT_REPORTS.replace("%s", "?")
+        params = (after,) if agent_reports else (after, sql_shared.AGENT_REPORT_PATTERN)
         rows = await self._run(
             "erasures",
             lambda c: c.execute(
                 "SELECT seq, customer_id, requested_at FROM erasures"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
+                f" WHERE seq > ?{skip} ORDER BY seq LIMIT ?",
+                (*params, limit),
             ).fetchall(),
         )
         return [Erasure(int(r[0]), str(r[1]), _ts(r[2])) for r in rows]
+
+    async def erasure_exists(self, seq: int) -> bool:
+        row = await self._run(
+            "erasure_exists",
+            lambda c: c.execute("SELECT 1 FROM erasures WHERE seq = ?", (seq,)).fetchone(),
+        )
+        return row is not None
+
+    async def erase_pseudonyms(
+        self, store_id: str, pseudonyms: Sequence[str], requested_by: str, now: datetime
+    ) -> int:
+        def erase(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(pseudonyms))
+            with _atomic(conn):
+                deleted = conn.execute(
+                    f"DELETE FROM events WHERE store_id = ? AND customer_id IN ({marks})",
+                    [store_id, *pseudonyms],
+                ).rowcount
+                conn.execute(
+                    f"DELETE FROM identity_links WHERE a IN ({marks}) OR b IN ({marks})",
+                    [*pseudonyms, *pseudonyms],
+                )
+                conn.executemany(
+                    "INSERT INTO erasures (customer_id, requested_at, requested_by)"
+                    " VALUES (?, ?, ?)",
+                    [(p, sortable_ts(now), requested_by) for p in pseudonyms],
+                )
+                return int(deleted)
+
+        return await self._run("erase_pseudonyms", erase)
+
+    async def pseudonymise(self, store_id: str, pairs: Sequence[tuple[str, str]]) -> int:
+        def rewrite(conn: sqlite3.Connection) -> int:
+            rewritten = 0
+            with _atomic(conn):
+                for clear, pseudonym in pairs:
+                    rewritten += conn.execute(
+                        "UPDATE events SET customer_id = ? WHERE store_id = ? AND customer_id = ?",
+                        (pseudonym, store_id, clear),
+                    ).rowcount
+                    conn.execute(
+                        "UPDATE events SET data = json_set(data, '$.alias', ?)"
+                        " WHERE store_id = ? AND type = 'customer.identified'"
+                        " AND json_extract(data, '$.alias') = ?",
+                        (pseudonym, store_id, clear),
+                    )
+                affected = sorted({i for pair in pairs for i in pair})
+                marks = ",".join("?" * len(affected))
+                conn.execute(
+                    f"DELETE FROM identity_links WHERE a IN ({marks}) OR b IN ({marks})",
+                    [*affected, *affected],
+                )
+                alias = "json_extract(data, '$.alias')"
+                made = conn.execute(
+                    f"SELECT customer_id, {alias} FROM events WHERE type = 'customer.identified'"
+                    f" AND (customer_id IN ({marks}) OR {alias} IN ({marks}))",
+                    [*affected, *affected],
+                ).fetchall()
+                conn.executemany(
+                    "INSERT INTO identity_links (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    sql_shared.pairs_both_ways(made),
+                )
+            return rewritten
+
+        return await self._run("pseudonymise", rewrite)
+
+    async def credentials(self, kind: Kind) -> list[Credential]:
+        rows = await self._run(
+            "credentials",
+            lambda c: c.execute(
+                f"SELECT {sql_shared.CREDENTIAL_COLUMNS} FROM credentials WHERE kind = ?"
+                " ORDER BY id",
+                (kind,),
+            ).fetchall(),
+        )
+        return [_credential(r) for r in rows]
+
+    async def credential(self, kind: Kind, credential_id: int) -> Credential | None:
+        row = await self._run(
+            "credential",
+            lambda c: c.execute(
+                f"SELECT {sql_shared.CREDENTIAL_COLUMNS} FROM credentials"
+                " WHERE kind = ? AND id = ?",
+                (kind, credential_id),
+            ).fetchone(),
+        )
+        return None if row is None else _credential(row)
+
+    async def revoke_credential(self, kind: Kind, credential_id: int, at: datetime) -> bool:
+        def revoke(conn: sqlite3.Connection) -> bool:
+            with _atomic(conn):
+                cur = conn.execute(
+                    "UPDATE credentials SET revoked_at = ? WHERE kind = ? AND id = ?"
+                    " AND (revoked_at IS NULL OR revoked_at > ?)",
+                    (sortable_ts(at), kind, credential_id, sortable_ts(at)),
+                )
+                return cur.rowcount == 1
+
+        return await self._run("revoke_credential", revoke)
 
     async def publish_model(self, record: ModelRecord, artifact: bytes, now: datetime) -> bool:
         def publish(conn: sqlite3.Connection) -> bool:
@@ -515,6 +619,10 @@ def _facts_in_snapshot(
         ),
         history_ids=tuple(sorted(str(r[0]) for r in history)),
     )
+
+
+def _credential(row: Sequence[Any]) -> Credential:
+    return sql_shared.credential(row, _ts(row[5]), None if row[6] is None else _ts(row[6]))
 
 
 def _model(row: Sequence[Any]) -> ModelRecord:

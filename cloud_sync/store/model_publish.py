@@ -1,39 +1,51 @@
 """Reading a model directory for publication: ``model.onnx`` plus its ``manifest.json``.
 
 The store hands out exactly the bytes whose sha256 the manifest names, so a directory whose
-artifact does not match its manifest is refused here, before anything is stored.
+artifact does not match its manifest is refused here, before anything is stored. With a
+signing key the manifest is signed (``cloud_sync.model_signature``) before it is stored: the
+agents verify that signature with the public key in their config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_sync.model_signature import sign_manifest
 from cloud_sync.store.errors import ModelPublishError
 from cloud_sync.store.records import ModelRecord
 
 ARTIFACT: Final = "model.onnx"
 MANIFEST: Final = "manifest.json"
 MAX_ARTIFACT_BYTES: Final = 512 * 1024 * 1024
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 # The version is a URL path segment: keep it to characters that need no escaping.
 VERSION_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 SHA256_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
-def read_model_dir(directory: Path) -> tuple[ModelRecord, bytes]:
-    """The manifest as a record and the artifact's bytes, after checking they match."""
+def read_model_dir(
+    directory: Path, signing_key: Ed25519PrivateKey | None = None
+) -> tuple[ModelRecord, bytes]:
+    """The manifest as a record and the artifact's bytes, after checking they match; signed
+    with ``signing_key`` when one is given."""
     artifact_path, manifest_path = directory / ARTIFACT, directory / MANIFEST
     try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelPublishError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
         manifest: Any = json.loads(manifest_path.read_text("utf-8"))
         if artifact_path.stat().st_size > MAX_ARTIFACT_BYTES:
             raise ModelPublishError(f"{artifact_path}: larger than {MAX_ARTIFACT_BYTES} bytes")
         artifact = artifact_path.read_bytes()
     except OSError as exc:
         raise ModelPublishError(f"{directory}: cannot read {exc.filename}: {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelPublishError(f"{manifest_path}: not JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise ModelPublishError(f"{manifest_path}: expected a JSON object")
@@ -50,6 +62,24 @@ def read_model_dir(directory: Path) -> tuple[ModelRecord, bytes]:
         raise ModelPublishError(
             f"{artifact_path}: sha256 {actual} does not match the manifest's {declared}"
         )
+    if signing_key is not None:
+        manifest = sign_manifest(manifest, signing_key)
     return ModelRecord(
         version=version, sha256=actual, size=len(artifact), manifest=manifest
     ), artifact
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    target = directory / MANIFEST
+    temporary = directory / f".{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ModelPublishError(f"{target}: cannot write: {exc.strerror}") from exc

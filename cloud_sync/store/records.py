@@ -193,3 +193,27 @@ class Stats:
             "models": self.models,
             "credentials": dict(sorted(self.credentials.items())),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A credential as ``customer-store token|partner|admin list`` shows it: never the token."""
+
+    id: int
+    kind: Kind
+    name: str
+    store_id: str | None
+    scopes: frozenset[str]
+    created_at: datetime
+    revoked_at: datetime | None  # in the future: still valid until then (a rotation's grace)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "store_id": self.store_id,
+            "scopes": sorted(self.scopes),
+            "created_at": format_ts(self.created_at),
+            "revoked_at": None if self.revoked_at is None else format_ts(self.revoked_at),
+        }

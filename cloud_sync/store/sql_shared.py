@@ -13,6 +13,7 @@ from typing import Any, Final, TypeVar, cast
 
 from cloud_sync.store.errors import ModelPublishError
 from cloud_sync.store.records import (
+    Credential,
     EventRow,
     IdentityChange,
     Kind,
@@ -85,6 +86,30 @@ def principal(row: Sequence[Any]) -> Principal:
     """A ``credentials`` row (id, kind, name, store_id, scopes) as a Principal."""
     scopes = frozenset(s for s in str(row[4]).split() if s)
     return Principal(int(row[0]), cast(Kind, row[1]), str(row[2]), row[3], scopes)
+
+
+# requested_by of the erasures an agent reported (POST /v1/erasures/pseudonyms).
+AGENT_REPORT_PREFIX: Final = "agent:"
+AGENT_REPORT_PATTERN: Final = AGENT_REPORT_PREFIX + "%"
+WITHOUT_AGENT_REPORTS: Final = " AND requested_by NOT LIKE %s"
+CREDENTIAL_COLUMNS: Final = "id, kind, name, store_id, scopes, created_at, revoked_at"
+
+
+def credential(row: Sequence[Any], created_at: datetime, revoked_at: datetime | None) -> Credential:
+    """A CREDENTIAL_COLUMNS row (times already decoded by the backend) as a Credential."""
+    scopes = frozenset(s for s in str(row[4]).split() if s)
+    return Credential(
+        int(row[0]), cast(Kind, row[1]), str(row[2]), row[3], scopes, created_at, revoked_at
+    )
+
+
+def pairs_both_ways(links: Sequence[Sequence[Any]]) -> list[tuple[str, str]]:
+    """(customer_id, alias) rows of customer.identified events as links both ways."""
+    pairs: list[tuple[str, str]] = []
+    for a, b in links:
+        if isinstance(a, str) and isinstance(b, str) and a and b and a != b:
+            pairs += [(a, b), (b, a)]
+    return pairs
 
 
 def stored_event(seq: int, ts: datetime, cols: Sequence[Any], data: Any) -> StoredEvent:

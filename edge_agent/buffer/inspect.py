@@ -6,11 +6,13 @@ the agent runs (WAL lets readers work beside the writer) and the agent can use t
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from edge_agent.buffer.budget import used_bytes
 from edge_agent.errors import StorageError
@@ -75,6 +77,24 @@ def iter_envelopes(connection: sqlite3.Connection, batch: int = 5000) -> Iterato
             yield envelope
 
 
+# Characters that may continue an id: an occurrence next to one is part of another id.
+_ID_CHAR: Final = rb"[A-Za-z0-9._:@+-]"
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_id(customer_id: str) -> re.Pattern[bytes]:
+    escaped = re.escape(customer_id.encode("utf-8"))
+    return re.compile(rb"(?<!" + _ID_CHAR + rb")" + escaped + rb"(?!" + _ID_CHAR + rb")")
+
+
+def names_id(raw: bytes | None, customer_id: str) -> bool:
+    """Whether raw bytes (JSON, a serial frame, noise) hold ``customer_id`` as a whole id:
+    erasing ``c-erase`` must not touch a payload about ``c-erase0``."""
+    if raw is None or not customer_id:
+        return False
+    return _whole_id(customer_id).search(bytes(raw)) is not None
+
+
 def erase_customer(connection: sqlite3.Connection, customer_id: str) -> dict[str, int]:
     """Delete every trace of a customer in one transaction; return what was deleted."""
     connection.execute("BEGIN IMMEDIATE")
@@ -85,9 +105,11 @@ def erase_customer(connection: sqlite3.Connection, customer_id: str) -> dict[str
         consent = connection.execute(
             "DELETE FROM consent WHERE customer_id = ?", (customer_id,)
         ).rowcount
-        # Raw quarantined payloads may name the customer too.
+        # Raw quarantined payloads may name the customer too; whole ids only (see names_id).
+        connection.create_function("names_id", 2, names_id, deterministic=True)
         quarantine = connection.execute(
-            "DELETE FROM quarantine WHERE instr(raw, ?) > 0", (customer_id.encode("utf-8"),)
+            "DELETE FROM quarantine WHERE instr(raw, ?) > 0 AND names_id(raw, ?)",
+            (customer_id.encode("utf-8"), customer_id),
         ).rowcount
         connection.execute("COMMIT")
     except BaseException:

@@ -2,23 +2,30 @@
 
 A candidate (dropped in ``models/incoming/``, offered by the uploader, or named by the
 ``current`` pointer after a rollback) is loaded on a loader thread of its own, never on the
-inference thread, so suggestions keep flowing meanwhile: ``SuggestionModel.load`` checks the
-manifest, the sha256 and the golden requests. Only then does ``current`` change, by one
-reference assignment that the inference thread reads once per request: a request runs
-entirely on the old model or entirely on the new one. A refused candidate leaves the old
-model in place. The previous model stays loaded, so a rollback to it is instant.
+inference thread, so suggestions keep flowing meanwhile. A model that arrives (offered by
+the uploader or dropped in ``incoming/``) must first carry a valid ed25519 signature by a key
+of ``[model] public_key`` when one is configured (``cloud_sync.model_signature``); then
+``SuggestionModel.load`` checks the manifest, the sha256 and the golden requests. Installed
+models were checked on arrival; the bundled one and ``[model] path`` are the operator's.
+Only then does ``current`` change, by one reference assignment that the inference thread
+reads once per request: a request runs entirely on the old model or entirely on the new
+one. A refused candidate leaves the old model in place. The previous model stays loaded,
+so a rollback to it is instant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from cloud_sync.model_signature import ModelSignatureError, verify_manifest
 from edge_agent.personalize.exploration import Catalogue
 from edge_agent.personalize.model_store import ModelStore
 from models import DEFAULT_MODEL_DIR, ModelError, SuggestionModel
@@ -26,6 +33,8 @@ from models import DEFAULT_MODEL_DIR, ModelError, SuggestionModel
 log = logging.getLogger(__name__)
 
 INCOMING_SETTLE_S = 1.0  # an incoming directory untouched this long is complete
+MANIFEST_NAME: Final = "manifest.json"
+MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024  # a manifest beyond this is hostile, not a model
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,9 @@ class ModelOffer:
 
 
 class ModelSlot:
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, public_keys: Sequence[bytes] = ()) -> None:
         self.store = store
+        self.public_keys = tuple(public_keys)
         self.current: LoadedModel | None = None  # read by the inference thread
         self.previous: LoadedModel | None = None
         self.refused = 0
@@ -79,7 +89,8 @@ class ModelSlot:
         """Verify a new model directory and switch to it; refuse it and keep the old one
         when it does not verify. Safe to call from any task on the agent's loop."""
         async with self._lock:
-            loaded = await self._load(path, "update")
+            signed = await asyncio.to_thread(self._check_signature, path)
+            loaded = await self._load(path, "update") if signed else None
             if loaded is None:
                 self.refused += 1
                 try:
@@ -170,6 +181,20 @@ class ModelSlot:
             reason,
         )
 
+    def _check_signature(self, directory: Path) -> bool:
+        """True when no key is configured or the manifest is signed by one (on a thread)."""
+        if not self.public_keys:
+            return True
+        try:
+            signer = verify_manifest(_read_manifest(directory), self.public_keys)
+        except ModelSignatureError as exc:
+            self.last_error = f"signature {exc}"
+        else:
+            log.info("model.signature.ok path=%s key_id=%s", directory, signer)
+            return True
+        log.error("model.signature.refused path=%s error=%s", directory, self.last_error)
+        return False
+
     async def _load(self, directory: Path, origin: str) -> LoadedModel | None:
         loop = asyncio.get_running_loop()
         try:
@@ -183,6 +208,22 @@ class ModelSlot:
             log.error("model.load.failed path=%s error=%s", directory, self.last_error)  # noqa: TRY400
             return None
         return LoadedModel(model, Catalogue.of(model.items), directory, origin, time.time())
+
+
+def _read_manifest(directory: Path) -> Any:
+    """The manifest document, read with a size cap; a problem is a ModelSignatureError."""
+    path = directory / MANIFEST_NAME
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ModelSignatureError("bad_manifest", f"cannot read {path}: {exc!r}") from exc
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ModelSignatureError("bad_manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ModelSignatureError("bad_manifest", f"{path} is not JSON: {exc!r}") from exc
 
 
 def _same(left: Path, right: Path) -> bool:

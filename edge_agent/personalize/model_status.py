@@ -38,16 +38,22 @@ def describe(store: ModelStore) -> dict[str, Any]:
 def _describe_dir(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / "manifest.json").read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        return {"path": str(directory), "version": None, "problem": repr(exc)}
+    except (OSError, ValueError, RecursionError) as exc:
+        return {"path": str(directory), "version": None, "problem": repr(exc)[:300]}
     if not isinstance(manifest, dict):
         return {"path": str(directory), "version": None, "problem": "manifest is not an object"}
+    items = manifest.get("items")
+
+    def text(name: str) -> str | None:  # whatever the file holds, the report shows text
+        value = manifest.get(name)
+        return value[:200] if isinstance(value, str) else None
+
     return {
         "path": str(directory),
-        "version": manifest.get("version"),
-        "created_at": manifest.get("created_at"),
-        "sha256": manifest.get("sha256"),
-        "items": len(manifest.get("items", [])),
+        "version": text("version"),
+        "created_at": text("created_at"),
+        "sha256": text("sha256"),
+        "items": len(items) if isinstance(items, list) else None,
     }
 
 

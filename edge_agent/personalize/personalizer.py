@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from edge_agent.config import Config
+from edge_agent.config import Config, public_keys
 from edge_agent.errors import ConfigError
 from edge_agent.events import Event, format_ts
 from edge_agent.personalize.fallback import StorePopularity, bestsellers
@@ -72,7 +72,7 @@ class Personalizer:
         self.settings = settings
         self._topic_template = _check_topic(settings.suggestion_topic, config)
         configured = Path(settings.path) if settings.path else DEFAULT_MODEL_DIR
-        self.slot = ModelSlot(ModelStore(config.data_dir, configured))
+        self.slot = ModelSlot(ModelStore(config.data_dir, configured), public_keys(settings))
         self.sessions = SessionStore(
             settings.session_cap, SESSION_HISTORY, settings.session_max_age_s
         )
@@ -156,6 +156,7 @@ class Personalizer:
         """Drop what is held in memory about a customer (an erasure request); on the loop."""
         self.sessions.forget(customer_id)
         self.feedback.forget_customer(customer_id)
+        self.stats.forget(customer_id)
 
     async def offer_model(self, path: Path) -> ModelOffer:
         """Verify a downloaded model directory and switch to it (the uploader calls this)."""

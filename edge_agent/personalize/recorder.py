@@ -78,7 +78,7 @@ class Recorder:
         self.stats.recent.appendleft(
             {
                 "suggestion_id": served.suggestion_id,
-                "customer_id": served.trigger.customer_id,
+                "customer": self.stats.display_id(served.trigger.customer_id),
                 "device_id": served.trigger.device_id,
                 "skus": list(skus),
                 "source": decision.source,

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import aiohttp
 import pytest
 from sync_helpers import StoreProcess, eventually, store_cli, store_rows, stored_count, sync_section
 
+from cloud_sync.model_signature import write_new_key
 from cloud_sync.uploader import Uploader
 from edge_agent.app import RunningAgent
 from edge_agent.governance import pseudonymise
@@ -155,7 +158,9 @@ async def test_an_erasure_removes_the_customer_from_the_store_and_then_the_agent
         await publish(mqtt_broker, topic, payloads)
         await synced(agent, 10)
         async with admin_session(store.db_url) as admin:
-            for customer in ("c-shared", hidden):  # the store knows c-hidden only as a pseudonym
+            # The request names c-hidden in clear; the store holds it only as this agent's
+            # pseudonym: the agent reports it once it applied the erasure (issue 10).
+            for customer in ("c-shared", "c-hidden"):
                 async with admin.delete(f"{store.url}/v1/customers/{customer}") as response:
                     assert response.status in (200, 204), await response.text()
                 async with admin.get(f"{store.url}/v1/customers/{customer}") as response:
@@ -182,6 +187,31 @@ async def test_an_erasure_removes_the_customer_from_the_store_and_then_the_agent
     assert "c-shared" not in stored
     assert hidden not in stored
     assert pseudonymise("c-keep", KEY.encode()) in stored
+    assert "c-hidden" not in json.dumps(status)
+
+
+async def test_withdrawing_profile_sharing_rewrites_what_the_store_holds_in_clear(
+    store: StoreProcess, tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    document = agent_document(tmp_path, store_id, mqtt_broker, store)
+    topic = event_topic(store_id)
+    hidden = pseudonymise("c-w", KEY.encode())
+    async with agent_running(document) as agent:
+        await publish(mqtt_broker, topic, [consent("w-0", "c-w", True)])
+        await synced(agent, 1)
+        payloads = [pickup(f"w-{n}", customer_id="c-w") for n in (1, 2)]
+        await publish(mqtt_broker, topic, [*payloads, identified("w-3", "c-w", "card-w")])
+        await synced(agent, 4)
+        assert {c for _, c, _ in store_rows(store.db_url)} == {"c-w"}
+        await publish(mqtt_broker, topic, [consent("w-9", "c-w", False)])
+        await synced(agent, 5)
+        await eventually(lambda: {c for _, c, _ in store_rows(store.db_url)} == {hidden}, 15)
+    rows = store_rows(store.db_url)
+    assert {"w-0", "w-1", "w-2", "w-9"} <= {event_id for event_id, _, _ in rows}
+    assert not [row for row in rows if row[1] == "c-w" or '"c-w"' in row[2]]
+    (alias_row,) = [row for row in rows if row[0] == "w-3"]
+    assert pseudonymise("card-w", KEY.encode()) in alias_row[2]  # the alias left clear too
+    assert "card-w" not in alias_row[2]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -273,3 +303,80 @@ async def test_a_model_whose_bytes_do_not_match_its_sha256_is_refused(
         incoming = agent.config.data_dir / "models" / "incoming"
         assert not any(incoming.iterdir())  # nothing half-verified is left behind
         assert uploader.status()["sync"]["model_version"] is None
+
+
+def model_copy(root: Path, version: str, **changes: Any) -> Path:
+    """The bundled model under another version (the artifact and its sha256 unchanged)."""
+    directory = root / version
+    shutil.copytree(DEFAULT_MODEL, directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = {k: v for k, v in {**manifest, "version": version, **changes}.items() if v != ...}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_only_a_model_signed_by_the_configured_key_is_installed(
+    store: StoreProcess, tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    public = write_new_key(keys / "ours.pem")  # what `customer-store model keygen` runs
+    write_new_key(keys / "theirs.pem")
+    store_cli(store.db_url, "model", "publish", "--dir", str(model_copy(tmp_path, "unsigned-1")))
+    document = agent_document(tmp_path, store_id, mqtt_broker, store)
+    document["model"] = {**document.get("model", {}), "public_key": public}
+    async with agent_running(document) as agent:
+        sync = uploader_of(agent).status
+        await eventually(lambda: sync()["sync"]["models_refused"] == 1, 15)
+        assert "unsigned" in sync()["sync"]["model_last_error"]
+        foreign = model_copy(tmp_path, "foreign-1")
+        store_cli(
+            store.db_url,
+            "model",
+            "publish",
+            "--dir",
+            str(foreign),
+            "--signing-key",
+            str(keys / "theirs.pem"),
+        )
+        await eventually(lambda: sync()["sync"]["models_refused"] == 2, 15)
+        assert "unknown_key" in sync()["sync"]["model_last_error"]
+        signed = model_copy(tmp_path, "signed-1")
+        store_cli(
+            store.db_url,
+            "model",
+            "publish",
+            "--dir",
+            str(signed),
+            "--signing-key",
+            str(keys / "ours.pem"),
+        )
+        await eventually(lambda: sync()["sync"]["model_version"] == "signed-1", 15)
+        status = await agent.board.snapshot()
+    assert status["model"]["version"] == "signed-1"
+    installed = {p.name for p in (agent.config.data_dir / "models" / "installed").iterdir()}
+    assert installed == {"signed-1"}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_model_larger_than_the_download_cap_is_refused(
+    store: StoreProcess, tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    big = tmp_path / "big-1"
+    big.mkdir()
+    artifact = os.urandom(3 * 1024 * 1024)
+    (big / "model.onnx").write_bytes(artifact)
+    # No declared size_bytes: the cap must hold on what the store sends.
+    manifest = {"version": "big-1", "sha256": hashlib.sha256(artifact).hexdigest()}
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    store_cli(store.db_url, "model", "publish", "--dir", str(big))
+    document = agent_document(tmp_path, store_id, mqtt_broker, store)
+    document["model"] = {**document.get("model", {}), "max_download_bytes": 1024 * 1024}
+    async with agent_running(document) as agent:
+        sync = uploader_of(agent).status
+        await eventually(lambda: sync()["sync"]["models_refused"] == 1, 15)
+        assert "too_large" in sync()["sync"]["model_last_error"]
+        incoming = agent.config.data_dir / "models" / "incoming"
+        assert not any(incoming.iterdir())  # the partial download is gone
+        assert sync()["sync"]["model_version"] is None

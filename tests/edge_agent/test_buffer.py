@@ -278,6 +278,25 @@ async def test_erase_customer_removes_events_consent_and_quarantine(tmp_path: Pa
     assert figures["consent_records"] == 0
 
 
+async def test_quarantine_erasure_matches_whole_ids_only(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path) as buffer:
+        await buffer.commit(
+            [],
+            [
+                Rejected("mqtt:t", "not_json", b'{"customer_id": "c-erase", '),
+                Rejected("mqtt:t", "not_json", b'{"customer_id": "c-erase0", '),
+                Rejected("serial:x", "bad_frame", b"\x02ID=c-erase;SKU=9\xff"),
+                Rejected("mqtt:t", "not_json", b'{"customer_id": "xc-erase"'),
+            ],
+        )
+    with sqlite3.connect(path, isolation_level=None) as connection:
+        deleted = erase_customer(connection, "c-erase")
+        left = [bytes(r[0]) for r in connection.execute("SELECT raw FROM quarantine")]
+    assert deleted["quarantine"] == 2
+    assert sorted(left) == [b'{"customer_id": "c-erase0", ', b'{"customer_id": "xc-erase"']
+
+
 envelopes = st.builds(
     lambda n, sku, customer_id: event(n, customer_id=customer_id, data={"sku": sku}),
     st.integers(0, 10_000),

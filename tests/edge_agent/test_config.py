@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.config import config_from_dict, load_config
+from edge_agent.config import config_from_dict, load_config, public_keys
 from edge_agent.errors import ConfigError
 
 
@@ -54,6 +54,16 @@ def test_environment_overrides_keys_with_their_types(tmp_path: Path) -> None:
         ({"agent": {"store_id": "s"}, "buffer": {"synchronous": "off"}}, "buffer.synchronous"),
         ({"agent": {"store_id": "s"}, "sync": {"url": "ftp://x"}}, "sync.url"),
         (
+            {"agent": {"store_id": "s"}, "sync": {"url": "http://store.example", "token": "t"}},
+            "sync.url",
+        ),
+        ({"agent": {"store_id": "s"}, "model": {"public_key": "not base64!"}}, "model.public_key"),
+        ({"agent": {"store_id": "s"}, "model": {"public_key": "AAAA"}}, "model.public_key"),
+        (
+            {"agent": {"store_id": "s"}, "model": {"max_download_bytes": 10}},
+            "model.max_download_bytes",
+        ),
+        (
             {"agent": {"store_id": "s"}, "serial": {"ports": [{"baud": 9600}]}},
             "serial.ports[0].url",
         ),
@@ -98,3 +108,27 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     broken.write_text("[agent\n")
     assert main(["check-config", "--config", str(broken)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "allow"),
+    [
+        ("https://store.example", False),
+        ("http://127.0.0.1:8700", False),
+        ("http://[::1]:8700", False),
+        ("http://localhost:8700", False),
+        ("http://10.0.0.5:8700", True),
+    ],
+)
+def test_plain_http_sync_only_on_loopback_or_when_allowed(url: str, allow: bool) -> None:
+    sync = {"url": url, "token": "t", "allow_insecure_http": allow}
+    config = config_from_dict({"agent": {"store_id": "s"}, "sync": sync})
+    assert config.sync.url == url
+
+
+def test_model_public_keys_accept_a_rotation_pair() -> None:
+    first, second = "A" * 43 + "=", "B" * 43 + "="
+    config = config_from_dict(
+        {"agent": {"store_id": "s"}, "model": {"public_key": f"{first} {second}"}}
+    )
+    assert len(public_keys(config.model)) == 2

@@ -172,6 +172,36 @@ async def test_a_pickup_gets_a_model_suggestion_without_picked_or_out_of_stock_i
     assert status["suggestions"]["latency_ms"]["samples"] == 2
 
 
+async def test_status_and_live_page_show_a_short_pseudonym_forgotten_on_erasure(
+    tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=FAST)
+    topic = event_topic(store_id, "shelf-07")
+    with clients(mqtt_broker, store_id) as (publisher, suggestions):
+        async with agent_running(document) as agent:
+            publisher.publish(topic, consent("s-consent", "c-secret-42", True))
+            publisher.publish(topic, event("s1", "product.pickup", "c-secret-42", sku="SKU-000010"))
+            publisher.publish(topic, event("s2", "product.pickup", "c-other-7", sku="SKU-000011"))
+            await suggestions.wait_for("s1")
+            await suggestions.wait_for("s2")
+            await wait_until(lambda: len(personalizer(agent).stats.recent) == 2, 5)
+            port = agent.status.port
+            before = (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/status"))[1]
+            page = (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/"))[1]
+            # What the downlink calls once an erasure for this customer is applied.
+            personalizer(agent).forget_customer("c-secret-42")
+            after = await status_of(agent)
+    assert "c-secret-42" not in before.decode()
+    assert "c-other-7" not in before.decode()
+    assert "c-secret" not in page.decode()
+    shown = json.loads(before)["suggestions"]["recent"]
+    assert all(entry["customer"].startswith("cu-") for entry in shown)
+    assert len({entry["customer"] for entry in shown}) == 2
+    remaining = after["suggestions"]["recent"]
+    assert len(remaining) == 1  # c-other-7's suggestion stays, c-secret-42's is gone
+    assert remaining[0]["customer"] in {entry["customer"] for entry in shown}
+
+
 async def test_a_corrupt_model_leaves_suggestions_flowing_from_the_fallbacks(
     tmp_path: Path, store_id: str, mqtt_broker: Broker
 ) -> None:

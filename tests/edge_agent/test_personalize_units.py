@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import random
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+from cloud_sync.model_signature import load_private_key, sign_manifest, write_new_key
 from edge_agent import cli
 from edge_agent.buffer import Buffer
 from edge_agent.config import BufferSection, config_from_dict
@@ -215,6 +218,26 @@ def test_model_cli_status_and_rollback_without_previous(
 
 
 @pytest.mark.parametrize(
+    "manifest", ['{"version": {"x": 1}, "items": 5}', "[" * 50_000 + "]" * 50_000, "[]"]
+)
+def test_model_cli_status_reports_a_hostile_manifest_without_crashing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], manifest: str
+) -> None:
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "manifest.json").write_text(manifest)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nstore_id = "s-1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[model]\npath = "{hostile}"\n'
+    )
+    assert cli.main(["model", "status", "--config", str(config)]) == 0
+    current = json.loads(capsys.readouterr().out)["current"]
+    assert current["version"] is None
+    assert current.get("items") is None
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("epsilon", 1.5),
@@ -229,3 +252,28 @@ def test_model_cli_status_and_rollback_without_previous(
 def test_bad_personalizer_config_names_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"model.{key}"):
         config_from_dict({"agent": {"store_id": "s-1"}, "model": {key: value}})
+
+
+async def test_an_arriving_model_must_be_signed_when_a_key_is_configured(tmp_path: Path) -> None:
+    public = base64.b64decode(write_new_key(tmp_path / "signing.pem"))
+    slot = ModelSlot(ModelStore(tmp_path / "data", DEFAULT_MODEL_DIR), [public])
+    await slot.start()  # the bundled model is the operator's: no signature needed
+    try:
+        unsigned = tmp_path / "unsigned"
+        shutil.copytree(DEFAULT_MODEL_DIR, unsigned)
+        offer = await slot.offer_model(unsigned)
+        assert not offer.accepted
+        assert "unsigned" in offer.detail
+        assert slot.status()["refused"] == 1
+
+        signed = tmp_path / "signed"
+        shutil.copytree(DEFAULT_MODEL_DIR, signed)
+        manifest = json.loads((signed / "manifest.json").read_text())
+        manifest["version"] = "signed-1"
+        key = load_private_key(tmp_path / "signing.pem")
+        (signed / "manifest.json").write_text(json.dumps(sign_manifest(manifest, key)))
+        offer = await slot.offer_model(signed)
+        assert offer.accepted, offer.detail
+        assert slot.version == "signed-1"
+    finally:
+        slot.close()

@@ -50,6 +50,17 @@ def test_latest_consent_wins_whatever_the_line_order(tmp_path: Path) -> None:
     assert log.excluded_customers() == 1
 
 
+def test_a_customer_without_any_consent_record_is_left_out(tmp_path: Path) -> None:
+    lines = [
+        _event("product.pickup", "2026-11-01T11:00:00.000Z", "c-silent", sku="SKU-1"),
+        _event("consent.update", "2026-11-01T10:00:00.000Z", "c-2", personalization=True),
+        _event("basket.add", "2026-11-01T11:00:00.000Z", "c-2", sku="SKU-2"),
+    ]
+    log = load_event_log(_write(tmp_path / "e.jsonl", lines))
+    assert [t.customer_id for t in log.consenting()] == ["c-2"]
+    assert log.excluded_customers() == 1
+
+
 def test_only_trigger_events_with_an_sku_become_interactions(tmp_path: Path) -> None:
     lines = [
         _event("product.pickup", "2026-11-01T11:00:02.000Z", sku="B"),

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.errors import ModelFormatError, ModelIntegrityError, ModelVerificationError
+from models.errors import (
+    ModelError,
+    ModelFormatError,
+    ModelIntegrityError,
+    ModelVerificationError,
+)
+from models.events import parse_ts
 from models.manifest import sha256_of
 from models.serving import SuggestionContext, SuggestionModel
 
@@ -159,3 +165,99 @@ def test_any_request_gives_valid_unmasked_suggestions(
     assert np.all(np.isfinite(weights))
     assert np.all(weights >= 0.0)
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-5) or not np.any(weights)
+
+
+def test_golden_requests_carry_no_customer_history(
+    events_file: Path, holdout_model_dir: Path
+) -> None:
+    """They ship to every agent and cannot be erased there: no real interaction may be in them."""
+    real = set()
+    for line in events_file.read_text("utf-8").splitlines():
+        event = json.loads(line)
+        sku = (event.get("data") or {}).get("sku")
+        if sku is not None:
+            real.add((sku, event["type"], parse_ts(event["ts"])))
+    golden = json.loads((holdout_model_dir / "manifest.json").read_text("utf-8"))
+    entries = [
+        tuple(entry) for request in golden["golden_requests"] for entry in request["history"]
+    ]
+    assert entries, "the manifest must still carry golden requests"
+    assert not real & set(entries)
+
+
+_hostile = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_PATHS = [
+    ("version",),
+    ("top_k",),
+    ("items",),
+    ("model_file",),
+    ("feature_spec",),
+    ("feature_spec", "history_length"),
+    ("feature_spec", "half_life_s"),
+    ("feature_spec", "type_weights"),
+    ("feature_spec", "stores"),
+    ("golden_requests",),
+    ("golden_requests", 0),
+    ("golden_requests", 0, "context"),
+    ("golden_requests", 0, "context", "hour"),
+    ("golden_requests", 0, "context", "device_id"),
+    ("golden_requests", 0, "history"),
+    ("golden_requests", 0, "now"),
+    ("golden_requests", 0, "expected"),
+    ("golden_requests", 0, "penalty_skus"),
+]
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.sampled_from(_PATHS), _hostile)
+def test_a_hostile_manifest_is_a_refused_model_never_a_crash(
+    holdout_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    path: tuple[Any, ...],
+    value: Any,
+) -> None:
+    directory = tmp_path_factory.mktemp("hostile")
+    (directory / "model.onnx").write_bytes((holdout_model_dir / "model.onnx").read_bytes())
+    manifest = json.loads((holdout_model_dir / "manifest.json").read_text())
+    target: Any = manifest
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    assert _load_outcome(directory) in {"loaded", "refused"}
+
+
+def _load_outcome(directory: Path) -> str:
+    """Loaded, or refused with a reason (what the agent's hot swap reports); anything else
+    escaping (a crash) fails the test."""
+    try:
+        SuggestionModel.load(directory)
+    except ModelError as exc:
+        return "refused" if str(exc) else "refused without a reason"
+    return "loaded"
+
+
+def test_a_deeply_nested_manifest_is_refused(model_copy: Path) -> None:
+    (model_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelFormatError):
+        SuggestionModel.load(model_copy)
+
+
+def test_a_manifest_asking_for_huge_buffers_is_refused(model_copy: Path) -> None:
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["feature_spec"]["history_length"] = 10**12  # would allocate terabytes
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="history_length"):
+        SuggestionModel.load(model_copy)
