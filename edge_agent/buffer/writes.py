@@ -1,0 +1,77 @@
+"""The statements of the writer's transaction besides the event insert (quarantine,
+consent, persisted counters); each runs inside the caller's transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+
+from edge_agent.config import BufferSection
+from edge_agent.events import Event, Rejected
+
+
+def quarantine(
+    connection: sqlite3.Connection, rejects: Sequence[Rejected], settings: BufferSection
+) -> None:
+    if not rejects:
+        return
+    limit = settings.quarantine_raw_bytes
+    connection.executemany(
+        "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (r.received_at, r.source, r.reason, r.detail[:500], r.raw[:limit], len(r.raw))
+            for r in rejects
+        ],
+    )
+    # Bounded by rows too: a flood of garbage cannot crowd out events.
+    connection.execute(
+        "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
+        (settings.quarantine_max_rows,),
+    )
+
+
+def record_consent(connection: sqlite3.Connection, events: Sequence[Event]) -> None:
+    updates = [
+        (
+            event.customer_id,
+            int(bool(event.data["personalization"])),
+            int(bool(event.data["profile_sharing"])),
+            int(bool(event.data["partner_sharing"])),
+            event.ts,
+            event.event_id,
+        )
+        for event in events
+        if event.type == "consent.update" and event.customer_id
+    ]
+    record_consent_rows(connection, updates)
+
+
+def record_consent_rows(
+    connection: sqlite3.Connection, updates: Sequence[tuple[object, ...]]
+) -> None:
+    """(customer_id, personalization, profile_sharing, partner_sharing, ts, event_id) rows."""
+    if updates:
+        # The latest consent (by event time) wins, whatever order they arrive in.
+        connection.executemany(
+            "INSERT INTO consent VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE "
+            "SET personalization=excluded.personalization, "
+            "profile_sharing=excluded.profile_sharing, "
+            "partner_sharing=excluded.partner_sharing, "
+            "ts=excluded.ts, event_id=excluded.event_id WHERE excluded.ts >= consent.ts",
+            updates,
+        )
+
+
+def persist_counters(
+    connection: sqlite3.Connection, dropped: Counter[str], rejects: Sequence[Rejected]
+) -> None:
+    increments: Counter[str] = Counter({f"drop.{k}": v for k, v in dropped.items()})
+    increments.update(f"quarantine.{reject.reason}" for reject in rejects)
+    if increments:
+        connection.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            list(increments.items()),
+        )
