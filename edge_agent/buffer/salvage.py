@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from edge_agent.buffer.integrity import connect
+from edge_agent.buffer.schema import migrate
 from edge_agent.buffer.writes import record_consent_rows
 from edge_agent.errors import StorageError
 
@@ -79,6 +81,10 @@ class _Row:
     values: tuple[Any, ...]  # event_id, type, customer, customer_id, ts, received_at, envelope
     synced_at: float | None
     envelope: dict[str, Any]
+
+    @property
+    def envelope_text(self) -> str:
+        return str(self.values[6])
 
 
 class RowReader:
@@ -157,6 +163,15 @@ def open_damaged(path: Path) -> sqlite3.Connection:
         connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot read {path} as a database: {exc}") from exc
+    return connection
+
+
+def open_target(path: Path) -> sqlite3.Connection:
+    """The live buffer, for ``edge-agent buffer salvage`` beside a running agent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = connect(path, "full")
+    connection.execute("PRAGMA busy_timeout=10000")  # the agent's writer commits meanwhile
+    migrate(connection)
     return connection
 
 
