@@ -388,7 +388,8 @@ class Buffer:
         """One transaction: make room, insert, quarantine, record consent."""
         events = [item for item in items if isinstance(item, Event)]
         rejects = [item for item in items if isinstance(item, Rejected)]
-        rows = [_event_row(event, self.clock()) for event in events]
+        now = self.clock()
+        rows = [_event_row(event, now) for event in events]
         incoming = budget.estimate_bytes(sum(len(row[6]) for row in rows), len(rows))
         if len(items) > 1 and incoming > self.settings.max_bytes // 4:
             return _Outcome.TOO_BIG
