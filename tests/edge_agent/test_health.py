@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -109,6 +110,15 @@ async def test_a_dead_writer_is_unhealthy_and_not_ready(
         assert status == 200
         assert body["health"]["ok"] is False
         assert body["buffer"]["writer_alive"] is False
+        # Requests in flight at shutdown: agent_running bounds the stop at 20 s (it hung
+        # 60 s in the status server's shutdown while /status waited on the dead writer).
+        in_flight = [
+            socket.create_connection(("127.0.0.1", agent.status.port), timeout=5) for _ in range(2)
+        ]
+        in_flight[0].sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        in_flight[1].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request
+    for connection in in_flight:
+        connection.close()
 
 
 async def test_pending_age_does_not_follow_a_wall_clock_step(
