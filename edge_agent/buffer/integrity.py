@@ -26,10 +26,18 @@ KEEP_DAMAGED_FILES: Final = 2
 _SIDE_FILES: Final = ("-wal", "-shm")
 
 
+# Rows whose envelope is not a JSON object carrying the row's own event id.
+_INVALID_ROWS: Final = (
+    "FROM events WHERE NOT (CASE WHEN json_valid(envelope) THEN json_type(envelope) = 'object' "
+    "AND json_extract(envelope, '$.event_id') IS event_id ELSE 0 END)"
+)
+
+
 @dataclass(frozen=True)
 class OpenedFile:
     connection: sqlite3.Connection
     recovered_from: Path | None  # where the damaged file was moved, when it was
+    invalid_rows: int = 0  # rows to quarantine as damaged_row (see quarantine_invalid_rows)
 
 
 def connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -46,9 +54,9 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
 
 def open_checked(path: Path, synchronous: str) -> OpenedFile:
     path.parent.mkdir(parents=True, exist_ok=True)
-    problem = _check(path, synchronous)
+    problem, invalid_rows = _check(path, synchronous)
     if problem is None:
-        return OpenedFile(connect(path, synchronous), None)
+        return OpenedFile(connect(path, synchronous), None, invalid_rows)
     moved = _move_aside(path)
     log.error(
         "buffer.damaged path=%s problem=%r moved_to=%s action=fresh_buffer "
@@ -66,32 +74,35 @@ def damaged_files(path: Path) -> list[Path]:
     return sorted(p for p in found if not p.name.endswith(_SIDE_FILES))
 
 
-def _check(path: Path, synchronous: str) -> str | None:
+def _check(path: Path, synchronous: str) -> tuple[str | None, int]:
+    """(the damage found or None, how many rows hold a broken envelope)."""
     if not path.exists():
-        return None
+        return None, 0
+    invalid = 0
     try:
         connection = connect(path, synchronous)
         try:
             result = connection.execute("PRAGMA quick_check").fetchone()[0]
             if result == "ok":
-                _read_every_row(connection)
+                invalid = _count_invalid_rows(connection)
         finally:
             connection.close()
     except sqlite3.DatabaseError as exc:
         if is_transient(exc):
             raise StorageUnavailableError(f"cannot open buffer {path}: {exc}") from exc
-        return str(exc)
-    return None if result == "ok" else str(result)
+        return str(exc), 0
+    return (None, invalid) if result == "ok" else (str(result), 0)
 
 
-def _read_every_row(connection: sqlite3.Connection) -> None:
-    """Read every record (quick_check checks pages, not what they hold): a broken overflow
-    page raises here. Bad envelopes in readable rows are quarantined by the buffer."""
+def _count_invalid_rows(connection: sqlite3.Connection) -> int:
+    """Read every envelope (quick_check checks pages, not what they hold): a broken overflow
+    page raises here, garbage inside a sound page is counted."""
     exists = connection.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
     ).fetchone()
-    if exists:
-        connection.execute("SELECT count(*) FROM events WHERE length(envelope) >= 0").fetchone()
+    if not exists:
+        return 0
+    return int(connection.execute(f"SELECT count(*) {_INVALID_ROWS}").fetchone()[0])
 
 
 def _move_aside(path: Path) -> Path:
@@ -118,11 +129,7 @@ def _prune_damaged(path: Path) -> None:
 def quarantine_invalid_rows(connection: sqlite3.Connection, raw_limit: int) -> int:
     """Move rows whose envelope is not a JSON object of their own id to the quarantine
     (reason ``damaged_row``): export and sync must never see them. Returns how many."""
-    bad = connection.execute(
-        "SELECT seq, envelope FROM events WHERE NOT (CASE WHEN json_valid(envelope) "
-        "THEN json_type(envelope) = 'object' AND json_extract(envelope, '$.event_id') IS event_id "
-        "ELSE 0 END)"
-    ).fetchall()
+    bad = connection.execute(f"SELECT seq, envelope {_INVALID_ROWS}").fetchall()
     if not bad:
         return 0
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

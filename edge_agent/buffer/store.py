@@ -142,7 +142,7 @@ class Buffer:
                 opened = await asyncio.to_thread(open_checked, path, settings.synchronous)
                 buffer = cls(path, settings, opened.connection)
                 buffer.recovered_from = opened.recovered_from
-                await asyncio.to_thread(buffer._prepare)
+                await asyncio.to_thread(buffer._prepare, opened.invalid_rows)
                 break
             except (StorageUnavailableError, sqlite3.Error) as exc:
                 if isinstance(exc, sqlite3.Error) and not is_transient(exc):
@@ -258,13 +258,13 @@ class Buffer:
 
     # ---- the owner thread -------------------------------------------------------------
 
-    def _prepare(self) -> None:
+    def _prepare(self, invalid_rows: int) -> None:
         connection = self._connection
         migrate(connection)
         if self.recovered_from is not None:
             salvage.salvage_into(connection, self.recovered_from)
-        damaged = quarantine_invalid_rows(connection, self.settings.quarantine_raw_bytes)
-        if damaged:
+        if invalid_rows:  # found by the integrity check's read of every envelope
+            damaged = quarantine_invalid_rows(connection, self.settings.quarantine_raw_bytes)
             self.counters.quarantined["damaged_row"] += damaged
 
     def _own(self) -> None:
