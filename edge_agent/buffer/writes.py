@@ -1,14 +1,23 @@
-"""The statements of the writer's transaction besides the event insert (quarantine,
-consent, persisted counters); each runs inside the caller's transaction."""
+"""The writer's rows and statements: the transaction helper, event rows, quarantine,
+consent and persisted counters (each runs inside the caller's transaction), and the
+quarantine row for an event SQLite cannot store."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
 
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
+
+log = logging.getLogger(__name__)
+
+UNSTORABLE: Final = "unstorable"
 
 
 def quarantine(
@@ -75,3 +84,68 @@ def persist_counters(
             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             list(increments.items()),
         )
+
+
+@contextlib.contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception, including cancellation."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        if connection.in_transaction:
+            connection.execute("COMMIT")
+    except BaseException:
+        rollback(connection)
+        raise
+
+
+def rollback(connection: sqlite3.Connection) -> None:
+    if not connection.in_transaction:
+        return
+    try:
+        connection.execute("ROLLBACK")
+    except sqlite3.Error as exc:  # SQLite may have rolled back already (SQLITE_FULL does)
+        log.warning("buffer.rollback.failed error=%s", exc)
+
+
+def oldest_pending(connection: sqlite3.Connection) -> float | None:
+    oldest: float | None = None
+    for customer in (0, 1):  # one indexed lookup per class beats a scan of the pending set
+        row = connection.execute(
+            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
+            "ORDER BY seq LIMIT 1",
+            (customer,),
+        ).fetchone()
+        if row is not None:
+            oldest = row[0] if oldest is None else min(oldest, row[0])
+    return oldest
+
+
+def clean(text: str) -> str:
+    """Text SQLite can store: lone surrogates and the like as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def as_unstorable(item: Event | Rejected, detail: str) -> Rejected:
+    if isinstance(item, Rejected):
+        text = clean(f"{item.reason}: {item.detail}: {detail}")
+        return Rejected(clean(item.source), UNSTORABLE, item.raw, text, clean(item.received_at))
+    try:
+        raw = json.dumps(item.envelope(), ensure_ascii=True).encode("ascii")
+    except (ValueError, TypeError, RecursionError):
+        raw = ascii(item.envelope()).encode("ascii")
+    return Rejected(
+        clean(item.source), UNSTORABLE, raw, clean(detail), clean(str(item.received_at))
+    )
+
+
+def event_row(event: Event, written_at: float) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.type,
+        int(event.customer),
+        event.customer_id,
+        event.ts,
+        written_at,  # within milliseconds of receipt; used for age figures only
+        event.to_json(),
+    )
