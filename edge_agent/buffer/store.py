@@ -391,10 +391,9 @@ class Buffer:
         item = items[0]
         detail = f"{type(exc).__name__}: {exc}"
         if isinstance(item, Rejected) and item.reason == UNSTORABLE:
-            # Even the cleaned-up quarantine row failed: count it, say so, go on.
-            self.counters.drops[UNSTORABLE] += 1
-            log.error("buffer.unstorable.lost source=%r error=%s", item.source, detail)
-            return True
+            # Even the cleaned-up quarantine row failed: not a row's fault but the file's
+            # or a bug's. Fail the batch (unacknowledged, so nothing is lost) and let it show.
+            raise StorageError(f"cannot quarantine an unstorable row: {detail}") from exc
         log.warning("buffer.unstorable source=%r error=%s", clean(item.source), detail)
         return self._store([as_unstorable(item, detail)])
 
