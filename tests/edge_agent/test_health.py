@@ -141,3 +141,48 @@ async def test_pending_age_does_not_follow_a_wall_clock_step(
     finally:
         publisher.close()
     assert 0 <= before <= after < 600  # the age grows with elapsed time, not the step
+
+
+async def test_watchdog_is_withheld_while_the_writer_is_stuck(
+    tmp_path: Path,
+    store_id: str,
+    mqtt_broker: MosquittoBroker | AmqttBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    document = agent_config_dict(
+        tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, agent={"stall_after_s": STALL_S}
+    )
+    release = threading.Event()
+
+    def pings() -> int:
+        count = 0
+        while True:
+            try:
+                count += listener.recv(4096).startswith(b"WATCHDOG=1")
+            except BlockingIOError:
+                return count
+
+    try:
+        async with agent_running(document) as agent, _released_at_exit(release):
+            await wait_until(lambda: pings() > 0, 10)
+            blocker = asyncio.ensure_future(agent.buffer.call(lambda c: release.wait(60)))
+            await wait_until(lambda: "watchdog.withheld" in caplog.text, 10)
+            pings()  # drop what was sent before the stall was seen
+            withheld = caplog.text.count("watchdog.withheld")
+            await wait_until(lambda: caplog.text.count("watchdog.withheld") >= withheld + 3, 10)
+            assert pings() == 0  # three watchdog rounds, not one ping
+            assert "buffer writer stuck on one job" in caplog.text
+            release.set()
+            await asyncio.wait_for(blocker, 10)
+            await wait_until(lambda: pings() > 0, 10)  # progress again: pings resume
+    finally:
+        release.set()
+        listener.close()
