@@ -102,7 +102,7 @@ async def run_agent(
 ) -> None:
     """Run until ``stop`` is set; return after an orderly shutdown."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    buffer = await Buffer.open(config.buffer_path, config.buffer)
+    buffer = await Buffer.open(config.buffer_path, config.buffer, on_wait=_starting_slowly)
     try:
         chosen = list(sources) if sources is not None else build_sources(config)
         parts = list(components) if components is not None else build_components(config)
@@ -125,6 +125,13 @@ async def run_agent(
     finally:
         await buffer.aclose()
         log.info("agent.stopped committed=%d", buffer.counters.committed)
+
+
+def _starting_slowly(reason: str, seconds: float) -> None:
+    """The buffer waits (disk full, locked) before READY: tell systemd, so that its start
+    timeout does not turn the wait into a restart loop."""
+    extend_usec = int((seconds + 5.0) * 1_000_000)
+    systemd.notify(f"EXTEND_TIMEOUT_USEC={extend_usec}\nSTATUS=waiting for the buffer: {reason}")
 
 
 async def _run_sources(

@@ -148,9 +148,17 @@ class Buffer:
         self._dead = False
 
     @classmethod
-    async def open(cls, path: Path, settings: BufferSection) -> Buffer:
+    async def open(
+        cls,
+        path: Path,
+        settings: BufferSection,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> Buffer:
         """Open (moving a damaged file aside and salvaging it); a full disk or a lock is
-        waited out, so a restart with a full disk comes up once space returns."""
+        waited out, so a restart with a full disk comes up once space returns.
+
+        ``on_wait(reason, seconds)`` is told before each wait (the service tells systemd).
+        """
         delay = 1.0
         while True:
             opened: OpenedFile | None = None
@@ -168,6 +176,8 @@ class Buffer:
                 log.error(  # noqa: TRY400 - the error line says it all; retried
                     "buffer.open.waiting path=%s error=%s retry_in_s=%.0f", path, exc, delay
                 )
+                if on_wait is not None:
+                    on_wait(str(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _OPEN_RETRY_MAX_S)
         buffer._thread.start()

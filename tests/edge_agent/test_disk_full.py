@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_full_disk_stops_acknowledging_and_resumes_without_restart(
         db = small / "data" / "buffer.db"
         agent = AgentProcess(config)
         publisher = Publisher(private_broker.host, private_broker.port)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.settimeout(30.0)
         try:
             agent.start()
             wait_http_ready(f"http://127.0.0.1:{http_port}/readyz")
@@ -89,11 +92,18 @@ def test_full_disk_stops_acknowledging_and_resumes_without_restart(
             assert agent.process.pid == pid
             assert agent.process.poll() is None  # resumed by itself, no restart
 
-            # A restart on a full disk waits for space instead of crash-looping.
+            # A restart on a full disk waits for space instead of crash-looping, and tells
+            # systemd so (its start timeout would otherwise make the wait a restart loop).
             assert agent.terminate() == 0
             filler = fill(small)
+            notify_path = tmp_path / "notify.sock"
+            listener.bind(str(notify_path))
+            agent = AgentProcess(config, env={"NOTIFY_SOCKET": str(notify_path)})
             agent.start()
-            time.sleep(3.0)  # long enough for a crash to show; not a timing assert
+            assert agent.process is not None
+            message = listener.recv(4096).decode()  # bounded by the socket's timeout
+            assert message.startswith("EXTEND_TIMEOUT_USEC=")
+            assert "waiting for the buffer" in message
             assert agent.process.poll() is None, "the agent died at start on a full disk"
             free(filler)
             wait_http_ready(f"http://127.0.0.1:{http_port}/readyz", timeout=60)
@@ -101,6 +111,7 @@ def test_full_disk_stops_acknowledging_and_resumes_without_restart(
             assert agent.terminate() == 0
         finally:
             publisher.close()
+            listener.close()
             agent.ensure_dead()
     log = (tmp_path / "agent.log").read_text()
     assert "buffer.disk_full.start" in log
