@@ -176,14 +176,19 @@ def open_target(path: Path) -> sqlite3.Connection:
 
 
 def salvage_into(target: sqlite3.Connection, damaged: Path) -> SalvageResult:
-    """Copy what can be read from ``damaged`` into ``target`` and record the figures."""
+    """Copy what can be read from ``damaged`` into ``target`` and record the figures.
+
+    The entry is written as incomplete first: a salvage cut short (kill -9, power) is run
+    again at the next open (``unfinished``), adding nothing twice.
+    """
     try:
         source = open_damaged(damaged)
     except StorageError as exc:
         log.error("buffer.salvage.unreadable file=%s error=%s", damaged, exc)  # noqa: TRY400
         result = SalvageResult(damaged, 0, 0, 0)
-        _record(target, result)
+        _record(target, result, error=str(exc))
         return result
+    _record(target, SalvageResult(damaged, 0, 0, 0), complete=False)
     try:
         result = _copy(source, target, damaged)
     finally:
@@ -340,13 +345,28 @@ def read_record(connection: sqlite3.Connection) -> SalvageRecord | None:
     return SalvageRecord(files) if isinstance(files, dict) and files else None
 
 
-def _record(target: sqlite3.Connection, result: SalvageResult) -> None:
+def unfinished(connection: sqlite3.Connection, directory: Path) -> list[Path]:
+    """Files whose salvage was cut short and that are still there to finish it."""
+    record = read_record(connection)
+    if record is None:
+        return []
+    found = [
+        directory / name for name, entry in record.files.items() if not entry.get("complete", True)
+    ]
+    return [path for path in found if path.exists()]
+
+
+def _record(
+    target: sqlite3.Connection, result: SalvageResult, *, complete: bool = True, error: str = ""
+) -> None:
     """Keep the figures per file (a second salvage of a file replaces its entry)."""
     current = read_record(target)
     files = dict(current.files) if current else {}
     files[result.file.name] = {
         "salvaged": result.readable,
         "unreadable": result.unreadable,
+        "complete": complete,
+        "error": error,  # the file could not be opened at all: nothing could be counted
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     with target:

@@ -287,6 +287,9 @@ class Buffer:
         migrate(connection)
         if self.recovered_from is not None:
             salvage.salvage_into(connection, self.recovered_from)
+        for cut_short in salvage.unfinished(connection, self.path.parent):
+            log.warning("buffer.salvage.resume file=%s", cut_short)
+            salvage.salvage_into(connection, cut_short)
         if invalid_rows:  # found by the integrity check's read of every envelope
             damaged = quarantine_invalid_rows(connection, self.settings.quarantine_raw_bytes)
             self.counters.quarantined["damaged_row"] += damaged

@@ -190,3 +190,28 @@ async def test_damage_inside_a_record_never_reaches_export(tmp_path: Path) -> No
     rows, _ = exported(config)
     assert len(rows) == 49
     assert "ev-00000017" not in {row["event_id"] for row in rows}
+
+
+async def test_a_salvage_cut_short_is_finished_at_the_next_open(
+    tmp_path: Path, pristine: Path
+) -> None:
+    path = tmp_path / "buffer.db"
+    moved = tmp_path / "buffer.db.damaged-20261127T000000000000Z"
+    shutil.copy(pristine, moved)
+    async with await open_buffer(path):
+        pass
+    # What a kill -9 during salvage leaves: the fresh file with the entry not yet complete.
+    entry = {"salvaged": 0, "unreadable": 0, "complete": False, "error": "", "at": "x"}
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "INSERT INTO meta (key, value) VALUES ('salvage', ?)",
+            (json.dumps({moved.name: entry}),),
+        )
+    async with await open_buffer(path) as buffer:
+        record = buffer.counters.salvage
+        assert record is not None
+        assert record.files[moved.name]["complete"] is True
+        assert record.salvaged == EVENTS
+        assert buffer.counters.total == EVENTS
+    async with await open_buffer(path) as buffer:  # finished: not run a third time
+        assert buffer.counters.total == EVENTS
