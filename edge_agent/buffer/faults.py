@@ -2,8 +2,8 @@
 
 The writer must never quarantine good events because the disk is full or another process
 holds the lock, and never retry forever a row SQLite cannot store. SQLite's result code
-tells the two apart; Python's own binding errors (a lone surrogate, an integer beyond 64
-bits) are always about a row.
+tells the two apart; any other error (Python's own binding errors: a lone surrogate, an
+integer beyond 64 bits) is taken to be about a row, which the writer then isolates.
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ class Fault(StrEnum):
     IO_ERROR = "io_error"  # the device failed a read or write: hold, retry
     DAMAGED = "damaged"  # the file is corrupt: hold; a restart moves it aside and salvages
 
-
-# Python-side errors raised while binding or encoding one row's values.
-ROW_ERRORS: tuple[type[Exception], ...] = (
-    UnicodeError,
-    ValueError,
-    OverflowError,
-    TypeError,
-    RecursionError,
-)
 
 _BY_PRIMARY_CODE = {
     sqlite3.SQLITE_FULL: Fault.DISK_FULL,
@@ -51,10 +42,6 @@ def classify(exc: BaseException) -> Fault:
             return Fault.ROWS
         return _BY_PRIMARY_CODE.get(code & 0xFF, Fault.ROWS)
     return Fault.ROWS
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return classify(exc) is Fault.DISK_FULL
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -215,3 +215,24 @@ async def test_a_salvage_cut_short_is_finished_at_the_next_open(
         assert buffer.counters.total == EVENTS
     async with await open_buffer(path) as buffer:  # finished: not run a third time
         assert buffer.counters.total == EVENTS
+
+
+def test_export_of_a_damaged_file_prints_only_whole_envelopes(
+    tmp_path: Path, pristine: Path
+) -> None:
+    db = tmp_path / "data" / "buffer.db"
+    db.parent.mkdir()
+    shutil.copy(pristine, db)
+    data = bytearray(db.read_bytes())
+    offset = len(data) // 2 // 4096 * 4096 + 700
+    data[offset : offset + 4096] = b"\x07" * 4096
+    db.write_bytes(bytes(data))
+    config = write_config(
+        tmp_path / "agent.toml", {"agent": {"store_id": "s-1", "data_dir": str(db.parent)}}
+    )
+    rows, stderr = exported(config)  # every line a JSON object (checked inside)
+    skipped = int(stderr.split("skipped ")[1].split()[0])
+    assert skipped > 0
+    assert len(rows) + skipped == EVENTS
+    expected = originals()
+    assert all(row == expected[row["event_id"]] for row in rows)
