@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -21,6 +20,7 @@ from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.errors import StorageError
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
@@ -30,6 +30,7 @@ from firmware_bridge.serial_source import SerialPortConfig, SerialSource
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S: Final = 10.0
+RECOUNT_EVERY_S: Final = 60.0
 
 
 @dataclass
@@ -101,12 +102,18 @@ async def run_agent(
 ) -> None:
     """Run until ``stop`` is set; return after an orderly shutdown."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    buffer = await Buffer.open(config.buffer_path, config.buffer)
+    buffer = await Buffer.open(config.buffer_path, config.buffer, on_wait=_starting_slowly)
     try:
         chosen = list(sources) if sources is not None else build_sources(config)
         parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
-        board = StatusBoard(buffer, chosen, store_id=config.agent.store_id)
+        board = StatusBoard(
+            buffer,
+            chosen,
+            store_id=config.agent.store_id,
+            pipeline=pipeline,
+            stall_after_s=config.agent.stall_after_s,
+        )
         board.providers.extend(part.status for part in parts)
         status = StatusServer(board, config.http.host, config.http.port)
         await status.start()
@@ -120,6 +127,13 @@ async def run_agent(
         log.info("agent.stopped committed=%d", buffer.counters.committed)
 
 
+def _starting_slowly(reason: str, seconds: float) -> None:
+    """The buffer waits (disk full, locked) before READY: tell systemd, so that its start
+    timeout does not turn the wait into a restart loop."""
+    extend_usec = int((seconds + 5.0) * 1_000_000)
+    systemd.notify(f"EXTEND_TIMEOUT_USEC={extend_usec}\nSTATUS=waiting for the buffer: {reason}")
+
+
 async def _run_sources(
     agent: RunningAgent, stop: asyncio.Event, on_ready: Callable[[RunningAgent], None] | None
 ) -> None:
@@ -130,10 +144,13 @@ async def _run_sources(
         ]
         await asyncio.sleep(0)  # let components attach their taps before input flows
         tasks = [
-            group.create_task(source.run(agent.pipeline.emit), name=f"source:{source.name}")
+            group.create_task(
+                source.run(agent.pipeline.emitter(source.name)), name=f"source:{source.name}"
+            )
             for source in agent.sources
         ]
         watchdog = group.create_task(_watchdog(agent), name="watchdog")
+        reconcile = group.create_task(_reconcile(agent.buffer), name="buffer-reconcile")
         systemd.notify("READY=1")
         log.info(
             "agent.ready store_id=%s buffer=%s status=http://%s:%d/",
@@ -146,6 +163,7 @@ async def _run_sources(
             on_ready(agent)
         await stop.wait()
         watchdog.cancel()  # stopping is timed by TimeoutStopSec, not by the watchdog
+        reconcile.cancel()
         systemd.notify("STOPPING=1")
         log.info("agent.stopping")
         for source in agent.sources:
@@ -160,27 +178,36 @@ async def _run_sources(
 
 
 async def _watchdog(agent: RunningAgent) -> None:
-    """Ping systemd only while the buffer's writer answers: a hung pipeline gets restarted."""
+    """Ping systemd only while the pipeline makes progress (health.py): a dead or stuck
+    writer, or input that waits with nothing committed, stops the pings and systemd
+    restarts the agent. Waiting for sync to make room or for disk space does not."""
     interval = systemd.watchdog_interval_s()
     if interval is None:
         return
+    health = agent.board.health
     while True:
         await asyncio.sleep(interval)
-        try:
-            await asyncio.wait_for(agent.buffer.call(_probe), timeout=interval)
-        except TimeoutError:
-            log.error(  # noqa: TRY400 - a timeout has no useful traceback
-                "watchdog.stalled buffer writer did not answer within %.1fs", interval
-            )
+        problems = health.problems()
+        if problems:
+            log.error("watchdog.withheld problems=%s", "; ".join(problems))
             continue
         counters = agent.buffer.counters
+        held = f" held={counters.held}" if counters.held else ""
         systemd.notify(
-            f"WATCHDOG=1\nSTATUS=pending={counters.pending} committed={counters.committed}"
+            f"WATCHDOG=1\nSTATUS=pending={counters.pending} committed={counters.committed}{held}"
         )
 
 
-def _probe(connection: sqlite3.Connection) -> None:
-    connection.execute("SELECT 1").fetchone()
+async def _reconcile(buffer: Buffer) -> None:
+    """Reset the tracked totals from the file now and then: erasures by the CLI delete rows
+    the counters never saw. A count over a million rows holds up the writer, so not often."""
+    while True:
+        await asyncio.sleep(RECOUNT_EVERY_S)
+        try:
+            await buffer.recount()
+        except StorageError as exc:  # the writer is gone: health reports it
+            log.error("buffer.recount.failed error=%s", exc)  # noqa: TRY400 - no traceback
+            return
 
 
 async def run_until_signalled(config: Config) -> None:

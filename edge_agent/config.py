@@ -34,6 +34,9 @@ _ED25519_KEY_BYTES: Final = 32
 class AgentSection:
     store_id: str = ""
     data_dir: str = "/var/lib/edge-agent"
+    # Input waiting this long with no commit (or the writer stuck on one job) is a stall:
+    # /healthz answers 503 and the systemd watchdog is no longer fed.
+    stall_after_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,7 @@ def _validate(config: Config) -> None:
         (1 <= config.mqtt.receive_maximum <= 65535, "mqtt.receive_maximum", "must be 1..65535"),
         (config.mqtt.session_expiry_s >= 60, "mqtt.session_expiry_s", "must be at least 60"),
         (0 <= config.http.port < 65536, "http.port", "must be 0..65535 (0: any free port)"),
+        (config.agent.stall_after_s > 0, "agent.stall_after_s", "must be positive"),
         (config.input.max_payload_bytes >= 256, "input.max_payload_bytes", "must be >= 256"),
         (config.input.max_depth >= 2, "input.max_depth", "must be >= 2"),
         (config.input.max_events_per_message >= 1, "input.max_events_per_message", "must be >= 1"),

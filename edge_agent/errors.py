@@ -29,5 +29,9 @@ class StorageError(EdgeAgentError):
     """The local buffer failed in a way the agent cannot handle by itself."""
 
 
+class StorageUnavailableError(StorageError):
+    """The buffer cannot be opened or written for now (disk full, locked); retried."""
+
+
 class SyncError(EdgeAgentError):
     """The central store could not be reached or refused a batch."""

@@ -1,21 +1,26 @@
 """The pipe between sources and everything after the buffer.
 
-Sources hand decoded items to ``Pipeline.emit``; it commits them (events to the buffer,
-rejections to quarantine) and only then tells the observers (uploader wake-up, the live
-page's recent list). Taps see the same events before the commit, for work that must not
-wait for the disk (the personalizer answers in about a millisecond while the commit's fsync
-runs). Taps and observers are plain callables on the event loop; they must not block:
-anything slow schedules its own task.
+Sources hand decoded items to their emitter (``Pipeline.emitter(name)``); it commits them
+(events to the buffer, rejections to quarantine) and only then tells the observers
+(uploader wake-up, the live page's recent list). Taps see the same events before the
+commit, for work that must not wait for the disk (the personalizer answers in about a
+millisecond while the commit's fsync runs). Taps and observers are plain callables on the
+event loop; they must not block: anything slow schedules its own task.
+
+The pipeline also keeps, per source, when its oldest emit still waiting for a commit began:
+input that waits while nothing commits is how health tells a wedged agent from an idle one.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from edge_agent.buffer import Buffer
 from edge_agent.events import Event, Rejected
+from edge_agent.sources.base import Emit
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +33,19 @@ class Pipeline:
         self.taps: list[Observer] = []
         self.observers: list[Observer] = []
         self.last_progress = time.monotonic()
+        # source name -> emit token -> when that emit began (monotonic)
+        self._waiting: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count()
 
-    async def emit(self, items: Sequence[Event | Rejected]) -> None:
+    def emitter(self, source: str) -> Emit:
+        """The emit function for one source, so that a stall can be pinned on it."""
+
+        async def emit(items: Sequence[Event | Rejected]) -> None:
+            await self.emit(items, source)
+
+        return emit
+
+    async def emit(self, items: Sequence[Event | Rejected], source: str = "") -> None:
         events = [item for item in items if isinstance(item, Event)]
         rejects = [item for item in items if isinstance(item, Rejected)]
         for reject in rejects:
@@ -43,8 +59,18 @@ class Pipeline:
         if events:
             for tap in self.taps:
                 tap(events)
-        await self.buffer.commit(events, rejects)
+        token = next(self._tokens)
+        waiting = self._waiting.setdefault(source, {})
+        waiting[token] = time.monotonic()
+        try:
+            await self.buffer.commit(events, rejects)
+        finally:
+            del waiting[token]
         self.last_progress = time.monotonic()
         if events:
             for observer in self.observers:
                 observer(events)
+
+    def waiting_since(self) -> dict[str, float]:
+        """Per source with input waiting for a commit: when the oldest such emit began."""
+        return {source: min(tokens.values()) for source, tokens in self._waiting.items() if tokens}

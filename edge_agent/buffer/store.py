@@ -5,12 +5,20 @@ Every write and read of the agent's database runs on one thread that owns the co
 thread and resolves once the job's transaction is committed; the thread gathers the jobs
 that arrive within ``commit_linger_ms`` (up to ``max_batch`` events) into one transaction,
 so throughput comes from batching while every acknowledgement still follows its commit.
+
+The thread never dies from one job. A batch SQLite cannot store is split until the rows
+to blame are found; they are quarantined as ``unstorable`` and the rest committed. A
+batch that cannot be written for a reason waiting can cure (the budget is full of unsynced
+customer events, the disk is full, the file is locked) is held: nothing is acknowledged,
+calls (the uploader's claims and marks, which make room) are still served, and the write
+is retried until it succeeds or the buffer closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import queue
@@ -20,25 +28,53 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from edge_agent.buffer import budget
-from edge_agent.buffer.integrity import damaged_files, open_checked
+from edge_agent.buffer import budget, salvage
+from edge_agent.buffer.faults import Fault, classify, is_transient
+from edge_agent.buffer.integrity import (
+    OpenedFile,
+    damaged_files,
+    open_checked,
+    quarantine_invalid_rows,
+)
 from edge_agent.buffer.schema import migrate
+from edge_agent.buffer.writes import (
+    UNSTORABLE,
+    as_unstorable,
+    clean,
+    event_row,
+    oldest_pending,
+    persist_counters,
+    quarantine,
+    record_consent,
+    rollback,
+    transaction,
+)
 from edge_agent.config import BufferSection
-from edge_agent.errors import StorageError
+from edge_agent.errors import StorageError, StorageUnavailableError
 from edge_agent.events import Event, Rejected
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_BACKPRESSURE_RETRY_S: Final = 0.25
+Item = Event | Rejected
+ROOM: Final = "backpressure"  # the held reason while the budget is full of unsynced events
+# How often a held batch is tried again: room comes from sync marks (served meanwhile),
+# disk space from an operator, so the disk is polled less eagerly.
+_RETRY_S: Final = {ROOM: 0.25, Fault.DISK_FULL.value: 1.0}
+_RETRY_DEFAULT_S: Final = 0.5
+_OPEN_RETRY_MAX_S: Final = 30.0
 
 
 @dataclass
 class BufferCounters:
-    """Figures kept by the owner thread; read (never written) from the event loop."""
+    """Figures kept by the owner thread; read (never written) from the event loop.
+
+    /status answers from these alone, so it never waits on the writer.
+    """
 
     total: int = 0  # events held, synced or not
     pending: int = 0  # events not yet acknowledged by the central store
@@ -48,13 +84,21 @@ class BufferCounters:
     quarantined: Counter[str] = field(default_factory=Counter)  # since start, by reason
     drops: Counter[str] = field(default_factory=Counter)  # since start, by reason
     backpressure: bool = False  # full of what may not be dropped: not acknowledging
+    disk_full: bool = False  # the disk refused a write: holding, not acknowledging
+    held: str | None = None  # why a batch is held now (backpressure, disk_full, locked, ...)
+    held_since_monotonic: float | None = None
+    holds: Counter[str] = field(default_factory=Counter)  # times a batch was held, by reason
+    last_fault: str = ""  # the last error that held a batch, for a person to read
+    bytes: int = 0  # live pages
+    file_bytes: int = 0
+    oldest_pending_at: float | None = None  # received_at of the oldest unsynced event
     last_commit_monotonic: float = 0.0
+    salvage: salvage.SalvageRecord | None = None  # kept until an operator clears it
 
 
 @dataclass
 class _Commit:
-    events: Sequence[Event]
-    rejects: Sequence[Rejected]
+    items: Sequence[Item]
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
 
@@ -70,6 +114,15 @@ class _Stop:
     pass
 
 
+_Job = _Commit | _Call | _Stop
+
+
+class _Outcome(Enum):
+    COMMITTED = "committed"
+    NO_ROOM = "no_room"
+    TOO_BIG = "too_big"  # bigger than a quarter of the budget: split it first
+
+
 class Buffer:
     """The agent's SQLite buffer. Open with ``await Buffer.open(...)``, close with ``aclose()``."""
 
@@ -78,22 +131,66 @@ class Buffer:
         self.settings = settings
         self.counters = BufferCounters()
         self.recovered_from: Path | None = None
+        # Within a run, time comes from the monotonic clock: a wall-clock step (NTP, an
+        # operator) must not make ages jump. received_at and synced_at use this clock.
+        self._clock_base = time.time() - time.monotonic()
+        # When the job in hand started (None while idle or waiting for room): a job that
+        # runs for long is a stuck writer, which health reports.
+        self.busy_since: float | None = None
+        self.writer_error: str | None = None  # why the owner thread ended, if it did
         self._connection = opened
-        self._jobs: queue.SimpleQueue[_Commit | _Call | _Stop] = queue.SimpleQueue()
-        # Jobs taken off the queue while a batch waited for room; served first, in order.
-        self._deferred: collections.deque[_Commit | _Call | _Stop] = collections.deque()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        # Jobs taken off the queue but not served yet (behind a held batch); in order.
+        self._deferred: collections.deque[_Job] = collections.deque()
+        self._unmarked: list[int] = []  # sync marks the full disk refused; applied next time
         self._thread = threading.Thread(target=self._own, name="buffer-writer", daemon=True)
         self._closed = False
+        self._dead = False
 
     @classmethod
-    async def open(cls, path: Path, settings: BufferSection) -> Buffer:
-        opened = await asyncio.to_thread(open_checked, path, settings.synchronous)
-        buffer = cls(path, settings, opened.connection)
-        buffer.recovered_from = opened.recovered_from
-        await asyncio.to_thread(buffer._prepare)
+    async def open(
+        cls,
+        path: Path,
+        settings: BufferSection,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> Buffer:
+        """Open (moving a damaged file aside and salvaging it); a full disk or a lock is
+        waited out, so a restart with a full disk comes up once space returns.
+
+        ``on_wait(reason, seconds)`` is told before each wait (the service tells systemd).
+        """
+        delay = 1.0
+        while True:
+            opened: OpenedFile | None = None
+            try:
+                opened = await asyncio.to_thread(open_checked, path, settings.synchronous)
+                buffer = cls(path, settings, opened.connection)
+                buffer.recovered_from = opened.recovered_from
+                await asyncio.to_thread(buffer._prepare, opened.invalid_rows)
+                break
+            except (StorageUnavailableError, sqlite3.Error) as exc:
+                if opened is not None:
+                    opened.connection.close()
+                if isinstance(exc, sqlite3.Error) and not is_transient(exc):
+                    raise StorageError(f"cannot open buffer {path}: {exc}") from exc
+                log.error(  # noqa: TRY400 - the error line says it all; retried
+                    "buffer.open.waiting path=%s error=%s retry_in_s=%.0f", path, exc, delay
+                )
+                if on_wait is not None:
+                    on_wait(str(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _OPEN_RETRY_MAX_S)
         buffer._thread.start()
         await buffer.recount()
         return buffer
+
+    def clock(self) -> float:
+        """Unix seconds that never step within a run (the wall clock at open + monotonic)."""
+        return self._clock_base + time.monotonic()
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread.is_alive() and not self._dead
 
     @property
     def damaged_files(self) -> int:
@@ -101,40 +198,47 @@ class Buffer:
 
     async def commit(self, events: Sequence[Event], rejects: Sequence[Rejected] = ()) -> None:
         """Return once the events are committed and the rejections quarantined."""
-        if self._closed:
-            raise StorageError("buffer is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._jobs.put(_Commit(events, rejects, future, loop))
+        self._submit(_Commit([*events, *rejects], future, loop))
         await future
 
     async def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``function(connection)`` on the owner thread (reads, sync marks, erasure)."""
-        if self._closed:
-            raise StorageError("buffer is closed")
+        """Run ``function(connection)`` on the owner thread (reads, sync marks, erasure).
+
+        An exception in ``function`` fails this call only.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Call(function, future, loop))
+        self._submit(_Call(function, future, loop))
         return await future
 
     async def mark_synced(self, seqs: Sequence[int]) -> int:
-        """Mark rows as acknowledged by the central store, in one transaction."""
+        """Mark rows as acknowledged by the central store, in one transaction.
+
+        On a full disk the marks are kept in memory and applied with the next mark: the
+        uploader goes on, and at worst a restart uploads those rows again (idempotent).
+        """
 
         def mark(connection: sqlite3.Connection) -> int:
-            now = time.time()
-            connection.execute("BEGIN IMMEDIATE")
+            wanted = [*self._unmarked, *seqs]
             try:
-                # One statement over a JSON array: about 2.5x faster than a row per execute.
-                marked = connection.execute(
-                    "UPDATE events SET synced_at = ? WHERE synced_at IS NULL "
-                    "AND seq IN (SELECT value FROM json_each(?))",
-                    (now, json.dumps(list(seqs))),
-                ).rowcount
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+                with transaction(connection):
+                    # One statement over a JSON array: about 2.5x faster than a row per execute.
+                    marked = connection.execute(
+                        "UPDATE events SET synced_at = ? WHERE synced_at IS NULL "
+                        "AND seq IN (SELECT value FROM json_each(?))",
+                        (self.clock(), json.dumps(wanted)),
+                    ).rowcount
+            except sqlite3.Error as exc:
+                if classify(exc) is not Fault.DISK_FULL:
+                    raise
+                self._unmarked = wanted
+                log.warning("buffer.mark_synced.deferred rows=%d reason=disk_full", len(wanted))
+                return 0
+            self._unmarked = []
             self.counters.pending -= marked
+            self._refresh_figures()
             return marked
 
         return await self.call(mark)
@@ -148,6 +252,8 @@ class Buffer:
             self.counters.pending = connection.execute(
                 "SELECT count(*) FROM events WHERE synced_at IS NULL"
             ).fetchone()[0]
+            self.counters.salvage = salvage.read_record(connection)
+            self._refresh_figures()
 
         await self.call(count)
 
@@ -165,23 +271,48 @@ class Buffer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def _submit(self, job: _Commit | _Call) -> None:
+        if self._closed:
+            raise StorageError("buffer is closed")
+        if self._dead:
+            raise StorageError(f"buffer writer is not running: {self.writer_error}")
+        self._jobs.put(job)
+        if self._dead:  # the thread ended between the check and the put
+            self._fail_queued()
+
     # ---- the owner thread -------------------------------------------------------------
 
-    def _prepare(self) -> None:
+    def _prepare(self, invalid_rows: int) -> None:
         connection = self._connection
         migrate(connection)
         if self.recovered_from is not None:
-            with connection:
-                connection.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('recovered_from', ?)",
-                    (str(self.recovered_from),),
-                )
+            salvage.salvage_into(connection, self.recovered_from)
+        for cut_short in salvage.unfinished(connection, self.path.parent):
+            log.warning("buffer.salvage.resume file=%s", cut_short)
+            salvage.salvage_into(connection, cut_short)
+        if invalid_rows:  # found by the integrity check's read of every envelope
+            damaged = quarantine_invalid_rows(connection, self.settings.quarantine_raw_bytes)
+            self.counters.quarantined["damaged_row"] += damaged
 
     def _own(self) -> None:
         try:
             self._serve()
+        except BaseException as exc:
+            # A bug in the loop itself (jobs are guarded): say so loudly; health reports it.
+            self.writer_error = f"{type(exc).__name__}: {exc}"
+            log.critical("buffer.writer.died error=%s", self.writer_error, exc_info=True)
         finally:
-            self._connection.close()
+            self._dead = True
+            self._fail_queued()
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
+
+    def _fail_queued(self) -> None:
+        error = StorageError(f"buffer writer is not running: {self.writer_error or 'stopped'}")
+        while self._deferred or not self._jobs.empty():
+            job = self._deferred.popleft() if self._deferred else self._jobs.get_nowait()
+            if not isinstance(job, _Stop):
+                job.loop.call_soon_threadsafe(_fail, job.future, error)
 
     def _serve(self) -> None:
         linger = self.settings.commit_linger_ms / 1000.0
@@ -192,88 +323,111 @@ class Buffer:
             if isinstance(job, _Call):
                 self._run_call(job)
                 continue
-            batch, held = self._gather(job, linger)
-            self._commit_batch(batch)
-            for other in held:
-                if isinstance(other, _Stop):
-                    return
-                self._run_call(other)
+            self._commit_batch(self._gather(job, linger))
 
-    def _gather(self, first: _Commit, linger: float) -> tuple[list[_Commit], list[_Call | _Stop]]:
-        """Take the commits that arrive within the linger window, up to max_batch events."""
+    def _gather(self, first: _Commit, linger: float) -> list[_Commit]:
+        """Take the commits that arrive within the linger window, up to max_batch events.
+
+        A call or stop ends the batch and is served next (and, while the batch is held
+        for room, a call is served before it: it may be the one that makes room).
+        """
         batch = [first]
-        held: list[_Call | _Stop] = []
-        size = len(first.events) + len(first.rejects)
+        size = len(first.items)
         deadline = time.monotonic() + linger
         while size < self.settings.max_batch:
-            remaining = deadline - time.monotonic()
-            job = self._next_job(max(remaining, 0.0))
+            job = self._next_job(max(deadline - time.monotonic(), 0.0))
             if job is None:
                 break
-            if isinstance(job, _Commit):
-                batch.append(job)
-                size += len(job.events) + len(job.rejects)
-            else:
-                held.append(job)
-                break  # keep order: a call or stop ends the batch
-        return batch, held
+            if not isinstance(job, _Commit):
+                self._deferred.appendleft(job)
+                break
+            batch.append(job)
+            size += len(job.items)
+        return batch
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
-        events = [event for job in batch for event in job.events]
-        rejects = [reject for job in batch for reject in job.rejects]
-        now = time.time()
-        rows = [_event_row(event, now) for event in events]
-        incoming = budget.estimate_bytes(sum(len(row[6]) for row in rows), len(rows))
-        if len(batch) > 1 and incoming > self.settings.max_bytes // 4:
-            # A batch must fit the budget to be committed: split it near a small budget.
-            middle = len(batch) // 2
-            self._commit_batch(batch[:middle])
-            self._commit_batch(batch[middle:])
-            return
         try:
-            while not self._write(rows, events, rejects, incoming):
-                if not self._wait_for_room():
-                    # Closing while full: the held batch was never acknowledged, so failing
-                    # it loses nothing (the devices and the broker send it again).
-                    closing = StorageError("buffer closed while waiting for room")
-                    for job in batch:
-                        job.loop.call_soon_threadsafe(_fail, job.future, closing)
-                    return
-        except sqlite3.Error as exc:
-            error = StorageError(f"buffer write failed at {self.path}: {exc}")
-            error.__cause__ = exc
-            log.exception("buffer.write.failed path=%s", self.path)
+            stored = self._store([item for job in batch for item in job.items])
+        except Exception as exc:
+            # A bug on this path costs this batch (not acknowledged, so redelivered), not
+            # the writer. _store handles every failure of a write, so this is rare.
+            log.exception("buffer.commit.failed path=%s", self.path)
+            error = StorageError(f"buffer commit failed at {self.path}: {exc!r}")
             for job in batch:
                 job.loop.call_soon_threadsafe(_fail, job.future, error)
-            raise
-        self.counters.last_commit_monotonic = time.monotonic()
+            return
+        finally:
+            self.busy_since = None
+        if not stored:
+            # Closing while held: the batch was never acknowledged, so failing it loses
+            # nothing (the devices and the broker send it again).
+            closing = StorageError("buffer closed while a batch was held")
+            for job in batch:
+                job.loop.call_soon_threadsafe(_fail, job.future, closing)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for job in batch:
             by_loop.setdefault(job.loop, []).append(job.future)
         for loop, futures in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, futures)
 
-    def _write(
-        self,
-        rows: list[tuple[Any, ...]],
-        events: list[Event],
-        rejects: list[Rejected],
-        incoming: int,
-    ) -> bool:
-        """One transaction: make room, insert, quarantine, record consent.
+    def _store(self, items: list[Item]) -> bool:
+        """Commit ``items``, finding and quarantining rows SQLite cannot store.
 
-        Returns False when the rows do not fit (nothing new written: backpressure).
+        Holds (retrying) while waiting can help; False when the buffer closed meanwhile.
         """
+        while True:
+            self.busy_since = time.monotonic()
+            try:
+                outcome = self._write(items)
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is Fault.ROWS:
+                    return self._split(items, exc)
+                self.counters.last_fault = f"{type(exc).__name__}: {exc}"
+                reason = fault.value
+            else:
+                if outcome is _Outcome.COMMITTED:
+                    self._end_hold()
+                    return True
+                if outcome is _Outcome.TOO_BIG:  # split so that each part fits the budget
+                    middle = len(items) // 2
+                    return self._store(items[:middle]) and self._store(items[middle:])
+                reason = ROOM
+            if not self._hold(reason):
+                return False
+
+    def _split(self, items: list[Item], exc: Exception) -> bool:
+        if len(items) > 1:
+            middle = len(items) // 2
+            return self._store(items[:middle]) and self._store(items[middle:])
+        item = items[0]
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(item, Rejected) and item.reason == UNSTORABLE:
+            # Even the cleaned-up quarantine row failed: not a row's fault but the file's
+            # or a bug's. Fail the batch (unacknowledged, so nothing is lost) and let it show.
+            raise StorageError(f"cannot quarantine an unstorable row: {detail}") from exc
+        log.warning("buffer.unstorable source=%r error=%s", clean(item.source), detail)
+        return self._store([as_unstorable(item, detail)])
+
+    def _write(self, items: list[Item]) -> _Outcome:
+        """One transaction: make room, insert, quarantine, record consent."""
+        events = [item for item in items if isinstance(item, Event)]
+        rejects = [item for item in items if isinstance(item, Rejected)]
+        now = self.clock()
+        rows = [event_row(event, now) for event in events]
+        incoming = budget.estimate_bytes(sum(len(row[6]) for row in rows), len(rows))
+        if len(items) > 1 and incoming > self.settings.max_bytes // 4:
+            return _Outcome.TOO_BIG
         connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             eviction = budget.make_room(connection, incoming, self.settings.max_bytes)
             if not eviction.fits and rows:
                 # Keep what the policy evicted (it was droppable anyway), write nothing new.
-                self._persist_counters(connection, eviction.dropped, [])
+                persist_counters(connection, eviction.dropped, [])
                 connection.execute("COMMIT")
                 self._count(eviction, 0, 0, [])
-                return False
+                return _Outcome.NO_ROOM
             before = connection.total_changes
             connection.executemany(
                 "INSERT OR IGNORE INTO events (event_id, type, customer, customer_id, ts, "
@@ -281,19 +435,15 @@ class Buffer:
                 rows,
             )
             inserted = connection.total_changes - before
-            self._quarantine(connection, rejects)
-            self._record_consent(connection, events)
-            self._persist_counters(connection, eviction.dropped, rejects)
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+            quarantine(connection, rejects, self.settings)
+            record_consent(connection, events)
+            persist_counters(connection, eviction.dropped, rejects)
         self._count(eviction, inserted, len(rows) - inserted, rejects)
-        if self.counters.backpressure:
-            self.counters.backpressure = False
-            log.warning("buffer.backpressure.end pending=%d", self.counters.pending)
-        return True
+        self.counters.last_commit_monotonic = time.monotonic()
+        if inserted and self.counters.oldest_pending_at is None:
+            self.counters.oldest_pending_at = rows[0][5]
+        self._refresh_figures(oldest=eviction.pending_dropped > 0)
+        return _Outcome.COMMITTED
 
     def _count(
         self, eviction: budget.Eviction, inserted: int, duplicates: int, rejects: list[Rejected]
@@ -308,34 +458,56 @@ class Buffer:
         counters.drops.update(eviction.dropped)
         counters.quarantined.update(reject.reason for reject in rejects)
 
-    def _wait_for_room(self) -> bool:
-        """Backpressure: hold the batch, keep serving calls (sync marks free space), retry.
+    def _hold(self, reason: str) -> bool:
+        """Hold the batch: serve calls (they make room), then let the caller retry.
 
         Returns False when the buffer is closing and the held batch must be given up.
         """
-        if not self.counters.backpressure:
-            self.counters.backpressure = True
-            log.error(
-                "buffer.backpressure.start pending=%d max_bytes=%d: the buffer is full of "
-                "unsynced customer events; sources stop acknowledging until sync makes room",
-                self.counters.pending,
-                self.settings.max_bytes,
-            )
-        deadline = time.monotonic() + _BACKPRESSURE_RETRY_S
+        counters = self.counters
+        if counters.held != reason:
+            if counters.held is None:
+                counters.held_since_monotonic = time.monotonic()
+            counters.held = reason
+            counters.holds[reason] += 1
+            counters.backpressure = reason == ROOM
+            counters.disk_full = reason == Fault.DISK_FULL.value
+            _log_hold_start(reason, counters, self.path, self.settings.max_bytes)
+        self.busy_since = None  # waiting is not being stuck
+        # Calls that arrived behind the held batch come first: one may be the sync mark
+        # that makes room, and nothing else could.
+        for call in [job for job in self._deferred if isinstance(job, _Call)]:
+            self._deferred.remove(call)
+            self._run_call(call)
+        deadline = time.monotonic() + _RETRY_S.get(reason, _RETRY_DEFAULT_S)
         while (remaining := deadline - time.monotonic()) > 0:
             if any(isinstance(job, _Stop) for job in self._deferred):
                 return False
             try:
                 job = self._jobs.get(timeout=remaining)
             except queue.Empty:
-                return True
+                break
             if isinstance(job, _Call):
                 self._run_call(job)
             else:
                 self._deferred.append(job)  # commits and stop wait behind the held batch
-        return True
+        return not any(isinstance(job, _Stop) for job in self._deferred)
 
-    def _next_job(self, timeout: float | None) -> _Commit | _Call | _Stop | None:
+    def _end_hold(self) -> None:
+        counters = self.counters
+        if counters.held is None:
+            return
+        since = counters.held_since_monotonic or time.monotonic()
+        log.warning(
+            "buffer.hold.end reason=%s held_s=%.1f pending=%d",
+            counters.held,
+            time.monotonic() - since,
+            counters.pending,
+        )
+        counters.held = None
+        counters.held_since_monotonic = None
+        counters.backpressure = counters.disk_full = False
+
+    def _next_job(self, timeout: float | None) -> _Job | None:
         """The next job in arrival order; None when none came within ``timeout``."""
         if self._deferred:
             return self._deferred.popleft()
@@ -347,84 +519,58 @@ class Buffer:
             return None
 
     def _run_call(self, job: _Call) -> None:
+        outer = self.busy_since
+        self.busy_since = time.monotonic()
         try:
             result = job.function(self._connection)
         except BaseException as exc:
-            if self._connection.in_transaction:
-                self._connection.execute("ROLLBACK")
-            job.loop.call_soon_threadsafe(_fail, job.future, exc)
-            if not isinstance(exc, Exception):
+            rollback(self._connection)
+            if isinstance(exc, Exception):
+                job.loop.call_soon_threadsafe(_fail, job.future, exc)
+            else:
+                # SystemExit and the like must not cross into the event loop's task.
+                error = StorageError(f"buffer call stopped the writer: {exc!r}")
+                job.loop.call_soon_threadsafe(_fail, job.future, error)
                 raise
         else:
             job.loop.call_soon_threadsafe(_resolve, job.future, result)
+        finally:
+            self.busy_since = outer
 
-    def _quarantine(self, connection: sqlite3.Connection, rejects: list[Rejected]) -> None:
-        if not rejects:
-            return
-        limit = self.settings.quarantine_raw_bytes
-        connection.executemany(
-            "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (r.received_at, r.source, r.reason, r.detail[:500], r.raw[:limit], len(r.raw))
-                for r in rejects
-            ],
+    def _refresh_figures(self, *, oldest: bool = True) -> None:
+        """Disk figures for /status, read here so that /status never waits for them."""
+        connection = self._connection
+        try:
+            self.counters.bytes = budget.used_bytes(connection)
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            self.counters.file_bytes = int(
+                page_size * connection.execute("PRAGMA page_count").fetchone()[0]
+            )
+            if oldest:
+                self.counters.oldest_pending_at = oldest_pending(connection)
+        except sqlite3.Error as exc:  # figures only: the next refresh tries again
+            log.warning("buffer.figures.failed error=%s", exc)
+
+
+def _log_hold_start(reason: str, counters: BufferCounters, path: Path, max_bytes: int) -> None:
+    if reason == ROOM:
+        log.error(
+            "buffer.backpressure.start pending=%d max_bytes=%d: the buffer is full of "
+            "unsynced customer events; sources stop acknowledging until sync makes room",
+            counters.pending,
+            max_bytes,
         )
-        # Bounded by rows too: a flood of garbage cannot crowd out events.
-        connection.execute(
-            "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
-            (self.settings.quarantine_max_rows,),
+    elif reason == Fault.DISK_FULL.value:
+        log.error(
+            "buffer.disk_full.start path=%s error=%s: the disk has no room; sources stop "
+            "acknowledging, the batch is retried every %.0fs and input resumes by itself "
+            "once space is freed",
+            path,
+            counters.last_fault,
+            _RETRY_S[reason],
         )
-
-    @staticmethod
-    def _record_consent(connection: sqlite3.Connection, events: list[Event]) -> None:
-        updates = [
-            (
-                event.customer_id,
-                int(bool(event.data["personalization"])),
-                int(bool(event.data["profile_sharing"])),
-                int(bool(event.data["partner_sharing"])),
-                event.ts,
-                event.event_id,
-            )
-            for event in events
-            if event.type == "consent.update" and event.customer_id
-        ]
-        if updates:
-            # The latest consent (by event time) wins, whatever order they arrive in.
-            connection.executemany(
-                "INSERT INTO consent VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE "
-                "SET personalization=excluded.personalization, "
-                "profile_sharing=excluded.profile_sharing, "
-                "partner_sharing=excluded.partner_sharing, "
-                "ts=excluded.ts, event_id=excluded.event_id WHERE excluded.ts >= consent.ts",
-                updates,
-            )
-
-    @staticmethod
-    def _persist_counters(
-        connection: sqlite3.Connection, dropped: Counter[str], rejects: list[Rejected]
-    ) -> None:
-        increments: Counter[str] = Counter({f"drop.{k}": v for k, v in dropped.items()})
-        increments.update(f"quarantine.{reject.reason}" for reject in rejects)
-        if increments:
-            connection.executemany(
-                "INSERT INTO counters (name, value) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                list(increments.items()),
-            )
-
-
-def _event_row(event: Event, written_at: float) -> tuple[Any, ...]:
-    return (
-        event.event_id,
-        event.type,
-        int(event.customer),
-        event.customer_id,
-        event.ts,
-        written_at,  # within milliseconds of receipt; used for age figures only
-        event.to_json(),
-    )
+    else:
+        log.error("buffer.hold.start reason=%s path=%s error=%s", reason, path, counters.last_fault)
 
 
 def _resolve_all(futures: list[asyncio.Future[None]]) -> None:

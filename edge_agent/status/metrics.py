@@ -36,6 +36,33 @@ class _SnapshotCollector(Collector):
             int(buffer["backpressure"]),
         )
         yield _gauge(
+            "edge_buffer_disk_full",
+            "1 while the disk refuses writes (not acknowledging, retrying)",
+            int(buffer["disk_full"]),
+        )
+        yield _by_reason("edge_buffer_holds", "Times a batch was held, by reason", buffer["holds"])
+        yield _gauge(
+            "edge_buffer_writer_alive",
+            "1 while the buffer's writer thread runs",
+            int(buffer["writer_alive"]),
+        )
+        yield _gauge(
+            "edge_agent_healthy",
+            "1 while the pipeline makes progress (the /healthz answer)",
+            int(status["health"]["ok"]),
+        )
+        salvage = buffer["salvage"] or {"salvaged": 0, "unreadable": 0}
+        yield _gauge(
+            "edge_buffer_salvaged_events",
+            "Events salvaged from damaged buffer files (until cleared)",
+            salvage["salvaged"],
+        )
+        yield _gauge(
+            "edge_buffer_salvage_unreadable_events",
+            "Events that could not be read from damaged buffer files (until cleared)",
+            salvage["unreadable"],
+        )
+        yield _gauge(
             "edge_buffer_damaged_files",
             "Damaged buffer files moved aside and kept for inspection",
             buffer["damaged_files"],

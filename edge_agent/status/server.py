@@ -14,6 +14,9 @@ from edge_agent.status.snapshot import StatusBoard
 log = logging.getLogger(__name__)
 
 _PAGE: Final = resources.files("edge_agent.status").joinpath("page.html")
+# A request still in flight at shutdown gets this long, then its connection is closed:
+# stopping the agent is bounded by the unit's TimeoutStopSec, not by a slow client.
+SHUTDOWN_TIMEOUT_S: Final = 2.0
 
 
 class StatusServer:
@@ -30,7 +33,9 @@ class StatusServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._page)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -45,7 +50,10 @@ class StatusServer:
             self._runner = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        problems = self.board.health.problems()
+        if problems:
+            return web.json_response({"status": "stalled", "problems": problems}, status=503)
+        return web.json_response({"status": "alive", "problems": []})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         reasons = self.board.readiness()

@@ -1,12 +1,13 @@
 """What the agent reports about itself: one snapshot feeds /status, /metrics and the page.
 
 Other parts (sync, the personalizer) register a section provider; until they do, their
-sections report neutral figures so the /status contract holds from the start.
+sections report neutral figures so the /status contract holds from the start. Every figure
+comes from memory (the buffer's writer keeps its own up to date): /status never waits on
+the writer, so it answers during a burst and even when the writer is wedged.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -15,12 +16,12 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.buffer import Buffer
-from edge_agent.buffer.budget import used_bytes
+from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
+from edge_agent.status.health import Health
 
 # A component's sections for /status, e.g. {"sync": {...}}: called once per snapshot.
 SectionProvider = Callable[[], dict[str, dict[str, Any]]]
-RECOUNT_EVERY_S = 60.0
 
 
 @dataclass
@@ -30,20 +31,22 @@ class StatusBoard:
     started_monotonic: float = field(default_factory=time.monotonic)
     providers: list[SectionProvider] = field(default_factory=list)
     store_id: str = ""
-    _recounted: float = 0.0
+    pipeline: Pipeline | None = None
+    stall_after_s: float = 30.0
+
+    @property
+    def health(self) -> Health:
+        return Health(self.buffer, self.pipeline, self.stall_after_s)
 
     async def snapshot(self) -> dict[str, Any]:
-        if time.monotonic() - self._recounted > RECOUNT_EVERY_S:
-            # The page polls every 2 s: a count over a million rows that often would hold
-            # up the writer, so the tracked counters are reconciled only now and then.
-            await self.buffer.recount()
-            self._recounted = time.monotonic()
-        disk = await self.buffer.call(_disk_figures)
         counters = self.buffer.counters
         drops: Counter[str] = Counter(counters.drops)
         for source in self.sources:
             drops.update({f"{source.name}.{k}": v for k, v in source.stats.drops.items()})
-        oldest = disk["oldest_pending_received_at"]
+        oldest = counters.oldest_pending_at
+        salvage = counters.salvage
+        recovered_from = self.buffer.recovered_from
+        problems = self.health.problems()
         status: dict[str, Any] = {
             "version": __version__,
             "store_id": self.store_id,
@@ -61,21 +64,29 @@ class StatusBoard:
             "buffer": {
                 "pending": counters.pending,
                 "total": counters.total,
-                "bytes": disk["bytes"],
-                "file_bytes": disk["file_bytes"],
+                "bytes": counters.bytes,
+                "file_bytes": counters.file_bytes,
                 "max_bytes": self.buffer.settings.max_bytes,
-                "oldest_pending_age_s": round(max(0.0, time.time() - oldest), 3)
+                # Both on the buffer's run clock: a wall-clock step does not move the age.
+                "oldest_pending_age_s": round(max(0.0, self.buffer.clock() - oldest), 3)
                 if oldest is not None
                 else 0.0,
                 "committed": counters.committed,
                 "duplicates": counters.duplicates,
                 "commits": counters.commits,
                 "backpressure": counters.backpressure,
+                "disk_full": counters.disk_full,
+                "held": counters.held,
+                "holds": dict(counters.holds),
+                "writer_alive": self.buffer.writer_alive,
                 "damaged_files": self.buffer.damaged_files,
-                "recovered_from": str(self.buffer.recovered_from)
-                if self.buffer.recovered_from
-                else None,
+                "recovered_from": str(recovered_from)
+                if recovered_from
+                else (max(salvage.files) if salvage else None),
+                # Kept (across restarts) until `edge-agent buffer clear-salvage`.
+                "salvage": salvage.as_status() if salvage else None,
             },
+            "health": {"ok": not problems, "problems": problems},
             "quarantine": {
                 "total": sum(counters.quarantined.values()),
                 "by_reason": dict(counters.quarantined),
@@ -99,27 +110,5 @@ class StatusBoard:
             for source in self.sources
             if not source.stats.connected
         ]
-        if self.buffer.counters.backpressure:
-            reasons.append(
-                "buffer is full of unsynced customer events (backpressure: not acknowledging)"
-            )
-        return reasons
-
-
-def _disk_figures(connection: sqlite3.Connection) -> dict[str, Any]:
-    oldest: float | None = None
-    for customer in (0, 1):  # one indexed lookup per class beats a scan of the pending set
-        row = connection.execute(
-            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
-            "ORDER BY seq LIMIT 1",
-            (customer,),
-        ).fetchone()
-        if row is not None:
-            oldest = row[0] if oldest is None else min(oldest, row[0])
-    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
-    pages = connection.execute("PRAGMA page_count").fetchone()[0]
-    return {
-        "bytes": used_bytes(connection),
-        "file_bytes": int(page_size * pages),
-        "oldest_pending_received_at": oldest,
-    }
+        health = self.health
+        return [*reasons, *health.not_ready(), *health.problems()]

@@ -160,7 +160,15 @@ async def test_corrupted_pages_are_detected(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     async with await open_buffer(path) as buffer:
         assert buffer.recovered_from is not None
-        assert buffer.counters.total == 0
+        record = buffer.counters.salvage
+        assert record is not None
+        assert record.files == {
+            buffer.recovered_from.name: record.files[buffer.recovered_from.name]
+        }
+        # Every row is either salvaged into the fresh file or counted as unreadable.
+        assert buffer.counters.total == record.salvaged
+        assert record.salvaged + record.unreadable == 300
+        assert record.unreadable > 0
 
 
 async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(

@@ -1,0 +1,151 @@
+"""The writer's rows and statements: the transaction helper, event rows, quarantine,
+consent and persisted counters (each runs inside the caller's transaction), and the
+quarantine row for an event SQLite cannot store."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+from edge_agent.config import BufferSection
+from edge_agent.events import Event, Rejected
+
+log = logging.getLogger(__name__)
+
+UNSTORABLE: Final = "unstorable"
+
+
+def quarantine(
+    connection: sqlite3.Connection, rejects: Sequence[Rejected], settings: BufferSection
+) -> None:
+    if not rejects:
+        return
+    limit = settings.quarantine_raw_bytes
+    connection.executemany(
+        "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (r.received_at, r.source, r.reason, r.detail[:500], r.raw[:limit], len(r.raw))
+            for r in rejects
+        ],
+    )
+    # Bounded by rows too: a flood of garbage cannot crowd out events.
+    connection.execute(
+        "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?",
+        (settings.quarantine_max_rows,),
+    )
+
+
+def record_consent(connection: sqlite3.Connection, events: Sequence[Event]) -> None:
+    updates = [
+        (
+            event.customer_id,
+            int(bool(event.data["personalization"])),
+            int(bool(event.data["profile_sharing"])),
+            int(bool(event.data["partner_sharing"])),
+            event.ts,
+            event.event_id,
+        )
+        for event in events
+        if event.type == "consent.update" and event.customer_id
+    ]
+    record_consent_rows(connection, updates)
+
+
+def record_consent_rows(
+    connection: sqlite3.Connection, updates: Sequence[tuple[object, ...]]
+) -> None:
+    """(customer_id, personalization, profile_sharing, partner_sharing, ts, event_id) rows."""
+    if updates:
+        # The latest consent (by event time) wins, whatever order they arrive in.
+        connection.executemany(
+            "INSERT INTO consent VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE "
+            "SET personalization=excluded.personalization, "
+            "profile_sharing=excluded.profile_sharing, "
+            "partner_sharing=excluded.partner_sharing, "
+            "ts=excluded.ts, event_id=excluded.event_id WHERE excluded.ts >= consent.ts",
+            updates,
+        )
+
+
+def persist_counters(
+    connection: sqlite3.Connection, dropped: Counter[str], rejects: Sequence[Rejected]
+) -> None:
+    increments: Counter[str] = Counter({f"drop.{k}": v for k, v in dropped.items()})
+    increments.update(f"quarantine.{reject.reason}" for reject in rejects)
+    if increments:
+        connection.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            list(increments.items()),
+        )
+
+
+@contextlib.contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception, including cancellation."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        if connection.in_transaction:
+            connection.execute("COMMIT")
+    except BaseException:
+        rollback(connection)
+        raise
+
+
+def rollback(connection: sqlite3.Connection) -> None:
+    if not connection.in_transaction:
+        return
+    try:
+        connection.execute("ROLLBACK")
+    except sqlite3.Error as exc:  # SQLite may have rolled back already (SQLITE_FULL does)
+        log.warning("buffer.rollback.failed error=%s", exc)
+
+
+def oldest_pending(connection: sqlite3.Connection) -> float | None:
+    oldest: float | None = None
+    for customer in (0, 1):  # one indexed lookup per class beats a scan of the pending set
+        row = connection.execute(
+            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
+            "ORDER BY seq LIMIT 1",
+            (customer,),
+        ).fetchone()
+        if row is not None:
+            oldest = row[0] if oldest is None else min(oldest, row[0])
+    return oldest
+
+
+def clean(text: str) -> str:
+    """Text SQLite can store: lone surrogates and the like as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def as_unstorable(item: Event | Rejected, detail: str) -> Rejected:
+    if isinstance(item, Rejected):
+        text = clean(f"{item.reason}: {item.detail}: {detail}")
+        return Rejected(clean(item.source), UNSTORABLE, item.raw, text, clean(item.received_at))
+    try:
+        raw = json.dumps(item.envelope(), ensure_ascii=True).encode("ascii")
+    except (ValueError, TypeError, RecursionError):
+        raw = ascii(item.envelope()).encode("ascii")
+    return Rejected(
+        clean(item.source), UNSTORABLE, raw, clean(detail), clean(str(item.received_at))
+    )
+
+
+def event_row(event: Event, written_at: float) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        event.type,
+        int(event.customer),
+        event.customer_id,
+        event.ts,
+        written_at,  # within milliseconds of receipt; used for age figures only
+        event.to_json(),
+    )
