@@ -3,13 +3,22 @@
 This module is pure standard library and imports nothing else from the project, so the
 central store (which never imports ``edge_agent``) and the agent validate envelopes with the
 same rules, read from one registry file (``event_types.json``).
+
+The registry declares every ``data`` field of every type, down to the elements of arrays and
+the keys of objects. ``Registry.clean_data`` keeps only what is declared: an undeclared field
+is dropped and counted (the event itself is kept), so a device cannot carry an e-mail address
+or a customer id past consent in a field nobody reviewed. A declared field of the wrong shape
+rejects the event with a reason. Fields that name a person are marked ``"identity": true``;
+they follow the same consent rule as the envelope's ``customer_id`` when uploaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any, Final
@@ -26,6 +35,9 @@ ENVELOPE_FIELDS: Final = (
     "data",
 )
 MAX_ID_LENGTH: Final = 128
+# A declared string without its own max_length: long enough for any label or code.
+DEFAULT_MAX_STRING: Final = 256
+DEFAULT_MAX_ITEMS: Final = 1000
 
 _PYTHON_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "string": (str,),
@@ -38,16 +50,38 @@ _PYTHON_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """The declared shape of one value: a field, an array element or a map entry."""
+
+    kinds: tuple[str, ...]  # accepted kinds; an element may be e.g. a string or an object
+    nullable: bool = False
+    max_length: int = DEFAULT_MAX_STRING  # strings
+    items: Rule | None = None  # arrays: the rule of every element
+    max_items: int = DEFAULT_MAX_ITEMS  # arrays and maps
+    fields: tuple[FieldSpec, ...] = ()  # objects with declared keys (others are dropped)
+    values: Rule | None = None  # maps: objects whose keys match key_pattern, values this rule
+    key_pattern: re.Pattern[str] | None = None
+
+    def accepts_kind(self, value: object) -> str | None:
+        """The kind ``value`` is accepted as, or None."""
+        if isinstance(value, bool):  # bool is an int in Python; JSON true is no number here
+            return "boolean" if "boolean" in self.kinds else None
+        return next((k for k in self.kinds if isinstance(value, _PYTHON_TYPES[k])), None)
+
+
+@dataclass(frozen=True, slots=True)
 class FieldSpec:
     name: str
-    kind: str
-    required: bool
+    rule: Rule
+    required: bool = False
+    identity: bool = False  # names a person: pseudonymised like customer_id without consent
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kinds[0]
 
     def accepts(self, value: object) -> bool:
-        # bool is an int in Python; a JSON true is never a number or an integer here.
-        if isinstance(value, bool) and self.kind != "boolean":
-            return False
-        return isinstance(value, _PYTHON_TYPES[self.kind])
+        return _clean(value, self.rule, _Dropped()) is not _WRONG
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,31 +90,151 @@ class TypeSpec:
     customer: bool  # a customer interaction (kept longest), as opposed to telemetry
     fields: tuple[FieldSpec, ...]
 
+    @property
+    def identity_fields(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.fields if f.identity)
+
+
+@dataclass(frozen=True, slots=True)
+class Cleaned:
+    """``data`` with only its declared fields, and how many undeclared ones were dropped."""
+
+    data: dict[str, Any]
+    dropped: int
+
+
+class _Dropped:
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_WRONG: Final = object()  # a value that does not fit its rule
+
 
 @dataclass(frozen=True, slots=True)
 class Registry:
     version: int
     types: Mapping[str, TypeSpec]
+    # Undeclared fields dropped, by event type (bounded: only declared types are counted).
+    # Shared by every reader of this registry in the process; /status shows it.
+    dropped: Counter[str] = field(default_factory=Counter, compare=False)
 
-    def check_data(self, event_type: str, data: object) -> str | None:
-        """Return why ``data`` does not fit ``event_type``, or None when it does."""
+    def clean_data(self, event_type: str, data: object) -> Cleaned | str:
+        """``data`` reduced to its declared fields, or why it does not fit ``event_type``.
+
+        Nothing is counted (``admit_data`` counts); ``data`` itself is never modified.
+        """
         spec = self.types.get(event_type)
         if spec is None:
             return "unknown_type"
         if not isinstance(data, dict):
             return "wrong_type"
-        for field in spec.fields:
-            if field.name not in data:
-                if field.required:
-                    return "missing_field"
+        dropped = _Dropped()
+        clean: dict[str, Any] = {}
+        declared = {f.name: f for f in spec.fields}
+        for name, value in data.items():
+            spec_field = declared.get(name)
+            if spec_field is None:
+                dropped.count += 1
                 continue
-            if not field.accepts(data[field.name]):
+            kept = _clean(value, spec_field.rule, dropped)
+            if kept is _WRONG:
                 return "wrong_type"
-        return None
+            clean[name] = kept
+        if any(f.required and f.name not in clean for f in spec.fields):
+            return "missing_field"
+        return Cleaned(clean, dropped.count)
+
+    def admit_data(self, event_type: str, data: object) -> Cleaned | str:
+        """``clean_data``, counting what is dropped: call it once for each input taken in."""
+        cleaned = self.clean_data(event_type, data)
+        if isinstance(cleaned, Cleaned) and cleaned.dropped:
+            self.dropped[event_type] += cleaned.dropped
+        return cleaned
+
+    def check_data(self, event_type: str, data: object) -> str | None:
+        """Return why ``data`` does not fit ``event_type``, or None (undeclared fields aside)."""
+        cleaned = self.clean_data(event_type, data)
+        return cleaned if isinstance(cleaned, str) else None
 
     def is_customer_type(self, event_type: str) -> bool:
         spec = self.types.get(event_type)
         return spec is not None and spec.customer
+
+    def identity_fields(self, event_type: str) -> frozenset[str]:
+        spec = self.types.get(event_type)
+        return spec.identity_fields if spec is not None else frozenset()
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """The /status section: fields dropped because the registry does not declare them."""
+        return {
+            "schema": {
+                "version": self.version,
+                "undeclared_fields_dropped": sum(self.dropped.values()),
+                "undeclared_by_type": dict(self.dropped),
+            }
+        }
+
+
+def _clean(value: object, rule: Rule, dropped: _Dropped) -> Any:
+    """``value`` with undeclared parts removed, or ``_WRONG``."""
+    if value is None:
+        return None if rule.nullable else _WRONG
+    kind = rule.accepts_kind(value)
+    if kind is None:
+        return _WRONG
+    if kind == "string":
+        return value if len(value) <= rule.max_length else _WRONG  # type: ignore[arg-type]
+    if kind == "number" and isinstance(value, float) and value != value:  # noqa: PLR0124
+        return _WRONG  # NaN is no number a store can keep
+    if kind == "array":
+        return _clean_array(value, rule, dropped)  # type: ignore[arg-type]
+    if kind == "object":
+        return _clean_object(value, rule, dropped)  # type: ignore[arg-type]
+    return value
+
+
+def _clean_array(value: list[Any], rule: Rule, dropped: _Dropped) -> Any:
+    if len(value) > rule.max_items or rule.items is None:
+        return _WRONG
+    kept: list[Any] = []
+    for element in value:
+        clean = _clean(element, rule.items, dropped)
+        if clean is _WRONG:
+            return _WRONG
+        kept.append(clean)
+    return kept
+
+
+def _clean_object(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
+    if len(value) > rule.max_items:
+        return _WRONG
+    kept: dict[str, Any] = {}
+    if rule.values is not None:  # a map: declared key shape, declared value shape
+        for name, element in value.items():
+            if rule.key_pattern is None or not rule.key_pattern.fullmatch(name):
+                dropped.count += 1
+                continue
+            clean = _clean(element, rule.values, dropped)
+            if clean is _WRONG:
+                return _WRONG
+            kept[name] = clean
+        return kept
+    declared = {f.name: f for f in rule.fields}
+    for name, element in value.items():
+        spec_field = declared.get(name)
+        if spec_field is None:
+            dropped.count += 1
+            continue
+        clean = _clean(element, spec_field.rule, dropped)
+        if clean is _WRONG:
+            return _WRONG
+        kept[name] = clean
+    if any(f.required and f.name not in kept for f in rule.fields):
+        return _WRONG
+    return kept
 
 
 def _is_id(value: object) -> bool:
@@ -111,17 +265,48 @@ def check_envelope(envelope: Mapping[str, Any], registry: Registry) -> str | Non
     return registry.check_data(event_type, envelope.get("data", {}))
 
 
+def _parse_rule(where: str, rule: Mapping[str, Any]) -> Rule:
+    kinds = rule.get("type") or ("object" if "fields" in rule else None)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())
+    unknown = [k for k in kinds if k not in _PYTHON_TYPES]
+    if not kinds or unknown:
+        raise ValueError(f"{where}: unknown or missing field kinds {unknown or kinds}")
+    if "array" in kinds and "items" not in rule:
+        raise ValueError(f"{where}: an array must declare its items")
+    if "object" in kinds and "fields" not in rule and "values" not in rule:
+        raise ValueError(f"{where}: an object must declare its fields or its values")
+    pattern = rule.get("key_pattern")
+    return Rule(
+        kinds=kinds,
+        nullable=bool(rule.get("nullable", False)),
+        max_length=int(rule.get("max_length", DEFAULT_MAX_STRING)),
+        items=_parse_rule(f"{where}[]", rule["items"]) if "items" in rule else None,
+        max_items=int(rule.get("max_items", DEFAULT_MAX_ITEMS)),
+        fields=_parse_fields(where, rule.get("fields", {})),
+        values=_parse_rule(f"{where}{{}}", rule["values"]) if "values" in rule else None,
+        key_pattern=re.compile(pattern) if pattern else None,
+    )
+
+
+def _parse_fields(where: str, fields: Mapping[str, Any]) -> tuple[FieldSpec, ...]:
+    specs = []
+    for name, rule in fields.items():
+        spec = FieldSpec(
+            name,
+            _parse_rule(f"{where}.{name}", rule),
+            bool(rule.get("required", False)),
+            bool(rule.get("identity", False)),
+        )
+        if spec.identity and spec.rule.kinds != ("string",):
+            raise ValueError(f"{where}.{name}: an identity field must be a string")
+        specs.append(spec)
+    return tuple(specs)
+
+
 def parse_registry(document: Mapping[str, Any]) -> Registry:
     types: dict[str, TypeSpec] = {}
     for name, spec in document["types"].items():
-        fields = tuple(
-            FieldSpec(field, rule["type"], bool(rule.get("required", False)))
-            for field, rule in spec["data"].items()
-        )
-        unknown = [f.kind for f in fields if f.kind not in _PYTHON_TYPES]
-        if unknown:
-            raise ValueError(f"event type {name!r} uses unknown field kinds {unknown}")
-        types[name] = TypeSpec(name, bool(spec["customer"]), fields)
+        types[name] = TypeSpec(name, bool(spec["customer"]), _parse_fields(name, spec["data"]))
     return Registry(int(document["version"]), types)
 
 

@@ -2,8 +2,10 @@
 
 The rows are read on the buffer's owner thread (``sync_claims``); the governance rewrite and
 the gzip run in a worker thread, so neither the event loop nor the buffer writer waits on
-them. Each row carries its customer's latest ``profile_sharing`` (read in the same query), so
-the upload rule applies the consent in force when the row leaves the store.
+them. Each row carries its customer's latest ``profile_sharing`` (read in the same query, joined
+on the buffer's ``customer_id`` column), so the upload rule applies the consent in force when
+the row leaves the store. Every row without that consent is parsed and governed: an envelope's
+text is never searched to guess whom it names.
 """
 
 from __future__ import annotations
@@ -53,8 +55,7 @@ def build_batch(rows: Sequence[Row], require_consent: bool, key: bytes, compress
 def _upload_form(row: Row, require_consent: bool, key: bytes) -> str:
     if shares_profile(require_consent, row.profile_sharing):
         return row.envelope
-    if '"customer_id":null' in row.envelope and '"alias"' not in row.envelope:
-        return row.envelope  # names nobody (telemetry): no need to parse it
+    # Parsed, never searched as text: only the envelope's structure says whom it names.
     return pseudonymise_envelope(row.envelope, key)
 
 

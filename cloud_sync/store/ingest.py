@@ -148,7 +148,11 @@ def to_row(
     received_at = item.get("received_at")
     if received_at is not None and not isinstance(received_at, str):
         return None, "wrong_type"
-    data = item.get("data", {})
+    # The registry's declared fields only: the store keeps nothing an agent should have dropped.
+    declared = registry.admit_data(item["type"], item.get("data", {}))
+    if isinstance(declared, str):
+        return None, declared
+    data = declared.data
     if check_text and _has_nul(item):  # neither PostgreSQL text nor jsonb can hold U+0000
         return None, "nul_character"
     data_json = _DATA_ENCODER.encode(data)
