@@ -35,8 +35,8 @@ ENVELOPE_FIELDS: Final = (
     "data",
 )
 MAX_ID_LENGTH: Final = 128
-# A declared string without its own max_length: long enough for any label or code.
-DEFAULT_MAX_STRING: Final = 256
+# A declared string without its own max_length (the store adds its own field limits).
+DEFAULT_MAX_STRING: Final = 1024
 DEFAULT_MAX_ITEMS: Final = 1000
 
 _PYTHON_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
