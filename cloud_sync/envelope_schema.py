@@ -15,13 +15,14 @@ they follow the same consent rule as the envelope's ``customer_id`` when uploade
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 ENVELOPE_FIELDS: Final = (
     "event_id",
@@ -58,15 +59,17 @@ class Rule:
     max_length: int = DEFAULT_MAX_STRING  # strings
     items: Rule | None = None  # arrays: the rule of every element
     max_items: int = DEFAULT_MAX_ITEMS  # arrays and maps
-    fields: tuple[FieldSpec, ...] = ()  # objects with declared keys (others are dropped)
+    fields: Mapping[str, FieldSpec] = field(default_factory=dict)  # objects with declared keys
     values: Rule | None = None  # maps: objects whose keys match key_pattern, values this rule
     key_pattern: re.Pattern[str] | None = None
+    exact_types: frozenset[type] = frozenset()  # derived from kinds and nullable, once
 
-    def accepts_kind(self, value: object) -> str | None:
-        """The kind ``value`` is accepted as, or None."""
-        if isinstance(value, bool):  # bool is an int in Python; JSON true is no number here
-            return "boolean" if "boolean" in self.kinds else None
-        return next((k for k in self.kinds if isinstance(value, _PYTHON_TYPES[k])), None)
+
+def _rule(kinds: tuple[str, ...], **options: Any) -> Rule:
+    exact = {t for k in kinds for t in _PYTHON_TYPES[k]}
+    if options.get("nullable"):
+        exact.add(type(None))
+    return Rule(kinds, exact_types=frozenset(exact), **options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +92,14 @@ class TypeSpec:
     name: str
     customer: bool  # a customer interaction (kept longest), as opposed to telemetry
     fields: tuple[FieldSpec, ...]
+    data: Rule = field(default_factory=lambda: _rule(("object",)))  # the whole data object
 
     @property
     def identity_fields(self) -> frozenset[str]:
         return frozenset(f.name for f in self.fields if f.identity)
 
 
-@dataclass(frozen=True, slots=True)
-class Cleaned:
+class Cleaned(NamedTuple):  # a tuple: built for every event, cheaper than a dataclass
     """``data`` with only its declared fields, and how many undeclared ones were dropped."""
 
     data: dict[str, Any]
@@ -110,7 +113,11 @@ class _Dropped:
         self.count = 0
 
 
-_WRONG: Final = object()  # a value that does not fit its rule
+class _Wrong:
+    """A value that does not fit its rule; a distinct type so mypy can narrow it away."""
+
+
+_WRONG: Final = _Wrong()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +139,10 @@ class Registry:
         if not isinstance(data, dict):
             return "wrong_type"
         dropped = _Dropped()
-        clean: dict[str, Any] = {}
-        declared = {f.name: f for f in spec.fields}
-        for name, value in data.items():
-            spec_field = declared.get(name)
-            if spec_field is None:
-                dropped.count += 1
-                continue
-            kept = _clean(value, spec_field.rule, dropped)
-            if kept is _WRONG:
-                return "wrong_type"
-            clean[name] = kept
-        if any(f.required and f.name not in clean for f in spec.fields):
+        clean = _clean_fields(data, spec.data, dropped)
+        if isinstance(clean, _Wrong):
+            return "wrong_type"
+        if clean is None:
             return "missing_field"
         return Cleaned(clean, dropped.count)
 
@@ -180,60 +179,68 @@ class Registry:
 
 def _clean(value: object, rule: Rule, dropped: _Dropped) -> Any:
     """``value`` with undeclared parts removed, or ``_WRONG``."""
-    if value is None:
-        return None if rule.nullable else _WRONG
-    kind = rule.accepts_kind(value)
-    if kind is None:
+    # Decoded JSON holds exact built-in types, so one set lookup judges the kind (and keeps
+    # bool apart from int); this runs for every value of every event at both ends.
+    kind = type(value)
+    if kind not in rule.exact_types:
         return _WRONG
-    if kind == "string":
+    if kind is str:
         return value if len(value) <= rule.max_length else _WRONG  # type: ignore[arg-type]
-    if kind == "number" and isinstance(value, float) and value != value:  # noqa: PLR0124
-        return _WRONG  # NaN is no number a store can keep
-    if kind == "array":
-        return _clean_array(value, rule, dropped)  # type: ignore[arg-type]
-    if kind == "object":
-        return _clean_object(value, rule, dropped)  # type: ignore[arg-type]
-    return value
-
-
-def _clean_array(value: list[Any], rule: Rule, dropped: _Dropped) -> Any:
-    if len(value) > rule.max_items or rule.items is None:
-        return _WRONG
-    kept: list[Any] = []
-    for element in value:
-        clean = _clean(element, rule.items, dropped)
-        if clean is _WRONG:
+    if kind is float:
+        return value if math.isfinite(value) else _WRONG  # type: ignore[arg-type]
+    if kind is list:
+        items = rule.items
+        if items is None or len(value) > rule.max_items:  # type: ignore[arg-type]
             return _WRONG
-        kept.append(clean)
-    return kept
-
-
-def _clean_object(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
-    if len(value) > rule.max_items:
-        return _WRONG
-    kept: dict[str, Any] = {}
-    if rule.values is not None:  # a map: declared key shape, declared value shape
-        for name, element in value.items():
-            if rule.key_pattern is None or not rule.key_pattern.fullmatch(name):
-                dropped.count += 1
-                continue
-            clean = _clean(element, rule.values, dropped)
+        kept: list[Any] = []
+        for element in value:  # type: ignore[attr-defined]
+            clean = _clean(element, items, dropped)
             if clean is _WRONG:
                 return _WRONG
-            kept[name] = clean
+            kept.append(clean)
         return kept
-    declared = {f.name: f for f in rule.fields}
+    if kind is dict:
+        if len(value) > rule.max_items:  # type: ignore[arg-type]
+            return _WRONG
+        if rule.values is not None:
+            return _clean_map(value, rule, dropped)  # type: ignore[arg-type]
+        fields = _clean_fields(value, rule, dropped)  # type: ignore[arg-type]
+        return _WRONG if fields is None else fields
+    return value  # int, bool, None
+
+
+def _clean_fields(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
+    """An object with declared keys: the clean copy, ``_WRONG``, or None (a required key is
+    missing)."""
+    kept: dict[str, Any] = {}
+    declared = rule.fields
     for name, element in value.items():
-        spec_field = declared.get(name)
-        if spec_field is None:
+        spec = declared.get(name)
+        if spec is None:
             dropped.count += 1
             continue
-        clean = _clean(element, spec_field.rule, dropped)
+        clean = _clean(element, spec.rule, dropped)
         if clean is _WRONG:
             return _WRONG
         kept[name] = clean
-    if any(f.required and f.name not in kept for f in rule.fields):
-        return _WRONG
+    if len(kept) < len(declared):
+        for spec in declared.values():
+            if spec.required and spec.name not in kept:
+                return None
+    return kept
+
+
+def _clean_map(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
+    kept: dict[str, Any] = {}
+    assert rule.values is not None  # the caller checked
+    for name, element in value.items():
+        if rule.key_pattern is None or not rule.key_pattern.fullmatch(name):
+            dropped.count += 1
+            continue
+        clean = _clean(element, rule.values, dropped)
+        if clean is _WRONG:
+            return _WRONG
+        kept[name] = clean
     return kept
 
 
@@ -243,6 +250,14 @@ def _is_id(value: object) -> bool:
 
 def check_envelope(envelope: Mapping[str, Any], registry: Registry) -> str | None:
     """Return why a complete envelope is invalid, or None. Reasons are short snake_case words."""
+    reason = check_envelope_head(envelope, registry)
+    if reason is not None:
+        return reason
+    return registry.check_data(envelope["type"], envelope.get("data", {}))
+
+
+def check_envelope_head(envelope: Mapping[str, Any], registry: Registry) -> str | None:
+    """``check_envelope`` without ``data``: for a reader that cleans ``data`` next."""
     for name in ("event_id", "type", "ts", "store_id", "source"):
         if name not in envelope:
             return "missing_field"
@@ -259,10 +274,9 @@ def check_envelope(envelope: Mapping[str, Any], registry: Registry) -> str | Non
         return "wrong_type"
     if schema > registry.version or schema < 1:
         return "schema_unsupported"
-    event_type = envelope["type"]
-    if not isinstance(event_type, str):
+    if not isinstance(envelope["type"], str):
         return "wrong_type"
-    return registry.check_data(event_type, envelope.get("data", {}))
+    return None
 
 
 def _parse_rule(where: str, rule: Mapping[str, Any]) -> Rule:
@@ -276,13 +290,13 @@ def _parse_rule(where: str, rule: Mapping[str, Any]) -> Rule:
     if "object" in kinds and "fields" not in rule and "values" not in rule:
         raise ValueError(f"{where}: an object must declare its fields or its values")
     pattern = rule.get("key_pattern")
-    return Rule(
-        kinds=kinds,
+    return _rule(
+        kinds,
         nullable=bool(rule.get("nullable", False)),
         max_length=int(rule.get("max_length", DEFAULT_MAX_STRING)),
         items=_parse_rule(f"{where}[]", rule["items"]) if "items" in rule else None,
         max_items=int(rule.get("max_items", DEFAULT_MAX_ITEMS)),
-        fields=_parse_fields(where, rule.get("fields", {})),
+        fields={f.name: f for f in _parse_fields(where, rule.get("fields", {}))},
         values=_parse_rule(f"{where}{{}}", rule["values"]) if "values" in rule else None,
         key_pattern=re.compile(pattern) if pattern else None,
     )
@@ -306,7 +320,9 @@ def _parse_fields(where: str, fields: Mapping[str, Any]) -> tuple[FieldSpec, ...
 def parse_registry(document: Mapping[str, Any]) -> Registry:
     types: dict[str, TypeSpec] = {}
     for name, spec in document["types"].items():
-        types[name] = TypeSpec(name, bool(spec["customer"]), _parse_fields(name, spec["data"]))
+        fields = _parse_fields(name, spec["data"])
+        data = _rule(("object",), fields={f.name: f for f in fields})
+        types[name] = TypeSpec(name, bool(spec["customer"]), fields, data)
     return Registry(int(document["version"]), types)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cloud_sync.envelope_schema import Registry, check_envelope
+from cloud_sync.envelope_schema import Registry, check_envelope_head
 from cloud_sync.store.errors import BadRequestError
 from cloud_sync.store.records import EventRow, parse_ts
 
@@ -139,7 +139,7 @@ def to_row(
     """One envelope as a row, or None and the reason it is refused."""
     if not isinstance(item, dict):
         return None, "not_an_object"
-    reason = check_envelope(item, registry)
+    reason = check_envelope_head(item, registry)
     if reason is not None:
         return None, reason
     ts = parse_ts(item["ts"])
