@@ -26,7 +26,8 @@ class Row(NamedTuple):
     seq: int
     envelope: str
     profile_sharing: int | None  # the customer's latest consent flag; None: no record
-    customer: bool = True  # a customer event (False: telemetry)
+    customer: bool = True  # a customer event (False: telemetry), the buffer's column
+    customer_id: str | None = None  # the buffer's column (the envelope's customer_id)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ def build_batch(rows: Sequence[Row], require_consent: bool, key: bytes, compress
 
 def _upload_form(row: Row, require_consent: bool, key: bytes) -> str:
     if shares_profile(require_consent, row.profile_sharing):
+        return row.envelope
+    if not row.customer and row.customer_id is None:
+        # Telemetry that names nobody (the buffer's columns say so): its type declares no
+        # identity field and its values are numbers, so there is nothing to hide.
         return row.envelope
     # Parsed, never searched as text: only the envelope's structure says whom it names.
     return pseudonymise_envelope(row.envelope, key)

@@ -138,3 +138,12 @@ def test_derived_event_ids_are_keyed_and_the_key_is_kept(tmp_path: Path) -> None
     assert derive_event_id(key, "mqtt:t", raw) == derive_event_id(key, "mqtt:t", raw)
     assert derive_event_id(key, "mqtt:t", raw) != derive_event_id(b"other-key", "mqtt:t", raw)
     assert derive_event_id(key, "mqtt:t", raw, 1) != derive_event_id(key, "mqtt:t", raw, 0)
+
+
+def test_only_rows_whose_columns_name_nobody_skip_the_parse() -> None:
+    telemetry = envelope(None, "telemetry", values={"temp_c": 4.0})
+    named = envelope("c-000042", "telemetry", values={"temp_c": 4.0})
+    rows = [Row(1, telemetry, None, False, None), Row(2, named, None, False, "c-000042")]
+    batch = build_batch(rows, True, KEY, compress=False)
+    assert batch.body.decode() == f"[{telemetry},{pseudonymise_envelope(named, KEY)}]"
+    assert "c-000042" not in batch.body.decode()
