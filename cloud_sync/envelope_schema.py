@@ -79,13 +79,6 @@ class FieldSpec:
     required: bool = False
     identity: bool = False  # names a person: pseudonymised like customer_id without consent
 
-    @property
-    def kind(self) -> str:
-        return self.rule.kinds[0]
-
-    def accepts(self, value: object) -> bool:
-        return _clean(value, self.rule, _Dropped()) is not _WRONG
-
 
 @dataclass(frozen=True, slots=True)
 class TypeSpec:
