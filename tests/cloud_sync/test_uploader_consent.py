@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sync_helpers import StoreProcess, eventually, store_cli, store_rows, sync_section
 
@@ -148,3 +149,35 @@ async def test_derived_ids_reveal_nothing_and_survive_a_restart(
         await eventually(lambda: agent.buffer.counters.duplicates >= 1, 15)
         assert agent.buffer.counters.total == 1
     assert [row[0] for row in store_rows(store.db_url)] == [uploaded_id]
+
+
+async def test_the_store_keeps_only_declared_fields_and_rejects_wrong_shapes(
+    store: StoreProcess,
+) -> None:
+    token = store_cli(store.db_url, "token", "create", "--store", "store-001")
+    base = {
+        "ts": "2026-11-22T08:00:00.000Z",
+        "store_id": "store-001",
+        "device_id": "pos-1",
+        "customer_id": "ps-0123",
+        "source": "mqtt:x",
+        "schema": 1,
+    }
+    body = [
+        {**base, "event_id": "s-1", "type": "checkout.purchase",
+         "data": {"items": [{"sku": "SKU-1", "owner": "c-000001"}], "email": "a@example.com"}},
+        {**base, "event_id": "s-2", "type": "checkout.purchase", "data": {"items": [{"n": 1}]}},
+        {**base, "event_id": "s-3", "type": "telemetry", "customer_id": None,
+         "data": {"values": {"temp_c": 4.0, "c-000001": 1}}},
+    ]  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{store.url}/v1/events", json=body, headers=headers) as response,
+    ):
+        answer = await response.json()
+    assert response.status == 200
+    assert answer["accepted"] == 2
+    assert answer["rejected"] == [{"index": 1, "event_id": "s-2", "reason": "wrong_type"}]
+    stored = {event_id: json.loads(data) for event_id, _, data in store_rows(store.db_url)}
+    assert stored == {"s-1": {"items": [{"sku": "SKU-1"}]}, "s-3": {"values": {"temp_c": 4.0}}}
