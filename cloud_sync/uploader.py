@@ -137,7 +137,8 @@ class Uploader:
         self._wake = asyncio.Event()
         self._key = b""
         # Shared by the workers: one outage, one backoff.
-        self._backoff = Backoff(config.sync.backoff_initial_s, config.sync.backoff_max_s)
+        first = min(config.sync.backoff_initial_s, config.sync.backoff_max_s)
+        self._backoff = Backoff(first, config.sync.backoff_max_s)
         self._limiter = RateLimiter(config.sync.max_events_per_s)
         self._progress: DrainProgress | None = None
         self.progress_from_events = _PROGRESS_FROM_EVENTS  # a backlog worth a progress display

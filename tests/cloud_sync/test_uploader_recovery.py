@@ -247,7 +247,9 @@ async def _wait_stored(tmp_path: Path, sqlite_url: str, event_id: str) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("setting", ["max_events_per_s", "live_lane_size", "concurrency"])
+@pytest.mark.parametrize(
+    "setting", ["max_events_per_s", "live_lane_size", "concurrency", "backoff_initial_s"]
+)
 def test_sync_settings_are_validated_by_name(tmp_path: Path, setting: str) -> None:
     from edge_agent.config import config_from_dict
     from edge_agent.errors import ConfigError
