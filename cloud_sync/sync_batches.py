@@ -2,8 +2,10 @@
 
 The rows are read on the buffer's owner thread (``sync_claims``); the governance rewrite and
 the gzip run in a worker thread, so neither the event loop nor the buffer writer waits on
-them. Each row carries its customer's latest ``profile_sharing`` (read in the same query), so
-the upload rule applies the consent in force when the row leaves the store.
+them. Each row carries its customer's latest ``profile_sharing`` (read in the same query, joined
+on the buffer's ``customer_id`` column), so the upload rule applies the consent in force when
+the row leaves the store. Every row without that consent is parsed and governed: an envelope's
+text is never searched to guess whom it names.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class Row(NamedTuple):
     seq: int
     envelope: str
     profile_sharing: int | None  # the customer's latest consent flag; None: no record
-    customer: bool = True  # a customer event (False: telemetry)
+    customer: bool = True  # a customer event (False: telemetry), the buffer's column
+    customer_id: str | None = None  # the buffer's column (the envelope's customer_id)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,11 @@ def build_batch(rows: Sequence[Row], require_consent: bool, key: bytes, compress
 def _upload_form(row: Row, require_consent: bool, key: bytes) -> str:
     if shares_profile(require_consent, row.profile_sharing):
         return row.envelope
-    if '"customer_id":null' in row.envelope and '"alias"' not in row.envelope:
-        return row.envelope  # names nobody (telemetry): no need to parse it
+    if not row.customer and row.customer_id is None:
+        # Telemetry that names nobody (the buffer's columns say so): its type declares no
+        # identity field and its values are numbers, so there is nothing to hide.
+        return row.envelope
+    # Parsed, never searched as text: only the envelope's structure says whom it names.
     return pseudonymise_envelope(row.envelope, key)
 
 

@@ -20,7 +20,7 @@ from cloud_sync.sync_batches import Row
 from edge_agent.buffer import Buffer
 
 _SELECT: Final = (
-    "SELECT e.seq, e.envelope, c.profile_sharing FROM events e "
+    "SELECT e.seq, e.envelope, c.profile_sharing, e.customer_id FROM events e "
     "LEFT JOIN consent c ON c.customer_id = e.customer_id "
     "WHERE e.synced_at IS NULL AND e.customer = ? AND e.seq > ? "
 )
@@ -71,7 +71,9 @@ def _oldest(limit: int, cursors: dict[int, int]) -> Callable[[sqlite3.Connection
             found = connection.execute(
                 _SELECT + "ORDER BY e.seq LIMIT ?", (kind, cursors[kind], limit - len(rows))
             ).fetchall()
-            rows += [Row(seq, text, sharing, kind == CUSTOMER) for seq, text, sharing in found]
+            rows += [
+                Row(seq, text, sharing, kind == CUSTOMER, cid) for seq, text, sharing, cid in found
+            ]
             if len(rows) >= limit:
                 break
         return rows
@@ -84,7 +86,8 @@ def _newest(limit: int, cursor: int, taken: set[int]) -> Callable[[sqlite3.Conne
         found = connection.execute(
             _SELECT + "ORDER BY e.seq DESC LIMIT ?", (CUSTOMER, cursor, limit + len(taken))
         ).fetchall()
-        fresh = [Row(seq, text, sharing, True) for seq, text, sharing in found if seq not in taken]
+        fresh = [Row(seq, text, sharing, True, cid) for seq, text, sharing, cid in found]
+        fresh = [row for row in fresh if row.seq not in taken]
         return list(reversed(fresh[:limit]))
 
     return read

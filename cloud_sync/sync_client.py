@@ -29,9 +29,12 @@ _MAX_RETRY_AFTER_S: Final = 300.0
 class StoreUnavailableError(SyncError):
     """Network error, timeout, 429 or 5xx: the same request may succeed later."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.status = status  # the HTTP status; None: the store did not answer at all
 
 
 class BatchTooLargeError(SyncError):
@@ -120,6 +123,16 @@ class StoreClient:
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as exc:
             raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")  # _raise_for always raises
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Whether the store answers ``GET /readyz`` with 200 within ``timeout_s``."""
+        url = f"{self.base}/readyz"
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.get(url, timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False  # still away: the caller keeps waiting
 
     async def erasures(self, after: str, limit: int = 500) -> tuple[list[Erasure], str]:
         answer = await self._get_json("/v1/erasures", {"after": after, "limit": str(limit)})
@@ -223,7 +236,8 @@ def _raise_for(response: aiohttp.ClientResponse, text: str) -> None:
     if status == 400:
         raise BatchRefusedError(where)
     if status == 429 or status >= 500:
-        raise StoreUnavailableError(where, _retry_after(response.headers.get("Retry-After")))
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        raise StoreUnavailableError(where, retry_after, status)
     raise StoreForbiddenError(where)
 
 

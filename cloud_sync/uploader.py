@@ -7,7 +7,10 @@ them as one gzip batch and marks them synced, in one transaction, only after the
 as duplicates, so nothing is stored twice and nothing acknowledged by a device is lost.
 
 - Store down, slow or 5xx: a worker retries the same rows with capped exponential backoff
-  and jitter (``sync.backoff_max_s``); every request has ``sync.timeout_s``. The agent keeps
+  and jitter (``sync.backoff_initial_s`` doubling up to ``sync.backoff_max_s``); every request
+  has ``sync.timeout_s``. During a long wait after the store stopped answering (or answered
+  502/503/504 without ``Retry-After``) the uploader asks its ``/readyz`` every second and
+  resumes as soon as it is ready, instead of sleeping out the backoff. The agent keeps
   collecting meanwhile; the buffer holds the backlog within its disk budget.
 - 413 splits a batch in halves; a 400 does too, down to the one event the store cannot read,
   which is then settled like an event the store ``rejected``: invalid for good, marked
@@ -16,6 +19,11 @@ as duplicates, so nothing is stored twice and nothing acknowledged by a device i
   ``sync.live_lane_size`` customer events with each backlog batch, so fresh interactions
   reach the store in seconds even after days offline. ``sync.max_events_per_s`` caps the
   drain for metered links (batches are spaced, and at most a second's worth each).
+- A backlog of ``_PROGRESS_FROM_EVENTS`` or more shows its drain progress, also when it
+  builds up during a round (an outage in the middle of a drain).
+- ``sync.lag_s`` is how long the oldest unsynced event may have waited, on the monotonic
+  clock: a step of the wall clock neither hides nor fakes a lag. It is read from the wall
+  clock once, at start, for what the buffer held from before.
 - New customer events wake the loop early (a pipeline observer); telemetry waits for
   ``sync.interval_s``. Erasures and model updates are fetched every ``sync.interval_s`` by
   their own task, also while a long drain runs.
@@ -60,11 +68,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _WAKE_LINGER_S: Final = 0.2  # gather the events of a burst into one request
-_BACKOFF_BASE_S: Final = 0.5
 _PERSONALIZER: Final = "personalizer"
 _REJECTED: Final = "store_rejected"
 _PROGRESS_FROM_EVENTS: Final = 20_000  # a backlog this large is worth a progress display
 _PROGRESS_LOG_EVERY_S: Final = 10.0
+_PROBE_EVERY_S: Final = 1.0  # during a long backoff, ask whether the store is back this often
+_PROBE_TIMEOUT_S: Final = 2.0
+# Answers that mean "not there right now" rather than "something is wrong with the request":
+# the readiness probe can end their backoff early. A 500 or a 429 is waited out in full.
+_AWAY_STATUSES: Final = frozenset({502, 503, 504})
 
 
 class DrainProgress:
@@ -123,11 +135,19 @@ class Uploader:
         self.downlink: Downlink | None = None
         self._buffer: Buffer | None = None
         self._wake = asyncio.Event()
-        self._drained = False  # the last read found nothing and nothing was committed since
         self._key = b""
-        self._backoff = Backoff(_BACKOFF_BASE_S, config.sync.backoff_max_s)  # shared by workers
+        # Shared by the workers: one outage, one backoff.
+        first = min(config.sync.backoff_initial_s, config.sync.backoff_max_s)
+        self._backoff = Backoff(first, config.sync.backoff_max_s)
         self._limiter = RateLimiter(config.sync.max_events_per_s)
         self._progress: DrainProgress | None = None
+        self.progress_from_events = _PROGRESS_FROM_EVENTS  # a backlog worth a progress display
+        self.progress_log_every_s = _PROGRESS_LOG_EVERY_S
+        # Monotonic time before which every committed event is synced; None until started.
+        self._synced_through: float | None = None
+        self._probe_lock = asyncio.Lock()
+        self._probed_at = -math.inf
+        self._probe_ready = False
 
     # ---- the Component protocol -------------------------------------------------------
 
@@ -138,8 +158,7 @@ class Uploader:
             "sync": {
                 "enabled": True,
                 "url": self.settings.url,
-                # None: the status board fills in the live age of the oldest unsynced event.
-                "lag_s": 0.0 if self._drained and pending == 0 else None,
+                "lag_s": self._lag_s(pending),
                 "sent": stats.sent,
                 "last_success": stats.last_success,
                 "backlog": pending,
@@ -155,9 +174,25 @@ class Uploader:
             }
         }
 
+    def _lag_s(self, pending: int) -> float | None:
+        """Seconds the oldest unsynced event may have waited (monotonic); 0 when none waits.
+
+        None before the uploader started: the status board then fills in its own figure.
+        """
+        if pending == 0:
+            return 0.0
+        if self._synced_through is None:
+            return None
+        return round(max(0.0, time.monotonic() - self._synced_through), 3)
+
     async def run(self, agent: RunningAgent) -> None:
         self._buffer = agent.buffer
         self._key = await asyncio.to_thread(pseudonym_key, agent.config)
+        # The wall clock is read once, for what waited before this start; the rest of the
+        # run measures on the monotonic clock.
+        oldest = await agent.buffer.call(_oldest_pending_received_at)
+        waited = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        self._synced_through = time.monotonic() - waited
         agent.pipeline.observers.append(self._on_commit)
         connections = max(4, self.settings.concurrency + 2)
         try:
@@ -172,7 +207,6 @@ class Uploader:
     # ---- the loop ---------------------------------------------------------------------
 
     def _on_commit(self, events: Sequence[Event]) -> None:
-        self._drained = False
         if any(event.customer for event in events):
             self._wake.set()
 
@@ -211,10 +245,11 @@ class Uploader:
         """Upload until nothing unsynced is left: ``sync.concurrency`` workers in parallel."""
         claims = Claims(buffer)
         sent_before, started = self.stats.sent, time.monotonic()
-        backlog = buffer.counters.pending
         # A large backlog (days offline) shows its progress: a bar on a terminal, a log
-        # line every few seconds for journald.
-        self._progress = DrainProgress(backlog) if backlog >= _PROGRESS_FROM_EVENTS else None
+        # line every few seconds for journald. One that builds during the round starts
+        # showing it then (``_settle``).
+        self._progress = None
+        self._show_progress(buffer.counters.pending)
         try:
             async with asyncio.TaskGroup() as group:
                 for number in range(self.settings.concurrency):
@@ -226,7 +261,9 @@ class Uploader:
             if self._progress is not None:
                 self._progress.close()
                 self._progress = None
-        self._drained = buffer.counters.pending == 0
+        # The round read until nothing was left: whatever was committed before it started
+        # is synced now (settled, in the case of events the store refused for good).
+        self._synced_through = started
         sent = self.stats.sent - sent_before
         if sent:
             # A backlog drained is news; the steady trickle of a busy store is not.
@@ -268,7 +305,10 @@ class Uploader:
             except StoreUnavailableError as exc:
                 delay = max(self._backoff.next_delay(), exc.retry_after_s or 0.0)
                 self._record_error(exc, delay)
-                await asyncio.sleep(delay)
+                away = exc.retry_after_s is None and (
+                    exc.status is None or exc.status in _AWAY_STATUSES
+                )
+                await self._pause(client, delay, probe=away)
             except StoreForbiddenError as exc:
                 # A token or config problem: keep collecting, retry rarely, say so loudly.
                 self._record_error(exc, self.settings.backoff_max_s, level=logging.ERROR)
@@ -276,6 +316,32 @@ class Uploader:
             else:
                 self._backoff.reset()
                 return
+
+    async def _pause(self, client: StoreClient, delay: float, probe: bool) -> None:
+        """Wait ``delay``; with ``probe``, return early once the store is ready again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (left := deadline - loop.time()) > 0:
+            if not probe or left <= _PROBE_EVERY_S:
+                await asyncio.sleep(left)
+                return
+            await asyncio.sleep(_PROBE_EVERY_S)
+            if await self._store_ready(client):
+                log.info("sync.store.back waited_s=%.1f of=%.1f", delay - left, delay)
+                return
+
+    async def _store_ready(self, client: StoreClient) -> bool:
+        """One readiness probe per second at most, shared by every waiting worker."""
+        async with self._probe_lock:
+            if time.monotonic() - self._probed_at >= _PROBE_EVERY_S:
+                timeout = min(_PROBE_TIMEOUT_S, self.settings.timeout_s)
+                self._probe_ready = await client.ready(timeout)
+                self._probed_at = time.monotonic()
+            return self._probe_ready
+
+    def _show_progress(self, pending: int) -> None:
+        if self._progress is None and pending >= self.progress_from_events:
+            self._progress = DrainProgress(pending, self.progress_log_every_s)
 
     async def _send(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
         """Post ``rows`` until settled; split on 413/400 to isolate what the store refuses."""
@@ -298,6 +364,7 @@ class Uploader:
 
     async def _settle(self, buffer: Buffer, rows: Sequence[Row], result: PostResult) -> None:
         await buffer.mark_synced([row.seq for row in rows])
+        self._show_progress(buffer.counters.pending)  # a backlog that built during the round
         if self._progress is not None:
             self._progress.advance(len(rows), buffer.counters.pending)
         stats = self.stats
@@ -339,6 +406,20 @@ class Uploader:
 def _personalizer(agent: RunningAgent) -> object | None:
     """The personalizer component if the agent has one (its offer_model, forget_customer)."""
     return next((part for part in agent.components if part.name == _PERSONALIZER), None)
+
+
+def _oldest_pending_received_at(connection: sqlite3.Connection) -> float | None:
+    """The receive time (unix s) of the oldest unsynced event; one indexed read per class."""
+    oldest: float | None = None
+    for customer in (0, 1):
+        row = connection.execute(
+            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
+            "ORDER BY seq LIMIT 1",
+            (customer,),
+        ).fetchone()
+        if row is not None:
+            oldest = float(row[0]) if oldest is None else min(oldest, float(row[0]))
+    return oldest
 
 
 def _quarantine_rejected(

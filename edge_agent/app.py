@@ -21,6 +21,7 @@ from edge_agent.buffer import Buffer
 from edge_agent.config import Config
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
 from edge_agent.errors import StorageError
+from edge_agent.governance import event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
@@ -62,7 +63,8 @@ class Component(Protocol):
 
 
 def build_sources(config: Config) -> list[Source]:
-    context = DecodeContext(config.agent.store_id, default_registry(), config.input)
+    id_key = event_id_key(config)  # the kept key: derived ids survive restarts
+    context = DecodeContext(config.agent.store_id, default_registry(), config.input, id_key)
     client_id = config.mqtt_client_id
     sources: list[Source] = [
         MqttSource(config.mqtt, client_id, context, channels=(EVENTS_CHANNEL,)),
@@ -76,7 +78,9 @@ def build_sources(config: Config) -> list[Source]:
         ),
     ]
     for port in config.serial.ports:
-        settings = SerialPortConfig(url=port.url, store_id=config.agent.store_id, baud=port.baud)
+        settings = SerialPortConfig(
+            url=port.url, store_id=config.agent.store_id, baud=port.baud, event_id_key=id_key
+        )
         sources.append(SerialSource(settings, registry=context.registry))
     return sources
 
@@ -115,6 +119,7 @@ async def run_agent(
             stall_after_s=config.agent.stall_after_s,
         )
         board.providers.extend(part.status for part in parts)
+        board.providers.append(default_registry().status)  # undeclared fields dropped
         status = StatusServer(board, config.http.host, config.http.port)
         await status.start()
         try:

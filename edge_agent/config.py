@@ -120,6 +120,7 @@ class SyncSection:
     batch_size: int = 500
     timeout_s: float = 30.0  # every request to the store, connect to last byte
     backoff_max_s: float = 60.0  # retries after an outage wait at most this long
+    backoff_initial_s: float = 0.5  # the first retry's wait; doubles up to backoff_max_s
     gzip: bool = True
     max_events_per_s: float = 0.0  # drain cap for metered links; 0: unlimited
     live_lane_size: int = 50  # newest customer events sent beside each backlog round
@@ -397,6 +398,7 @@ def _validate(config: Config) -> None:
         (config.sync.batch_size >= 1, "sync.batch_size", "must be >= 1"),
         (config.sync.timeout_s > 0, "sync.timeout_s", "must be positive"),
         (config.sync.backoff_max_s >= 0.1, "sync.backoff_max_s", "must be at least 0.1"),
+        (config.sync.backoff_initial_s > 0, "sync.backoff_initial_s", "must be positive"),
         (config.sync.max_events_per_s >= 0, "sync.max_events_per_s", "must be >= 0 (0: no cap)"),
         (config.sync.live_lane_size >= 0, "sync.live_lane_size", "must be >= 0 (0: off)"),
         (1 <= config.sync.concurrency <= 32, "sync.concurrency", "must be 1..32"),

@@ -7,7 +7,7 @@ quarantines (reason, source, raw bytes), so a bad product can never stop the age
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -26,6 +26,7 @@ class DecodeContext:
     store_id: str
     registry: Registry
     limits: InputSection
+    id_key: bytes = field(repr=False)  # keys derived event ids (governance.event_id_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +125,16 @@ def _event(message: _Message, index: int, item: Any, single: bool) -> Event | Re
         return reject("missing_field" if event_type is None else "wrong_type", "type")
     if event_type not in context.registry.types:
         return reject("unknown_type", event_type[:64])
-    data = item.get("data", {})
-    problem = context.registry.check_data(event_type, data)
-    if problem is not None:
-        return reject(problem, f"data of {event_type}")
+    declared = context.registry.admit_data(event_type, item.get("data", {}))
+    if isinstance(declared, str):
+        return reject(declared, f"data of {event_type}")
+    data = declared.data  # undeclared fields dropped (and counted)
     customer_id = item.get("customer_id")
     if customer_id is not None and not _is_id(customer_id):
         return reject("wrong_type", "customer_id")
     event_id = item.get("event_id")
     if event_id is None:
-        event_id = derive_event_id(source, message.payload, index)
+        event_id = derive_event_id(context.id_key, source, message.payload, index)
     elif not _is_id(event_id):
         return reject("wrong_type", "event_id")
     ts = _event_time(item.get("ts"), message)
@@ -163,21 +164,21 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     if not isinstance(values, dict):
         reason = "missing_field" if values is None else "wrong_type"
         return Rejected(source, reason, payload, "values", received_at)
-    for name, value in values.items():
-        if isinstance(value, dict | list):
-            return Rejected(source, "wrong_type", payload, f"values.{name}", received_at)
+    declared = context.registry.admit_data("telemetry", {"values": values})
+    if isinstance(declared, str):
+        return Rejected(source, declared, payload, "values", received_at)
     ts = _event_time(document.get("ts"), message)
     if isinstance(ts, Rejected):
         return Rejected(source, ts.reason, payload, ts.detail, received_at)
     return Event(
-        event_id=derive_event_id(source, payload),
+        event_id=derive_event_id(context.id_key, source, payload),
         type="telemetry",
         ts=ts,
         store_id=context.store_id,
         device_id=topic.device_id,
         customer_id=None,
         source=source,
-        data={"values": values},
+        data=declared.data,
         received_at=received_at,
         customer=False,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -15,13 +16,18 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 SCHEMA_VERSION: Final = 1
-# A fixed namespace so the same (source, raw bytes, index) always yields the same event id.
+# A fixed namespace so the same (key, source, raw bytes, index) always yields the same id.
 _EVENT_ID_NAMESPACE: Final = uuid.UUID("6f1c2b1e-4a6e-4f0e-9d55-0b7c1e2a9f10")
 
 
-def derive_event_id(source: str, raw: bytes, index: int = 0) -> str:
-    """A deterministic id for a message that carries none: redelivery maps to the same id."""
-    digest = hashlib.sha256(source.encode("utf-8") + b"\0" + raw).hexdigest()
+def derive_event_id(key: bytes, source: str, raw: bytes, index: int = 0) -> str:
+    """A deterministic id for a message that carries none: redelivery maps to the same id.
+
+    Keyed (HMAC-SHA256 with the agent's kept ``governance.event_id_key``): the raw message
+    holds the customer's clear id, and the derived id is uploaded beside its pseudonym, so
+    without the key nobody can test candidate ids against it.
+    """
+    digest = hmac.new(key, source.encode("utf-8") + b"\0" + raw, hashlib.sha256).hexdigest()
     return str(uuid.uuid5(_EVENT_ID_NAMESPACE, f"{digest}:{index}"))
 
 

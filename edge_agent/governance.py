@@ -1,13 +1,18 @@
-"""What leaves the store: the pseudonym key and the per-customer upload rule (DESIGN "Consent").
+"""What leaves the store: the agent's keys and the per-customer upload rule (DESIGN "Consent").
 
 The rule, decided per event at upload time from the customer's latest ``consent.update``:
 every event is uploaded, but with ``require_consent`` on, a customer without
 ``profile_sharing`` (or with no consent record at all) leaves the store only as a keyed
 pseudonym, ``ps-`` + HMAC-SHA256(pseudonym_key, customer_id) in hex (128 bits). The same
-applies to the other id an event names: ``data.alias`` of ``customer.identified`` (a loyalty
-card, an app account) is pseudonymised with the same key, so the store still links the
-pseudonyms into one profile without ever seeing a clear id. Consent is looked up by the
-event's ``customer_id`` only (an alias's own consent record does not apply to it).
+applies to every other id an event names: the ``data`` fields the registry marks
+``"identity": true`` (``customer.identified`` ``data.alias``: a loyalty card, an app account)
+are pseudonymised with the same key, so the store still links the pseudonyms into one profile
+without ever seeing a clear id. Consent is looked up by the event's ``customer_id`` only (an
+alias's own consent record does not apply to it).
+
+The decision reads the envelope's structure (its top-level ``customer_id``, its declared
+identity fields), never its text, and every string in ``data`` that repeats one of those ids
+gets the pseudonym in its place: a device cannot smuggle a clear id out in another field.
 
 The pseudonym is deterministic: the same customer always maps to the same pseudonym, so the
 store's profile of a pseudonymised customer is coherent and an erasure request naming the
@@ -25,6 +30,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Final
 
+from cloud_sync.envelope_schema import Registry, default_registry
 from edge_agent.config import Config
 from edge_agent.errors import ConfigError
 
@@ -34,6 +40,11 @@ KEY_FILE_NAME: Final = "pseudonym.key"
 PSEUDONYM_PREFIX: Final = "ps-"
 _PSEUDONYM_HEX_CHARS: Final = 32
 _MIN_KEY_CHARS: Final = 16
+# Derived ids get their own key, so an id never equals a pseudonym of the same input.
+_EVENT_ID_LABEL: Final = b"edge-agent/event-id/v1"
+# Shorter ids are replaced only where a whole string equals them: "c-1" inside "SKU-c-12"
+# would be a false match, and ids that short are not worth hiding inside other words.
+_MIN_ID_FOR_SUBSTRING: Final = 6
 
 
 def pseudonym_key(config: Config) -> bytes:
@@ -56,6 +67,15 @@ def pseudonym_key(config: Config) -> bytes:
             raise ConfigError("governance.pseudonym_key", f"key file {path} is damaged or empty")
         return text.encode("ascii")
     return _generate_key_file(path)
+
+
+def event_id_key(config: Config) -> bytes:
+    """The key of derived event ids: HMAC(pseudonym key, a label of its own).
+
+    Deterministic per agent (a redelivered message keeps its id across restarts), and
+    unknown outside it: the id of a message that names a customer reveals nothing.
+    """
+    return hmac.new(pseudonym_key(config), _EVENT_ID_LABEL, hashlib.sha256).digest()
 
 
 def _generate_key_file(path: Path) -> bytes:
@@ -85,15 +105,44 @@ def shares_profile(require_consent: bool, profile_sharing: int | None) -> bool:
     return not require_consent or bool(profile_sharing)
 
 
-def pseudonymise_envelope(envelope_json: str, key: bytes) -> str:
-    """The envelope with every customer id it names replaced by its pseudonym."""
+def pseudonymise_envelope(envelope_json: str, key: bytes, registry: Registry | None = None) -> str:
+    """The envelope with every id it names, wherever it repeats, replaced by its pseudonym.
+
+    The ids are its top-level ``customer_id`` and the ``data`` fields ``registry`` (default:
+    the shipped one) marks as identities for its type.
+    """
     envelope: dict[str, Any] = json.loads(envelope_json)
+    event_type = envelope.get("type")
+    identity_fields = (registry or default_registry()).identity_fields(
+        event_type if isinstance(event_type, str) else ""
+    )
+    clear: dict[str, str] = {}
     customer_id = envelope.get("customer_id")
     if isinstance(customer_id, str) and customer_id:
-        envelope["customer_id"] = pseudonymise(customer_id, key)
+        clear[customer_id] = envelope["customer_id"] = pseudonymise(customer_id, key)
     data = envelope.get("data")
-    if envelope.get("type") == "customer.identified" and isinstance(data, dict):
-        alias = data.get("alias")
-        if isinstance(alias, str) and alias:
-            envelope["data"] = {**data, "alias": pseudonymise(alias, key)}
+    if isinstance(data, dict):
+        for name in identity_fields & data.keys():
+            value = data[name]
+            if isinstance(value, str) and value:
+                clear[value] = pseudonymise(value, key)
+        if clear:  # the longest first: an id inside another must not break its replacement
+            longest_first = dict(sorted(clear.items(), key=lambda item: -len(item[0])))
+            envelope["data"] = _replace_ids(data, longest_first)
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+
+
+def _replace_ids(value: Any, clear: dict[str, str]) -> Any:
+    """``value`` with each clear id in any string (keys too) replaced by its pseudonym."""
+    if isinstance(value, str):
+        if value in clear:
+            return clear[value]
+        for text, pseudonym in clear.items():
+            if len(text) >= _MIN_ID_FOR_SUBSTRING and text in value:
+                value = value.replace(text, pseudonym)
+        return value
+    if isinstance(value, dict):
+        return {_replace_ids(k, clear): _replace_ids(v, clear) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_ids(element, clear) for element in value]
+    return value

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from cloud_sync.envelope_schema import MAX_ID_LENGTH, Registry
+from cloud_sync.envelope_schema import MAX_ID_LENGTH, Cleaned, Registry
 from edge_agent import __version__
 from edge_agent.errors import DecodeError
 from edge_agent.events import Event, Rejected, derive_event_id, format_ts
@@ -92,9 +92,13 @@ class LinkTiming:
     dedup_capacity: int = 4096  # remembered (device, boot, seq) outcomes; the buffer dedups too
 
 
-def serial_event_id(device_id: str, boot_id: int, seq: int) -> str:
-    """The same id for every retransmission of one device frame, across agent restarts."""
-    return derive_event_id(f"serial:{device_id}", struct.pack("<II", boot_id, seq))
+def serial_event_id(device_id: str, boot_id: int, seq: int, key: bytes = b"") -> str:
+    """The same id for every retransmission of one device frame, across agent restarts.
+
+    The agent passes its kept id key (``governance.event_id_key``) so every derived id is
+    keyed alike; the input (device, boot, seq) names no person, so tools may leave it empty.
+    """
+    return derive_event_id(key, f"serial:{device_id}", struct.pack("<II", boot_id, seq))
 
 
 def _event_ts(ts_ms: int, received: datetime) -> str:
@@ -117,8 +121,10 @@ class DeviceLink:
         agent_boot_id: int,
         versions: range = range(codec.PROTOCOL_MIN, codec.PROTOCOL_MAX + 1),
         timing: LinkTiming = LinkTiming(),
+        id_key: bytes = b"",
     ) -> None:
         self.store_id = store_id
+        self._id_key = id_key
         self.registry = registry
         self.agent_boot_id = agent_boot_id
         self.versions = versions
@@ -257,20 +263,20 @@ class DeviceLink:
             kind, customer_id, data = message.type, message.customer_id, message.data
         else:
             kind, customer_id, data = "telemetry", None, {"values": message.values}
-        reason = self.registry.check_data(kind, data)
-        if reason is None and customer_id is not None and len(customer_id) > MAX_ID_LENGTH:
-            reason = "wrong_type"
-        if reason is not None:
-            return Rejected(source, reason, frame.payload, f"type={kind}", format_ts(wall))
+        declared: Cleaned | str = "wrong_type"
+        if customer_id is None or len(customer_id) <= MAX_ID_LENGTH:
+            declared = self.registry.admit_data(kind, data)  # undeclared fields dropped, counted
+        if isinstance(declared, str):
+            return Rejected(source, declared, frame.payload, f"type={kind}", format_ts(wall))
         return Event(
-            event_id=serial_event_id(key.device_id, key.boot_id, key.seq),
+            event_id=serial_event_id(key.device_id, key.boot_id, key.seq, self._id_key),
             type=kind,
             ts=_event_ts(message.ts_ms, wall),
             store_id=self.store_id,
             device_id=key.device_id,
             customer_id=customer_id,
             source=source,
-            data=data,
+            data=declared.data,
             received_at=format_ts(wall),
             customer=self.registry.is_customer_type(kind),
         )

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import serial
@@ -59,6 +59,7 @@ class SerialPortConfig:
     silence_s: float = 15.0
     max_batch: int = 64  # items per emit
     queue_size: int = 256  # decoded items waiting for commit before reading pauses
+    event_id_key: bytes = field(default=b"", repr=False)  # the agent's kept id key
 
 
 class SerialSource:
@@ -76,6 +77,7 @@ class SerialSource:
             registry or default_registry(),
             agent_boot_id=random.getrandbits(32),
             timing=timing,
+            id_key=config.event_id_key,
         )
         self._seen_devices: set[str] = set()
         self._writer: asyncio.StreamWriter | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from cloud_sync.envelope_schema import Registry, check_envelope
+from cloud_sync.envelope_schema import Registry, check_envelope_head
 from cloud_sync.store.batch_scan import Span, batch_spans
 from cloud_sync.store.errors import BadRequestError
 from cloud_sync.store.records import EventRow, parse_ts
@@ -181,7 +181,7 @@ def to_row(
         latest = datetime.now(UTC) + timedelta(seconds=DEFAULT_FUTURE_SKEW_S)
     if not isinstance(item, dict):
         return None, "not_an_object"
-    reason = check_envelope(item, registry)
+    reason = check_envelope_head(item, registry)
     if reason is not None:
         return None, reason
     ts = parse_ts(item["ts"])
@@ -194,10 +194,14 @@ def to_row(
         return None, "wrong_type"
     if len(item["source"]) > MAX_SOURCE_CHARS or len(received_at or "") > MAX_RECEIVED_AT_CHARS:
         return None, "field_too_long"
-    data = item.get("data", {})
-    reason = _unstorable(data)
+    reason = _unstorable(item.get("data", {}))
     if reason is not None:
         return None, reason
+    # The registry's declared fields only: the store keeps nothing an agent should have dropped.
+    declared = registry.admit_data(item["type"], item.get("data", {}))
+    if isinstance(declared, str):
+        return None, declared
+    data = declared.data
     if check_text and _has_nul(item):  # neither PostgreSQL text nor jsonb can hold U+0000
         return None, "nul_character"
     data_json = _DATA_ENCODER.encode(data)

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge_agent.events import Event, Rejected, derive_event_id
+from edge_agent.events import Event, Rejected
 from edge_agent.personalize.feedback import FeedbackBook, Shown
 from edge_agent.personalize.ranker import Decision
 from edge_agent.personalize.stats import SuggestionStats
@@ -31,6 +32,9 @@ MAX_BATCH: Final = 500
 MAX_QUEUED_COMMANDS: Final = 64
 COMMAND_TTL_S: Final = 5.0  # a suggestion shown later than this is about someone else
 FLUSH_ON_STOP_S: Final = 2.0
+# Recorded events get ids from their suggestion id, which is itself derived from the trigger's
+# (keyed or device-given) id and names nobody: a plain namespace UUID is enough.
+_RECORD_NAMESPACE: Final = uuid.UUID("3d1f6a52-7c0b-4f5e-9a8d-2b6e4c1f0a97")
 
 Emit = Callable[[Sequence[Event | Rejected]], Awaitable[None]]
 
@@ -168,7 +172,7 @@ class Recorder:
         suggestion_id = str(data["suggestion_id"])
         return Event(
             # Deterministic: a redelivered trigger records the same event, stored once.
-            event_id=derive_event_id(f"{self.SOURCE}:{tag}", suggestion_id.encode()),
+            event_id=str(uuid.uuid5(_RECORD_NAMESPACE, f"{self.SOURCE}:{tag}:{suggestion_id}")),
             type=kind,
             ts=ts,
             store_id=trigger.store_id,

@@ -75,6 +75,12 @@ class _SnapshotCollector(Collector):
             "edge_quarantined", "Inputs quarantined", status["quarantine"]["by_reason"]
         )
         yield _by_reason("edge_dropped", "Data dropped, by reason", status["drops"]["by_reason"])
+        if "schema" in status:
+            yield _counter(
+                "edge_undeclared_fields_dropped",
+                "Data fields dropped because the schema registry does not declare them",
+                status["schema"]["undeclared_fields_dropped"],
+            )
         sync = status["sync"]
         yield _counter("edge_sync_sent", "Events acknowledged by the central store", sync["sent"])
         if sync.get("lag_s") is not None:

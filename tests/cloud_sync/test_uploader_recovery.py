@@ -29,7 +29,7 @@ from sync_helpers import (
 
 from cloud_sync.uploader import Uploader
 from edge_agent.status.metrics import render
-from tests.conftest import agent_config_dict
+from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import Publisher, agent_running, buffered_event_ids, event_topic, pickup
 from tests.support.broker import AmqttBroker, MosquittoBroker
 
@@ -158,8 +158,9 @@ async def test_a_lost_acknowledgement_resends_and_the_store_counts_duplicates(
     token = store_cli(sqlite_url, "token", "create", "--store", store_id)
     store = StoreProcess(sqlite_url, tmp_path / "store.log")
     store.start()
+    # Collect only: suggestions recorded after the first run's last upload would be new.
     document = agent_config_dict(
-        tmp_path, store_id, mqtt_broker, sync=sync_section(store.url, token)
+        tmp_path, store_id, mqtt_broker, sync=sync_section(store.url, token), model=COLLECT_ONLY
     )
     try:
         async with agent_running(document) as agent:
@@ -167,7 +168,12 @@ async def test_a_lost_acknowledgement_resends_and_the_store_counts_duplicates(
                 mqtt_broker, event_topic(store_id), [f"d-{n}" for n in range(60)]
             )
             await asyncio.to_thread(writer.join, 30)
-            await eventually(lambda: agent.buffer.counters.pending == 0, 20)
+            # Every event committed (the broker has acknowledged the publisher, not yet us)
+            # and uploaded.
+            await eventually(
+                lambda: agent.buffer.counters.total >= 60 and agent.buffer.counters.pending == 0,
+                20,
+            )
         # As if every acknowledgement had been lost on the way back (a crash before the mark).
         with sqlite3.connect(tmp_path / "data" / "buffer.db") as db:
             db.execute("UPDATE events SET synced_at = NULL")
@@ -247,7 +253,9 @@ async def _wait_stored(tmp_path: Path, sqlite_url: str, event_id: str) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("setting", ["max_events_per_s", "live_lane_size", "concurrency"])
+@pytest.mark.parametrize(
+    "setting", ["max_events_per_s", "live_lane_size", "concurrency", "backoff_initial_s"]
+)
 def test_sync_settings_are_validated_by_name(tmp_path: Path, setting: str) -> None:
     from edge_agent.config import config_from_dict
     from edge_agent.errors import ConfigError

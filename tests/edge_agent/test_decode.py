@@ -13,7 +13,9 @@ from edge_agent.decode import DecodeContext, TopicParts, decode_message, parse_t
 from edge_agent.events import Event, Rejected
 
 NOW = datetime(2026, 11, 22, 8, 0, 0, tzinfo=UTC)
-CONTEXT = DecodeContext("store-001", default_registry(), InputSection(max_payload_bytes=64 * 1024))
+CONTEXT = DecodeContext(
+    "store-001", default_registry(), InputSection(max_payload_bytes=64 * 1024), b"k" * 32
+)
 EVENTS = TopicParts("shelf-07", "events")
 TELEMETRY = TopicParts("fridge-01", "telemetry")
 SOURCE = "mqtt:edge/store-001/devices/shelf-07/events"
@@ -159,7 +161,7 @@ def test_bad_input_is_rejected_with_its_reason(
 
 
 def test_too_many_events_in_one_message() -> None:
-    context = DecodeContext("s", default_registry(), InputSection(max_events_per_message=3))
+    context = DecodeContext("s", default_registry(), InputSection(max_events_per_message=3), b"k")
     payload = json.dumps([{"type": "kiosk.view", "data": {}}] * 4).encode()
     [rejected] = decode_message(context, EVENTS, SOURCE, payload, NOW)
     assert isinstance(rejected, Rejected)

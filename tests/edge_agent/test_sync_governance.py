@@ -1,4 +1,4 @@
-"""The upload rule and the pseudonym key (edge_agent.governance, cloud_sync.sync_batches)."""
+"""The upload rule and the agent's keys (edge_agent.governance, cloud_sync.sync_batches)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from cloud_sync.sync_batches import Row, build_batch
 from edge_agent.config import config_from_dict
 from edge_agent.errors import ConfigError
-from edge_agent.governance import pseudonym_key, pseudonymise, pseudonymise_envelope
+from edge_agent.events import derive_event_id
+from edge_agent.governance import event_id_key, pseudonym_key, pseudonymise, pseudonymise_envelope
 
 KEY = b"k" * 32
 
@@ -90,3 +91,59 @@ def test_the_upload_rule_follows_consent() -> None:
     clear = [item["customer_id"] for item in body_of(rows, require_consent=False)]
     assert clear == ["c-yes", "c-no", "c-unknown", None]
     assert build_batch(rows, True, KEY, compress=False).body.startswith(b"[{")
+
+
+def hostile_envelopes(customer_id: str, alias: str) -> list[str]:
+    """What a careless or hostile device can put in an envelope to dodge a text search."""
+    return [
+        envelope(customer_id, note={"customer_id": None}, sku="SKU-1"),
+        envelope(customer_id, sku="SKU-1", tags=[{"customer_id": None}, "x"]),
+        envelope(customer_id, "kiosk.view", page=f"profile/{customer_id}", sku=customer_id),
+        envelope(customer_id, "checkout.purchase", items=[customer_id, {"sku": customer_id}]),
+        envelope(customer_id, "customer.identified", method="card", alias=alias, copy=alias),
+        envelope(customer_id, "product.pickup", sku="SKU-1", **{customer_id: 1}),
+    ]
+
+
+def test_consent_is_decided_from_structure_never_from_text() -> None:
+    customers = [(f"c-{n:06d}", f"card-{n:06d}") for n in range(60)]
+    rows = [
+        Row(seq, text, None)
+        for seq, text in enumerate(
+            (text for cid, alias in customers for text in hostile_envelopes(cid, alias)), 1
+        )
+    ]
+    body = json.dumps(body_of(rows, require_consent=True))
+    leaked = [clear for pair in customers for clear in pair if clear in body]
+    assert leaked == []
+    uploaded = body_of(rows, require_consent=True)
+    assert {item["customer_id"] for item in uploaded} == {
+        pseudonymise(cid, KEY) for cid, _ in customers
+    }
+    identified = next(item for item in uploaded if item["type"] == "customer.identified")
+    assert identified["data"]["alias"] == pseudonymise("card-000000", KEY)
+
+
+def test_short_ids_are_replaced_only_where_a_whole_string_names_them() -> None:
+    governed = json.loads(pseudonymise_envelope(envelope("c-1", sku="c-1", shelf="abc-12"), KEY))
+    assert governed["data"] == {"sku": pseudonymise("c-1", KEY), "shelf": "abc-12"}
+
+
+def test_derived_event_ids_are_keyed_and_the_key_is_kept(tmp_path: Path) -> None:
+    config = config_from_dict({"agent": {"store_id": "s", "data_dir": str(tmp_path)}})
+    key = event_id_key(config)
+    assert event_id_key(config) == key  # a restart derives the same ids
+    assert key != pseudonym_key(config)  # an id never equals a pseudonym of the same input
+    raw = b'{"type":"product.pickup","customer_id":"c-000123","data":{"sku":"S"}}'
+    assert derive_event_id(key, "mqtt:t", raw) == derive_event_id(key, "mqtt:t", raw)
+    assert derive_event_id(key, "mqtt:t", raw) != derive_event_id(b"other-key", "mqtt:t", raw)
+    assert derive_event_id(key, "mqtt:t", raw, 1) != derive_event_id(key, "mqtt:t", raw, 0)
+
+
+def test_only_rows_whose_columns_name_nobody_skip_the_parse() -> None:
+    telemetry = envelope(None, "telemetry", values={"temp_c": 4.0})
+    named = envelope("c-000042", "telemetry", values={"temp_c": 4.0})
+    rows = [Row(1, telemetry, None, False, None), Row(2, named, None, False, "c-000042")]
+    batch = build_batch(rows, True, KEY, compress=False)
+    assert batch.body.decode() == f"[{telemetry},{pseudonymise_envelope(named, KEY)}]"
+    assert "c-000042" not in batch.body.decode()
