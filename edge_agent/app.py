@@ -20,10 +20,12 @@ from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
-from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
+from edge_agent.device_time import DeviceClockJudge
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
+from edge_agent.sources.supervisor import run_supervised
 from edge_agent.status import StatusBoard, StatusServer
 from firmware_bridge.serial_source import SerialPortConfig, SerialSource
 
@@ -60,8 +62,8 @@ class Component(Protocol):
         ...
 
 
-def build_sources(config: Config) -> list[Source]:
-    context = DecodeContext(config.agent.store_id, default_registry(), config.input)
+def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list[Source]:
+    context = make_context(config.agent.store_id, default_registry(), config.input, clock)
     client_id = config.mqtt_client_id
     sources: list[Source] = [
         MqttSource(config.mqtt, client_id, context, channels=(EVENTS_CHANNEL,)),
@@ -76,7 +78,7 @@ def build_sources(config: Config) -> list[Source]:
     ]
     for port in config.serial.ports:
         settings = SerialPortConfig(url=port.url, store_id=config.agent.store_id, baud=port.baud)
-        sources.append(SerialSource(settings, registry=context.registry))
+        sources.append(SerialSource(settings, registry=context.registry, clock=context.clock))
     return sources
 
 
@@ -103,10 +105,12 @@ async def run_agent(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     buffer = await Buffer.open(config.buffer_path, config.buffer)
     try:
-        chosen = list(sources) if sources is not None else build_sources(config)
+        clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
+        chosen = list(sources) if sources is not None else build_sources(config, clock)
         parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
         board = StatusBoard(buffer, chosen, store_id=config.agent.store_id)
+        board.providers.append(clock.status)
         board.providers.extend(part.status for part in parts)
         status = StatusServer(board, config.http.host, config.http.port)
         await status.start()
@@ -130,7 +134,9 @@ async def _run_sources(
         ]
         await asyncio.sleep(0)  # let components attach their taps before input flows
         tasks = [
-            group.create_task(source.run(agent.pipeline.emit), name=f"source:{source.name}")
+            group.create_task(
+                run_supervised(source, agent.pipeline.emit), name=f"source:{source.name}"
+            )
             for source in agent.sources
         ]
         watchdog = group.create_task(_watchdog(agent), name="watchdog")

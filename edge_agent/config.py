@@ -65,8 +65,12 @@ class InputSection:
     max_payload_bytes: int = 256 * 1024
     max_depth: int = 16
     max_events_per_message: int = 1000
-    max_future_skew_s: float = 24 * 3600.0  # a device clock further ahead is absurd
+    # A device time further ahead or older than this is not used as the event's ts (the
+    # receive time is); many "ahead" at once raise the clock-skew alarm (device_time.py).
+    max_future_skew_s: float = 24 * 3600.0
     max_event_age_s: float = 30 * 24 * 3600.0  # devices may hold events for weeks, not years
+    clock_skew_min_events: int = 10  # "many": this many of the last 64 device times, and half
+    poison_max_deaths: int = 3  # deaths while handling one message before it is dead-lettered
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import serial
 import serial_asyncio_fast
 
 from cloud_sync.envelope_schema import Registry, default_registry
+from edge_agent.device_time import DeviceClockJudge
 from edge_agent.errors import EdgeAgentError
 from edge_agent.sources.base import Emit, SourceStats
 from firmware_bridge.codec import Frame, FrameDecoder, encode
@@ -62,7 +63,13 @@ class SerialPortConfig:
 
 
 class SerialSource:
-    def __init__(self, config: SerialPortConfig, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        config: SerialPortConfig,
+        *,
+        registry: Registry | None = None,
+        clock: DeviceClockJudge | None = None,
+    ) -> None:
         self.config = config
         self.name = f"serial:{config.url}"
         self.stats = SourceStats()
@@ -76,6 +83,7 @@ class SerialSource:
             registry or default_registry(),
             agent_boot_id=random.getrandbits(32),
             timing=timing,
+            clock=clock,
         )
         self._seen_devices: set[str] = set()
         self._writer: asyncio.StreamWriter | None = None
@@ -183,7 +191,14 @@ class SerialSource:
         return heard
 
     async def _on_frame(self, frame: Frame) -> None:
-        out = self._link.receive(frame, time.monotonic(), datetime.now(UTC))
+        try:
+            out = self._link.receive(frame, time.monotonic(), datetime.now(UTC))
+        except Exception:  # an unknown bug costs this frame (the device resends), not the port
+            logger.exception(
+                "serial.frame.internal_error url=%s type=%s", self.config.url, frame.type
+            )
+            self.stats.drops["internal_error"] += 1
+            return
         device_id = self.device_id
         if device_id is not None and device_id not in self._seen_devices:
             self._seen_devices.add(device_id)

@@ -119,6 +119,7 @@ class MqttSource:
         self._protocol = _first_protocol(settings)
         self._fall_back = False  # set when a broker refuses MQTT 5 and protocol is "auto"
         self._connack_seen = False
+        self._connected_before = False  # a later CONNACK without our session is a loss
         self._client = self._make_client(client_id)
         self._inbox: collections.deque[_Received] = collections.deque()
         self._inbox_qos0 = 0
@@ -134,6 +135,13 @@ class MqttSource:
 
     async def run(self, emit: Emit) -> None:
         self._loop = asyncio.get_running_loop()
+        # run() again after a failure (sources/supervisor.py): start from a clean slate; what
+        # was not acknowledged is redelivered on the new connection.
+        self._network_stop.clear()
+        with self._wake_lock:
+            self._inbox.clear()
+            self._inbox_qos0 = 0
+            self._wake_pending = False
         network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
         network.start()
         try:
@@ -203,7 +211,12 @@ class MqttSource:
             if topic is None:
                 items.append(Rejected(source, "bad_topic", message.payload[:256], message.topic))
                 continue
-            items.extend(decode_message(self._context, topic, source, message.payload, now))
+            try:
+                items.extend(decode_message(self._context, topic, source, message.payload, now))
+            except Exception as exc:  # one guard per message: an unknown bug costs one message
+                log.exception("mqtt.decode.internal_error topic=%s", message.topic)
+                detail = f"{type(exc).__name__}: {exc}"[:200]
+                items.append(Rejected(source, "internal_error", message.payload, detail))
         return items
 
     def _acknowledge(self, burst: list[_Received]) -> None:
@@ -284,7 +297,14 @@ class MqttSource:
                 connected = True
                 connect_started = time.monotonic()
                 self._connack_seen = False
-            rc = client.loop(timeout=_NETWORK_POLL_S)
+            try:
+                rc = client.loop(timeout=_NETWORK_POLL_S)
+            except Exception:
+                # An exception out of paho (or one of our callbacks) must not end this
+                # thread: the source would look alive and never receive again. Reconnect.
+                log.exception("mqtt.network.internal_error")
+                client.disconnect()
+                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
             if not self._connack_seen and time.monotonic() - connect_started > _CONNACK_TIMEOUT_S:
                 # Some brokers neither accept nor refuse an MQTT 5 CONNECT: they just wait.
                 log.warning("mqtt.connack.timeout after_s=%.0f", _CONNACK_TIMEOUT_S)
@@ -348,6 +368,18 @@ class MqttSource:
             log.error("mqtt.connect.refused reason=%s", reason)
             return
         self._generation += 1
+        if self._connected_before and not flags.session_present and self.settings.qos > 0:
+            # The broker forgot us (restarted without persistence, session expired, another
+            # client took our id): whatever it had queued for the agent is gone.
+            log.warning(
+                "mqtt.session.lost host=%s port=%d client_id=%s (messages queued for the "
+                "agent while it was away are gone)",
+                self.settings.host,
+                self.settings.port,
+                self._client_id,
+            )
+            self._call_on_loop(self._count_session_lost)
+        self._connected_before = True
         # Subscribe on every connect: a broker that lost our session forgets subscriptions.
         client.subscribe([(topic, self.settings.qos) for topic in self._topics])
         if self._other_topics:
@@ -379,7 +411,16 @@ class MqttSource:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         payload = bytes(message.payload)  # paho may hand a bytearray; keep an immutable copy
-        received = _Received(message.topic, payload, message.mid, message.qos, self._generation)
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            # Raised here it would end paho's loop and this thread. Unacknowledged, a QoS 1
+            # message would come back on each reconnect: count it and acknowledge it.
+            self._call_on_loop(self._count_drop, "bad_topic_utf8")
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+            return
+        received = _Received(topic, payload, message.mid, message.qos, self._generation)
         with self._wake_lock:
             if received.qos == 0:
                 if self._inbox_qos0 >= MAX_QUEUED_QOS0:
@@ -399,6 +440,9 @@ class MqttSource:
 
     def _set_connected(self, connected: bool) -> None:
         self.stats.connected = connected
+
+    def _count_session_lost(self) -> None:
+        self.stats.sessions_lost += 1
 
     def _count_drop(self, reason: str) -> None:
         self.stats.drops[reason] += 1

@@ -6,7 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
@@ -61,12 +63,16 @@ BAD_CORPUS: list[tuple[str, bytes, str]] = [
     ("events", b'{"type": "product.teleport", "data": {}}', "unknown_type"),
     ("events", b'{"type": "product.pickup"}', "missing_field"),
     ("events", b"[" * 500 + b"]" * 500, "too_deep"),
-    (
-        "events",
-        b'{"type": "kiosk.view", "ts": "2199-01-01T00:00:00Z", "data": {}}',
-        "absurd_timestamp",
-    ),
     ("telemetry", b'{"values": "hot"}', "wrong_type"),
+    # Issue 9 items 1-3: each of these stopped the agent for good (or wedged its writer).
+    ("events", b'{"type": "kiosk.view", "data": {"n": ' + b"9" * 5000 + b"}}", "bad_number"),
+    ("events", b'{"type": "kiosk.view", "ts": "9999-12-31T23:59:59-01:00"}', "bad_timestamp"),
+    ("events", b'{"type": "kiosk.view", "ts": "0001-01-01T00:00:00+01:00"}', "bad_timestamp"),
+    ("events", b'{"type": "product.pickup", "data": {"sku": "S", "w": NaN}}', "bad_number"),
+    ("events", b'{"type": "product.pickup", "data": {"sku": "\\ud800"}}', "bad_unicode"),
+    ("telemetry", b'{"ts": "9999-12-31T23:59:59-01:00", "values": {"t": 1}}', "bad_timestamp"),
+    ("telemetry", b'{"values": {"t": ' + b"1" * 5000 + b"}}", "bad_number"),
+    ("telemetry", b'{"values": {"t": Infinity}}', "bad_number"),
 ]
 
 
@@ -94,8 +100,9 @@ async def test_bad_payloads_are_quarantined_and_the_agent_stays_healthy(
             assert (await asyncio.to_thread(http_get, base + "/readyz"))[0] == 200
             status = json.loads((await asyncio.to_thread(http_get, base + "/status"))[1])
             assert status["quarantine"]["total"] == len(BAD_CORPUS)
-            assert status["sources"]["mqtt"]["quarantined"] == len(BAD_CORPUS) - 1
-            assert status["sources"]["mqtt-telemetry"]["quarantined"] == 1
+            telemetry = sum(1 for channel, _, _ in BAD_CORPUS if channel == "telemetry")
+            assert status["sources"]["mqtt"]["quarantined"] == len(BAD_CORPUS) - telemetry
+            assert status["sources"]["mqtt-telemetry"]["quarantined"] == telemetry
     finally:
         publisher.close()
     db = tmp_path / "data" / "buffer.db"
@@ -176,6 +183,7 @@ async def test_status_and_metrics_carry_the_contract_fields(
         "accepted": 20,
         "quarantined": 1,
         "connected": True,
+        "sessions_lost": 0,
     }
     buffer = status["buffer"]
     assert (buffer["pending"], buffer["total"]) == (20, 20)
@@ -238,3 +246,36 @@ async def test_backpressure_stops_acknowledging_and_says_so(
             assert (await asyncio.to_thread(http_get, url))[0] == 200
     finally:
         publisher.close()
+
+
+async def test_a_lost_broker_session_is_a_warning_and_a_counter(
+    tmp_path: Path,
+    store_id: str,
+    mqtt_broker: MosquittoBroker | AmqttBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 9 item 8: the broker forgot the agent's session (messages queued for it gone).
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY)
+    async with agent_running(document) as agent:
+        events = agent.sources[0]
+        assert events.stats.sessions_lost == 0
+        # Another client takes the agent's client id with a clean session: the broker drops
+        # the agent's connection and its session, as a broker restarted without persistence.
+        thief = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=agent.config.mqtt_client_id, clean_session=True
+        )
+        await asyncio.to_thread(thief.connect, mqtt_broker.host, mqtt_broker.port, 30)
+        thief.loop_start()
+        await wait_until(thief.is_connected, 10)
+        thief.disconnect()
+        thief.loop_stop()
+        await wait_until(lambda: events.stats.sessions_lost >= 1 and events.stats.connected, 20)
+        base = f"http://127.0.0.1:{agent.status.port}"
+        status = json.loads((await asyncio.to_thread(http_get, base + "/status"))[1])
+        metrics = (await asyncio.to_thread(http_get, base + "/metrics"))[1].decode()
+    assert status["sources"]["mqtt"]["sessions_lost"] >= 1
+    assert status["sources"]["mqtt-telemetry"]["sessions_lost"] == 0
+    assert 'edge_source_sessions_lost_total{source="mqtt"} 1.0' in metrics
+    lost = [r for r in caplog.records if r.message.startswith("mqtt.session.lost")]
+    assert lost
+    assert all(r.levelname == "WARNING" for r in lost)

@@ -1,0 +1,84 @@
+"""JSON as the rest of the pipe can hold it: refuse at parse what SQLite or UTF-8 cannot.
+
+Python's ``json`` accepts ``NaN``/``Infinity``, turns ``1e400`` into infinity, reads integers
+of any size up to its 4,300-digit limit (beyond it a ``ValueError`` that is not a
+``JSONDecodeError``), and keeps a lone ``\\ud800`` escape as a string no UTF-8 encoder can
+write. SQLite's JSON functions then call the text malformed, 64-bit columns overflow, and
+the buffer's ``executemany`` raises. Used by the MQTT decoder and the serial messages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Final, NoReturn
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_INT64_DIGITS: Final = len(str(_INT64_MIN))  # 20 characters with the sign
+# A \uD800-\uDFFF escape: only then can a parsed document hold a lone surrogate.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+class BadNumberError(ValueError):
+    """A JSON number the pipe cannot hold; raised from inside ``json.loads``."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _INT64_DIGITS:  # before int(): Python refuses beyond 4,300 digits
+        raise BadNumberError(f"integer of {len(text)} digits")
+    value = int(text)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise BadNumberError(f"integer {text} is outside signed 64 bits")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadNumberError(f"{text[:40]} overflows a float")
+    return value
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise BadNumberError(f"{name} is not a JSON number")
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` that raises ``BadNumberError`` for a number the pipe cannot hold
+    (``JSONDecodeError`` for text that is not JSON, ``RecursionError`` for deep nesting)."""
+    return json.loads(
+        text, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant
+    )
+
+
+def may_hold_surrogate(raw: bytes) -> bool:
+    """Cheap pre-check: without a surrogate escape no parsed string can hold one."""
+    return _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def lone_surrogate(document: Any) -> str | None:
+    """Where a string (key or value, any depth) that UTF-8 cannot encode sits, or None."""
+    stack: list[tuple[Any, str]] = [(document, "$")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii() and _unencodable(node):
+                return path
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if _unencodable(key):
+                    return f"{path} key"
+                stack.append((child, f"{path}.{key[:32]}"))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{index}]") for index, child in enumerate(node))
+    return None
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
