@@ -20,6 +20,7 @@ from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
+from edge_agent.deadletter import HandlingJournal
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.pipeline import Pipeline
@@ -65,8 +66,16 @@ class Component(Protocol):
 def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list[Source]:
     context = make_context(config.agent.store_id, default_registry(), config.input, clock)
     client_id = config.mqtt_client_id
+    inflight = config.data_dir / "inflight"  # the dead-letter journals (deadletter.py)
+    deaths = config.input.poison_max_deaths
     sources: list[Source] = [
-        MqttSource(config.mqtt, client_id, context, channels=(EVENTS_CHANNEL,)),
+        MqttSource(
+            config.mqtt,
+            client_id,
+            context,
+            channels=(EVENTS_CHANNEL,),
+            journal=HandlingJournal(inflight, "mqtt", deaths),
+        ),
         MqttSource(
             config.mqtt,
             f"{client_id}-telemetry",
@@ -74,6 +83,7 @@ def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list
             channels=(TELEMETRY_CHANNEL,),
             name="mqtt-telemetry",
             announce=False,
+            journal=HandlingJournal(inflight, "mqtt-telemetry", deaths),
         ),
     ]
     for port in config.serial.ports:

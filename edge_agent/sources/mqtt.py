@@ -38,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import MqttSection
+from edge_agent.deadletter import HandlingJournal, fingerprint
 from edge_agent.decode import (
     EVENTS_CHANNEL,
     TELEMETRY_CHANNEL,
@@ -65,6 +66,16 @@ class _Received:
     mid: int
     qos: int
     generation: int  # the connection it came on: a PUBACK is only valid on that one
+    fingerprint: str | None  # for the dead-letter journal (QoS 1 only: QoS 0 never returns)
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    task: asyncio.Task[None]
+    burst: list[_Received]
+    items: list[Event | Rejected]
+    batch: int  # its id in the dead-letter journal
+    suspect: bool  # a message the agent died with before, handled alone
 
 
 _V3_UNACCEPTABLE_PROTOCOL: Final = 1  # CONNACK return codes that mean "not this version"
@@ -99,6 +110,7 @@ class MqttSource:
         channels: tuple[str, ...] = (EVENTS_CHANNEL, TELEMETRY_CHANNEL),
         name: str = "mqtt",
         announce: bool = True,
+        journal: HandlingJournal | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -114,6 +126,7 @@ class MqttSource:
             if channel not in channels
         ]
         self._announce = announce
+        self._journal = journal
         self._status_topic = status_topic(settings.topic_prefix, store_id)
         self._client_id = client_id
         self._protocol = _first_protocol(settings)
@@ -138,6 +151,8 @@ class MqttSource:
         # run() again after a failure (sources/supervisor.py): start from a clean slate; what
         # was not acknowledged is redelivered on the new connection.
         self._network_stop.clear()
+        if self._journal is not None:
+            self._journal.abandon()
         with self._wake_lock:
             self._inbox.clear()
             self._inbox_qos0 = 0
@@ -167,34 +182,51 @@ class MqttSource:
         group several bursts into one transaction. PUBACKs still follow each burst's commit,
         in arrival order.
         """
-        in_flight: collections.deque[tuple[asyncio.Task[None], list[_Received], list[Any]]]
-        in_flight = collections.deque()
+        in_flight: collections.deque[_InFlight] = collections.deque()
+        journal = self._journal
         async with asyncio.TaskGroup() as group:
             while not self._stop.is_set() or in_flight:
-                while in_flight and in_flight[0][0].done():
-                    task, burst, items = in_flight.popleft()
-                    task.result()  # a failed commit is a bug or a dead disk: let it escape
-                    self.stats.count(items)
-                    self._acknowledge(burst)
-                if self._inbox and not self._stop.is_set() and len(in_flight) < _BURSTS_IN_FLIGHT:
-                    burst = self._take_burst()
+                while in_flight and in_flight[0].task.done():
+                    done = in_flight.popleft()
+                    done.task.result()  # a failed commit is a bug or a dead disk: let it escape
+                    self.stats.count(done.items)
+                    self._acknowledge(done.burst)
+                    if journal is not None:
+                        journal.end(done.batch, (message.fingerprint for message in done.burst))
+                burst: list[_Received] = []
+                taking = len(in_flight) < _BURSTS_IN_FLIGHT and not self._stop.is_set()
+                if self._inbox and taking and not (in_flight and in_flight[-1].suspect):
+                    burst = self._take_burst(alone=not in_flight)
+                if burst:
+                    batch = 0
+                    if journal is not None:  # before handling: a death now is on record
+                        batch = journal.begin(message.fingerprint for message in burst)
                     items = self._decode(burst)
                     task = group.create_task(emit(items), name="mqtt-emit")
-                    in_flight.append((task, burst, items))
+                    suspect = journal is not None and journal.verdict(burst[0].fingerprint) > 0
+                    in_flight.append(_InFlight(task, burst, items, batch, suspect))
                     await asyncio.sleep(0)  # let the emit enqueue its commit, in order
                 elif in_flight:
-                    await asyncio.wait([in_flight[0][0]])
+                    await asyncio.wait([in_flight[0].task])
                 elif not self._stop.is_set():
                     await self._wake.wait()
                     self._wake.clear()
 
-    def _take_burst(self) -> list[_Received]:
+    def _take_burst(self, alone: bool) -> list[_Received]:
+        """The next burst. A message the agent died while handling before (a suspect) is
+        taken alone, with nothing else in flight, so a death again blames only it."""
+        journal = self._journal
         with self._wake_lock:
             self._wake_pending = False
             burst: list[_Received] = []
             size = 0
             while self._inbox and len(burst) < MAX_BURST and size < MAX_BURST_BYTES:
-                message = self._inbox.popleft()
+                message = self._inbox[0]
+                if journal is not None and journal.verdict(message.fingerprint):
+                    if not burst and alone:
+                        burst.append(self._inbox.popleft())
+                    break
+                self._inbox.popleft()
                 burst.append(message)
                 size += len(message.payload)
             self._inbox_qos0 -= sum(1 for message in burst if message.qos == 0)
@@ -208,6 +240,9 @@ class MqttSource:
         for message in burst:
             source = f"mqtt:{message.topic}"
             topic = parse_topic(message.topic, prefix, store_id)
+            if self._journal is not None and self._journal.is_poison(message.fingerprint):
+                items.append(self._dead_letter(source, message))
+                continue
             if topic is None:
                 items.append(Rejected(source, "bad_topic", message.payload[:256], message.topic))
                 continue
@@ -218,6 +253,18 @@ class MqttSource:
                 detail = f"{type(exc).__name__}: {exc}"[:200]
                 items.append(Rejected(source, "internal_error", message.payload, detail))
         return items
+
+    def _dead_letter(self, source: str, message: _Received) -> Rejected:
+        deaths = self._journal.verdict(message.fingerprint) if self._journal else 0
+        log.warning(
+            "mqtt.message.dead_lettered topic=%s bytes=%d deaths=%d (quarantined as poison "
+            "and acknowledged; see docs/operations.md)",
+            message.topic,
+            len(message.payload),
+            deaths,
+        )
+        detail = f"the agent died {deaths} times while handling this message"
+        return Rejected(source, "poison", message.payload, detail)
 
     def _acknowledge(self, burst: list[_Received]) -> None:
         client, generation = self._client, self._generation
@@ -420,7 +467,8 @@ class MqttSource:
             if message.qos > 0:
                 client.ack(message.mid, message.qos)
             return
-        received = _Received(topic, payload, message.mid, message.qos, self._generation)
+        fp = fingerprint(topic, payload) if self._journal is not None and message.qos else None
+        received = _Received(topic, payload, message.mid, message.qos, self._generation, fp)
         with self._wake_lock:
             if received.qos == 0:
                 if self._inbox_qos0 >= MAX_QUEUED_QOS0:
