@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -88,7 +89,10 @@ def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list
     ]
     for port in config.serial.ports:
         settings = SerialPortConfig(url=port.url, store_id=config.agent.store_id, baud=port.baud)
-        sources.append(SerialSource(settings, registry=context.registry, clock=context.clock))
+        journal = HandlingJournal(inflight, "serial-" + re.sub(r"[^\w.-]", "_", port.url), deaths)
+        sources.append(
+            SerialSource(settings, registry=context.registry, clock=context.clock, journal=journal)
+        )
     return sources
 
 

@@ -152,13 +152,17 @@ class DeviceLink:
         return now - self._last_heard < self.timing.silence_s
 
     # -- frames in --------------------------------------------------------------------
-    def receive(self, frame: Frame, now: float, wall: datetime) -> LinkOutput:
+    def receive(
+        self, frame: Frame, now: float, wall: datetime, dead_letter: str | None = None
+    ) -> LinkOutput:
+        """``dead_letter``: the frame killed the agent before (deadletter.py); deliver it as
+        quarantined ("poison") with this detail instead of decoding it again."""
         self._last_heard = now
         out = LinkOutput()
         if frame.type == MessageType.HELLO:
             self._on_hello(frame, now, out)
         elif frame.type in (MessageType.EVENT, MessageType.TELEMETRY):
-            self._on_data(frame, now, wall, out)
+            self._on_data(frame, now, wall, out, dead_letter)
         elif frame.type == MessageType.RESULT:
             self._on_result(frame, out)
         elif frame.type == MessageType.PING:
@@ -214,7 +218,9 @@ class DeviceLink:
             if pending.device_id == hello.device_id:
                 pending.next_try = now
 
-    def _on_data(self, frame: Frame, now: float, wall: datetime, out: LinkOutput) -> None:
+    def _on_data(
+        self, frame: Frame, now: float, wall: datetime, out: LinkOutput, dead_letter: str | None
+    ) -> None:
         self.received += 1
         if self.device is None:
             self.drops["unidentified"] += 1
@@ -232,12 +238,17 @@ class DeviceLink:
             out.send.append(self._answer(key, acked))
             return
         self._inflight.add(key)
+        source = f"serial:{key.device_id}"
+        if dead_letter is not None:
+            poison = Rejected(source, "poison", frame.payload, dead_letter, format_ts(wall))
+            out.deliveries.append(Delivery(key, poison))
+            return
         try:
             item = self._to_item(frame, key, wall)
         except Exception as exc:  # an unknown bug costs this frame (NACKed), not the link
             logger.exception("serial.decode.internal_error device_id=%s", key.device_id)
             detail = f"{type(exc).__name__}: {exc}"[:200]
-            item = Rejected(f"serial:{key.device_id}", "internal_error", frame.payload, detail)
+            item = Rejected(source, "internal_error", frame.payload, detail)
         out.deliveries.append(Delivery(key, item))
 
     def _to_item(self, frame: Frame, key: DeliveryKey, wall: datetime) -> Event | Rejected:
