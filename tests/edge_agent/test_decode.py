@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cloud_sync.envelope_schema import default_registry
 from edge_agent.config import InputSection
 from edge_agent.decode import DecodeContext, TopicParts, decode_message, make_context, parse_topic
-from edge_agent.events import Event, Rejected, format_ts
+from edge_agent.events import Event, Rejected, format_ts, parse_ts
 
 NOW = datetime(2026, 11, 22, 8, 0, 0, tzinfo=UTC)
 CONTEXT = DecodeContext("store-001", default_registry(), InputSection(max_payload_bytes=64 * 1024))
@@ -283,3 +283,22 @@ def test_a_few_devices_ahead_do_not_raise_the_alarm() -> None:
         decode_message(context, EVENTS, SOURCE, payload, NOW)
     assert context.clock.status()["clock"]["suspect_skew"] is False
     assert context.clock.status()["clock"]["device_time_replaced"] == 6
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:59:59-01:00",  # year 10000 in UTC: OverflowError before
+        "0001-01-01T00:00:00+01:00",  # year 0 in UTC: OverflowError before
+        "2026-11-22T08:00:00",  # no zone
+        "2" * 100_000,
+        "",
+    ],
+)
+def test_parse_ts_is_total(text: str) -> None:
+    assert parse_ts(text) is None
+
+
+def test_format_ts_keeps_four_digit_years() -> None:
+    assert format_ts(datetime(5, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)) == "0005-01-02T03:04:05.678Z"
+    assert parse_ts("0005-01-02T03:04:05.678Z") == datetime(5, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
