@@ -20,7 +20,7 @@ from cloud_sync.envelope_schema import MAX_ID_LENGTH, Registry
 from edge_agent.config import InputSection
 from edge_agent.device_time import ClockRules, DeviceClockJudge, from_epoch
 from edge_agent.events import SCHEMA_VERSION, Event, Rejected, derive_event_id, format_ts, parse_ts
-from edge_agent.safe_json import BadNumberError, load_json, lone_surrogate, may_hold_surrogate
+from edge_agent.safe_json import BadNumberError, load_json, may_hold_unholdable, unholdable_string
 
 EVENTS_CHANNEL: Final = "events"
 TELEMETRY_CHANNEL: Final = "telemetry"
@@ -115,10 +115,10 @@ def decode_message(
         return reject("not_json", str(exc))
     if _nesting_may_exceed(payload, limits.max_depth) and _depth(document) > limits.max_depth:
         return reject("too_deep", f"nesting deeper than {limits.max_depth}")
-    if may_hold_surrogate(payload):
-        where = lone_surrogate(document)
+    if may_hold_unholdable(payload):
+        where = unholdable_string(document)
         if where is not None:
-            return reject("bad_unicode", f"lone surrogate in {where}")
+            return reject("bad_unicode", f"lone surrogate or NUL in {where}")
 
     message = _Message(context, topic, source, payload, received, received_at)
     if topic.channel == TELEMETRY_CHANNEL:

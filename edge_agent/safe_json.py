@@ -3,8 +3,10 @@
 Python's ``json`` accepts ``NaN``/``Infinity``, turns ``1e400`` into infinity, reads integers
 of any size up to its 4,300-digit limit (beyond it a ``ValueError`` that is not a
 ``JSONDecodeError``), and keeps a lone ``\\ud800`` escape as a string no UTF-8 encoder can
-write. SQLite's JSON functions then call the text malformed, 64-bit columns overflow, and
-the buffer's ``executemany`` raises. Used by the MQTT decoder and the serial messages.
+write (and ``\\u0000`` as a NUL, which PostgreSQL's text and jsonb refuse). SQLite's JSON
+functions then call the text malformed, 64-bit columns overflow, the buffer's
+``executemany`` raises, the central store refuses the event. Used by the MQTT decoder and
+the serial messages.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any, Final, NoReturn
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _INT64_DIGITS: Final = len(str(_INT64_MIN))  # 20 characters with the sign
-# A \uD800-\uDFFF escape: only then can a parsed document hold a lone surrogate.
-_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+# A \uD800-\uDFFF or \u0000 escape: only then can a parsed string hold what the pipe
+# cannot (raw control characters are not JSON: the parser refuses them itself).
+_RISKY_ESCAPE: Final = re.compile(rb"\\u(?:[dD][89abcdefABCDEF]|0000)")
 
 
 class BadNumberError(ValueError):
@@ -58,22 +61,23 @@ def load_json(text: str) -> Any:
     return _STRICT.decode(text)
 
 
-def may_hold_surrogate(raw: bytes) -> bool:
-    """Cheap pre-check: without a surrogate escape no parsed string can hold one."""
-    return _SURROGATE_ESCAPE.search(raw) is not None
+def may_hold_unholdable(raw: bytes) -> bool:
+    """Cheap pre-check: without a surrogate or NUL escape no parsed string needs a look."""
+    return _RISKY_ESCAPE.search(raw) is not None
 
 
-def lone_surrogate(document: Any) -> str | None:
-    """Where a string (key or value, any depth) that UTF-8 cannot encode sits, or None."""
+def unholdable_string(document: Any) -> str | None:
+    """Where a string (key or value, any depth) sits that UTF-8 cannot encode (a lone
+    surrogate) or that holds U+0000 (PostgreSQL's text and jsonb refuse it), or None."""
     stack: list[tuple[Any, str]] = [(document, "$")]
     while stack:
         node, path = stack.pop()
         if isinstance(node, str):
-            if not node.isascii() and _unencodable(node):
+            if (not node.isascii() and _unencodable(node)) or "\x00" in node:
                 return path
         elif isinstance(node, dict):
             for key, child in node.items():
-                if _unencodable(key):
+                if _unencodable(key) or "\x00" in key:
                     return f"{path} key"
                 stack.append((child, f"{path}.{key[:32]}"))
         elif isinstance(node, list):

@@ -15,7 +15,7 @@ from enum import IntEnum, IntFlag
 from typing import Any, Final
 
 from edge_agent.errors import DecodeError
-from edge_agent.safe_json import BadNumberError, load_json, lone_surrogate, may_hold_surrogate
+from edge_agent.safe_json import BadNumberError, load_json, may_hold_unholdable, unholdable_string
 
 _U8: Final = struct.Struct("<B")
 _U16: Final = struct.Struct("<H")
@@ -137,10 +137,10 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise DecodeError("not_json", str(exc)) from exc
     if not isinstance(value, dict):
         raise DecodeError("not_object", f"data is a {type(value).__name__}")
-    if may_hold_surrogate(raw):
-        where = lone_surrogate(value)
+    if may_hold_unholdable(raw):
+        where = unholdable_string(value)
         if where is not None:
-            raise DecodeError("bad_unicode", f"lone surrogate in {where}")
+            raise DecodeError("bad_unicode", f"lone surrogate or NUL in {where}")
     return value
 
 

@@ -162,6 +162,8 @@ def test_telemetry_payload() -> None:
         (b'[{"type": "kiosk.view", "data": {"a": [[{"b": "x\\udc00"}]]}}]', "bad_unicode", EVENTS),
         (b'{"type": "kiosk.view", "customer_id": "\\ud800", "data": {}}', "bad_unicode", EVENTS),
         (b'{"values": {"\\ud800": 1}}', "bad_unicode", TELEMETRY),
+        (b'{"type": "product.pickup", "data": {"sku": "a\\u0000b"}}', "bad_unicode", EVENTS),
+        (b'{"values": {"t\\u0000": 1}}', "bad_unicode", TELEMETRY),
         (b"[]", "empty_batch", EVENTS),
         (b"42", "wrong_type", EVENTS),
         (b'{"values": [1, 2]}', "wrong_type", TELEMETRY),

@@ -248,6 +248,7 @@ def test_numbers_and_strings_the_pipe_cannot_hold_are_rejected_then_nacked() -> 
         b'{"sku":"S","w":18446744073709551616}': "bad_number",
         b'{"sku":"\\ud800"}': "bad_unicode",
         b'{"sku":"S","\\udc00":1}': "bad_unicode",
+        b'{"sku":"S\\u0000"}': "bad_unicode",
     }
     for seq, (data, reason) in enumerate(payloads.items(), start=1):
         (delivery,) = link.receive(event(seq, prefix + data), 0.0, WALL).deliveries

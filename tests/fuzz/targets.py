@@ -117,6 +117,7 @@ def _check_item(item: Event | Rejected) -> None:
     envelope = item.envelope()
     text = json.dumps(envelope, allow_nan=False, ensure_ascii=False)
     text.encode("utf-8")  # raises on a lone surrogate anywhere
+    assert "\\u0000" not in text, "U+0000: the central store's PostgreSQL cannot hold it"
     assert json.loads(text) == envelope
     _check_numbers(envelope["data"])
     assert parse_ts(item.ts) is not None

@@ -111,7 +111,9 @@ def _export(config: Path) -> dict[str, dict[str, Any]]:
         timeout=60,
         check=True,
     )
-    envelopes = [json.loads(line) for line in done.stdout.splitlines()]
+    # JSON Lines are split at "\n" only: a string may hold U+2028 or U+0085 raw, which
+    # str.splitlines() would also take for line ends.
+    envelopes = [json.loads(line) for line in done.stdout.split("\n") if line]
     return {envelope["event_id"]: envelope for envelope in envelopes}
 
 
