@@ -80,7 +80,8 @@ class _Writer:
 
 
 class _Reader:
-    """Reads fields; any shortfall or bad UTF-8 is a DecodeError('bad_payload')."""
+    """Reads fields; any shortfall, bad UTF-8 or NUL in a string is a
+    DecodeError('bad_payload')."""
 
     def __init__(self, payload: bytes) -> None:
         self.data = payload
@@ -107,6 +108,8 @@ class _Reader:
 
     def str8(self) -> str:
         raw = self._take(self.u8())
+        if b"\x00" in raw:  # valid UTF-8, but no id or type holds it (nor PostgreSQL text)
+            raise DecodeError("bad_payload", f"NUL in a string before byte {self.pos}")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:

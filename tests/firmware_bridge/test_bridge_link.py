@@ -299,3 +299,17 @@ class _ExplodingTypes(dict[str, Any]):
         if key == "product.boom":
             raise RuntimeError("a bug in mapping")
         return super().get(key, default)
+
+
+def test_a_nul_in_a_str8_field_is_rejected() -> None:
+    # Found by the serial fuzz target (corpus: crash-nul-in-customer-id): a customer id of
+    # three NUL bytes is valid UTF-8, was accepted, and the central store refuses it.
+    link = make_link()
+    hello(link)
+    payload = EventMessage("product.pickup", "\x00\x00\x00", 0, {"sku": "S"}).encode()
+    (delivery,) = link.receive(event(1, payload), 0.0, WALL).deliveries
+    assert isinstance(delivery.item, Rejected)
+    assert delivery.item.reason == "bad_payload"
+    nul_device = Hello("shelf\x0007", "fw", 1, 1).encode()
+    link.receive(Frame(MessageType.HELLO, 9, 1, nul_device), 0.0, WALL)
+    assert link.drops["bad_hello"] == 1
