@@ -27,7 +27,7 @@ from typing import Final
 
 log = logging.getLogger(__name__)
 
-_COMPACT_BYTES: Final = 4 * 1024 * 1024  # rewrite the journal beyond this, when idle
+_COMPACT_BYTES: Final = 1024 * 1024  # rewrite the journal beyond this
 _MAX_REMEMBERED: Final = 10_000  # counts kept for messages not seen again (oldest go)
 
 
@@ -58,9 +58,11 @@ class HandlingJournal:
                 max_deaths,
             )
             self._save_counts()
-        self._fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND  # append even after truncation
+        self._fd = os.open(self._journal_path, flags, 0o640)
         self._size = 0
-        self._open: set[int] = set()
+        self._write_failed = False
+        self._open: dict[int, str] = {}  # batch id -> its B line, for compaction
         self._next_id = 0
 
     def verdict(self, fp: str | None) -> int:
@@ -76,24 +78,28 @@ class HandlingJournal:
         self._next_id += 1
         marks = " ".join(fp for fp in fps if fp is not None)
         if marks:
-            self._append(f"B {batch} {marks}\n")
-            self._open.add(batch)
+            line = f"B {batch} {marks}\n"
+            self._append(line)
+            self._open[batch] = line
         return batch
 
     def end(self, batch: int, fps: Iterable[str | None]) -> None:
         """The burst is acknowledged: it can no longer come back."""
         if batch not in self._open:
             return
-        self._open.discard(batch)
+        del self._open[batch]
         self._append(f"E {batch}\n")
         settled = [fp for fp in fps if fp is not None and fp in self.deaths]
         if settled:  # a suspect survived (or a poison one was dead-lettered): forget it
             for fp in settled:
                 del self.deaths[fp]
             self._save_counts()
-        if not self._open and self._size > _COMPACT_BYTES:
+        if self._size > _COMPACT_BYTES:
+            # Under steady load bursts overlap and the journal is never idle: keep only
+            # what is in hand (a crash inside these two calls forgets one death, no more).
             os.ftruncate(self._fd, 0)
             self._size = 0
+            self._append("".join(self._open.values()))
 
     def abandon(self) -> None:
         """The source restarts in this process: what it held comes back, not as a death."""
@@ -109,7 +115,18 @@ class HandlingJournal:
 
     def _append(self, line: str) -> None:
         data = line.encode("ascii")
-        os.write(self._fd, data)  # O_TRUNC'd and written sequentially: an append
+        try:
+            os.write(self._fd, data)
+        except OSError as exc:
+            # A full disk must not stop input on top of what the buffer does about it: a
+            # mark lost costs at most one uncounted death.
+            if not self._write_failed:
+                log.warning(
+                    "deadletter.journal.write_failed path=%s error=%r", self._journal_path, exc
+                )
+            self._write_failed = True
+            return
+        self._write_failed = False
         self._size += len(data)
 
     def _count_unfinished(self) -> int:
@@ -150,8 +167,11 @@ class HandlingJournal:
     def _save_counts(self) -> None:
         # Rare (a start after a death, a suspect settled): atomic and durable.
         temporary = self._counts_path.with_suffix(".tmp")
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(self.deaths, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self._counts_path)
+        try:
+            with temporary.open("w", encoding="utf-8") as handle:
+                json.dump(self.deaths, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            temporary.replace(self._counts_path)
+        except OSError as exc:  # a full disk: the counts live on in memory for this run
+            log.warning("deadletter.counts.write_failed path=%s error=%r", self._counts_path, exc)

@@ -155,3 +155,18 @@ def test_a_message_that_kills_the_agent_is_dead_lettered_after_n_deaths(
     assert "mqtt.message.dead_lettered" in log
     assert quarantine_reasons(db) == ["poison"]
     assert json.loads((data / "inflight" / "mqtt.deaths.json").read_text()) == {}
+
+
+def test_the_journal_stays_small_under_steady_load(tmp_path: Path) -> None:
+    held = fingerprint("t", b"held")
+    journal = HandlingJournal(tmp_path, "mqtt", max_deaths=3)
+    journal.begin([held])  # in hand the whole time: the journal is never idle
+    fps = [fingerprint("t", str(n).encode()) for n in range(2000)]
+    for _ in range(40):  # ~2.7 MB of marks written in all
+        batch = journal.begin(fps)
+        journal.end(batch, fps)
+    size = (tmp_path / "mqtt.journal").stat().st_size
+    journal.close()
+    assert size < 1024 * 1024 + 70_000  # compacted; no hole left behind by the truncation
+    again = HandlingJournal(tmp_path, "mqtt", max_deaths=3)
+    assert again.deaths == {held: 1}  # what was in hand survived the compaction
