@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +20,15 @@ from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
-from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.deadletter import HandlingJournal
+from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
+from edge_agent.device_time import DeviceClockJudge
 from edge_agent.errors import StorageError
 from edge_agent.governance import event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
+from edge_agent.sources.supervisor import run_supervised
 from edge_agent.status import StatusBoard, StatusServer
 from firmware_bridge.serial_source import SerialPortConfig, SerialSource
 
@@ -62,12 +66,20 @@ class Component(Protocol):
         ...
 
 
-def build_sources(config: Config) -> list[Source]:
+def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list[Source]:
     id_key = event_id_key(config)  # the kept key: derived ids survive restarts
-    context = DecodeContext(config.agent.store_id, default_registry(), config.input, id_key)
+    context = make_context(config.agent.store_id, default_registry(), config.input, id_key, clock)
     client_id = config.mqtt_client_id
+    inflight = config.data_dir / "inflight"  # the dead-letter journals (deadletter.py)
+    deaths = config.input.poison_max_deaths
     sources: list[Source] = [
-        MqttSource(config.mqtt, client_id, context, channels=(EVENTS_CHANNEL,)),
+        MqttSource(
+            config.mqtt,
+            client_id,
+            context,
+            channels=(EVENTS_CHANNEL,),
+            journal=HandlingJournal(inflight, "mqtt", deaths),
+        ),
         MqttSource(
             config.mqtt,
             f"{client_id}-telemetry",
@@ -75,13 +87,17 @@ def build_sources(config: Config) -> list[Source]:
             channels=(TELEMETRY_CHANNEL,),
             name="mqtt-telemetry",
             announce=False,
+            journal=HandlingJournal(inflight, "mqtt-telemetry", deaths),
         ),
     ]
     for port in config.serial.ports:
         settings = SerialPortConfig(
             url=port.url, store_id=config.agent.store_id, baud=port.baud, event_id_key=id_key
         )
-        sources.append(SerialSource(settings, registry=context.registry))
+        journal = HandlingJournal(inflight, "serial-" + re.sub(r"[^\w.-]", "_", port.url), deaths)
+        sources.append(
+            SerialSource(settings, registry=context.registry, clock=context.clock, journal=journal)
+        )
     return sources
 
 
@@ -108,7 +124,8 @@ async def run_agent(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     buffer = await Buffer.open(config.buffer_path, config.buffer, on_wait=_starting_slowly)
     try:
-        chosen = list(sources) if sources is not None else build_sources(config)
+        clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
+        chosen = list(sources) if sources is not None else build_sources(config, clock)
         parts = list(components) if components is not None else build_components(config)
         pipeline = Pipeline(buffer)
         board = StatusBoard(
@@ -118,6 +135,7 @@ async def run_agent(
             pipeline=pipeline,
             stall_after_s=config.agent.stall_after_s,
         )
+        board.providers.append(clock.status)
         board.providers.extend(part.status for part in parts)
         board.providers.append(default_registry().status)  # undeclared fields dropped
         status = StatusServer(board, config.http.host, config.http.port)
@@ -150,7 +168,8 @@ async def _run_sources(
         await asyncio.sleep(0)  # let components attach their taps before input flows
         tasks = [
             group.create_task(
-                source.run(agent.pipeline.emitter(source.name)), name=f"source:{source.name}"
+                run_supervised(source, agent.pipeline.emitter(source.name)),
+                name=f"source:{source.name}",
             )
             for source in agent.sources
         ]

@@ -3,6 +3,11 @@
 Every key has a default except ``agent.store_id``. Unknown keys are errors (a typo in a
 config on a store box should fail loudly at start, not silently fall back to a default).
 Environment variables ``EDGE_AGENT__SECTION__KEY`` override keys of the TOML file.
+
+The loader is total: whatever the file or the environment holds (malformed TOML, wrong
+types, NaN or infinite numbers, integers beyond 64 bits, NUL bytes or undecodable text,
+absurd values), the only exception it raises is one ``ConfigError`` naming the key
+(tests/fuzz/ fuzzes it).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import base64
 import binascii
 import dataclasses
 import ipaddress
+import math
 import os
 import re
+import string
 import tomllib
 import types
 import typing
@@ -28,6 +35,8 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX: Final = "EDGE_AGENT__"
 _ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ED25519_KEY_BYTES: Final = 32
+_INT64_MAX: Final = 2**63 - 1
+_MAX_SECONDS: Final = 10 * 365 * 24 * 3600.0  # no duration in the config means more
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,12 @@ class InputSection:
     max_payload_bytes: int = 256 * 1024
     max_depth: int = 16
     max_events_per_message: int = 1000
-    max_future_skew_s: float = 24 * 3600.0  # a device clock further ahead is absurd
+    # A device time further ahead or older than this is not used as the event's ts (the
+    # receive time is); many "ahead" at once raise the clock-skew alarm (device_time.py).
+    max_future_skew_s: float = 24 * 3600.0
     max_event_age_s: float = 30 * 24 * 3600.0  # devices may hold events for weeks, not years
+    clock_skew_min_events: int = 10  # "many": this many of the last 64 device times, and half
+    poison_max_deaths: int = 3  # deaths while handling one message before it is dead-lettered
 
 
 @dataclass(frozen=True)
@@ -172,15 +185,28 @@ class Config:
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply environment overrides, validate, freeze."""
-    document: dict[str, Any] = {}
+    text = ""
     if path is not None:
         try:
-            document = tomllib.loads(path.read_text("utf-8"))
+            text = path.read_text("utf-8")
         except FileNotFoundError as exc:
             raise ConfigError(str(path), "file not found") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
-    _apply_environment(document, os.environ if environ is None else environ)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(str(path), f"not UTF-8: {exc}") from exc
+        except (OSError, ValueError) as exc:  # a directory, no permission, a NUL in the path
+            raise ConfigError(str(path), f"cannot be read: {exc}") from exc
+    return config_from_toml(text, os.environ if environ is None else environ, str(path))
+
+
+def config_from_toml(text: str, environ: Mapping[str, str], origin: str = "config") -> Config:
+    """The config from TOML text and the environment; raises only ``ConfigError``."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(origin, f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(origin, "not valid TOML: nested too deeply") from exc
+    _apply_environment(document, environ)
     return config_from_dict(document)
 
 
@@ -228,27 +254,48 @@ def _coerce(key: str, expected: Any, value: Any) -> Any:
         raise ConfigError(key, f"must be true or false, got {value!r}")
     if expected is int:
         if isinstance(value, str):
+            if len(value) > 24:  # before int(): Python refuses beyond 4,300 digits
+                raise ConfigError(key, f"must be an integer, got {value[:32]!r}...")
             try:
-                return int(value)
+                value = int(value)
             except ValueError as exc:
                 raise ConfigError(key, f"must be an integer, got {value!r}") from exc
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
+            raise ConfigError(key, f"must be an integer, got {_short(value)}")
+        if abs(value) > _INT64_MAX:
+            raise ConfigError(key, "is out of range")
         return value
     if expected is float:
         if isinstance(value, str):
+            if len(value) > 64:
+                raise ConfigError(key, f"must be a number, got {value[:32]!r}...")
             try:
-                return float(value)
+                value = float(value)
             except ValueError as exc:
                 raise ConfigError(key, f"must be a number, got {value!r}") from exc
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"must be a number, got {value!r}")
+            raise ConfigError(key, f"must be a number, got {_short(value)}")
+        if isinstance(value, int) and abs(value) > _INT64_MAX:
+            raise ConfigError(key, "is out of range")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if expected is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
+            raise ConfigError(key, f"must be a string, got {_short(value)}")
+        if "\x00" in value:
+            raise ConfigError(key, "must not contain a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes in an environment variable
+            raise ConfigError(key, "must be valid UTF-8") from exc
         return value
     raise ConfigError(key, f"unsupported type {expected!r}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 64 else text[:60] + "..."
 
 
 def _serial_section(values: Mapping[str, Any]) -> SerialSection:
@@ -305,11 +352,37 @@ def _is_loopback_url(url: str) -> bool:
 
 
 def _suggestion_topic_ok(template: str) -> bool:
+    # Only plain {prefix} {store_id} {device_id}: no attributes, indexes, conversions or
+    # format specs ("{prefix:99999999}" would build a 99 MB string on every suggestion).
     try:
-        filled = template.format(prefix="p", store_id="s", device_id="d")
-    except (KeyError, IndexError, ValueError):
+        fields = list(string.Formatter().parse(template))
+    except ValueError:
         return False
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in ("prefix", "store_id", "device_id") or spec or conversion:
+            return False
+    filled = template.format(prefix="p", store_id="s", device_id="d")
     return "{device_id}" in template and not any(c in filled for c in "+#")
+
+
+def _durations_ok(config: Config) -> list[str]:
+    """Keys holding seconds that are negative or beyond ten years (absurd, or overflowing
+    a datetime when added to now)."""
+    bad = []
+    for section in ("mqtt", "input", "buffer", "model", "sync"):
+        values = getattr(config, section)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            ends_in_seconds = item.name.endswith(("_s", "_ms"))
+            if (
+                ends_in_seconds
+                and isinstance(value, int | float)
+                and not 0 <= value <= _MAX_SECONDS
+            ):
+                bad.append(f"{section}.{item.name}")
+    return bad
 
 
 def _validate(config: Config) -> None:
@@ -347,6 +420,19 @@ def _validate(config: Config) -> None:
         (config.input.max_payload_bytes >= 256, "input.max_payload_bytes", "must be >= 256"),
         (config.input.max_depth >= 2, "input.max_depth", "must be >= 2"),
         (config.input.max_events_per_message >= 1, "input.max_events_per_message", "must be >= 1"),
+        (
+            config.input.max_future_skew_s > 0 and config.input.max_event_age_s > 0,
+            "input.max_future_skew_s"
+            if config.input.max_future_skew_s <= 0
+            else "input.max_event_age_s",
+            "must be positive",
+        ),
+        (
+            1 <= config.input.clock_skew_min_events <= 64,
+            "input.clock_skew_min_events",
+            "must be 1..64 (of the last 64 device times)",
+        ),
+        (1 <= config.input.poison_max_deaths <= 100, "input.poison_max_deaths", "must be 1..100"),
         (config.buffer.max_bytes >= 1024 * 1024, "buffer.max_bytes", "must be at least 1 MiB"),
         (
             config.buffer.synchronous in ("full", "normal", "extra"),
@@ -416,6 +502,8 @@ def _validate(config: Config) -> None:
             public_keys(config.model)
         except ValueError as exc:
             raise ConfigError("model.public_key", str(exc)) from exc
+    for key in _durations_ok(config):
+        raise ConfigError(key, "must be 0 .. 10 years in seconds")
     for index, port in enumerate(config.serial.ports):
         if not port.url:
             raise ConfigError(f"serial.ports[{index}].url", "must not be empty")
@@ -424,5 +512,12 @@ def _validate(config: Config) -> None:
     if config.mqtt.tls:
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(config.mqtt, key)
-            if value and not Path(value).is_file():
+            if value and not _is_file(value):
                 raise ConfigError(f"mqtt.{key}", f"file not found: {value}")
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # too long a name, no permission to look
+        return False

@@ -1,24 +1,29 @@
 """Turn one MQTT message into events, or into rejections with a reason.
 
 Decoding never raises on input: every failure becomes a ``Rejected`` that the buffer
-quarantines (reason, source, raw bytes), so a bad product can never stop the agent.
+quarantines (reason, source, raw bytes), so a bad product can never stop the agent. What
+Python's ``json`` accepts but the rest of the pipe cannot hold is refused here, before the
+writer sees it: ``NaN``/``Infinity`` and floats that overflow (``1e400``), integers outside
+signed 64 bits (SQLite's JSON functions and the store's ``bigint`` end there; Python's own
+limit of 4,300 digits would raise), and lone UTF-16 surrogates (``"\\ud800"``), which no
+UTF-8 text can hold, in keys and values at any depth.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, Registry
 from edge_agent.config import InputSection
+from edge_agent.device_time import ClockRules, DeviceClockJudge, from_epoch
 from edge_agent.events import SCHEMA_VERSION, Event, Rejected, derive_event_id, format_ts, parse_ts
+from edge_agent.safe_json import BadNumberError, load_json, may_hold_unholdable, unholdable_string
 
 EVENTS_CHANNEL: Final = "events"
 TELEMETRY_CHANNEL: Final = "telemetry"
-# Epoch numbers above this are milliseconds (year 5138 in seconds; 1973 in milliseconds).
-_EPOCH_MS_THRESHOLD: Final = 1e11
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,27 @@ class DecodeContext:
     registry: Registry
     limits: InputSection
     id_key: bytes = field(repr=False)  # keys derived event ids (governance.event_id_key)
+    clock: DeviceClockJudge = field(default_factory=DeviceClockJudge)
+
+
+def make_context(
+    store_id: str,
+    registry: Registry,
+    limits: InputSection,
+    id_key: bytes,
+    clock: DeviceClockJudge | None = None,
+) -> DecodeContext:
+    """The agent's one context: every source shares its clock judge (and its alarm)."""
+    judge = clock or DeviceClockJudge(clock_rules(limits))
+    return DecodeContext(store_id, registry, limits, id_key, judge)
+
+
+def clock_rules(limits: InputSection) -> ClockRules:
+    return ClockRules(
+        future_tolerance_s=limits.max_future_skew_s,
+        past_tolerance_s=limits.max_event_age_s,
+        skew_min_events=limits.clock_skew_min_events,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +112,19 @@ def decode_message(
     except UnicodeDecodeError as exc:
         return reject("not_utf8", str(exc))
     try:
-        document = json.loads(text)
+        document = load_json(text)
     except RecursionError:
         return reject("too_deep", "nesting exceeds the JSON parser's limit")
+    except BadNumberError as exc:
+        return reject("bad_number", str(exc))
     except json.JSONDecodeError as exc:
         return reject("not_json", str(exc))
     if _nesting_may_exceed(payload, limits.max_depth) and _depth(document) > limits.max_depth:
         return reject("too_deep", f"nesting deeper than {limits.max_depth}")
+    if may_hold_unholdable(payload):
+        where = unholdable_string(document)
+        if where is not None:
+            return reject("bad_unicode", f"lone surrogate or NUL in {where}")
 
     message = _Message(context, topic, source, payload, received, received_at)
     if topic.channel == TELEMETRY_CHANNEL:
@@ -185,30 +217,22 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
 
 
 def _event_time(value: Any, message: _Message) -> str | Rejected:
-    """The device's time when given and sane; the receive time when absent."""
+    """The device's time when given and sane (DeviceClockJudge), the receive time if absent."""
     if value is None:
         return message.received_at
-    received, limits = message.received, message.context.limits
     moment: datetime | None
     if isinstance(value, bool):
         moment = None
     elif isinstance(value, int | float):
-        seconds = value / 1000.0 if value > _EPOCH_MS_THRESHOLD else float(value)
-        try:
-            moment = datetime.fromtimestamp(seconds, UTC)
-        except (OverflowError, OSError, ValueError):
-            moment = None
+        moment = from_epoch(value)
     elif isinstance(value, str):
         moment = parse_ts(value)
     else:
         moment = None
     if moment is None:
         return Rejected("", "bad_timestamp", b"", repr(value)[:64])
-    if moment > received + timedelta(seconds=limits.max_future_skew_s):
-        return Rejected("", "absurd_timestamp", b"", f"{format_ts(moment)} is in the future")
-    if moment < received - timedelta(seconds=limits.max_event_age_s):
-        return Rejected("", "absurd_timestamp", b"", f"{format_ts(moment)} is too old")
-    return format_ts(moment)
+    chosen = message.context.clock.judge(moment, message.received)
+    return message.received_at if chosen is message.received else format_ts(chosen)
 
 
 def _is_id(value: Any) -> bool:

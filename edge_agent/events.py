@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 SCHEMA_VERSION: Final = 1
+_MAX_TS_LENGTH: Final = 64  # the longest RFC 3339 text is 35 characters
 # A fixed namespace so the same (key, source, raw bytes, index) always yields the same id.
 _EVENT_ID_NAMESPACE: Final = uuid.UUID("6f1c2b1e-4a6e-4f0e-9d55-0b7c1e2a9f10")
 
@@ -35,18 +36,25 @@ def derive_event_id(key: bytes, source: str, raw: bytes, index: int = 0) -> str:
 def format_ts(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a Z, the envelope's only time format."""
     utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # Not strftime: its %Y drops the leading zeros of years before 1000 on glibc.
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_ts(text: str) -> datetime | None:
-    """Parse an RFC 3339 timestamp; None when it is not one or has no time zone."""
+    """Parse an RFC 3339 timestamp; None when it is not one, has no time zone, or falls
+    outside the calendar in UTC (``9999-12-31T23:59:59-01:00`` is year 10000 there)."""
+    if len(text) > _MAX_TS_LENGTH:
+        return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            return None
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        return None
-    return moment.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)

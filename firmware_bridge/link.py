@@ -12,11 +12,12 @@ import logging
 import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Final
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, Cleaned, Registry
 from edge_agent import __version__
+from edge_agent.device_time import DeviceClockJudge, from_epoch_ms
 from edge_agent.errors import DecodeError
 from edge_agent.events import Event, Rejected, derive_event_id, format_ts
 from firmware_bridge import codec
@@ -34,8 +35,6 @@ from firmware_bridge.messages import (
 
 logger = logging.getLogger(__name__)
 
-_EARLIEST_SANE_TS: Final = datetime(2020, 1, 1, tzinfo=UTC)
-_FUTURE_SLACK: Final = timedelta(days=1)
 AGENT_NAME: Final = "edge-agent"
 
 
@@ -101,17 +100,6 @@ def serial_event_id(device_id: str, boot_id: int, seq: int, key: bytes = b"") ->
     return derive_event_id(key, f"serial:{device_id}", struct.pack("<II", boot_id, seq))
 
 
-def _event_ts(ts_ms: int, received: datetime) -> str:
-    if ts_ms:
-        try:
-            device_time = datetime.fromtimestamp(ts_ms / 1000, UTC)
-        except (OverflowError, OSError, ValueError):
-            return format_ts(received)
-        if _EARLIEST_SANE_TS <= device_time <= received + _FUTURE_SLACK:
-            return format_ts(device_time)
-    return format_ts(received)
-
-
 class DeviceLink:
     def __init__(
         self,
@@ -122,9 +110,12 @@ class DeviceLink:
         versions: range = range(codec.PROTOCOL_MIN, codec.PROTOCOL_MAX + 1),
         timing: LinkTiming = LinkTiming(),
         id_key: bytes = b"",
+        clock: DeviceClockJudge | None = None,
     ) -> None:
         self.store_id = store_id
         self._id_key = id_key
+        # The agent shares one judge between its sources: one timestamp rule, one alarm.
+        self.clock = clock or DeviceClockJudge()
         self.registry = registry
         self.agent_boot_id = agent_boot_id
         self.versions = versions
@@ -167,13 +158,17 @@ class DeviceLink:
         return now - self._last_heard < self.timing.silence_s
 
     # -- frames in --------------------------------------------------------------------
-    def receive(self, frame: Frame, now: float, wall: datetime) -> LinkOutput:
+    def receive(
+        self, frame: Frame, now: float, wall: datetime, dead_letter: str | None = None
+    ) -> LinkOutput:
+        """``dead_letter``: the frame killed the agent before (deadletter.py); deliver it as
+        quarantined ("poison") with this detail instead of decoding it again."""
         self._last_heard = now
         out = LinkOutput()
         if frame.type == MessageType.HELLO:
             self._on_hello(frame, now, out)
         elif frame.type in (MessageType.EVENT, MessageType.TELEMETRY):
-            self._on_data(frame, now, wall, out)
+            self._on_data(frame, now, wall, out, dead_letter)
         elif frame.type == MessageType.RESULT:
             self._on_result(frame, out)
         elif frame.type == MessageType.PING:
@@ -229,7 +224,9 @@ class DeviceLink:
             if pending.device_id == hello.device_id:
                 pending.next_try = now
 
-    def _on_data(self, frame: Frame, now: float, wall: datetime, out: LinkOutput) -> None:
+    def _on_data(
+        self, frame: Frame, now: float, wall: datetime, out: LinkOutput, dead_letter: str | None
+    ) -> None:
         self.received += 1
         if self.device is None:
             self.drops["unidentified"] += 1
@@ -247,7 +244,18 @@ class DeviceLink:
             out.send.append(self._answer(key, acked))
             return
         self._inflight.add(key)
-        out.deliveries.append(Delivery(key, self._to_item(frame, key, wall)))
+        source = f"serial:{key.device_id}"
+        if dead_letter is not None:
+            poison = Rejected(source, "poison", frame.payload, dead_letter, format_ts(wall))
+            out.deliveries.append(Delivery(key, poison))
+            return
+        try:
+            item = self._to_item(frame, key, wall)
+        except Exception as exc:  # an unknown bug costs this frame (NACKed), not the link
+            logger.exception("serial.decode.internal_error device_id=%s", key.device_id)
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            item = Rejected(source, "internal_error", frame.payload, detail)
+        out.deliveries.append(Delivery(key, item))
 
     def _to_item(self, frame: Frame, key: DeliveryKey, wall: datetime) -> Event | Rejected:
         source = f"serial:{key.device_id}"
@@ -271,7 +279,7 @@ class DeviceLink:
         return Event(
             event_id=serial_event_id(key.device_id, key.boot_id, key.seq, self._id_key),
             type=kind,
-            ts=_event_ts(message.ts_ms, wall),
+            ts=format_ts(self.clock.judge(from_epoch_ms(message.ts_ms), wall)),
             store_id=self.store_id,
             device_id=key.device_id,
             customer_id=customer_id,

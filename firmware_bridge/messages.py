@@ -15,6 +15,7 @@ from enum import IntEnum, IntFlag
 from typing import Any, Final
 
 from edge_agent.errors import DecodeError
+from edge_agent.safe_json import BadNumberError, load_json, may_hold_unholdable, unholdable_string
 
 _U8: Final = struct.Struct("<B")
 _U16: Final = struct.Struct("<H")
@@ -79,7 +80,8 @@ class _Writer:
 
 
 class _Reader:
-    """Reads fields; any shortfall or bad UTF-8 is a DecodeError('bad_payload')."""
+    """Reads fields; any shortfall, bad UTF-8 or NUL in a string is a
+    DecodeError('bad_payload')."""
 
     def __init__(self, payload: bytes) -> None:
         self.data = payload
@@ -106,6 +108,8 @@ class _Reader:
 
     def str8(self) -> str:
         raw = self._take(self.u8())
+        if b"\x00" in raw:  # valid UTF-8, but no id or type holds it (nor PostgreSQL text)
+            raise DecodeError("bad_payload", f"NUL in a string before byte {self.pos}")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -121,21 +125,25 @@ class _Reader:
             raise DecodeError("bad_payload", f"{len(self.data) - self.pos} trailing bytes")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity would poison the envelope
-
-
 def _json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        value = load_json(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise DecodeError("not_utf8", str(exc)) from exc
+    except BadNumberError as exc:  # NaN, 1e400, beyond 64 bits: they would poison the envelope
+        raise DecodeError("bad_number", str(exc)) from exc
+    except RecursionError as exc:
+        raise DecodeError("too_deep", "nesting exceeds the JSON parser's limit") from exc
     except ValueError as exc:
         raise DecodeError("not_json", str(exc)) from exc
     if not isinstance(value, dict):
         raise DecodeError("not_object", f"data is a {type(value).__name__}")
+    if may_hold_unholdable(raw):
+        where = unholdable_string(value)
+        if where is not None:
+            raise DecodeError("bad_unicode", f"lone surrogate or NUL in {where}")
     return value
 
 

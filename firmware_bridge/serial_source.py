@@ -19,10 +19,19 @@ import serial
 import serial_asyncio_fast
 
 from cloud_sync.envelope_schema import Registry, default_registry
+from edge_agent.deadletter import HandlingJournal, fingerprint
+from edge_agent.device_time import DeviceClockJudge
 from edge_agent.errors import EdgeAgentError
 from edge_agent.sources.base import Emit, SourceStats
-from firmware_bridge.codec import Frame, FrameDecoder, encode
-from firmware_bridge.link import CommandOutcome, Delivery, DeviceLink, LinkOutput, LinkTiming
+from firmware_bridge.codec import Frame, FrameDecoder, MessageType, encode
+from firmware_bridge.link import (
+    CommandOutcome,
+    Delivery,
+    DeliveryKey,
+    DeviceLink,
+    LinkOutput,
+    LinkTiming,
+)
 from firmware_bridge.messages import Command
 
 logger = logging.getLogger(__name__)
@@ -63,7 +72,14 @@ class SerialPortConfig:
 
 
 class SerialSource:
-    def __init__(self, config: SerialPortConfig, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        config: SerialPortConfig,
+        *,
+        registry: Registry | None = None,
+        clock: DeviceClockJudge | None = None,
+        journal: HandlingJournal | None = None,
+    ) -> None:
         self.config = config
         self.name = f"serial:{config.url}"
         self.stats = SourceStats()
@@ -78,8 +94,11 @@ class SerialSource:
             agent_boot_id=random.getrandbits(32),
             timing=timing,
             id_key=config.event_id_key,
+            clock=clock,
         )
         self._seen_devices: set[str] = set()
+        self._journal = journal  # poison frames are dead-lettered, never looped
+        self._in_hand: dict[DeliveryKey, tuple[int, str]] = {}  # its journal batch and mark
         self._writer: asyncio.StreamWriter | None = None
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(config.queue_size)
         self._commands: dict[int, asyncio.Future[CommandOutcome]] = {}
@@ -96,6 +115,9 @@ class SerialSource:
         self._stopping.set()
 
     async def run(self, emit: Emit) -> None:
+        if self._journal is not None:  # run again after a failure: what it held comes back
+            self._journal.abandon()
+            self._in_hand.clear()
         try:
             async with asyncio.TaskGroup() as group:
                 committer = group.create_task(self._commit_loop(emit), name=f"{self.name}:commit")
@@ -185,7 +207,31 @@ class SerialSource:
         return heard
 
     async def _on_frame(self, frame: Frame) -> None:
-        out = self._link.receive(frame, time.monotonic(), datetime.now(UTC))
+        journal, mark, batch, dead_letter, deaths = self._journal, None, 0, None, 0
+        if journal is not None and frame.type in (MessageType.EVENT, MessageType.TELEMETRY):
+            mark = fingerprint(f"serial:{frame.boot_id}:{frame.seq}", frame.payload)
+            deaths = journal.verdict(mark)
+            if deaths:
+                await self._queue.join()  # a suspect is handled alone: a death blames it only
+            if journal.is_poison(mark):
+                dead_letter = f"the agent died {deaths} times while handling this frame"
+                logger.warning(
+                    "serial.frame.dead_lettered url=%s deaths=%d", self.config.url, deaths
+                )
+            batch = journal.begin([mark])  # before handling: a death now is on record
+        try:
+            out = self._link.receive(frame, time.monotonic(), datetime.now(UTC), dead_letter)
+        except Exception:  # an unknown bug costs this frame (the device resends), not the port
+            logger.exception(
+                "serial.frame.internal_error url=%s type=%s", self.config.url, frame.type
+            )
+            self.stats.drops["internal_error"] += 1
+            out = LinkOutput()
+        if journal is not None and mark is not None:
+            if out.deliveries:
+                self._in_hand[out.deliveries[0].key] = (batch, mark)
+            else:  # a duplicate, or nothing to commit: not in hand any more
+                journal.end(batch, [mark])
         device_id = self.device_id
         if device_id is not None and device_id not in self._seen_devices:
             self._seen_devices.add(device_id)
@@ -193,6 +239,8 @@ class SerialSource:
         for delivery in out.deliveries:
             self.stats.received += 1
             await self._queue.put(delivery)  # waits while commits lag: backpressure
+        if deaths:
+            await self._queue.join()  # nothing else in hand until the suspect is settled
 
     async def _back_off(self) -> None:
         delay = min(
@@ -230,6 +278,10 @@ class SerialSource:
             # Only now, committed: ACK (or NACK what was quarantined). If the port is gone
             # the answer is lost; the device resends and the link answers from memory.
             self._send([self._link.settled(d.key, d.item) for d in batch])
+            if self._journal is not None:
+                for delivery in batch:
+                    batch_id, mark = self._in_hand.pop(delivery.key, (-1, ""))
+                    self._journal.end(batch_id, [mark])
             for _ in batch:
                 self._queue.task_done()
 

@@ -23,6 +23,7 @@ class SourceStats:
     accepted: int = 0  # events committed
     quarantined: int = 0  # inputs quarantined
     connected: bool = False
+    sessions_lost: int = 0  # reconnects where the broker had forgotten our session (MQTT)
     drops: Counter[str] = field(default_factory=Counter)  # input lost before decode, by reason
     detail: dict[str, str] = field(default_factory=dict)  # e.g. protocol version notes
 

@@ -38,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import MqttSection
+from edge_agent.deadletter import HandlingJournal, fingerprint
 from edge_agent.decode import (
     EVENTS_CHANNEL,
     TELEMETRY_CHANNEL,
@@ -65,6 +66,16 @@ class _Received:
     mid: int
     qos: int
     generation: int  # the connection it came on: a PUBACK is only valid on that one
+    fingerprint: str | None  # for the dead-letter journal (QoS 1 only: QoS 0 never returns)
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    task: asyncio.Task[None]
+    burst: list[_Received]
+    items: list[Event | Rejected]
+    batch: int  # its id in the dead-letter journal
+    suspect: bool  # a message the agent died with before, handled alone
 
 
 _V3_UNACCEPTABLE_PROTOCOL: Final = 1  # CONNACK return codes that mean "not this version"
@@ -99,6 +110,7 @@ class MqttSource:
         channels: tuple[str, ...] = (EVENTS_CHANNEL, TELEMETRY_CHANNEL),
         name: str = "mqtt",
         announce: bool = True,
+        journal: HandlingJournal | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -114,11 +126,13 @@ class MqttSource:
             if channel not in channels
         ]
         self._announce = announce
+        self._journal = journal
         self._status_topic = status_topic(settings.topic_prefix, store_id)
         self._client_id = client_id
         self._protocol = _first_protocol(settings)
         self._fall_back = False  # set when a broker refuses MQTT 5 and protocol is "auto"
         self._connack_seen = False
+        self._connected_before = False  # a later CONNACK without our session is a loss
         self._client = self._make_client(client_id)
         self._inbox: collections.deque[_Received] = collections.deque()
         self._inbox_qos0 = 0
@@ -134,6 +148,15 @@ class MqttSource:
 
     async def run(self, emit: Emit) -> None:
         self._loop = asyncio.get_running_loop()
+        # run() again after a failure (sources/supervisor.py): start from a clean slate; what
+        # was not acknowledged is redelivered on the new connection.
+        self._network_stop.clear()
+        if self._journal is not None:
+            self._journal.abandon()
+        with self._wake_lock:
+            self._inbox.clear()
+            self._inbox_qos0 = 0
+            self._wake_pending = False
         network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
         network.start()
         try:
@@ -159,34 +182,51 @@ class MqttSource:
         group several bursts into one transaction. PUBACKs still follow each burst's commit,
         in arrival order.
         """
-        in_flight: collections.deque[tuple[asyncio.Task[None], list[_Received], list[Any]]]
-        in_flight = collections.deque()
+        in_flight: collections.deque[_InFlight] = collections.deque()
+        journal = self._journal
         async with asyncio.TaskGroup() as group:
             while not self._stop.is_set() or in_flight:
-                while in_flight and in_flight[0][0].done():
-                    task, burst, items = in_flight.popleft()
-                    task.result()  # a failed commit is a bug or a dead disk: let it escape
-                    self.stats.count(items)
-                    self._acknowledge(burst)
-                if self._inbox and not self._stop.is_set() and len(in_flight) < _BURSTS_IN_FLIGHT:
-                    burst = self._take_burst()
+                while in_flight and in_flight[0].task.done():
+                    done = in_flight.popleft()
+                    done.task.result()  # a failed commit is a bug or a dead disk: let it escape
+                    self.stats.count(done.items)
+                    self._acknowledge(done.burst)
+                    if journal is not None:
+                        journal.end(done.batch, (message.fingerprint for message in done.burst))
+                burst: list[_Received] = []
+                taking = len(in_flight) < _BURSTS_IN_FLIGHT and not self._stop.is_set()
+                if self._inbox and taking and not (in_flight and in_flight[-1].suspect):
+                    burst = self._take_burst(alone=not in_flight)
+                if burst:
+                    batch = 0
+                    if journal is not None:  # before handling: a death now is on record
+                        batch = journal.begin(message.fingerprint for message in burst)
                     items = self._decode(burst)
                     task = group.create_task(emit(items), name="mqtt-emit")
-                    in_flight.append((task, burst, items))
+                    suspect = journal is not None and journal.verdict(burst[0].fingerprint) > 0
+                    in_flight.append(_InFlight(task, burst, items, batch, suspect))
                     await asyncio.sleep(0)  # let the emit enqueue its commit, in order
                 elif in_flight:
-                    await asyncio.wait([in_flight[0][0]])
+                    await asyncio.wait([in_flight[0].task])
                 elif not self._stop.is_set():
                     await self._wake.wait()
                     self._wake.clear()
 
-    def _take_burst(self) -> list[_Received]:
+    def _take_burst(self, alone: bool) -> list[_Received]:
+        """The next burst. A message the agent died while handling before (a suspect) is
+        taken alone, with nothing else in flight, so a death again blames only it."""
+        journal = self._journal
         with self._wake_lock:
             self._wake_pending = False
             burst: list[_Received] = []
             size = 0
             while self._inbox and len(burst) < MAX_BURST and size < MAX_BURST_BYTES:
-                message = self._inbox.popleft()
+                message = self._inbox[0]
+                if journal is not None and journal.verdict(message.fingerprint):
+                    if not burst and alone:
+                        burst.append(self._inbox.popleft())
+                    break
+                self._inbox.popleft()
                 burst.append(message)
                 size += len(message.payload)
             self._inbox_qos0 -= sum(1 for message in burst if message.qos == 0)
@@ -200,11 +240,31 @@ class MqttSource:
         for message in burst:
             source = f"mqtt:{message.topic}"
             topic = parse_topic(message.topic, prefix, store_id)
+            if self._journal is not None and self._journal.is_poison(message.fingerprint):
+                items.append(self._dead_letter(source, message))
+                continue
             if topic is None:
                 items.append(Rejected(source, "bad_topic", message.payload[:256], message.topic))
                 continue
-            items.extend(decode_message(self._context, topic, source, message.payload, now))
+            try:
+                items.extend(decode_message(self._context, topic, source, message.payload, now))
+            except Exception as exc:  # one guard per message: an unknown bug costs one message
+                log.exception("mqtt.decode.internal_error topic=%s", message.topic)
+                detail = f"{type(exc).__name__}: {exc}"[:200]
+                items.append(Rejected(source, "internal_error", message.payload, detail))
         return items
+
+    def _dead_letter(self, source: str, message: _Received) -> Rejected:
+        deaths = self._journal.verdict(message.fingerprint) if self._journal else 0
+        log.warning(
+            "mqtt.message.dead_lettered topic=%s bytes=%d deaths=%d (quarantined as poison "
+            "and acknowledged; see docs/operations.md)",
+            message.topic,
+            len(message.payload),
+            deaths,
+        )
+        detail = f"the agent died {deaths} times while handling this message"
+        return Rejected(source, "poison", message.payload, detail)
 
     def _acknowledge(self, burst: list[_Received]) -> None:
         client, generation = self._client, self._generation
@@ -284,7 +344,14 @@ class MqttSource:
                 connected = True
                 connect_started = time.monotonic()
                 self._connack_seen = False
-            rc = client.loop(timeout=_NETWORK_POLL_S)
+            try:
+                rc = client.loop(timeout=_NETWORK_POLL_S)
+            except Exception:
+                # An exception out of paho (or one of our callbacks) must not end this
+                # thread: the source would look alive and never receive again. Reconnect.
+                log.exception("mqtt.network.internal_error")
+                client.disconnect()
+                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
             if not self._connack_seen and time.monotonic() - connect_started > _CONNACK_TIMEOUT_S:
                 # Some brokers neither accept nor refuse an MQTT 5 CONNECT: they just wait.
                 log.warning("mqtt.connack.timeout after_s=%.0f", _CONNACK_TIMEOUT_S)
@@ -348,6 +415,18 @@ class MqttSource:
             log.error("mqtt.connect.refused reason=%s", reason)
             return
         self._generation += 1
+        if self._connected_before and not flags.session_present and self.settings.qos > 0:
+            # The broker forgot us (restarted without persistence, session expired, another
+            # client took our id): whatever it had queued for the agent is gone.
+            log.warning(
+                "mqtt.session.lost host=%s port=%d client_id=%s (messages queued for the "
+                "agent while it was away are gone)",
+                self.settings.host,
+                self.settings.port,
+                self._client_id,
+            )
+            self._call_on_loop(self._count_session_lost)
+        self._connected_before = True
         # Subscribe on every connect: a broker that lost our session forgets subscriptions.
         client.subscribe([(topic, self.settings.qos) for topic in self._topics])
         if self._other_topics:
@@ -379,7 +458,17 @@ class MqttSource:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         payload = bytes(message.payload)  # paho may hand a bytearray; keep an immutable copy
-        received = _Received(message.topic, payload, message.mid, message.qos, self._generation)
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            # Raised here it would end paho's loop and this thread. Unacknowledged, a QoS 1
+            # message would come back on each reconnect: count it and acknowledge it.
+            self._call_on_loop(self._count_drop, "bad_topic_utf8")
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+            return
+        fp = fingerprint(topic, payload) if self._journal is not None and message.qos else None
+        received = _Received(topic, payload, message.mid, message.qos, self._generation, fp)
         with self._wake_lock:
             if received.qos == 0:
                 if self._inbox_qos0 >= MAX_QUEUED_QOS0:
@@ -399,6 +488,9 @@ class MqttSource:
 
     def _set_connected(self, connected: bool) -> None:
         self.stats.connected = connected
+
+    def _count_session_lost(self) -> None:
+        self.stats.sessions_lost += 1
 
     def _count_drop(self, reason: str) -> None:
         self.stats.drops[reason] += 1

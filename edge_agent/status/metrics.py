@@ -81,6 +81,7 @@ class _SnapshotCollector(Collector):
                 "Data fields dropped because the schema registry does not declare them",
                 status["schema"]["undeclared_fields_dropped"],
             )
+        yield from _clock_metrics(status.get("clock"))
         sync = status["sync"]
         yield _counter("edge_sync_sent", "Events acknowledged by the central store", sync["sent"])
         if sync.get("lag_s") is not None:
@@ -162,6 +163,26 @@ def render(snapshot: dict[str, Any]) -> bytes:
     return generate_latest(registry)
 
 
+def _clock_metrics(clock: dict[str, Any] | None) -> Iterator[Metric]:
+    """The clock-skew alarm (edge_agent/device_time.py); absent without MQTT or serial."""
+    if clock is None:
+        return
+    yield _gauge(
+        "edge_clock_suspect_skew",
+        "1 while many device clocks are ahead of the agent's (check NTP)",
+        int(clock["suspect_skew"]),
+    )
+    if clock.get("skew_s") is not None:
+        yield _gauge(
+            "edge_clock_skew_seconds", "Device clocks minus the agent's clock", clock["skew_s"]
+        )
+    yield _counter(
+        "edge_device_time_replaced",
+        "Device timestamps outside the tolerance, replaced by the receive time",
+        clock["device_time_replaced"],
+    )
+
+
 def _source_metrics(sources: dict[str, Any]) -> Iterator[Metric]:
     received = CounterMetricFamily("edge_source_received", "Inputs taken in", labels=["source"])
     accepted = CounterMetricFamily("edge_source_accepted", "Events committed", labels=["source"])
@@ -169,12 +190,18 @@ def _source_metrics(sources: dict[str, Any]) -> Iterator[Metric]:
         "edge_source_quarantined", "Inputs quarantined", labels=["source"]
     )
     connected = GaugeMetricFamily("edge_source_connected", "1 when connected", labels=["source"])
+    sessions_lost = CounterMetricFamily(
+        "edge_source_sessions_lost",
+        "Reconnects where the broker had lost the agent's session (queued messages gone)",
+        labels=["source"],
+    )
     for name, figures in sources.items():
+        sessions_lost.add_metric([name], figures.get("sessions_lost", 0))
         received.add_metric([name], figures["received"])
         accepted.add_metric([name], figures["accepted"])
         quarantined.add_metric([name], figures["quarantined"])
         connected.add_metric([name], int(figures["connected"]))
-    yield from (received, accepted, quarantined, connected)
+    yield from (received, accepted, quarantined, connected, sessions_lost)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

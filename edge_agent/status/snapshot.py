@@ -57,6 +57,7 @@ class StatusBoard:
                     "accepted": source.stats.accepted,
                     "quarantined": source.stats.quarantined,
                     "connected": source.stats.connected,
+                    "sessions_lost": source.stats.sessions_lost,
                     **({"detail": dict(source.stats.detail)} if source.stats.detail else {}),
                 }
                 for source in self.sources

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.config import config_from_dict, load_config, public_keys
+from edge_agent.config import config_from_dict, config_from_toml, load_config, public_keys
 from edge_agent.errors import ConfigError
 
 
@@ -132,3 +132,52 @@ def test_model_public_keys_accept_a_rotation_pair() -> None:
         {"agent": {"store_id": "s"}, "model": {"public_key": f"{first} {second}"}}
     )
     assert len(public_keys(config.model)) == 2
+
+
+S = 'store_id = "s"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key"),
+    [
+        # Each raised something other than ConfigError (or nothing) before the loader was total.
+        (f"[agent]\n{S}[sync]\ninterval_s = nan\n", {}, "sync.interval_s"),
+        (f"[agent]\n{S}[input]\nmax_future_skew_s = inf\n", {}, "input.max_future_skew_s"),
+        (f"[agent]\n{S}[input]\nmax_event_age_s = -1.0\n", {}, "input.max_event_age_s"),
+        (f"[agent]\n{S}[input]\nmax_event_age_s = 1e300\n", {}, "input.max_event_age_s"),
+        (f"[agent]\n{S}[buffer]\nmax_bytes = {10**30}\n", {}, "buffer.max_bytes"),
+        (f"[agent]\n{S}", {"EDGE_AGENT__MQTT__PORT": "9" * 5000}, "mqtt.port"),
+        (f"[agent]\n{S}", {"EDGE_AGENT__SYNC__TIMEOUT_S": "1e999"}, "sync.timeout_s"),
+        (f"[agent]\n{S}", {"EDGE_AGENT__AGENT__DATA_DIR": "/var/\x00lib"}, "agent.data_dir"),
+        (f"[agent]\n{S}", {"EDGE_AGENT__MQTT__PASSWORD": "p\udcff"}, "mqtt.password"),
+        (
+            f"[agent]\n{S}[model]\nsuggestion_topic = '{{prefix.x}}/{{device_id}}'\n",
+            {},
+            "model.suggestion_topic",
+        ),
+        (
+            f"[agent]\n{S}[model]\nsuggestion_topic = '{{prefix:99999999}}/{{device_id}}'\n",
+            {},
+            "model.suggestion_topic",
+        ),
+        (f"[agent]\n{S}[mqtt]\ntls = true\nca_file = '{'x' * 5000}'\n", {}, "mqtt.ca_file"),
+        (f"[agent]\n{S}[input]\npoison_max_deaths = 0\n", {}, "input.poison_max_deaths"),
+        (f"[agent]\n{S}[input]\nclock_skew_min_events = 65\n", {}, "input.clock_skew_min_events"),
+        ("x = " + "[" * 5000 + "]" * 5000 + "\n", {}, "config"),
+    ],
+)
+def test_any_malformed_config_is_one_config_error_naming_the_key(
+    text: str, environ: dict[str, str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml(text, environ)
+    assert caught.value.key == key
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[agent]\nstore_id = '\xff\xfe'\n")
+    for path in (binary, tmp_path):  # not UTF-8; a directory
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, {})
+        assert caught.value.key == str(path)

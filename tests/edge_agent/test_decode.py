@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from cloud_sync.envelope_schema import default_registry
 from edge_agent.config import InputSection
-from edge_agent.decode import DecodeContext, TopicParts, decode_message, parse_topic
-from edge_agent.events import Event, Rejected
+from edge_agent.decode import DecodeContext, TopicParts, decode_message, make_context, parse_topic
+from edge_agent.events import Event, Rejected, format_ts, parse_ts
 
 NOW = datetime(2026, 11, 22, 8, 0, 0, tzinfo=UTC)
 CONTEXT = DecodeContext(
@@ -134,16 +134,38 @@ def test_telemetry_payload() -> None:
         (b'{"type": "kiosk.view", "customer_id": 12, "data": {}}', "wrong_type", EVENTS),
         (b'{"type": "kiosk.view", "event_id": "", "data": {}}', "wrong_type", EVENTS),
         (b'{"type": "kiosk.view", "ts": "yesterday", "data": {}}', "bad_timestamp", EVENTS),
+        # Issue 9 item 1: each of these stopped the agent (OverflowError, ValueError).
         (
-            b'{"type": "kiosk.view", "ts": "2126-01-01T00:00:00Z", "data": {}}',
-            "absurd_timestamp",
+            b'{"type": "kiosk.view", "ts": "9999-12-31T23:59:59-01:00", "data": {}}',
+            "bad_timestamp",
             EVENTS,
         ),
         (
-            b'{"type": "kiosk.view", "ts": "1970-01-01T00:00:00Z", "data": {}}',
-            "absurd_timestamp",
+            b'{"type": "kiosk.view", "ts": "0001-01-01T00:00:00+01:00", "data": {}}',
+            "bad_timestamp",
             EVENTS,
         ),
+        (b'{"type": "kiosk.view", "ts": 9223372036854775807, "data": {}}', "bad_timestamp", EVENTS),
+        (b'{"type": "kiosk.view", "ts": -1e300, "data": {}}', "bad_timestamp", EVENTS),
+        (b'{"ts": "9999-12-31T23:59:59-01:00", "values": {"t": 1}}', "bad_timestamp", TELEMETRY),
+        (b'{"type": "kiosk.view", "data": {"n": ' + b"7" * 5000 + b"}}", "bad_number", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"n": 9223372036854775808}}', "bad_number", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"n": -9223372036854775809}}', "bad_number", EVENTS),
+        (b'{"type": "product.pickup", "data": {"sku": "S", "w": NaN}}', "bad_number", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"w": Infinity}}', "bad_number", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"w": -Infinity}}', "bad_number", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"w": 1e400}}', "bad_number", EVENTS),
+        (b'{"values": {"temp_c": NaN}}', "bad_number", TELEMETRY),
+        (b'{"values": {"temp_c": -1e999}}', "bad_number", TELEMETRY),
+        (b'{"values": {"n": ' + b"1" * 4301 + b"}}", "bad_number", TELEMETRY),
+        # Issue 9 item 3: a lone surrogate reached the writer and killed its thread.
+        (b'{"type": "product.pickup", "data": {"sku": "\\ud800"}}', "bad_unicode", EVENTS),
+        (b'{"type": "kiosk.view", "data": {"\\uDFFF": 1}}', "bad_unicode", EVENTS),
+        (b'[{"type": "kiosk.view", "data": {"a": [[{"b": "x\\udc00"}]]}}]', "bad_unicode", EVENTS),
+        (b'{"type": "kiosk.view", "customer_id": "\\ud800", "data": {}}', "bad_unicode", EVENTS),
+        (b'{"values": {"\\ud800": 1}}', "bad_unicode", TELEMETRY),
+        (b'{"type": "product.pickup", "data": {"sku": "a\\u0000b"}}', "bad_unicode", EVENTS),
+        (b'{"values": {"t\\u0000": 1}}', "bad_unicode", TELEMETRY),
         (b"[]", "empty_batch", EVENTS),
         (b"42", "wrong_type", EVENTS),
         (b'{"values": [1, 2]}', "wrong_type", TELEMETRY),
@@ -158,6 +180,30 @@ def test_bad_input_is_rejected_with_its_reason(
     assert isinstance(rejected, Rejected)
     assert rejected.reason == reason
     assert rejected.source == SOURCE
+
+
+def test_a_valid_surrogate_pair_and_int64_edges_are_accepted() -> None:
+    payload = (
+        b'{"type": "product.pickup", "data": {"sku": "\\ud83d\\ude00", '
+        b'"lo": -9223372036854775808, "hi": 9223372036854775807, "f": 1.7e308}}'
+    )
+    [event] = decode(payload)
+    assert isinstance(event, Event)
+    assert event.data == {
+        "sku": "\U0001f600",
+        "lo": -(2**63),
+        "hi": 2**63 - 1,
+        "f": 1.7e308,
+    }
+
+
+def test_a_device_time_out_of_tolerance_is_kept_with_the_receive_time() -> None:
+    # One rule for MQTT and serial: the event is kept, its ts is the receive time.
+    for ts in ("2126-01-01T00:00:00Z", "1970-01-01T00:00:00Z", 0):
+        payload = json.dumps({"type": "kiosk.view", "ts": ts, "data": {}}).encode()
+        [event] = decode(payload)
+        assert isinstance(event, Event)
+        assert event.ts == event.received_at == "2026-11-22T08:00:00.000Z"
 
 
 def test_too_many_events_in_one_message() -> None:
@@ -197,3 +243,66 @@ def test_any_json_object_is_an_event_or_a_reason(document: dict[str, object]) ->
             assert item.reason
         else:
             assert default_registry().check_data(item.type, item.data) is None
+
+
+def test_a_box_clock_25_hours_behind_raises_the_skew_alarm_and_keeps_device_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 9 item 7: every correctly time-stamped event was quarantined "in the future".
+    context = make_context("store-001", default_registry(), InputSection(), b"test-id-key")
+    true_now = NOW + timedelta(hours=25)
+    events = []
+    for n in range(30):
+        ts = format_ts(true_now + timedelta(seconds=n))
+        payload = json.dumps({"type": "kiosk.view", "ts": ts, "data": {"n": n}}).encode()
+        [item] = decode_message(context, EVENTS, SOURCE, payload, NOW)
+        assert isinstance(item, Event)  # nothing is quarantined
+        events.append(item)
+    minimum = InputSection().clock_skew_min_events
+    assert all(e.ts == e.received_at for e in events[: minimum - 1])  # before the alarm
+    assert all(e.ts != e.received_at for e in events[minimum - 1 :])  # device time kept
+    assert events[-1].ts == format_ts(true_now + timedelta(seconds=29))
+    clock = context.clock.status()["clock"]
+    assert clock["suspect_skew"] is True
+    assert 25 * 3600 <= clock["skew_s"] <= 25 * 3600 + 30
+    assert clock["device_time_replaced"] == minimum - 1
+    assert any(
+        r.levelname == "WARNING" and r.message.startswith("clock.skew.suspected")
+        for r in caplog.records
+    )
+    # A device whose own clock is far off is still not believed while the alarm is up.
+    payload = b'{"type": "kiosk.view", "ts": "2199-01-01T00:00:00Z", "data": {}}'
+    [odd] = decode_message(context, EVENTS, SOURCE, payload, NOW)
+    assert isinstance(odd, Event)
+    assert odd.ts == odd.received_at
+
+
+def test_a_few_devices_ahead_do_not_raise_the_alarm() -> None:
+    context = make_context("store-001", default_registry(), InputSection(), b"test-id-key")
+    for n in range(60):
+        ahead = timedelta(days=3) if n % 10 == 0 else timedelta(seconds=-1)
+        payload = json.dumps(
+            {"type": "kiosk.view", "ts": format_ts(NOW + ahead), "data": {}}
+        ).encode()
+        decode_message(context, EVENTS, SOURCE, payload, NOW)
+    assert context.clock.status()["clock"]["suspect_skew"] is False
+    assert context.clock.status()["clock"]["device_time_replaced"] == 6
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:59:59-01:00",  # year 10000 in UTC: OverflowError before
+        "0001-01-01T00:00:00+01:00",  # year 0 in UTC: OverflowError before
+        "2026-11-22T08:00:00",  # no zone
+        "2" * 100_000,
+        "",
+    ],
+)
+def test_parse_ts_is_total(text: str) -> None:
+    assert parse_ts(text) is None
+
+
+def test_format_ts_keeps_four_digit_years() -> None:
+    assert format_ts(datetime(5, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)) == "0005-01-02T03:04:05.678Z"
+    assert parse_ts("0005-01-02T03:04:05.678Z") == datetime(5, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)

@@ -30,6 +30,19 @@ def test_unit_is_a_notify_service_with_watchdog_and_restart() -> None:
     assert "char-ttyUSB rw" in settings["DeviceAllow"]
 
 
+def test_unit_limits_restarts_beyond_what_dead_lettering_needs() -> None:
+    # Issue 9: a crash loop had no end. Dead-lettering needs poison_max_deaths + 1 starts.
+    from edge_agent.config import InputSection
+
+    settings = unit_settings()
+    interval, burst = int(settings["StartLimitIntervalSec"][0]), int(settings["StartLimitBurst"][0])
+    restart_s = float(settings["RestartSec"][0])
+    assert burst > InputSection().poison_max_deaths + 1
+    assert interval > burst * restart_s  # the limit can be reached by a real loop
+    unit = UNIT.read_text()
+    assert unit.index("StartLimitBurst") < unit.index("[Service]")  # a [Unit] setting
+
+
 def test_systemd_rates_the_unit_low_exposure() -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed on this machine")

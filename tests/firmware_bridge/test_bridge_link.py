@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cloud_sync.envelope_schema import default_registry
+from cloud_sync.envelope_schema import Registry, default_registry
+from edge_agent.config import InputSection
+from edge_agent.decode import make_context
+from edge_agent.device_time import ClockRules, DeviceClockJudge
 from edge_agent.events import Event, Rejected
 from firmware_bridge import codec
 from firmware_bridge.codec import Frame, MessageType
@@ -232,3 +235,81 @@ def test_a_reconnect_forgets_who_was_on_the_port() -> None:
     assert link.receive(event(3), 1.1, WALL).deliveries == []
     hello(link)
     assert len(link.receive(event(3), 1.2, WALL).deliveries) == 1
+
+
+def test_numbers_and_strings_the_pipe_cannot_hold_are_rejected_then_nacked() -> None:
+    # Issue 9 items 1-3, serial side: the same refusals as MQTT's decoder.
+    link = make_link()
+    hello(link)
+    prefix = EventMessage("product.pickup", None, 0).encode()[:-2]
+    payloads = {
+        b'{"sku":"S","w":NaN}': "bad_number",
+        b'{"sku":"S","w":1e400}': "bad_number",
+        b'{"sku":"S","w":18446744073709551616}': "bad_number",
+        b'{"sku":"\\ud800"}': "bad_unicode",
+        b'{"sku":"S","\\udc00":1}': "bad_unicode",
+        b'{"sku":"S\\u0000"}': "bad_unicode",
+    }
+    for seq, (data, reason) in enumerate(payloads.items(), start=1):
+        (delivery,) = link.receive(event(seq, prefix + data), 0.0, WALL).deliveries
+        assert isinstance(delivery.item, Rejected)
+        assert delivery.item.reason == reason
+        nack = Nack.decode(link.settled(delivery.key, delivery.item).payload)
+        assert nack.reason == NackReason.QUARANTINED
+
+
+def test_one_timestamp_rule_and_one_alarm_for_serial_and_mqtt() -> None:
+    # A device 25 h "ahead" (the box's clock is behind): kept, never quarantined; once the
+    # shared judge suspects the box's clock, the device time is kept as the ts.
+    judge = DeviceClockJudge(ClockRules(skew_min_events=3))
+    link = DeviceLink("store-001", default_registry(), agent_boot_id=1, clock=judge)
+    hello(link)
+    ahead_ms = int((WALL + timedelta(hours=25)).timestamp() * 1000)
+    items = []
+    for seq in range(1, 6):
+        message = EventMessage("product.scan", None, ahead_ms + seq, {"sku": "a"})
+        (delivery,) = link.receive(event(seq, message.encode()), 0.0, WALL).deliveries
+        assert isinstance(delivery.item, Event)
+        items.append(delivery.item)
+    assert [item.ts == item.received_at for item in items] == [True, True, False, False, False]
+    assert judge.status()["clock"]["suspect_skew"] is True
+    mqtt = make_context("store-001", default_registry(), InputSection(), b"test-id-key", judge)
+    assert mqtt.clock is judge  # the agent hands the same judge to every source
+
+
+def test_a_bug_while_mapping_a_frame_costs_that_frame_only() -> None:
+    registry = default_registry()
+    faulty = Registry(registry.version, _ExplodingTypes(registry.types))
+    link = DeviceLink("store-001", faulty, agent_boot_id=1)
+    hello(link)
+    boom = EventMessage("product.boom", None, 0, {}).encode()
+    (bad,) = link.receive(event(1, boom), 0.0, WALL).deliveries
+    (good,) = link.receive(event(2), 0.0, WALL).deliveries
+    assert isinstance(bad.item, Rejected)
+    assert bad.item.reason == "internal_error"
+    assert bad.item.detail.startswith("RuntimeError")
+    assert Nack.decode(link.settled(bad.key, bad.item).payload).seq == 1
+    assert isinstance(good.item, Event)
+
+
+class _ExplodingTypes(dict[str, Any]):
+    """A type table that fails on one type: a stand-in for an unknown bug (the test's own)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "product.boom":
+            raise RuntimeError("a bug in mapping")
+        return super().get(key, default)
+
+
+def test_a_nul_in_a_str8_field_is_rejected() -> None:
+    # Found by the serial fuzz target (corpus: crash-nul-in-customer-id): a customer id of
+    # three NUL bytes is valid UTF-8, was accepted, and the central store refuses it.
+    link = make_link()
+    hello(link)
+    payload = EventMessage("product.pickup", "\x00\x00\x00", 0, {"sku": "S"}).encode()
+    (delivery,) = link.receive(event(1, payload), 0.0, WALL).deliveries
+    assert isinstance(delivery.item, Rejected)
+    assert delivery.item.reason == "bad_payload"
+    nul_device = Hello("shelf\x0007", "fw", 1, 1).encode()
+    link.receive(Frame(MessageType.HELLO, 9, 1, nul_device), 0.0, WALL)
+    assert link.drops["bad_hello"] == 1

@@ -289,3 +289,41 @@ async def test_sim_without_a_reader_gives_up_by_its_timeout(sims: SimLauncher) -
     assert code == 1
     assert summary["ok"] is False
     assert summary["acked"] == 0
+
+
+async def test_a_frame_that_kills_the_agent_is_dead_lettered_after_two_deaths(
+    sims: SimLauncher, tmp_path: Path
+) -> None:
+    # Issue 9: the device retransmits until it is acknowledged, so a frame that kills the
+    # agent would loop forever. After two deaths it is quarantined as poison and NACKed.
+    sim = await sims.start("--device-id", "shelf-16", "--events", "1")
+    log, journal_dir = tmp_path / "committed.jsonl", tmp_path / "inflight"
+    journal, deaths_file = journal_dir / "serial.journal", journal_dir / "serial.deaths.json"
+    agent = [sys.executable, str(Path(__file__).with_name("agent_proc.py")), sim.path, str(log)]
+
+    def in_hand(deaths_so_far: int) -> bool:
+        # After a death, first wait until this process has counted it (it then starts a new
+        # journal), so the old journal's line is not taken for the new one.
+        if deaths_so_far:
+            counted = json.loads(deaths_file.read_text()) if deaths_file.exists() else {}
+            if deaths_so_far not in counted.values():
+                return False
+        return journal.exists() and journal.read_text().startswith("B ")
+
+    for death in range(2):
+        process = await asyncio.create_subprocess_exec(*agent, str(journal_dir), "hang")
+        try:
+            await until(lambda death=death: in_hand(death), limit_s=20)
+        finally:
+            process.kill()  # SIGKILL while the frame is in hand
+            await asyncio.wait_for(process.wait(), 10)
+    last = await asyncio.create_subprocess_exec(*agent, str(journal_dir), "hang")
+    try:
+        code, summary = await sim.wait()
+    finally:
+        last.kill()
+        await asyncio.wait_for(last.wait(), 10)
+    assert code == 4, summary  # settled, but NACKed: quarantined
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines == [{"quarantined": "poison"}]
+    assert json.loads(deaths_file.read_text()) == {}
