@@ -68,7 +68,7 @@ def test_agents_heartbeats_make_the_fleet_view_and_a_killed_agent_goes_stale_fir
     other = f"{store_id}-b"
     other_token = store_cli(db_url, "token", "create", "--store", other)
     admin = store_cli(db_url, "admin", "create")
-    store = StoreProcess(db_url, tmp_path / "store.log", extra=("--stale-after-s", "3"))
+    store = StoreProcess(db_url, tmp_path / "store.log", extra=("--stale-after-s", "6"))
     store.start()
     http_port = free_port()
     document = agent_config_dict(
@@ -124,30 +124,36 @@ def test_agents_heartbeats_make_the_fleet_view_and_a_killed_agent_goes_stale_fir
 
         agent.kill()  # kill -9: no goodbye, the heartbeats just stop
         _wait(
-            lambda: _fleet_json(db_url, "--stale-after-s", "3")[0]["stale"],
+            lambda: _fleet_json(db_url, "--stale-after-s", "6")[0]["stale"],
             30,
             "the killed agent goes stale",
         )
-        # Another agent reports now: live, listed after the stale one.
-        request = urllib.request.Request(
-            f"{store.url}/v1/heartbeat",
-            data=json.dumps({"version": "9.9.9", "health": "ok", "backlog": 3}).encode(),
-            headers={
-                "Authorization": f"Bearer {other_token}",
-                "Content-Type": "application/json",
-            },
-        )
-        urllib.request.urlopen(request, timeout=10).close()
-        entries = _fleet_json(db_url, "--stale-after-s", "3")
+
+        # Another agent, live: it reports (as it would every interval) before each look.
+        def other_beats() -> None:
+            request = urllib.request.Request(
+                f"{store.url}/v1/heartbeat",
+                data=json.dumps({"version": "9.9.9", "health": "ok", "backlog": 3}).encode(),
+                headers={
+                    "Authorization": f"Bearer {other_token}",
+                    "Content-Type": "application/json",
+                },
+            )
+            urllib.request.urlopen(request, timeout=10).close()
+
+        other_beats()
+        entries = _fleet_json(db_url, "--stale-after-s", "6")
         assert [(e["store_id"], e["stale"]) for e in entries] == [
             (store_id, True),
             (other, False),
         ]
-        lines = _fleet_cli(db_url, "--stale-after-s", "3").splitlines()
+        other_beats()
+        lines = _fleet_cli(db_url, "--stale-after-s", "6").splitlines()
         assert lines[0].split()[:2] == ["STORE", "STATE"]
         assert lines[1].split()[:2] == [store_id, "STALE"]
         assert lines[2].split()[:2] == [other, "live"]
 
+        other_beats()
         code, body = http_get(f"{store.url}/metrics")
         assert code == 200
     finally:
