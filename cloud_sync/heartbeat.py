@@ -5,9 +5,10 @@ figures through the status board, the same snapshot ``/status`` answers with, an
 them to ``POST /v1/heartbeat``: version, model version and source, backlog, lag, drops,
 quarantined inputs, health, the last error, uptime, and the box's own time. The store keeps
 the latest per agent (``customer-store fleet``, ``GET /v1/fleet``) and answers with the
-clock skew it measured, which this component shows on ``/status`` (``clock``) and
-``/metrics`` (``edge_clock_skew_seconds``). A heartbeat that fails is retried at the next
-tick; it never holds up the uploader, which has its own connection.
+clock skew it measured, which this component shows on ``/status``
+(``heartbeat.store_clock_skew_s``) and ``/metrics`` (``edge_store_clock_skew_seconds``).
+A heartbeat that fails is retried at the next tick; it never holds up the uploader, which
+has its own connection.
 """
 
 from __future__ import annotations
@@ -80,11 +81,10 @@ class Heartbeat:
                 "errors": stats.errors,
                 "last_success": stats.last_success,
                 "last_error": stats.last_error,
-            },
-            "clock": {
-                "skew_s": stats.clock_skew_s,
-                "measured_at": stats.skew_measured_at,
-                "against": "central store",
+                # This box's wall clock minus the store's (the device-time judge's "clock"
+                # section compares device clocks with this box's instead).
+                "store_clock_skew_s": stats.clock_skew_s,
+                "store_clock_measured_at": stats.skew_measured_at,
             },
         }
 

@@ -28,6 +28,8 @@ QUARANTINE_REASONS: Final = (
     "missing_field",
     "unknown_type",
     "schema_unsupported",
+    "bad_number",
+    "bad_unicode",
     "bad_timestamp",
     "absurd_timestamp",
     "bad_topic",
@@ -60,6 +62,7 @@ SERIAL_DROP_REASONS: Final = (
     "unidentified",
     "bad_result",
     "write_backlog",
+    "internal_error",
 )
 
 HOLD_REASONS: Final = (ROOM, *(fault.value for fault in Fault))

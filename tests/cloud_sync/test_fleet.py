@@ -109,10 +109,10 @@ def test_agents_heartbeats_make_the_fleet_view_and_a_killed_agent_goes_stale_fir
         assert (entry["drops"], entry["quarantined"], entry["stale"]) == (0, 0, False)
         assert entry["model_source"] == "none"
         assert abs(entry["clock_skew_s"]) < 5  # the same clock on both ends
-        assert status["clock"]["skew_s"] is not None  # the agent learns the skew too
+        assert status["heartbeat"]["store_clock_skew_s"] is not None  # the agent learns it too
         assert status["heartbeat"]["sent"] >= 1
         agent_metrics = http_get(f"http://127.0.0.1:{http_port}/metrics")[1].decode()
-        assert "edge_clock_skew_seconds " in agent_metrics
+        assert "edge_store_clock_skew_seconds " in agent_metrics
 
         # Admin only.
         view = _get_json(f"{store.url}/v1/fleet", admin)

@@ -79,7 +79,11 @@ def test_every_metric_in_the_alerts_and_dashboards_is_exported(
         publisher.wait_all()
         _wait(lambda: _status(http_port)["suggestions"]["shown"] >= 1, 30, "a suggestion")
         _wait(lambda: _status(http_port)["sync"]["lag_s"] == 0.0, 30, "the upload drained")
-        _wait(lambda: _status(http_port)["clock"]["skew_s"] is not None, 30, "a heartbeat")
+        _wait(
+            lambda: _status(http_port)["heartbeat"]["store_clock_skew_s"] is not None,
+            30,
+            "a heartbeat",
+        )
         exported = _names(http_get(f"http://127.0.0.1:{http_port}/metrics")[1])
         exported |= _names(http_get(f"{store.url}/metrics")[1])
         assert agent.terminate() == 0
