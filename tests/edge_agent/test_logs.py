@@ -9,7 +9,11 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from edge_agent import logs
+from edge_agent.config import config_from_dict
+from edge_agent.errors import ConfigError
 from tests.conftest import agent_config_dict
 from tests.support.agent import AgentProcess, wait_http_ready, write_config
 from tests.support.broker import AmqttBroker, MosquittoBroker, free_port
@@ -124,3 +128,15 @@ def test_logfmt_escapes_what_would_split_a_value() -> None:
 
 def test_priorities_follow_the_syslog_levels() -> None:
     assert [logs.priority(n) for n in (10, 20, 25, 30, 40, 50)] == [7, 6, 6, 4, 3, 2]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("log", "format", "xml"), ("log", "level", "loud"), ("sync", "heartbeat_interval_s", 0.1)],
+)
+def test_log_and_heartbeat_keys_are_checked_at_load(section: str, key: str, value: object) -> None:
+    base = {"agent": {"store_id": "store-1"}}
+    config = config_from_dict({**base, "log": {"format": "json", "level": "debug"}})
+    assert (config.log.format, config.log.level) == ("json", "debug")
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        config_from_dict({**base, section: {key: value}})
