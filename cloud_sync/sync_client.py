@@ -162,6 +162,21 @@ class StoreClient:
         customers = [{"customer_id": c, "pseudonym": p} for c, p in pairs]
         await self._post_json("/v1/pseudonymisations", {"customers": customers})
 
+    async def heartbeat(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Post this agent's figures (the fleet view); the store answers with its time."""
+        url = f"{self.base}/v1/heartbeat"
+        headers = {**self._headers, "Content-Type": "application/json"}
+        try:
+            async with self._session.post(url, json=document, headers=headers) as response:
+                if response.status != 200:
+                    _raise_for(response, (await response.text(errors="replace"))[:300])
+                answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise StoreUnavailableError(f"POST {url}: not a JSON object")
+        return answer
+
     async def _post_json(self, path: str, document: dict[str, Any]) -> None:
         url = f"{self.base}{path}"
         headers = {**self._headers, "Content-Type": "application/json"}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from cloud_sync.envelope_schema import default_registry
+from cloud_sync.heartbeat import Heartbeat
 from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
@@ -110,6 +111,7 @@ def build_components(config: Config) -> list[Component]:
         components.append(Personalizer(config))
     if config.sync.url:
         components.append(Uploader(config))
+        components.append(Heartbeat(config))
     return components
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from edge_agent import __version__
+from edge_agent import __version__, logs
 from edge_agent.buffer import inspect, salvage
 from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError, StorageError
@@ -27,7 +27,8 @@ log = logging.getLogger("edge_agent")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    # Until a config is read: its [log] section applies from _load on.
+    logs.configure(args.log_level or "info", os.environ.get("EDGE_AGENT__LOG__FORMAT", "logfmt"))
     try:
         result: int = args.handler(args)
     except ConfigError as exc:
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("EDGE_AGENT_LOG_LEVEL"),
+        help="debug, info, warning, error (default: [log] level of the config, else info)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -137,7 +142,9 @@ def _load(args: argparse.Namespace) -> Config:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG_PATH.exists():
         path = DEFAULT_CONFIG_PATH
-    return load_config(path)
+    config = load_config(path)
+    logs.configure(args.log_level or config.log.level, config.log.format)
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -256,18 +263,6 @@ def _buffer_clear_salvage(args: argparse.Namespace) -> int:
         connection.close()
     print(json.dumps({"cleared": cleared.as_status() if cleared else None}))
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    # journald adds its own timestamps; elsewhere a person reads the log and wants them.
-    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s %(message)s"
-    if not under_journald:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
-    # The embedded broker narrates every connection at INFO; keep its warnings only.
-    for chatty in ("amqtt", "transitions"):
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 if __name__ == "__main__":

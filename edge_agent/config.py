@@ -139,6 +139,8 @@ class SyncSection:
     live_lane_size: int = 50  # newest customer events sent beside each backlog round
     concurrency: int = 1  # batches in flight at once (several store replicas)
     allow_insecure_http: bool = False  # http:// to a non-loopback store: only when true
+    # How often the agent reports its health, versions, backlog and lag (the fleet view).
+    heartbeat_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,12 @@ class GovernanceSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    format: str = "logfmt"  # logfmt or json (edge_agent/logs.py); journald priorities either way
+    level: str = "info"  # debug, info, warning, error; `edge-agent --log-level` overrides
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection
     mqtt: MqttSection = field(default_factory=MqttSection)
@@ -169,6 +177,7 @@ class Config:
     sync: SyncSection = field(default_factory=SyncSection)
     serial: SerialSection = field(default_factory=SerialSection)
     governance: GovernanceSection = field(default_factory=GovernanceSection)
+    log: LogSection = field(default_factory=LogSection)
 
     @property
     def data_dir(self) -> Path:
@@ -492,6 +501,19 @@ def _validate(config: Config) -> None:
             not config.sync.url or bool(config.sync.token),
             "sync.token",
             "is required when sync.url is set (or EDGE_AGENT__SYNC__TOKEN)",
+        ),
+    ]
+    checks += [
+        (config.log.format in ("logfmt", "json"), "log.format", "must be logfmt or json"),
+        (
+            config.log.level.lower() in ("debug", "info", "warning", "error"),
+            "log.level",
+            "must be debug, info, warning or error",
+        ),
+        (
+            config.sync.heartbeat_interval_s >= 1,
+            "sync.heartbeat_interval_s",
+            "must be at least 1 second",
         ),
     ]
     for ok, key, problem in checks:

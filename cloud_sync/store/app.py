@@ -21,7 +21,7 @@ from aiohttp import web
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.erasure_blinding import blind, blinding_key
-from cloud_sync.store import auth, profiles
+from cloud_sync.store import auth, fleet, profiles
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
 from cloud_sync.store.ingest import (
@@ -32,6 +32,7 @@ from cloud_sync.store.ingest import (
     check_content_type,
     decode_body,
 )
+from cloud_sync.store.metrics import StoreMetrics
 from cloud_sync.store.records import Principal, format_ts
 from cloud_sync.store.sql_shared import AGENT_REPORT_PREFIX
 
@@ -64,6 +65,7 @@ class IngestSlots:
 BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
 SLOTS: Final = web.AppKey("slots", IngestSlots)
+METRICS: Final = web.AppKey("metrics", StoreMetrics)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -75,11 +77,21 @@ PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(backend: Backend, limits: Limits | None = None) -> web.Application:
+def create_app(
+    backend: Backend,
+    limits: Limits | None = None,
+    *,
+    stale_after_s: float = fleet.DEFAULT_STALE_AFTER_S,
+) -> web.Application:
     """The application; the caller owns ``backend`` and closes it after the app stops."""
     limits = limits or Limits()
+    store_metrics = StoreMetrics(stale_after_s)
     # aiohttp's own cap is a backstop; decode_body answers oversized bodies with a JSON 413.
-    app = web.Application(client_max_size=limits.max_body_bytes + 1, middlewares=[_errors_as_json])
+    app = web.Application(
+        client_max_size=limits.max_body_bytes + 1,
+        middlewares=[store_metrics.middleware, _errors_as_json],
+    )
+    app[METRICS] = store_metrics
     app[BACKEND] = backend
     app[LIMITS] = limits
     app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
@@ -96,6 +108,7 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app.router.add_get("/v1/models/latest", _get_latest_model)
     app.router.add_get("/v1/models/{version}/model.onnx", _get_model_artifact)
     app.router.add_get("/v1/aggregates", _get_aggregates)
+    _add_fleet_routes(app)
     return app
 
 
@@ -203,6 +216,9 @@ async def _ingest(request: web.Request, principal: Principal, limits: Limits) ->
         now,
     )
     counts = await request.app[BACKEND].ingest(batch.rows, now, principal.credential_id)
+    request.app[METRICS].count_ingest(
+        counts.accepted, counts.duplicates + batch.repeated, len(batch.rejected), counts.erased
+    )
     log.info(
         "store.batch.ingested store=%s received=%d accepted=%d duplicates=%d rejected=%d"
         " reasons=%s",
@@ -465,3 +481,60 @@ def _date_param(request: web.Request, name: str) -> date | None:
         return date.fromisoformat(text)
     except ValueError as exc:
         raise BadRequestError(400, "bad_parameter", f"{name} must be YYYY-MM-DD") from exc
+
+
+# ---- the fleet view and the store's metrics (issue 13) --------------------------------
+
+
+def _add_fleet_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", _get_metrics)
+    app.router.add_post("/v1/heartbeat", _post_heartbeat)
+    app.router.add_get("/v1/fleet", _get_fleet)
+
+
+async def _get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text; counts only (no ids), so unauthenticated like /healthz."""
+    body = await request.app[METRICS].render(request.app[BACKEND])
+    return web.Response(
+        body=body,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Format": "prometheus-0.0.4"},
+    )
+
+
+async def _post_heartbeat(request: web.Request) -> web.Response:
+    """An agent's latest figures; the answer carries the store's time and the measured skew."""
+    principal = await _principal(request, auth.may_upload)
+    counter = request.app[METRICS].heartbeats
+    try:
+        body = await _small_json(request)
+        heartbeat = fleet.parse_heartbeat(
+            body, principal.store_id or "", principal.credential_id, datetime.now(UTC)
+        )
+    except BadRequestError:
+        counter.labels("refused").inc()
+        raise
+    await request.app[BACKEND].record_heartbeat(heartbeat)
+    counter.labels("recorded").inc()
+    return web.json_response(
+        {
+            "received_at": format_ts(heartbeat.received_at),
+            "clock_skew_s": heartbeat.clock_skew_s,
+        }
+    )
+
+
+async def _get_fleet(request: web.Request) -> web.Response:
+    await _principal(request, lambda p: p.kind == "admin")
+    metrics = request.app[METRICS]
+    stale_after = float(_int_param(request, "stale_after_s", int(metrics.stale_after_s), 1, 10**7))
+    now = datetime.now(UTC)
+    heartbeats = await request.app[BACKEND].heartbeats()
+    return web.json_response(
+        {
+            "now": format_ts(now),
+            "stale_after_s": stale_after,
+            "agents": fleet.fleet_view(heartbeats, now, stale_after),
+        }
+    )

@@ -11,6 +11,7 @@ from datetime import date, datetime
 from typing import Protocol
 
 from cloud_sync.store.errors import DatabaseUrlError
+from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
     Credential,
@@ -118,6 +119,16 @@ class Backend(Protocol):
     ) -> list[AggregateRow]: ...
 
     async def stats(self) -> Stats: ...
+
+    # ---- the fleet view (cloud_sync.store.fleet) ----
+
+    async def record_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Keep ``heartbeat`` as its store's latest (replacing an older one)."""
+        ...
+
+    async def heartbeats(self) -> list[Heartbeat]:
+        """The latest heartbeat of every agent that ever sent one."""
+        ...
 
     async def close(self) -> None: ...
 

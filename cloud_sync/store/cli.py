@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
-from cloud_sync.store import auth
+from cloud_sync.store import auth, fleet
 from cloud_sync.store.backend import Backend, open_backend
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.ingest import Limits
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=Limits().max_concurrent_ingests,
         help="per credential; more at once get a 429",
+    )
+    run.add_argument(
+        "--stale-after-s",
+        type=float,
+        default=fleet.DEFAULT_STALE_AFTER_S,
+        help="an agent without a heartbeat this long counts as stale on /metrics",
     )
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument(
@@ -147,8 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--by", default="operator", help="who decides (kept in the trail)")
 
     with_db(commands.add_parser("stats", help="print one JSON object of counts"))
+    _fleet_command(commands, with_db)
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
     return parser
+
+
+def _fleet_command(
+    commands: Any, with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    fleet_command = with_db(
+        commands.add_parser("fleet", help="the latest heartbeat of every agent, stale ones first")
+    )
+    fleet_command.add_argument("--json", action="store_true", help="one JSON object per agent")
+    fleet_command.add_argument(
+        "--stale-after-s",
+        type=float,
+        default=fleet.DEFAULT_STALE_AFTER_S,
+        help="an agent silent this long is stale (default %(default)s)",
+    )
 
 
 def _credential_commands(
@@ -253,6 +275,15 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
             return json.dumps(change.as_json(), sort_keys=True)
 
         return audit_decide
+    if command[0] == "fleet":
+
+        async def fleet_list(b: Backend) -> str:
+            entries = fleet.fleet_view(await b.heartbeats(), datetime.now(UTC), args.stale_after_s)
+            if args.json:
+                return "\n".join(json.dumps(e, sort_keys=True) for e in entries)
+            return fleet.table(entries)
+
+        return fleet_list
     if command[0] == "stats":
 
         async def stats(b: Backend) -> str:
@@ -304,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                     pool_size=args.pool_size,
                     access_log=args.access_log,
                     reuse_port=args.reuse_port,
+                    stale_after_s=args.stale_after_s,
                 )
             )
             return 0

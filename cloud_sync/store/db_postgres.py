@@ -20,9 +20,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from cloud_sync.store import migrations, sql_shared, trust
+from cloud_sync.store import fleet_sql, migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES
 from cloud_sync.store.errors import AuditError, BackendError
+from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
@@ -493,6 +494,20 @@ class PostgresBackend:
             counts[name] = int(rows[0][0])
         kinds = await self._fetch("stats", sql_shared.CREDENTIAL_COUNTS)
         return sql_shared.collect_stats(counts, kinds)
+
+    # ---- the fleet view ------------------------------------------------------------
+
+    async def record_heartbeat(self, heartbeat: Heartbeat) -> None:
+        params = fleet_sql.heartbeat_params(heartbeat, heartbeat.received_at)
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(fleet_sql.UPSERT_HEARTBEAT, params)
+        except psycopg.Error as exc:
+            raise BackendError("record_heartbeat", str(exc)) from exc
+
+    async def heartbeats(self) -> list[Heartbeat]:
+        rows = await self._fetch("heartbeats", fleet_sql.SELECT_HEARTBEATS)
+        return [fleet_sql.heartbeat(r, r[2], dict(r[4])) for r in rows]
 
     async def close(self) -> None:
         await self._pool.close()

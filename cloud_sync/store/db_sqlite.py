@@ -19,9 +19,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from cloud_sync.store import migrations, sql_shared, trust
+from cloud_sync.store import fleet_sql, migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES
 from cloud_sync.store.errors import AuditError, BackendError
+from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
@@ -408,6 +409,24 @@ class SqliteBackend:
             return sql_shared.collect_stats(counts, kinds)
 
         return await self._run("stats", stats)
+
+    # ---- the fleet view ------------------------------------------------------------
+
+    async def record_heartbeat(self, heartbeat: Heartbeat) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            with _atomic(conn):
+                conn.execute(
+                    fleet_sql.UPSERT_HEARTBEAT.replace("%s", "?"),
+                    fleet_sql.heartbeat_params(heartbeat, sortable_ts(heartbeat.received_at)),
+                )
+
+        await self._run("record_heartbeat", record)
+
+    async def heartbeats(self) -> list[Heartbeat]:
+        rows = await self._run(
+            "heartbeats", lambda c: c.execute(fleet_sql.SELECT_HEARTBEATS).fetchall()
+        )
+        return [fleet_sql.heartbeat(r, _ts(r[2]), json.loads(r[4])) for r in rows]
 
     async def close(self) -> None:
         try:

@@ -212,6 +212,26 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             " WHERE l.a = e.customer_id AND l.b = e.data->>'alias') ORDER BY e.seq",
         ),
     ),
+    Migration(
+        4,
+        "agent_heartbeats: the latest heartbeat of each agent (the fleet view)",
+        sqlite=(
+            """CREATE TABLE agent_heartbeats (
+                store_id TEXT PRIMARY KEY,
+                credential_id INTEGER,
+                received_at TEXT NOT NULL,
+                clock_skew_s REAL,
+                report TEXT NOT NULL)""",
+        ),
+        postgres=(
+            """CREATE TABLE agent_heartbeats (
+                store_id text PRIMARY KEY,
+                credential_id bigint,
+                received_at timestamptz NOT NULL,
+                clock_skew_s double precision,
+                report jsonb NOT NULL)""",
+        ),
+    ),
 )
 
 SQLITE_LEDGER: Final = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from cloud_sync.store.app import create_app
 from cloud_sync.store.backend import open_backend
+from cloud_sync.store.fleet import DEFAULT_STALE_AFTER_S
 from cloud_sync.store.ingest import Limits
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ async def serve(
     pool_size: int = 10,
     access_log: bool = False,
     reuse_port: bool = False,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Prints ``listening http://HOST:PORT`` once accepting."""
     backend = await open_backend(db_url, pool_size=pool_size)
     try:
-        app = create_app(backend, limits)
+        app = create_app(backend, limits, stale_after_s=stale_after_s)
         runner = web.AppRunner(
             app,
             **RUNNER_OPTIONS,

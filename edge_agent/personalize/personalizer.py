@@ -138,6 +138,7 @@ class Personalizer:
                 "dropped": dict(self.stats.dropped),
                 "pending": self._inflight,
                 "latency_ms": self.stats.latency(),
+                "latency_histogram": self.stats.histogram.as_status(),
                 "sessions": len(self.sessions),
                 "sessions_evicted": self.sessions.evicted,
                 "recent": [

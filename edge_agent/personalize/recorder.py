@@ -76,7 +76,7 @@ class Recorder:
 
     def shown(self, served: Served) -> None:
         decision = served.decision
-        self.stats.latency_ms.append(served.latency_ns / 1e6)
+        self.stats.record_latency(served.latency_ns)
         self.stats.by_source[decision.source] += 1
         skus = tuple(sku for sku, _ in decision.slate.items)
         self.stats.recent.appendleft(

@@ -212,7 +212,9 @@ async def test_status_and_metrics_carry_the_contract_fields(
     assert received.labels == {"source": "mqtt"}
     assert received.value == 21
     assert families["edge_buffer_pending_events"].samples[0].value == 20
-    assert families["edge_quarantined"].samples[0].labels == {"reason": "not_json"}
+    quarantined = {s.labels["reason"]: s.value for s in families["edge_quarantined"].samples}
+    assert quarantined["not_json"] == 1
+    assert sum(quarantined.values()) == 1  # every other known reason is exported at 0
     assert families["edge_clock_suspect_skew"].samples[0].value == 0
     assert families["edge_source_sessions_lost"].samples[0].value == 0
     assert "<title>Edge agent</title>" in page

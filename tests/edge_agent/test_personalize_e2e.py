@@ -293,7 +293,7 @@ async def test_implicit_and_explicit_feedback_count_per_model_version(
     assert (figures["shown"], figures["accepted"], figures["dismissed"]) == (2, 1, 1)
     assert figures["by_model_version"]["sim-8bf6d734370d"]["acceptance_rate"] == 0.5
     assert 'edge_suggestion_acceptance_rate{model_version="sim-8bf6d734370d"} 0.5' in metrics
-    assert "edge_suggestion_latency_ms" in metrics
+    assert "edge_suggestion_latency_seconds_count 2.0" in metrics
 
 
 async def test_hot_swaps_under_load_drop_no_suggestion_and_rollback_follows_the_cli(
