@@ -270,6 +270,9 @@ async def test_a_lost_broker_session_is_a_warning_and_a_counter(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Issue 9 item 8: the broker forgot the agent's session (messages queued for it gone).
+    if not mqtt_broker.persistent:
+        # amqtt 0.12 neither takes over a client id's connection nor reports session_present.
+        missing_service("session takeover needs mosquitto")
     document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY)
     async with agent_running(document) as agent:
         events = agent.sources[0]
