@@ -21,7 +21,7 @@ from aiohttp import web
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.erasure_blinding import blind, blinding_key
-from cloud_sync.store import auth, profiles
+from cloud_sync.store import auth, feed, fleet, profiles, rollout
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
 from cloud_sync.store.ingest import (
@@ -64,6 +64,7 @@ class IngestSlots:
 BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
 SLOTS: Final = web.AppKey("slots", IngestSlots)
+FEED: Final = web.AppKey("feed", feed.FeedSettings)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -75,7 +76,9 @@ PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(backend: Backend, limits: Limits | None = None) -> web.Application:
+def create_app(
+    backend: Backend, limits: Limits | None = None, feed_settings: feed.FeedSettings | None = None
+) -> web.Application:
     """The application; the caller owns ``backend`` and closes it after the app stops."""
     limits = limits or Limits()
     # aiohttp's own cap is a backstop; decode_body answers oversized bodies with a JSON 413.
@@ -83,6 +86,7 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app[BACKEND] = backend
     app[LIMITS] = limits
     app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
+    app[FEED] = feed_settings or feed.FeedSettings()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -93,8 +97,11 @@ def create_app(backend: Backend, limits: Limits | None = None) -> web.Applicatio
     app.router.add_get("/v1/erasures", _get_erasures)
     app.router.add_post("/v1/erasures/pseudonyms", _post_erased_pseudonyms)
     app.router.add_post("/v1/pseudonymisations", _post_pseudonymisations)
+    app.router.add_get("/v1/profiles/{customer_id}", _get_profile)
+    app.router.add_get("/v1/feed", _get_feed)
     app.router.add_get("/v1/models/latest", _get_latest_model)
     app.router.add_get("/v1/models/{version}/model.onnx", _get_model_artifact)
+    app.router.add_get("/v1/models/{version}/performance", _get_model_performance)
     app.router.add_get("/v1/aggregates", _get_aggregates)
     return app
 
@@ -380,9 +387,52 @@ def _pseudonyms(value: Any, name: str) -> list[str]:
     return sorted(set(value))
 
 
+async def _get_profile(request: web.Request) -> web.Response:
+    """An agent's view of a customer across stores and channels; consent-gated: a customer
+    without personalization and profile sharing is a 404 identical to an unknown one."""
+    await _principal(request, auth.may_fetch_profiles)
+    customer_id = _id_param(request.match_info["customer_id"], "customer_id")
+    limit = _int_param(
+        request, "limit", profiles.DEFAULT_INTERACTIONS, 1, profiles.MAX_INTERACTIONS
+    )
+    not_found = _RefusedError(_error(404, "not_found", "no such customer"))
+    if profiles.is_pseudonym(customer_id):
+        raise not_found  # a pseudonymised customer's history stays where it was recorded
+    backend = request.app[BACKEND]
+    ids = [i for i in await backend.identities(customer_id) if not profiles.is_pseudonym(i)]
+    facts = await backend.profile_facts(ids, profiles.INTERACTION_TYPES, limit)
+    flags = profiles.resolved_flags(facts.consent)
+    if flags is None or not profiles.shares_profile(flags):
+        raise not_found
+    return web.json_response(
+        profiles.agent_profile_document(customer_id, flags, facts, datetime.now(UTC))
+    )
+
+
+async def _get_feed(request: web.Request) -> web.StreamResponse:
+    principal = await _principal(request, auth.may_read_events)
+    cursor = feed.start_cursor(request.query.get("after"), request.headers.get("Last-Event-ID"))
+    if cursor is None:
+        raise BadRequestError(400, "bad_cursor", "after / Last-Event-ID: an event's id")
+    who = f"{principal.kind}:{principal.name}"
+    return await feed.stream(request, request.app[BACKEND], cursor, request.app[FEED], who)
+
+
+async def _get_model_performance(request: web.Request) -> web.Response:
+    await _principal(request, auth.is_admin)
+    version = _id_param(request.match_info["version"], "version")
+    backend = request.app[BACKEND]
+    if await backend.model_record(version) is None:
+        return _error(404, "not_found", "no such model version")
+    rows = await backend.shown_events(version, None)
+    return web.json_response(fleet.performance(version, rows).as_json())
+
+
 async def _get_latest_model(request: web.Request) -> web.Response:
-    await _principal(request, auth.may_read_feeds)
-    record = await request.app[BACKEND].latest_model()
+    principal = await _principal(request, auth.may_read_feeds)
+    backend = request.app[BACKEND]
+    version = rollout.version_for(await backend.rollout(), principal.store_id)
+    record = None if version is None else await backend.model_record(version)
     if record is None:
         return _error(404, "not_found", "no model published yet")
     # Two versions may share an artifact (re-signed, re-labelled): the tag names both.

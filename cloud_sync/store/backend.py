@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Protocol
 
 from cloud_sync.store.errors import DatabaseUrlError
 from cloud_sync.store.records import (
     AggregateRow,
+    ConsentFacts,
     Credential,
     CustomerFacts,
     Erasure,
@@ -22,9 +23,17 @@ from cloud_sync.store.records import (
     Kind,
     ModelRecord,
     Principal,
+    ProfileFacts,
+    RolloutEntry,
+    RolloutState,
+    ShownRow,
     Stats,
     StoredEvent,
 )
+from cloud_sync.store.rollout import Change
+
+# A rollout decision: from the state and the log (oldest first), the new state and log line.
+RolloutDecision = Callable[[RolloutState, list[RolloutEntry]], Change]
 
 # An identity graph larger than this is a data problem, not a customer; stop walking it.
 MAX_IDENTITIES = 256
@@ -118,6 +127,45 @@ class Backend(Protocol):
     ) -> list[AggregateRow]: ...
 
     async def stats(self) -> Stats: ...
+
+    async def consent_facts(self, ids: Sequence[str]) -> ConsentFacts:
+        """The applied consent changes of these ids and which of them have a history."""
+        ...
+
+    async def profile_facts(
+        self, ids: Sequence[str], types: Sequence[str], limit: int
+    ) -> ProfileFacts:
+        """Consent facts, the newest ``limit`` events of ``types`` and their counts per sku."""
+        ...
+
+    async def feed_high_water(self) -> int:
+        """The highest event seq below which no ingest in progress can still add a row."""
+        ...
+
+    async def events_after(
+        self, after: int, upto: int | None, limit: int, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        """Events of identified customers with after < seq <= upto, in seq order; with
+        ``since`` only those dated since then, and every consent.update."""
+        ...
+
+    async def model_record(self, version: str) -> ModelRecord | None: ...
+
+    async def rollout(self) -> RolloutState: ...
+
+    async def rollout_log(self, limit: int) -> list[RolloutEntry]:
+        """The newest ``limit`` rollout changes, newest first."""
+        ...
+
+    async def update_rollout(
+        self, decide: RolloutDecision, decided_by: str, now: datetime
+    ) -> RolloutEntry:
+        """Apply ``decide`` to the state in one transaction and log it; RolloutError passes."""
+        ...
+
+    async def shown_events(self, version: str, since: datetime | None) -> list[ShownRow]:
+        """suggestion.shown events of a model version (since a time), with their acceptances."""
+        ...
 
     async def close(self) -> None: ...
 

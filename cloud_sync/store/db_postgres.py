@@ -21,11 +21,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from cloud_sync.store import migrations, sql_shared, trust
-from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
+    ConsentFacts,
     Credential,
     CustomerFacts,
     DeviceFacts,
@@ -33,9 +34,14 @@ from cloud_sync.store.records import (
     EventRow,
     IdentityChange,
     IngestCounts,
+    Interaction,
     Kind,
     ModelRecord,
     Principal,
+    ProfileFacts,
+    RolloutEntry,
+    RolloutState,
+    ShownRow,
     Stats,
     StoredEvent,
 )
@@ -43,6 +49,11 @@ from cloud_sync.store.records import (
 log = logging.getLogger(__name__)
 
 STATEMENT_TIMEOUT_MS = 60_000
+# Ingests hold this lock shared while they insert; the feed takes it exclusively for an
+# instant to learn the highest seq that no ingest in progress can still fill in below
+# (identity values are drawn before commit, so commits can land out of seq order).
+FEED_LOCK: Final = 0x63_73_66_65_65_64  # "csfeed"
+FEED_LOCK_TIMEOUT: Final = "5s"
 OPEN_TIMEOUT_S = 15.0
 CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
 COLUMNS = "event_id, type, ts, store_id, device_id, customer_id, source, schema, data, received_at"
@@ -122,6 +133,7 @@ class PostgresBackend:
         customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
         try:
             async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FEED_LOCK,))
                 erased_at: dict[str, datetime] = {}
                 if customers:
                     cur = await conn.execute(
@@ -494,6 +506,139 @@ class PostgresBackend:
         kinds = await self._fetch("stats", sql_shared.CREDENTIAL_COUNTS)
         return sql_shared.collect_stats(counts, kinds)
 
+    async def consent_facts(self, ids: Sequence[str]) -> ConsentFacts:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await _consent_facts(conn, ids)
+        except psycopg.Error as exc:
+            raise BackendError("consent_facts", str(exc)) from exc
+
+    async def profile_facts(
+        self, ids: Sequence[str], types: Sequence[str], limit: int
+    ) -> ProfileFacts:
+        where = "customer_id = ANY(%s) AND type = ANY(%s)"
+        params = (list(ids), list(types))
+        try:
+            # One snapshot: consent, interactions and counts agree.
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                consent = await _consent_facts(conn, ids)
+                cur = await conn.execute(
+                    "SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string'"
+                    " THEN data->>'sku' END, store_id, event_id FROM events"
+                    f" WHERE {where} ORDER BY ts DESC, seq DESC LIMIT %s",
+                    (*params, limit),
+                )
+                rows = await cur.fetchall()
+                cur = await conn.execute(
+                    f"SELECT data->>'sku', count(*) FROM events WHERE {where}"
+                    " AND jsonb_typeof(data->'sku') = 'string' GROUP BY 1",
+                    params,
+                )
+                counts = await cur.fetchall()
+        except psycopg.Error as exc:
+            raise BackendError("profile_facts", str(exc)) from exc
+        return ProfileFacts(
+            consent=consent,
+            interactions=tuple(Interaction(r[0], r[1], r[2], r[3], r[4]) for r in rows),
+            by_sku={str(r[0]): int(r[1]) for r in counts},
+        )
+
+    async def feed_high_water(self) -> int:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{FEED_LOCK_TIMEOUT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
+                cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM events")
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise BackendError("feed_high_water", str(exc)) from exc
+        return int(row[0]) if row else 0
+
+    async def events_after(
+        self, after: int, upto: int | None, limit: int, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        where = ["seq > %s", "customer_id IS NOT NULL"]
+        params: list[Any] = [after]
+        if upto is not None:
+            where.append("seq <= %s")
+            params.append(upto)
+        if since is not None:
+            where.append("(ts >= %s OR type = 'consent.update')")
+            params.append(since)
+        rows = await self._fetch(
+            "events_after",
+            f"SELECT seq, {sql_shared.ENVELOPE_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+            " ORDER BY seq LIMIT %s",
+            [*params, limit],
+        )
+        return [sql_shared.stored_event(r[0], r[3], r[1:], r[9]) for r in rows]
+
+    async def model_record(self, version: str) -> ModelRecord | None:
+        rows = await self._fetch("model_record", sql_shared.MODEL_RECORD, (version,))
+        return _model(rows[0]) if rows else None
+
+    async def rollout(self) -> RolloutState:
+        rows = await self._fetch("rollout", sql_shared.ROLLOUT_STATE)
+        return _rollout_state(rows[0] if rows else None)
+
+    async def rollout_log(self, limit: int) -> list[RolloutEntry]:
+        rows = await self._fetch("rollout_log", sql_shared.ROLLOUT_LOG, (limit,))
+        return [RolloutEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def update_rollout(
+        self, decide: RolloutDecision, decided_by: str, now: datetime
+    ) -> RolloutEntry:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                # Serialises rollout changes (a promote racing the automatic check).
+                await conn.execute("LOCK TABLE model_rollout IN EXCLUSIVE MODE")
+                cur = await conn.execute(sql_shared.ROLLOUT_STATE)
+                state = _rollout_state(await cur.fetchone())
+                cur = await conn.execute(
+                    "SELECT id, action, version, percent, reason, decided_by, at"
+                    " FROM model_rollout_log ORDER BY id"
+                )
+                log_rows = [
+                    RolloutEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6])
+                    for r in await cur.fetchall()
+                ]
+                change = decide(state, log_rows)
+                new = change.state
+                await conn.execute(
+                    sql_shared.UPSERT_ROLLOUT,
+                    (
+                        new.current_version,
+                        new.canary_version,
+                        new.canary_percent,
+                        new.canary_since,
+                        now,
+                    ),
+                )
+                cur = await conn.execute(
+                    sql_shared.INSERT_ROLLOUT_LOG + " RETURNING id",
+                    (change.action, change.version, change.percent, change.reason, decided_by, now),
+                )
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise BackendError("update_rollout", str(exc)) from exc
+        entry_id = int(row[0]) if row else 0
+        return RolloutEntry(
+            entry_id, change.action, change.version, change.percent, change.reason, decided_by, now
+        )
+
+    async def shown_events(self, version: str, since: datetime | None) -> list[ShownRow]:
+        rows = await self._fetch(
+            "shown_events",
+            "SELECT s.store_id, s.data->>'suggestion_id', s.data, a.seq, a.data->>'sku'"
+            " FROM events s LEFT JOIN events a ON a.type = 'suggestion.accepted'"
+            " AND a.store_id = s.store_id AND a.data->>'suggestion_id' = s.data->>'suggestion_id'"
+            " WHERE s.type = 'suggestion.shown' AND s.data->>'model_version' = %s"
+            " AND (%s::timestamptz IS NULL OR s.ts >= %s) ORDER BY s.seq",
+            (version, since, since),
+        )
+        return sql_shared.shown_rows((str(r[0]), r[1], r[2], r[3] is not None, r[4]) for r in rows)
+
     async def close(self) -> None:
         await self._pool.close()
         log.info("store.postgres.closed")
@@ -572,6 +717,34 @@ async def _history_stores(conn: psycopg.AsyncConnection[Any], ids: Sequence[str]
         (list(ids),),
     )
     return {str(r[0]) for r in await cur.fetchall()}
+
+
+async def _consent_facts(conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> ConsentFacts:
+    id_list = list(ids)
+    cur = await conn.execute(
+        "SELECT id, customer_id, flags, event_ts FROM identity_changes"
+        " WHERE customer_id = ANY(%s) AND kind = 'consent' AND status = 'applied' ORDER BY id",
+        (id_list,),
+    )
+    consents = await cur.fetchall()
+    cur = await conn.execute(
+        "SELECT DISTINCT customer_id FROM events WHERE customer_id = ANY(%s)"
+        " AND type <> 'customer.identified'",
+        (id_list,),
+    )
+    history = await cur.fetchall()
+    return ConsentFacts(
+        consent_changes=tuple(
+            ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), r[3]) for r in consents
+        ),
+        history_ids=tuple(sorted(str(r[0]) for r in history)),
+    )
+
+
+def _rollout_state(row: Sequence[Any] | None) -> RolloutState:
+    if row is None:
+        return RolloutState(None, None, 0, None)
+    return RolloutState(row[0], row[1], int(row[2]), row[3])
 
 
 def _same(value: datetime) -> datetime:

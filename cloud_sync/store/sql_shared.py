@@ -7,7 +7,7 @@ SQLite's backend rewrites to ``?``); dialect-specific queries stay in each backe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, Final, TypeVar, cast
 
@@ -19,6 +19,7 @@ from cloud_sync.store.records import (
     Kind,
     ModelRecord,
     Principal,
+    ShownRow,
     Stats,
     StoredEvent,
     format_ts,
@@ -205,3 +206,44 @@ def day_after(day: date) -> str:
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# The rollout (migration 4): one state row, and a log of every change to it.
+ROLLOUT_STATE: Final = (
+    "SELECT current_version, canary_version, canary_percent, canary_since FROM model_rollout"
+    " WHERE id = 1"
+)
+UPSERT_ROLLOUT: Final = (
+    "INSERT INTO model_rollout (id, current_version, canary_version, canary_percent,"
+    " canary_since, updated_at) VALUES (1, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+    " current_version = excluded.current_version, canary_version = excluded.canary_version,"
+    " canary_percent = excluded.canary_percent, canary_since = excluded.canary_since,"
+    " updated_at = excluded.updated_at"
+)
+INSERT_ROLLOUT_LOG: Final = (
+    "INSERT INTO model_rollout_log (action, version, percent, reason, decided_by, at)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+)
+ROLLOUT_LOG: Final = (
+    "SELECT id, action, version, percent, reason, decided_by, at FROM model_rollout_log"
+    " ORDER BY id DESC LIMIT %s"
+)
+MODEL_RECORD: Final = (
+    "SELECT version, sha256, size, manifest, published_at FROM models WHERE version = %s"
+)
+
+
+def shown_rows(rows: Iterable[tuple[str, Any, Any, bool, Any]]) -> list[ShownRow]:
+    """(store_id, suggestion_id, data, has_acceptance, accepted sku) rows of a shown LEFT JOIN
+    accepted query, one row per acceptance, grouped into one ShownRow per suggestion."""
+    grouped: dict[tuple[str, str], tuple[dict[str, Any], list[str | None]]] = {}
+    for store_id, suggestion_id, data, accepted, sku in rows:
+        if not isinstance(suggestion_id, str) or not isinstance(data, dict):
+            continue  # the registry requires both; a row without them says nothing
+        _, skus = grouped.setdefault((store_id, suggestion_id), (data, []))
+        if accepted:
+            skus.append(sku if isinstance(sku, str) else None)
+    return [
+        ShownRow(store_id, suggestion_id, data, tuple(skus))
+        for (store_id, suggestion_id), (data, skus) in grouped.items()
+    ]
