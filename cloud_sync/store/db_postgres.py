@@ -54,6 +54,12 @@ STATEMENT_TIMEOUT_MS = 60_000
 # (identity values are drawn before commit, so commits can land out of seq order).
 FEED_LOCK: Final = 0x63_73_66_65_65_64  # "csfeed"
 FEED_LOCK_TIMEOUT: Final = "5s"
+PROFILE_WHERE: Final = "customer_id = ANY(%s) AND type = ANY(%s)"
+# A profile's newest interactions: events_customer (customer_id, ts, seq) serves it.
+PROFILE_INTERACTIONS: Final = (
+    "SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string' THEN data->>'sku' END,"
+    f" store_id, event_id FROM events WHERE {PROFILE_WHERE} ORDER BY ts DESC, seq DESC LIMIT %s"
+)
 OPEN_TIMEOUT_S = 15.0
 CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
 COLUMNS = "event_id, type, ts, store_id, device_id, customer_id, source, schema, data, received_at"
@@ -516,19 +522,14 @@ class PostgresBackend:
     async def profile_facts(
         self, ids: Sequence[str], types: Sequence[str], limit: int
     ) -> ProfileFacts:
-        where = "customer_id = ANY(%s) AND type = ANY(%s)"
+        where = PROFILE_WHERE
         params = (list(ids), list(types))
         try:
             # One snapshot: consent, interactions and counts agree.
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 consent = await _consent_facts(conn, ids)
-                cur = await conn.execute(
-                    "SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string'"
-                    " THEN data->>'sku' END, store_id, event_id FROM events"
-                    f" WHERE {where} ORDER BY ts DESC, seq DESC LIMIT %s",
-                    (*params, limit),
-                )
+                cur = await conn.execute(PROFILE_INTERACTIONS, (*params, limit))
                 rows = await cur.fetchall()
                 cur = await conn.execute(
                     f"SELECT data->>'sku', count(*) FROM events WHERE {where}"
