@@ -65,6 +65,7 @@ BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
 SLOTS: Final = web.AppKey("slots", IngestSlots)
 FEED: Final = web.AppKey("feed", feed.FeedSettings)
+HIGH_WATER: Final = web.AppKey("high_water", feed.HighWater)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -87,6 +88,7 @@ def create_app(
     app[LIMITS] = limits
     app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
     app[FEED] = feed_settings or feed.FeedSettings()
+    app[HIGH_WATER] = feed.HighWater(backend, app[FEED].poll_s)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -415,7 +417,15 @@ async def _get_feed(request: web.Request) -> web.StreamResponse:
     if cursor is None:
         raise BadRequestError(400, "bad_cursor", "after / Last-Event-ID: an event's id")
     who = f"{principal.kind}:{principal.name}"
-    return await feed.stream(request, request.app[BACKEND], cursor, request.app[FEED], who)
+    app = request.app
+    return await feed.stream(
+        request,
+        backend=app[BACKEND],
+        high_water=app[HIGH_WATER],
+        cursor=cursor,
+        settings=app[FEED],
+        who=who,
+    )
 
 
 async def _get_model_performance(request: web.Request) -> web.Response:

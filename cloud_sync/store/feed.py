@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,26 @@ class FeedSettings:
     poll_s: float = 0.5
     heartbeat_s: float = 15.0
     page: int = 200
+
+
+class HighWater:
+    """The feed's high-water mark, asked of the database at most once per ``every_s`` for all
+    the connections of this instance: on PostgreSQL each ask briefly waits out the ingests in
+    flight (and holds new ones back meanwhile), so it must not multiply with the partners."""
+
+    def __init__(self, backend: Backend, every_s: float) -> None:
+        self._backend = backend
+        self._every_s = every_s
+        self._value = 0
+        self._asked_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> int:
+        async with self._lock:
+            if time.monotonic() - self._asked_at >= self._every_s:
+                self._value = await self._backend.feed_high_water()
+                self._asked_at = time.monotonic()
+            return self._value
 
 
 class ConsentCache:
@@ -91,7 +112,13 @@ def start_cursor(after: str | None, last_event_id: str | None) -> int | None:
 
 
 async def stream(
-    request: web.Request, backend: Backend, cursor: int, settings: FeedSettings, who: str
+    request: web.Request,
+    *,
+    backend: Backend,
+    high_water: HighWater,
+    cursor: int,
+    settings: FeedSettings,
+    who: str,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -108,11 +135,9 @@ async def stream(
     try:
         while True:
             try:
-                high_water = await backend.feed_high_water()
+                upto = await high_water.get()
                 events = (
-                    await backend.events_after(cursor, high_water, settings.page)
-                    if high_water > cursor
-                    else []
+                    await backend.events_after(cursor, upto, settings.page) if upto > cursor else []
                 )
                 kept = await consented(backend, events)
             except BackendError as exc:
