@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -32,7 +31,7 @@ from cloud_sync.store.ingest import (
     check_content_type,
     decode_body,
 )
-from cloud_sync.store.records import Principal, format_ts
+from cloud_sync.store.records import PSEUDONYM_PATTERN, Principal, format_ts
 from cloud_sync.store.sql_shared import AGENT_REPORT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,6 @@ MAX_ERASURES_PAGE: Final = 5000
 MAX_PSEUDONYMS: Final = 5000
 MAX_SMALL_BODY_BYTES: Final = 1024 * 1024
 MAX_CURSOR_DIGITS: Final = 19
-# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
-PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -400,9 +397,7 @@ async def _get_profile(request: web.Request) -> web.Response:
     not_found = _RefusedError(_error(404, "not_found", "no such customer"))
     if profiles.is_pseudonym(customer_id):
         raise not_found  # a pseudonymised customer's history stays where it was recorded
-    backend = request.app[BACKEND]
-    ids = [i for i in await backend.identities(customer_id) if not profiles.is_pseudonym(i)]
-    facts = await backend.profile_facts(ids, profiles.INTERACTION_TYPES, limit)
+    facts = await request.app[BACKEND].profile_facts(customer_id, profiles.INTERACTION_TYPES, limit)
     flags = profiles.resolved_flags(facts.consent)
     if flags is None or not profiles.shares_profile(flags):
         raise not_found

@@ -133,9 +133,10 @@ class Backend(Protocol):
         ...
 
     async def profile_facts(
-        self, ids: Sequence[str], types: Sequence[str], limit: int
+        self, customer_id: str, types: Sequence[str], limit: int
     ) -> ProfileFacts:
-        """Consent facts, the newest ``limit`` events of ``types`` and their counts per sku."""
+        """The profile of ``customer_id`` as agents see it, pseudonyms left out of its ids:
+        consent facts, the newest ``limit`` events of ``types``, their counts per sku."""
         ...
 
     async def feed_high_water(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time
 from typing import Any, Final
 
@@ -24,6 +24,7 @@ from cloud_sync.store import migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
+    PSEUDONYM_REGEX,
     AggregateRow,
     ConsentChange,
     ConsentFacts,
@@ -54,11 +55,38 @@ STATEMENT_TIMEOUT_MS = 60_000
 # (identity values are drawn before commit, so commits can land out of seq order).
 FEED_LOCK: Final = 0x63_73_66_65_65_64  # "csfeed"
 FEED_LOCK_TIMEOUT: Final = "5s"
-PROFILE_WHERE: Final = "customer_id = ANY(%s) AND type = ANY(%s)"
-# A profile's newest interactions: events_customer (customer_id, ts, seq) serves it.
+# GET /v1/profiles in one statement. Each part reads events or identity_changes by
+# customer_id, so events_customer (customer_id, ts, seq) and identity_changes_customer serve
+# them; the interactions' ORDER BY ... LIMIT sorts one profile's rows, not the table.
+PROFILE_FACTS: Final = """
+WITH RECURSIVE ids(id) AS (
+    SELECT CAST(%(customer_id)s AS text)
+    UNION SELECT l.b FROM identity_links l JOIN ids ON l.a = ids.id
+), walked AS (SELECT id FROM ids LIMIT %(max_ids)s),
+clear AS (SELECT array_agg(id) AS ids FROM walked WHERE id !~ %(pseudonym)s),
+picked AS (
+    SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string' THEN data->>'sku' END
+        AS sku, store_id, event_id, seq
+    FROM events, clear WHERE customer_id = ANY(clear.ids) AND type = ANY(%(types)s)
+    ORDER BY ts DESC, seq DESC LIMIT %(limit)s
+)
+SELECT
+    (SELECT coalesce(json_agg(json_build_array(c.id, c.customer_id, c.flags, c.event_ts)
+        ORDER BY c.id), '[]') FROM identity_changes c, clear
+        WHERE c.customer_id = ANY(clear.ids) AND c.kind = 'consent' AND c.status = 'applied'),
+    (SELECT coalesce(json_agg(DISTINCT e.customer_id), '[]') FROM events e, clear
+        WHERE e.customer_id = ANY(clear.ids) AND e.type <> 'customer.identified'),
+    (SELECT coalesce(json_agg(json_build_array(p.ts, p.type, p.sku, p.store_id, p.event_id)
+        ORDER BY p.ts DESC, p.seq DESC), '[]') FROM picked p),
+    (SELECT coalesce(json_object_agg(k.sku, k.n), '{}') FROM (
+        SELECT e.data->>'sku' AS sku, count(*) AS n FROM events e, clear
+        WHERE e.customer_id = ANY(clear.ids) AND e.type = ANY(%(types)s)
+        AND jsonb_typeof(e.data->'sku') = 'string' GROUP BY 1) k)
+"""
+# The interactions part alone, for EXPLAIN in the tests and the benchmark.
 PROFILE_INTERACTIONS: Final = (
-    "SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string' THEN data->>'sku' END,"
-    f" store_id, event_id FROM events WHERE {PROFILE_WHERE} ORDER BY ts DESC, seq DESC LIMIT %s"
+    "SELECT ts, type, store_id, event_id FROM events WHERE customer_id = ANY(%s)"
+    " AND type = ANY(%s) ORDER BY ts DESC, seq DESC LIMIT %s"
 )
 OPEN_TIMEOUT_S = 15.0
 CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
@@ -122,7 +150,9 @@ class PostgresBackend:
         log.info("store.postgres.open pool_max=%d", pool_size)
         return cls(pool)
 
-    async def _fetch(self, operation: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _fetch(
+        self, operation: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Any]:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(sql, params)
@@ -520,29 +550,34 @@ class PostgresBackend:
             raise BackendError("consent_facts", str(exc)) from exc
 
     async def profile_facts(
-        self, ids: Sequence[str], types: Sequence[str], limit: int
+        self, customer_id: str, types: Sequence[str], limit: int
     ) -> ProfileFacts:
-        where = PROFILE_WHERE
-        params = (list(ids), list(types))
-        try:
-            # One snapshot: consent, interactions and counts agree.
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                consent = await _consent_facts(conn, ids)
-                cur = await conn.execute(PROFILE_INTERACTIONS, (*params, limit))
-                rows = await cur.fetchall()
-                cur = await conn.execute(
-                    f"SELECT data->>'sku', count(*) FROM events WHERE {where}"
-                    " AND jsonb_typeof(data->'sku') = 'string' GROUP BY 1",
-                    params,
-                )
-                counts = await cur.fetchall()
-        except psycopg.Error as exc:
-            raise BackendError("profile_facts", str(exc)) from exc
+        # One statement, one round trip, one snapshot: the walk, consent and history, the
+        # newest interactions and the counts per sku.
+        rows = await self._fetch(
+            "profile_facts",
+            PROFILE_FACTS,
+            {
+                "customer_id": customer_id,
+                "max_ids": MAX_IDENTITIES,
+                "pseudonym": PSEUDONYM_REGEX,
+                "types": list(types),
+                "limit": limit,
+            },
+        )
+        consents, history, interactions, by_sku = rows[0]
         return ProfileFacts(
-            consent=consent,
-            interactions=tuple(Interaction(r[0], r[1], r[2], r[3], r[4]) for r in rows),
-            by_sku={str(r[0]): int(r[1]) for r in counts},
+            consent=ConsentFacts(
+                consent_changes=tuple(
+                    ConsentChange(int(c[0]), str(c[1]), json.loads(c[2]), _json_ts(c[3]))
+                    for c in consents
+                ),
+                history_ids=tuple(sorted(str(h) for h in history)),
+            ),
+            interactions=tuple(
+                Interaction(_json_ts(i[0]), i[1], i[2], i[3], i[4]) for i in interactions
+            ),
+            by_sku={str(k): int(v) for k, v in by_sku.items()},
         )
 
     async def feed_high_water(self) -> int:
@@ -746,6 +781,11 @@ def _rollout_state(row: Sequence[Any] | None) -> RolloutState:
     if row is None:
         return RolloutState(None, None, 0, None)
     return RolloutState(row[0], row[1], int(row[2]), row[3])
+
+
+def _json_ts(text: str) -> datetime:
+    """A timestamptz as json_build_array writes it (ISO 8601 with an offset)."""
+    return datetime.fromisoformat(text)
 
 
 def _same(value: datetime) -> datetime:

@@ -43,6 +43,7 @@ from cloud_sync.store.records import (
     ShownRow,
     Stats,
     StoredEvent,
+    is_pseudonym,
     parse_ts,
     sortable_ts,
 )
@@ -419,10 +420,11 @@ class SqliteBackend:
         return await self._run("consent_facts", partial(_consent_facts, ids=ids))
 
     async def profile_facts(
-        self, ids: Sequence[str], types: Sequence[str], limit: int
+        self, customer_id: str, types: Sequence[str], limit: int
     ) -> ProfileFacts:
         return await self._run(
-            "profile_facts", partial(_profile_facts, ids=ids, types=types, limit=limit)
+            "profile_facts",
+            partial(_profile_facts, customer_id=customer_id, types=types, limit=limit),
         )
 
     async def feed_high_water(self) -> int:
@@ -760,10 +762,11 @@ def _consent_facts(conn: sqlite3.Connection, ids: Sequence[str]) -> ConsentFacts
 
 
 def _profile_facts(
-    conn: sqlite3.Connection, ids: Sequence[str], types: Sequence[str], limit: int
+    conn: sqlite3.Connection, customer_id: str, types: Sequence[str], limit: int
 ) -> ProfileFacts:
-    conn.execute("BEGIN")  # one snapshot: consent, interactions and counts agree
+    conn.execute("BEGIN")  # one snapshot: ids, consent, interactions and counts agree
     try:
+        ids = [i for i in _walk(conn, customer_id) if not is_pseudonym(i)]
         consent = _consent_facts(conn, ids)
         id_marks, type_marks = ",".join("?" * len(ids)), ",".join("?" * len(types))
         where = f"customer_id IN ({id_marks}) AND type IN ({type_marks})"

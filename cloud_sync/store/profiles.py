@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from datetime import datetime
 from typing import Any, Final
 
@@ -22,10 +21,13 @@ from cloud_sync.store.records import (
     ProfileFacts,
     StoredEvent,
     format_ts,
+    is_pseudonym,
     parse_ts,
     sortable_ts,
 )
 from cloud_sync.store.trust import CONSENT_FLAGS, resolve_consent
+
+__all__ = ["is_pseudonym"]  # re-exported: the feed and the export ask it here
 
 RECENT_ITEMS: Final = 10
 # What an agent's model may learn from (GET /v1/profiles): interactions with products and
@@ -41,12 +43,6 @@ INTERACTION_TYPES: Final = (
 )
 DEFAULT_INTERACTIONS: Final = 200
 MAX_INTERACTIONS: Final = 1000
-# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
-PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
-
-
-def is_pseudonym(customer_id: str) -> bool:
-    return PSEUDONYM_PATTERN.match(customer_id) is not None
 
 
 def resolved_flags(facts: ConsentFacts) -> dict[str, bool] | None:

@@ -5,6 +5,7 @@ Backends speak only these types, so routes and profile assembly never see a driv
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Final, Literal
@@ -14,6 +15,13 @@ SCOPE_PROFILES: Final = "profiles:read"
 SCOPE_AGGREGATES: Final = "aggregates:read"
 SCOPE_EVENTS: Final = "events:read"  # the live feed of consented events (GET /v1/feed)
 PARTNER_SCOPES: Final = frozenset({SCOPE_PROFILES, SCOPE_AGGREGATES, SCOPE_EVENTS})
+# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
+PSEUDONYM_REGEX: Final = r"^ps-[0-9a-f]{32}$"
+PSEUDONYM_PATTERN: Final = re.compile(PSEUDONYM_REGEX)
+
+
+def is_pseudonym(customer_id: str) -> bool:
+    return PSEUDONYM_PATTERN.match(customer_id) is not None
 
 
 def parse_ts(text: str) -> datetime | None:
