@@ -65,6 +65,7 @@ LIMITS: Final = web.AppKey("limits", Limits)
 SLOTS: Final = web.AppKey("slots", IngestSlots)
 FEED: Final = web.AppKey("feed", feed.FeedSettings)
 HIGH_WATER: Final = web.AppKey("high_water", feed.HighWater)
+CLOSING: Final = web.AppKey("closing", asyncio.Event)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
@@ -86,6 +87,8 @@ def create_app(
     app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
     app[FEED] = feed_settings or feed.FeedSettings()
     app[HIGH_WATER] = feed.HighWater(backend, app[FEED].poll_s)
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_closing)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -420,7 +423,13 @@ async def _get_feed(request: web.Request) -> web.StreamResponse:
         cursor=cursor,
         settings=app[FEED],
         who=who,
+        closing=app[CLOSING],
     )
+
+
+async def _closing(app: web.Application) -> None:
+    """Shutdown: long-lived responses (the partner feed) end now."""
+    app[CLOSING].set()
 
 
 async def _get_model_performance(request: web.Request) -> web.Response:

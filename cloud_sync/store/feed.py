@@ -17,6 +17,7 @@ The SSE framing is a few lines of text, written here rather than with a server l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -119,7 +120,10 @@ async def stream(
     cursor: int,
     settings: FeedSettings,
     who: str,
+    closing: asyncio.Event,
 ) -> web.StreamResponse:
+    """Stream until the client goes or the server shuts down (``closing``: the response
+    ends at once instead of holding the shutdown for its whole timeout)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -133,7 +137,7 @@ async def stream(
     sent = 0
     last_write = time.monotonic()
     try:
-        while True:
+        while not closing.is_set():
             try:
                 upto = await high_water.get()
                 events = (
@@ -156,7 +160,10 @@ async def stream(
             if time.monotonic() - last_write >= settings.heartbeat_s:
                 await response.write(b": heartbeat\n\n")
                 last_write = time.monotonic()
-            await asyncio.sleep(settings.poll_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), settings.poll_s)
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("store.feed.closed who=%s sent=%d cursor=%d", who, sent, cursor)
         raise
+    log.info("store.feed.closed who=%s sent=%d cursor=%d reason=shutdown", who, sent, cursor)
+    return response

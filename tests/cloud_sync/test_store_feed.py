@@ -243,3 +243,31 @@ async def test_postgres_feed_waits_for_an_ingest_in_flight_instead_of_skipping_i
     # Without the high-water mark the reader took the fast batch first, moved past the slow
     # row's lower seq, never sent it and timed out here.
     assert [e["event_id"] for _, e in seen[1:]] == [slow["event_id"], fast[0]["event_id"]]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_connected_partner_does_not_hold_up_the_shutdown(
+    db_url: str, tmp_path: Path
+) -> None:
+    store = StoreProcess(db_url, tmp_path / "store.log", extra=("--rollout-check-s", "0"))
+    store.start()
+    key = store_cli(db_url, "partner", "create", "--name", "f", "--scope", "events:read")
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with (
+            asyncio.timeout(20),
+            httpx.AsyncClient(timeout=20) as http,
+            http.stream("GET", f"{store.url}/v1/feed", headers=headers) as response,
+        ):
+            lines = response.aiter_lines()
+            assert await anext(lines) == ": feed open"
+            assert store.proc is not None
+            store.proc.terminate()
+            # The store ends the stream itself; the client sees the end of the body.
+            rest = [line async for line in lines]
+            code = await asyncio.to_thread(store.proc.wait, 8)
+    finally:
+        store.stop()
+    assert code == 0
+    assert all(line == "" or line.startswith(":") for line in rest)
+    assert "reason=shutdown" in (tmp_path / "store.log").read_text()
