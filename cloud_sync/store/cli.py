@@ -14,18 +14,18 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
-from cloud_sync.store import auth, model_rollout, rollout, training_export
+from cloud_sync.store import auth
 from cloud_sync.store.backend import Backend, open_backend
+from cloud_sync.store.cli_models import model_command, model_parsers
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.feed import FeedSettings
 from cloud_sync.store.fleet import DEFAULT_MIN_SHOWN
 from cloud_sync.store.ingest import Limits
 from cloud_sync.store.model_publish import read_model_dir, write_manifest
-from cloud_sync.store.records import PARTNER_SCOPES, Kind, RolloutState, format_ts, parse_ts
+from cloud_sync.store.records import PARTNER_SCOPES, Kind, format_ts
 from cloud_sync.store.server import serve
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _credential_commands(group, kind, with_db)
 
-    _model_parsers(commands, with_db)
+    model_parsers(commands, with_db)
     audit = commands.add_parser(
         "audit", help="consent and link changes with their origin"
     ).add_subparsers(dest="action", required=True)
@@ -173,69 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     with_db(commands.add_parser("stats", help="print one JSON object of counts"))
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
     return parser
-
-
-def _model_parsers(
-    commands: Any, with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
-) -> None:
-    """model publish|promote|rollback|check|status|sign|keygen and training export."""
-    model = commands.add_parser("model", help="suggestion models").add_subparsers(
-        dest="action", required=True
-    )
-    publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
-    publish.add_argument("--dir", required=True, type=Path)
-    publish.add_argument(
-        "--signing-key",
-        type=Path,
-        default=None,
-        help="ed25519 private key (PEM, from `model keygen`): sign the manifest",
-    )
-    publish.add_argument(
-        "--canary",
-        type=int,
-        default=None,
-        metavar="PERCENT",
-        help="serve it to this share of stores (1..99, by store id); default: promote at once",
-    )
-    publish.add_argument(
-        "--force",
-        action="store_true",
-        help="publish even without an evaluation.json showing it beats the current version",
-    )
-    publish.add_argument("--by", default="operator", help="who decides (kept in the log)")
-    for action, text in (
-        ("promote", "serve VERSION to every store (ends a canary)"),
-        ("rollback", "stop serving VERSION: a canary ends, a promoted one gives way"),
-    ):
-        step = with_db(model.add_parser(action, help=text))
-        step.add_argument("version")
-        step.add_argument("--by", default="operator", help="who decides (kept in the log)")
-    mcheck = with_db(
-        model.add_parser("check", help="judge a running canary now; roll it back when worse")
-    )
-    mcheck.add_argument("--min-shown", type=int, default=DEFAULT_MIN_SHOWN)
-    mstatus = with_db(model.add_parser("status", help="the rollout state and its log (JSON)"))
-    mstatus.add_argument("--limit", type=int, default=50)
-    sign = model.add_parser(
-        "sign", help="sign a model directory's manifest in place (for a drop in models/incoming)"
-    )
-    sign.add_argument("--dir", required=True, type=Path)
-    sign.add_argument("--signing-key", required=True, type=Path)
-    keygen = model.add_parser(
-        "keygen", help="make a model signing key pair; prints the public key (last line)"
-    )
-    keygen.add_argument("--out", required=True, type=Path, help="private key file (0600)")
-
-    training = commands.add_parser("training", help="training data").add_subparsers(
-        dest="action", required=True
-    )
-    texport = with_db(
-        training.add_parser(
-            "export", help="events of customers with a personalization consent, JSON Lines"
-        )
-    )
-    texport.add_argument("--out", required=True, type=Path)
-    texport.add_argument("--since", default=None, help="only events dated since (RFC 3339)")
 
 
 def _credential_commands(
@@ -317,7 +254,7 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     if command == ("channel", "create"):
         return lambda b: auth.create_credential(b, "channel", name=args.name)
     if command[0] in ("model", "training"):
-        return _model_command(args)
+        return model_command(args)
     if command == ("audit", "list"):
 
         async def audit_list(b: Backend) -> str:
@@ -345,86 +282,6 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
         return "schema up to date"
 
     return migrate
-
-
-def _model_command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
-    """model publish|promote|rollback|check|status and training export."""
-    by = f"admin:{getattr(args, 'by', 'operator')}"
-    if (args.command, args.action) == ("training", "export"):
-        since = None
-        if args.since is not None:
-            since = parse_ts(args.since)
-            if since is None:
-                raise StoreError(f"--since {args.since!r}: expected RFC 3339 with a time zone")
-
-        async def export(b: Backend) -> str:
-            summary = await training_export.export(b, args.out, since)
-            return json.dumps(summary.as_json(), sort_keys=True)
-
-        return export
-    if args.action == "publish":
-        key = None if args.signing_key is None else load_private_key(args.signing_key)
-        record, artifact = read_model_dir(args.dir, key)
-
-        async def publish(b: Backend) -> str:
-            created, entry = await model_rollout.publish(
-                b,
-                args.dir,
-                record,
-                artifact,
-                canary=args.canary,
-                force=args.force,
-                decided_by=by,
-                now=datetime.now(UTC),
-            )
-            state = "published" if created else "already published"
-            signed = "signed" if key is not None else "unsigned"
-            served = "canary" if entry.action == rollout.CANARY else "promoted"
-            share = f" percent={entry.percent}" if entry.percent is not None else ""
-            return (
-                f"{state} version={record.version} sha256={record.sha256} {signed}"
-                f" {served}{share} gate={entry.reason}"
-            )
-
-        return publish
-    if args.action in ("promote", "rollback"):
-
-        async def step(b: Backend) -> str:
-            now = datetime.now(UTC)
-            if args.action == "promote":
-                entry = await model_rollout.promote(b, args.version, by, now)
-            else:
-                entry = await model_rollout.roll_back(b, args.version, by, now)
-            state = await b.rollout()
-            return json.dumps(
-                {"entry": entry.as_json(), "state": _state_json(state)}, sort_keys=True
-            )
-
-        return step
-    if args.action == "check":
-
-        async def check(b: Backend) -> str:
-            result = await model_rollout.check(b, args.min_shown, by, datetime.now(UTC))
-            return json.dumps(result.as_json(), sort_keys=True)
-
-        return check
-
-    async def status(b: Backend) -> str:
-        state, entries = await b.rollout(), await b.rollout_log(args.limit)
-        return json.dumps(
-            {"state": _state_json(state), "log": [e.as_json() for e in entries]}, sort_keys=True
-        )
-
-    return status
-
-
-def _state_json(state: RolloutState) -> dict[str, Any]:
-    return {
-        "current_version": state.current_version,
-        "canary_version": state.canary_version,
-        "canary_percent": state.canary_percent,
-        "canary_since": None if state.canary_since is None else format_ts(state.canary_since),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
