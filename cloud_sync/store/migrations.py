@@ -248,6 +248,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 reason TEXT NOT NULL DEFAULT '',
                 decided_by TEXT NOT NULL,
                 at TEXT NOT NULL)""",
+            # ... and counts as promoted, so that a rollback of the next one comes back to it.
+            "INSERT INTO model_rollout_log (action, version, reason, decided_by, at)"
+            " SELECT 'publish', version, 'before_rollout', 'migration', published_at FROM models"
+            " ORDER BY seq DESC LIMIT 1",
             "CREATE INDEX events_shown_model ON events (json_extract(data, '$.model_version'), ts)"
             " WHERE type = 'suggestion.shown'",
             "CREATE INDEX events_accepted_suggestion ON events"
@@ -275,6 +279,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 reason text NOT NULL DEFAULT '',
                 decided_by text NOT NULL,
                 at timestamptz NOT NULL)""",
+            "INSERT INTO model_rollout_log (action, version, reason, decided_by, at)"
+            " SELECT 'publish', version, 'before_rollout', 'migration', published_at FROM models"
+            " ORDER BY seq DESC LIMIT 1",
             "CREATE INDEX events_shown_model ON events ((data->>'model_version'), ts)"
             " WHERE type = 'suggestion.shown'",
             "CREATE INDEX events_accepted_suggestion ON events"

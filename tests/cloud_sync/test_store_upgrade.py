@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 import psycopg
 from aiohttp.test_utils import TestClient, TestServer
 
-from cloud_sync.store import auth, migrations
+from cloud_sync.store import auth, migrations, model_rollout
 from cloud_sync.store.app import create_app
 from cloud_sync.store.backend import is_postgres, open_backend, sqlite_path
+from cloud_sync.store.records import ModelRecord
 from cloud_sync.store.server import RUNNER_OPTIONS
 
 TOKEN = "cst_agent_before-migration-4"
@@ -80,6 +81,12 @@ async def test_an_upgraded_store_serves_the_same_model_to_the_same_tokens(db_url
             assert (await response.json())["version"] == "m-2"
         state = await backend.rollout()
         assert (state.current_version, state.canary_version) == ("m-2", None)
+        # What was served before counts as promoted: rolling back the next one returns to it.
+        now = datetime.now(UTC)
+        await backend.publish_model(ModelRecord("m-3", "0" * 64, 1, {"version": "m-3"}), b"3", now)
+        await model_rollout.promote(backend, "m-3", "admin:t", now)
+        await model_rollout.roll_back(backend, "m-3", "admin:t", now)
+        assert (await backend.rollout()).current_version == "m-2"
         # The rebuilt credentials table takes channel tokens now.
         channel = await auth.create_credential(backend, "channel", name="web-shop")
         assert await auth.authenticate(backend, f"Bearer {channel}") is not None
