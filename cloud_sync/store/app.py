@@ -20,7 +20,7 @@ from aiohttp import web
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.erasure_blinding import blind, blinding_key
-from cloud_sync.store import auth, feed, fleet, profiles, rollout
+from cloud_sync.store import auth, feed, profiles, rollout
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
 from cloud_sync.store.ingest import (
@@ -438,8 +438,8 @@ async def _get_model_performance(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
     if await backend.model_record(version) is None:
         return _error(404, "not_found", "no such model version")
-    rows = await backend.shown_events(version, None)
-    return web.json_response(fleet.performance(version, rows).as_json())
+    performance = await backend.shown_performance(version, None)
+    return web.json_response(performance.as_json())
 
 
 async def _get_latest_model(request: web.Request) -> web.Response:

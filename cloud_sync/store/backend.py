@@ -11,6 +11,7 @@ from datetime import date, datetime
 from typing import Protocol
 
 from cloud_sync.store.errors import DatabaseUrlError
+from cloud_sync.store.fleet import Performance
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentFacts,
@@ -26,7 +27,6 @@ from cloud_sync.store.records import (
     ProfileFacts,
     RolloutEntry,
     RolloutState,
-    ShownRow,
     Stats,
     StoredEvent,
 )
@@ -164,8 +164,9 @@ class Backend(Protocol):
         """Apply ``decide`` to the state in one transaction and log it; RolloutError passes."""
         ...
 
-    async def shown_events(self, version: str, since: datetime | None) -> list[ShownRow]:
-        """suggestion.shown events of a model version (since a time), with their acceptances."""
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
+        """Fleet acceptance of a model version from its suggestion.shown events (since a
+        time) and their acceptances, streamed through ``fleet.Tally``."""
         ...
 
     async def close(self) -> None: ...

@@ -20,9 +20,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from cloud_sync.store import migrations, sql_shared, trust
+from cloud_sync.store import fleet, migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
+from cloud_sync.store.fleet import Performance
 from cloud_sync.store.records import (
     PSEUDONYM_REGEX,
     AggregateRow,
@@ -42,7 +43,6 @@ from cloud_sync.store.records import (
     ProfileFacts,
     RolloutEntry,
     RolloutState,
-    ShownRow,
     Stats,
     StoredEvent,
 )
@@ -83,6 +83,16 @@ SELECT
         WHERE e.customer_id = ANY(clear.ids) AND e.type = ANY(%(types)s)
         AND jsonb_typeof(e.data->'sku') = 'string' GROUP BY 1) k)
 """
+# A model version's suggestions and their acceptances (same store, same suggestion_id), in
+# shown order; events_shown_model and events_accepted_suggestion (migration 4) serve it.
+SHOWN_WITH_ACCEPTED: Final = (
+    "SELECT s.seq, s.store_id, s.data->>'suggestion_id', s.data, a.seq, a.data->>'sku'"
+    " FROM events s LEFT JOIN events a ON a.type = 'suggestion.accepted'"
+    " AND a.store_id = s.store_id AND a.data->>'suggestion_id' = s.data->>'suggestion_id'"
+    " WHERE s.type = 'suggestion.shown' AND s.data->>'model_version' = %s AND s.ts >= %s"
+    " ORDER BY s.seq"
+)
+SHOWN_SLICE: Final = 2000
 # The interactions part alone, for EXPLAIN in the tests and the benchmark.
 PROFILE_INTERACTIONS: Final = (
     "SELECT ts, type, store_id, event_id FROM events WHERE customer_id = ANY(%s)"
@@ -663,17 +673,29 @@ class PostgresBackend:
             entry_id, change.action, change.version, change.percent, change.reason, decided_by, now
         )
 
-    async def shown_events(self, version: str, since: datetime | None) -> list[ShownRow]:
-        rows = await self._fetch(
-            "shown_events",
-            "SELECT s.store_id, s.data->>'suggestion_id', s.data, a.seq, a.data->>'sku'"
-            " FROM events s LEFT JOIN events a ON a.type = 'suggestion.accepted'"
-            " AND a.store_id = s.store_id AND a.data->>'suggestion_id' = s.data->>'suggestion_id'"
-            " WHERE s.type = 'suggestion.shown' AND s.data->>'model_version' = %s"
-            " AND (%s::timestamptz IS NULL OR s.ts >= %s) ORDER BY s.seq",
-            (version, since, since),
-        )
-        return sql_shared.shown_rows((str(r[0]), r[1], r[2], r[3] is not None, r[4]) for r in rows)
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
+        lo = since or datetime(1970, 1, 1, tzinfo=UTC)
+        tally = fleet.Tally(version)
+        try:
+            # A server-side cursor: the rows arrive in slices, one suggestion tallied at a time.
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="shown_performance") as cur,
+            ):
+                await cur.execute(SHOWN_WITH_ACCEPTED, (version, lo))
+                grouper = sql_shared.ShownGrouper()
+                while rows := await cur.fetchmany(SHOWN_SLICE):
+                    for row in rows:
+                        done = grouper.feed(row)
+                        if done is not None:
+                            tally.add(done)
+                last = grouper.finish()
+                if last is not None:
+                    tally.add(last)
+        except psycopg.Error as exc:
+            raise BackendError("shown_performance", str(exc)) from exc
+        return tally.result()
 
     async def close(self) -> None:
         await self._pool.close()

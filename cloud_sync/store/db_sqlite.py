@@ -19,9 +19,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from cloud_sync.store import migrations, sql_shared, trust
+from cloud_sync.store import fleet, migrations, sql_shared, trust
 from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
+from cloud_sync.store.fleet import Performance
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
@@ -40,7 +41,6 @@ from cloud_sync.store.records import (
     ProfileFacts,
     RolloutEntry,
     RolloutState,
-    ShownRow,
     Stats,
     StoredEvent,
     is_pseudonym,
@@ -50,6 +50,17 @@ from cloud_sync.store.records import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A model version's suggestions and their acceptances (same store, same suggestion_id), in
+# shown order; events_shown_model and events_accepted_suggestion (migration 4) serve it.
+_SUGGESTION = "json_extract({0}.data, '$.suggestion_id')"
+SHOWN_WITH_ACCEPTED = (
+    f"SELECT s.seq, s.store_id, {_SUGGESTION.format('s')}, s.data, a.seq,"
+    " json_extract(a.data, '$.sku') FROM events s LEFT JOIN events a"
+    " ON a.type = 'suggestion.accepted' AND a.store_id = s.store_id"
+    f" AND {_SUGGESTION.format('a')} = {_SUGGESTION.format('s')}"
+    " WHERE s.type = 'suggestion.shown' AND json_extract(s.data, '$.model_version') = ?"
+    " AND s.ts >= ? ORDER BY s.seq"
+)
 
 
 def _ts(text: str) -> datetime:
@@ -513,21 +524,15 @@ class SqliteBackend:
 
         return await self._run("update_rollout", update)
 
-    async def shown_events(self, version: str, since: datetime | None) -> list[ShownRow]:
-        sid = "json_extract({0}.data, '$.suggestion_id')"
-        sql = (
-            f"SELECT s.store_id, {sid.format('s')}, s.data, a.seq,"
-            " json_extract(a.data, '$.sku') FROM events s LEFT JOIN events a"
-            f" ON a.type = 'suggestion.accepted' AND a.store_id = s.store_id"
-            f" AND {sid.format('a')} = {sid.format('s')}"
-            " WHERE s.type = 'suggestion.shown' AND json_extract(s.data, '$.model_version') = ?"
-            " AND s.ts >= ? ORDER BY s.seq"
-        )
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
         lo = sortable_ts(since) if since is not None else ""
-        rows = await self._run("shown_events", lambda c: c.execute(sql, (version, lo)).fetchall())
-        return sql_shared.shown_rows(
-            (str(r[0]), r[1], json.loads(r[2]), r[3] is not None, r[4]) for r in rows
-        )
+
+        def tally(conn: sqlite3.Connection) -> Performance:
+            # Iterated, not fetched whole: one suggestion at a time on the owner thread.
+            rows = conn.execute(SHOWN_WITH_ACCEPTED, (version, lo))
+            return fleet.performance(version, sql_shared.shown_rows(rows))
+
+        return await self._run("shown_performance", tally)
 
     async def close(self) -> None:
         try:

@@ -21,7 +21,7 @@ two-proportion z-test at p < 0.01 (z < -2.326), and each side has shown at least
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -80,36 +80,51 @@ def _propensity(value: Any) -> float | None:
     return float(value) if 0.0 < value <= 1.0 else None
 
 
-def performance(version: str, rows: Sequence[ShownRow]) -> Performance:
-    stores: set[str] = set()
-    accepted = explored_shown = explored_accepted = 0
-    weighted = weights = 0.0
-    for row in rows:
-        stores.add(row.store_id)
+class Tally:
+    """Fleet acceptance, one suggestion at a time: memory stays constant however many."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self._stores: set[str] = set()
+        self._shown = self._accepted = self._explored_shown = self._explored_accepted = 0
+        self._weighted = self._weights = 0.0
+
+    def add(self, row: ShownRow) -> None:
+        self._stores.add(row.store_id)
+        self._shown += 1
         taken = {sku for sku in row.accepted_skus if sku is not None}
-        accepted += bool(row.accepted_skus)
+        self._accepted += bool(row.accepted_skus)
         skus = _skus(row.data.get("items"))
         slot = row.data.get("explored_slot")
         if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot < len(skus):
-            explored_shown += 1
-            explored_accepted += skus[slot] in taken
+            self._explored_shown += 1
+            self._explored_accepted += skus[slot] in taken
         propensities = row.data.get("propensities")
         if isinstance(propensities, list) and len(propensities) == len(skus):
             for sku, value in zip(skus, propensities, strict=True):
                 p = _propensity(value)
                 if p is None or sku is None:
                     continue
-                weights += 1.0 / p
-                weighted += (sku in taken) / p
-    return Performance(
-        version=version,
-        stores=len(stores),
-        shown=len(rows),
-        accepted=accepted,
-        explored_shown=explored_shown,
-        explored_accepted=explored_accepted,
-        snips=weighted / weights if weights else None,
-    )
+                self._weights += 1.0 / p
+                self._weighted += (sku in taken) / p
+
+    def result(self) -> Performance:
+        return Performance(
+            version=self.version,
+            stores=len(self._stores),
+            shown=self._shown,
+            accepted=self._accepted,
+            explored_shown=self._explored_shown,
+            explored_accepted=self._explored_accepted,
+            snips=self._weighted / self._weights if self._weights else None,
+        )
+
+
+def performance(version: str, rows: Iterable[ShownRow]) -> Performance:
+    tally = Tally(version)
+    for row in rows:
+        tally.add(row)
+    return tally.result()
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,12 +113,8 @@ async def check(backend: Backend, min_shown: int, decided_by: str, now: datetime
     if state.canary_version is None or state.current_version is None:
         return CheckResult(state, None, None, None, None)
     since = state.canary_since
-    canary = fleet.performance(
-        state.canary_version, await backend.shown_events(state.canary_version, since)
-    )
-    control = fleet.performance(
-        state.current_version, await backend.shown_events(state.current_version, since)
-    )
+    canary = await backend.shown_performance(state.canary_version, since)
+    control = await backend.shown_performance(state.current_version, since)
     verdict = fleet.judge(canary, control, min_shown)
     entry = None
     if verdict.roll_back:

@@ -233,17 +233,45 @@ MODEL_RECORD: Final = (
 )
 
 
-def shown_rows(rows: Iterable[tuple[str, Any, Any, bool, Any]]) -> list[ShownRow]:
-    """(store_id, suggestion_id, data, has_acceptance, accepted sku) rows of a shown LEFT JOIN
-    accepted query, one row per acceptance, grouped into one ShownRow per suggestion."""
-    grouped: dict[tuple[str, str], tuple[dict[str, Any], list[str | None]]] = {}
-    for store_id, suggestion_id, data, accepted, sku in rows:
+class ShownGrouper:
+    """Rows of a shown LEFT JOIN accepted query, in shown seq order, one row per acceptance:
+    (shown seq, store_id, suggestion_id, data, acceptance seq or None, accepted sku). Fed row
+    by row, it hands back each suggestion as one ShownRow once its rows are complete."""
+
+    def __init__(self) -> None:
+        self._head: tuple[Any, str, Any, Any] | None = None
+        self._skus: list[str | None] = []
+
+    def feed(self, row: Sequence[Any]) -> ShownRow | None:
+        seq, store_id, suggestion_id, data, accepted_seq, sku = row
+        done = None
+        if self._head is None or self._head[0] != seq:
+            done = self.finish()
+            self._head = (seq, str(store_id), suggestion_id, data)
+        if accepted_seq is not None:
+            self._skus.append(sku if isinstance(sku, str) else None)
+        return done
+
+    def finish(self) -> ShownRow | None:
+        head, skus = self._head, self._skus
+        self._head, self._skus = None, []
+        if head is None:
+            return None
+        _, store_id, suggestion_id, data = head
+        if isinstance(data, str):
+            data = json.loads(data)  # SQLite hands JSON back as text
         if not isinstance(suggestion_id, str) or not isinstance(data, dict):
-            continue  # the registry requires both; a row without them says nothing
-        _, skus = grouped.setdefault((store_id, suggestion_id), (data, []))
-        if accepted:
-            skus.append(sku if isinstance(sku, str) else None)
-    return [
-        ShownRow(store_id, suggestion_id, data, tuple(skus))
-        for (store_id, suggestion_id), (data, skus) in grouped.items()
-    ]
+            return None  # the registry requires both; such a row says nothing
+        return ShownRow(store_id, suggestion_id, data, tuple(skus))
+
+
+def shown_rows(rows: Iterable[Sequence[Any]]) -> Iterator[ShownRow]:
+    """``ShownGrouper`` over an iterable of rows, streamed."""
+    grouper = ShownGrouper()
+    for row in rows:
+        done = grouper.feed(row)
+        if done is not None:
+            yield done
+    last = grouper.finish()
+    if last is not None:
+        yield last
