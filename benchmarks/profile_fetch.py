@@ -118,6 +118,9 @@ async def fetch_loop(
     rng = random.Random(token)
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(base_url=url, headers=headers) as session:
+        # An agent keeps its connection: the first fetch opens it and is not counted.
+        async with session.get(f"/v1/profiles/{rng.choice(customers)}") as response:
+            await response.read()
         next_at = time.perf_counter() + rng.random() * interval_s
         for _ in range(count):
             if interval_s:
