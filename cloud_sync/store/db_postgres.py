@@ -93,11 +93,6 @@ SHOWN_WITH_ACCEPTED: Final = (
     " ORDER BY s.seq"
 )
 SHOWN_SLICE: Final = 2000
-# The interactions part alone, for EXPLAIN in the tests and the benchmark.
-PROFILE_INTERACTIONS: Final = (
-    "SELECT ts, type, store_id, event_id FROM events WHERE customer_id = ANY(%s)"
-    " AND type = ANY(%s) ORDER BY ts DESC, seq DESC LIMIT %s"
-)
 OPEN_TIMEOUT_S = 15.0
 CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
 COLUMNS = "event_id, type, ts, store_id, device_id, customer_id, source, schema, data, received_at"

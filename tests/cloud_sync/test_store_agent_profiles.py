@@ -10,7 +10,10 @@ from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from cstore_helpers import envelope
 
-from cloud_sync.store.db_postgres import PROFILE_INTERACTIONS
+from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store.db_postgres import PROFILE_FACTS
+from cloud_sync.store.profiles import INTERACTION_TYPES
+from cloud_sync.store.records import PSEUDONYM_REGEX
 
 Client = TestClient[Any, Any]
 PSEUDONYM = "ps-" + "ab" * 16
@@ -186,16 +189,23 @@ async def test_only_agents_channels_and_admins_fetch_profiles(
 
 
 def test_postgres_answers_a_profile_from_the_customer_index(pg_url: str) -> None:
-    """The interactions query walks events_customer (customer_id, ts, seq), never the table."""
+    """Every part of the profile query reads events through events_customer, never the
+    whole table, and consent through identity_changes_customer."""
     from cloud_sync.store.cli import main
 
     assert main(["migrate", "--db", pg_url]) == 0
     with psycopg.connect(pg_url, autocommit=True) as conn:
         # A small table would be scanned whole anyway; forbid it to see what the plan can use.
         conn.execute("SET enable_seqscan = off")
-        plan = conn.execute(
-            "EXPLAIN " + PROFILE_INTERACTIONS, (["c-1", "c-2"], ["product.pickup"], 200)
-        ).fetchall()
+        params = {
+            "customer_id": "c-1",
+            "max_ids": MAX_IDENTITIES,
+            "pseudonym": PSEUDONYM_REGEX,
+            "types": list(INTERACTION_TYPES),
+            "limit": 200,
+        }
+        plan = conn.execute("EXPLAIN " + PROFILE_FACTS, params).fetchall()
     text = "\n".join(str(row[0]) for row in plan)
-    assert "events_customer" in text, text
+    assert text.count("events_customer") == 3, text  # history, interactions, counts
+    assert "identity_changes_customer" in text, text
     assert "Seq Scan on events" not in text, text
