@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from cloud_sync.erasure_blinding import blind, blinding_key
-from cloud_sync.store import auth, fleet, profiles
+from cloud_sync.store import auth, feed, fleet, profiles, rollout
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError, BadRequestError
 from cloud_sync.store.ingest import (
@@ -33,7 +32,7 @@ from cloud_sync.store.ingest import (
     decode_body,
 )
 from cloud_sync.store.metrics import StoreMetrics
-from cloud_sync.store.records import Principal, format_ts
+from cloud_sync.store.records import PSEUDONYM_PATTERN, Principal, format_ts
 from cloud_sync.store.sql_shared import AGENT_REPORT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -66,20 +65,22 @@ BACKEND: Final = web.AppKey("backend", Backend)
 LIMITS: Final = web.AppKey("limits", Limits)
 SLOTS: Final = web.AppKey("slots", IngestSlots)
 METRICS: Final = web.AppKey("metrics", StoreMetrics)
+FEED: Final = web.AppKey("feed", feed.FeedSettings)
+HIGH_WATER: Final = web.AppKey("high_water", feed.HighWater)
+CLOSING: Final = web.AppKey("closing", asyncio.Event)
 DEFAULT_PAGE: Final = 100
 MAX_PAGE: Final = 1000
 MAX_ERASURES_PAGE: Final = 5000
 MAX_PSEUDONYMS: Final = 5000
 MAX_SMALL_BODY_BYTES: Final = 1024 * 1024
 MAX_CURSOR_DIGITS: Final = 19
-# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
-PSEUDONYM_PATTERN: Final = re.compile(r"^ps-[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(
     backend: Backend,
     limits: Limits | None = None,
+    feed_settings: feed.FeedSettings | None = None,
     *,
     stale_after_s: float = fleet.DEFAULT_STALE_AFTER_S,
 ) -> web.Application:
@@ -95,6 +96,10 @@ def create_app(
     app[BACKEND] = backend
     app[LIMITS] = limits
     app[SLOTS] = IngestSlots(limits.max_concurrent_ingests)
+    app[FEED] = feed_settings or feed.FeedSettings()
+    app[HIGH_WATER] = feed.HighWater(backend, app[FEED].poll_s)
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_closing)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/openapi.json", _openapi)
@@ -105,8 +110,11 @@ def create_app(
     app.router.add_get("/v1/erasures", _get_erasures)
     app.router.add_post("/v1/erasures/pseudonyms", _post_erased_pseudonyms)
     app.router.add_post("/v1/pseudonymisations", _post_pseudonymisations)
+    app.router.add_get("/v1/profiles/{customer_id}", _get_profile)
+    app.router.add_get("/v1/feed", _get_feed)
     app.router.add_get("/v1/models/latest", _get_latest_model)
     app.router.add_get("/v1/models/{version}/model.onnx", _get_model_artifact)
+    app.router.add_get("/v1/models/{version}/performance", _get_model_performance)
     app.router.add_get("/v1/aggregates", _get_aggregates)
     _add_fleet_routes(app)
     return app
@@ -396,9 +404,64 @@ def _pseudonyms(value: Any, name: str) -> list[str]:
     return sorted(set(value))
 
 
+async def _get_profile(request: web.Request) -> web.Response:
+    """An agent's view of a customer across stores and channels; consent-gated: a customer
+    without personalization and profile sharing is a 404 identical to an unknown one."""
+    await _principal(request, auth.may_fetch_profiles)
+    customer_id = _id_param(request.match_info["customer_id"], "customer_id")
+    limit = _int_param(
+        request, "limit", profiles.DEFAULT_INTERACTIONS, 1, profiles.MAX_INTERACTIONS
+    )
+    not_found = _RefusedError(_error(404, "not_found", "no such customer"))
+    if profiles.is_pseudonym(customer_id):
+        raise not_found  # a pseudonymised customer's history stays where it was recorded
+    facts = await request.app[BACKEND].profile_facts(customer_id, profiles.INTERACTION_TYPES, limit)
+    flags = profiles.resolved_flags(facts.consent)
+    if flags is None or not profiles.shares_profile(flags):
+        raise not_found
+    return web.json_response(
+        profiles.agent_profile_document(customer_id, flags, facts, datetime.now(UTC))
+    )
+
+
+async def _get_feed(request: web.Request) -> web.StreamResponse:
+    principal = await _principal(request, auth.may_read_events)
+    cursor = feed.start_cursor(request.query.get("after"), request.headers.get("Last-Event-ID"))
+    if cursor is None:
+        raise BadRequestError(400, "bad_cursor", "after / Last-Event-ID: an event's id")
+    who = f"{principal.kind}:{principal.name}"
+    app = request.app
+    return await feed.stream(
+        request,
+        backend=app[BACKEND],
+        high_water=app[HIGH_WATER],
+        cursor=cursor,
+        settings=app[FEED],
+        who=who,
+        closing=app[CLOSING],
+    )
+
+
+async def _closing(app: web.Application) -> None:
+    """Shutdown: long-lived responses (the partner feed) end now."""
+    app[CLOSING].set()
+
+
+async def _get_model_performance(request: web.Request) -> web.Response:
+    await _principal(request, auth.is_admin)
+    version = _id_param(request.match_info["version"], "version")
+    backend = request.app[BACKEND]
+    if await backend.model_record(version) is None:
+        return _error(404, "not_found", "no such model version")
+    performance = await backend.shown_performance(version, None)
+    return web.json_response(performance.as_json())
+
+
 async def _get_latest_model(request: web.Request) -> web.Response:
-    await _principal(request, auth.may_read_feeds)
-    record = await request.app[BACKEND].latest_model()
+    principal = await _principal(request, auth.may_read_feeds)
+    backend = request.app[BACKEND]
+    version = rollout.version_for(await backend.rollout(), principal.store_id)
+    record = None if version is None else await backend.model_record(version)
     if record is None:
         return _error(404, "not_found", "no model published yet")
     # Two versions may share an artifact (re-signed, re-labelled): the tag names both.

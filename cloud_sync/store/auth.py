@@ -1,8 +1,10 @@
 """Credentials and who may do what.
 
-Three kinds of bearer credential, one table: an agent token (one store; uploads events, reads
-erasures and models), a partner key (scopes ``profiles:read`` and/or ``aggregates:read``) and
-an admin key (reads every profile, erases customers). Only the sha256 of a token is stored: a
+Four kinds of bearer credential, one table: an agent token (one store; uploads events, reads
+erasures, models and consented profiles), a channel token (a web shop, an app, a call centre,
+a partner brand: uploads like an agent, with ``store_id`` = the channel's name), a partner key
+(scopes ``profiles:read``, ``aggregates:read``, ``events:read``) and an admin key (reads every
+profile, erases customers). Only the sha256 of a token is stored: a
 token is 32 random bytes, so a plain hash is enough and lookups stay one indexed query.
 
 Credentials are listed (never their secret), revoked and rotated here. Every request looks its
@@ -21,10 +23,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from cloud_sync.envelope_schema import MAX_ID_LENGTH
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.records import (
     PARTNER_SCOPES,
     SCOPE_AGGREGATES,
+    SCOPE_EVENTS,
     SCOPE_PROFILES,
     Credential,
     Kind,
@@ -38,6 +42,7 @@ TOKEN_PREFIX: Final[dict[Kind, str]] = {
     "agent": "cst_agent_",
     "partner": "cst_partner_",
     "admin": "cst_admin_",
+    "channel": "cst_channel_",
 }
 MAX_TOKEN_LENGTH: Final = 200
 
@@ -80,10 +85,20 @@ async def create_credential(
     store_id: str | None = None,
     scopes: Sequence[str] = (),
 ) -> str:
-    """Store a new credential and return its token: the only time the token exists in clear."""
-    if kind == "agent" and not store_id:
+    """Store a new credential and return its token: the only time the token exists in clear.
+
+    A channel's events carry its name as ``store_id``; that name must not be a store's."""
+    if kind == "channel":
+        if not 0 < len(name) <= MAX_ID_LENGTH or name != name.strip() or "\x00" in name:
+            raise CredentialError(f"a channel name is 1..{MAX_ID_LENGTH} characters, no padding")
+        if any(c.store_id == name for c in await backend.credentials("agent")):
+            raise CredentialError(f"{name!r} is a store's id; a channel needs a name of its own")
+        store_id = name
+    elif kind == "agent" and not store_id:
         raise CredentialError("an agent token needs --store")
-    if kind != "agent" and store_id:
+    elif kind == "agent" and any(c.name == store_id for c in await backend.credentials("channel")):
+        raise CredentialError(f"{store_id!r} is a channel's name; a store needs an id of its own")
+    elif kind != "agent" and store_id:
         raise CredentialError("only agent tokens belong to a store")
     unknown = sorted(set(scopes) - PARTNER_SCOPES)
     if unknown:
@@ -131,12 +146,25 @@ async def rotate_credential(
 
 
 def may_upload(principal: Principal) -> bool:
-    return principal.kind == "agent"
+    """Agents for their store, channels under their own name."""
+    return principal.kind in ("agent", "channel")
 
 
 def may_read_feeds(principal: Principal) -> bool:
-    """Erasure feed and model downloads: the agents, and admins for inspection."""
-    return principal.kind in ("agent", "admin")
+    """Erasure feed and model downloads: the agents and channels, and admins for inspection."""
+    return principal.kind in ("agent", "channel", "admin")
+
+
+def may_fetch_profiles(principal: Principal) -> bool:
+    """GET /v1/profiles: what an agent (or channel) personalises with, consent-gated."""
+    return principal.kind in ("agent", "channel", "admin")
+
+
+def may_read_events(principal: Principal) -> bool:
+    """The partners' live feed (GET /v1/feed); admins read it too, with the same consent rule."""
+    return principal.kind == "admin" or (
+        principal.kind == "partner" and SCOPE_EVENTS in principal.scopes
+    )
 
 
 def may_read_profiles(principal: Principal) -> bool:
@@ -157,4 +185,8 @@ def may_read_aggregates(principal: Principal) -> bool:
 
 
 def may_erase(principal: Principal) -> bool:
+    return principal.kind == "admin"
+
+
+def is_admin(principal: Principal) -> bool:
     return principal.kind == "admin"

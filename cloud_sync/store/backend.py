@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from typing import Protocol
 
+from cloud_sync.store.acceptance import Performance
 from cloud_sync.store.errors import DatabaseUrlError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
+    ConsentFacts,
     Credential,
     CustomerFacts,
     Erasure,
@@ -23,9 +25,16 @@ from cloud_sync.store.records import (
     Kind,
     ModelRecord,
     Principal,
+    ProfileFacts,
+    RolloutEntry,
+    RolloutState,
     Stats,
     StoredEvent,
 )
+from cloud_sync.store.rollout import Change
+
+# A rollout decision: from the state and the log (oldest first), the new state and log line.
+RolloutDecision = Callable[[RolloutState, list[RolloutEntry]], Change]
 
 # An identity graph larger than this is a data problem, not a customer; stop walking it.
 MAX_IDENTITIES = 256
@@ -128,6 +137,47 @@ class Backend(Protocol):
 
     async def heartbeats(self) -> list[Heartbeat]:
         """The latest heartbeat of every agent that ever sent one."""
+        ...
+
+    async def consent_facts(self, ids: Sequence[str]) -> ConsentFacts:
+        """The applied consent changes of these ids and which of them have a history."""
+        ...
+
+    async def profile_facts(
+        self, customer_id: str, types: Sequence[str], limit: int
+    ) -> ProfileFacts:
+        """The profile of ``customer_id`` as agents see it, pseudonyms left out of its ids:
+        consent facts, the newest ``limit`` events of ``types``, their counts per sku."""
+        ...
+
+    async def feed_high_water(self) -> int:
+        """The highest event seq below which no ingest in progress can still add a row."""
+        ...
+
+    async def events_after(
+        self, after: int, upto: int | None, limit: int, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        """Events of identified customers with after < seq <= upto, in seq order; with
+        ``since`` only those dated since then, and every consent.update."""
+        ...
+
+    async def model_record(self, version: str) -> ModelRecord | None: ...
+
+    async def rollout(self) -> RolloutState: ...
+
+    async def rollout_log(self, limit: int) -> list[RolloutEntry]:
+        """The newest ``limit`` rollout changes, newest first."""
+        ...
+
+    async def update_rollout(
+        self, decide: RolloutDecision, decided_by: str, now: datetime
+    ) -> RolloutEntry:
+        """Apply ``decide`` to the state in one transaction and log it; RolloutError passes."""
+        ...
+
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
+        """Fleet acceptance of a model version from its suggestion.shown events (since a
+        time) and their acceptances, streamed through ``acceptance.Tally``."""
         ...
 
     async def close(self) -> None: ...

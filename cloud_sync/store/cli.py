@@ -14,13 +14,15 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
 from cloud_sync.store import auth, fleet
+from cloud_sync.store.acceptance import DEFAULT_MIN_SHOWN
 from cloud_sync.store.backend import Backend, open_backend
+from cloud_sync.store.cli_models import model_command, model_parsers
 from cloud_sync.store.errors import StoreError
+from cloud_sync.store.feed import FeedSettings
 from cloud_sync.store.ingest import Limits
 from cloud_sync.store.model_publish import read_model_dir, write_manifest
 from cloud_sync.store.records import PARTNER_SCOPES, Kind, format_ts
@@ -30,7 +32,12 @@ log = logging.getLogger(__name__)
 DEFAULT_DB: Final = "sqlite:customer-store.db"
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8700
-_KINDS: Final[dict[str, Kind]] = {"token": "agent", "partner": "partner", "admin": "admin"}
+_KINDS: Final[dict[str, Kind]] = {
+    "token": "agent",
+    "partner": "partner",
+    "admin": "admin",
+    "channel": "channel",
+}
 _MAX_GRACE_S: Final = 30 * 24 * 3600.0  # a month: long enough to reach every store box
 
 
@@ -87,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=fleet.DEFAULT_STALE_AFTER_S,
         help="an agent without a heartbeat this long counts as stale on /metrics",
     )
+    run.add_argument(
+        "--feed-heartbeat-s",
+        type=float,
+        default=FeedSettings().heartbeat_s,
+        help="a comment line on an idle partner feed this often",
+    )
+    run.add_argument(
+        "--feed-poll-s",
+        type=float,
+        default=FeedSettings().poll_s,
+        help="how often an idle feed looks for new events",
+    )
+    run.add_argument(
+        "--rollout-check-s",
+        type=float,
+        default=300.0,
+        help="judge a running canary this often (0: never; see `model check`)",
+    )
+    run.add_argument(
+        "--min-shown",
+        type=int,
+        default=DEFAULT_MIN_SHOWN,
+        help="suggestions each side must have shown before a canary can be judged",
+    )
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.add_argument(
         "--reuse-port",
@@ -114,30 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     acreate = with_db(admin.add_parser("create", help="create an admin key (read all, erase)"))
     acreate.add_argument("--name", default="admin")
 
-    for group, kind in ((token, "agent"), (partner, "partner"), (admin, "admin")):
+    channel = commands.add_parser(
+        "channel", help="channel tokens: a web shop, an app, a call centre, a partner brand"
+    ).add_subparsers(dest="action", required=True)
+    ccreate = with_db(
+        channel.add_parser("create", help="a channel token; its events carry store_id = NAME")
+    )
+    ccreate.add_argument("--name", required=True, help="the channel's name, e.g. web-shop")
+
+    for group, kind in (
+        (token, "agent"),
+        (partner, "partner"),
+        (admin, "admin"),
+        (channel, "channel"),
+    ):
         _credential_commands(group, kind, with_db)
 
-    model = commands.add_parser("model", help="suggestion models").add_subparsers(
-        dest="action", required=True
-    )
-    publish = with_db(model.add_parser("publish", help="publish model.onnx + manifest.json"))
-    publish.add_argument("--dir", required=True, type=Path)
-    publish.add_argument(
-        "--signing-key",
-        type=Path,
-        default=None,
-        help="ed25519 private key (PEM, from `model keygen`): sign the manifest",
-    )
-    sign = model.add_parser(
-        "sign", help="sign a model directory's manifest in place (for a drop in models/incoming)"
-    )
-    sign.add_argument("--dir", required=True, type=Path)
-    sign.add_argument("--signing-key", required=True, type=Path)
-    keygen = model.add_parser(
-        "keygen", help="make a model signing key pair; prints the public key (last line)"
-    )
-    keygen.add_argument("--out", required=True, type=Path, help="private key file (0600)")
-
+    model_parsers(commands, with_db)
     audit = commands.add_parser(
         "audit", help="consent and link changes with their origin"
     ).add_subparsers(dest="action", required=True)
@@ -237,7 +261,7 @@ async def _with_backend(url: str, work: Callable[[Backend], Awaitable[str]]) -> 
 def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     """The work of a one-shot command; it returns the text to print on stdout."""
     command = (args.command, getattr(args, "action", None))
-    if command[0] in ("token", "partner", "admin") and command[1] != "create":
+    if command[0] in ("token", "partner", "admin", "channel") and command[1] != "create":
         work = _credential_command(args)
         if work is not None:
             return work
@@ -249,17 +273,10 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
         return lambda b: auth.create_credential(b, "partner", name=args.name, scopes=scopes)
     if command == ("admin", "create"):
         return lambda b: auth.create_credential(b, "admin", name=args.name)
-    if command == ("model", "publish"):
-        key = None if args.signing_key is None else load_private_key(args.signing_key)
-        record, artifact = read_model_dir(args.dir, key)
-
-        async def publish(b: Backend) -> str:
-            created = await b.publish_model(record, artifact, datetime.now(UTC))
-            state = "published" if created else "already published"
-            signed = "signed" if key is not None else "unsigned"
-            return f"{state} version={record.version} sha256={record.sha256} {signed}"
-
-        return publish
+    if command == ("channel", "create"):
+        return lambda b: auth.create_credential(b, "channel", name=args.name)
+    if command[0] in ("model", "training"):
+        return model_command(args)
     if command == ("audit", "list"):
 
         async def audit_list(b: Backend) -> str:
@@ -336,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                     access_log=args.access_log,
                     reuse_port=args.reuse_port,
                     stale_after_s=args.stale_after_s,
+                    feed_settings=FeedSettings(
+                        poll_s=args.feed_poll_s, heartbeat_s=args.feed_heartbeat_s
+                    ),
+                    rollout_check_s=args.rollout_check_s,
+                    min_shown=args.min_shown,
                 )
             )
             return 0

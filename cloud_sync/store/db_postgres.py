@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time
 from typing import Any, Final
 
@@ -20,13 +20,16 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from cloud_sync.store import fleet_sql, migrations, sql_shared, trust
-from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store import acceptance, fleet_sql, migrations, sql_shared, trust
+from cloud_sync.store.acceptance import Performance
+from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
+    PSEUDONYM_REGEX,
     AggregateRow,
     ConsentChange,
+    ConsentFacts,
     Credential,
     CustomerFacts,
     DeviceFacts,
@@ -34,9 +37,13 @@ from cloud_sync.store.records import (
     EventRow,
     IdentityChange,
     IngestCounts,
+    Interaction,
     Kind,
     ModelRecord,
     Principal,
+    ProfileFacts,
+    RolloutEntry,
+    RolloutState,
     Stats,
     StoredEvent,
 )
@@ -44,6 +51,49 @@ from cloud_sync.store.records import (
 log = logging.getLogger(__name__)
 
 STATEMENT_TIMEOUT_MS = 60_000
+# Ingests hold this lock shared while they insert; the feed takes it exclusively for an
+# instant to learn the highest seq that no ingest in progress can still fill in below
+# (identity values are drawn before commit, so commits can land out of seq order).
+FEED_LOCK: Final = 0x63_73_66_65_65_64  # "csfeed"
+FEED_LOCK_TIMEOUT: Final = "5s"
+# GET /v1/profiles in one statement. Each part reads events or identity_changes by
+# customer_id, so events_customer (customer_id, ts, seq) and identity_changes_customer serve
+# them; the interactions' ORDER BY ... LIMIT sorts one profile's rows, not the table.
+PROFILE_FACTS: Final = """
+WITH RECURSIVE ids(id) AS (
+    SELECT CAST(%(customer_id)s AS text)
+    UNION SELECT l.b FROM identity_links l JOIN ids ON l.a = ids.id
+), walked AS (SELECT id FROM ids LIMIT %(max_ids)s),
+clear AS (SELECT array_agg(id) AS ids FROM walked WHERE id !~ %(pseudonym)s),
+picked AS (
+    SELECT ts, type, CASE WHEN jsonb_typeof(data->'sku') = 'string' THEN data->>'sku' END
+        AS sku, store_id, event_id, seq
+    FROM events, clear WHERE customer_id = ANY(clear.ids) AND type = ANY(%(types)s)
+    ORDER BY ts DESC, seq DESC LIMIT %(limit)s
+)
+SELECT
+    (SELECT coalesce(json_agg(json_build_array(c.id, c.customer_id, c.flags, c.event_ts)
+        ORDER BY c.id), '[]') FROM identity_changes c, clear
+        WHERE c.customer_id = ANY(clear.ids) AND c.kind = 'consent' AND c.status = 'applied'),
+    (SELECT coalesce(json_agg(DISTINCT e.customer_id), '[]') FROM events e, clear
+        WHERE e.customer_id = ANY(clear.ids) AND e.type <> 'customer.identified'),
+    (SELECT coalesce(json_agg(json_build_array(p.ts, p.type, p.sku, p.store_id, p.event_id)
+        ORDER BY p.ts DESC, p.seq DESC), '[]') FROM picked p),
+    (SELECT coalesce(json_object_agg(k.sku, k.n), '{}') FROM (
+        SELECT e.data->>'sku' AS sku, count(*) AS n FROM events e, clear
+        WHERE e.customer_id = ANY(clear.ids) AND e.type = ANY(%(types)s)
+        AND jsonb_typeof(e.data->'sku') = 'string' GROUP BY 1) k)
+"""
+# A model version's suggestions and their acceptances (same store, same suggestion_id), in
+# shown order; events_shown_model and events_accepted_suggestion (migration 4) serve it.
+SHOWN_WITH_ACCEPTED: Final = (
+    "SELECT s.seq, s.store_id, s.data->>'suggestion_id', s.data, a.seq, a.data->>'sku'"
+    " FROM events s LEFT JOIN events a ON a.type = 'suggestion.accepted'"
+    " AND a.store_id = s.store_id AND a.data->>'suggestion_id' = s.data->>'suggestion_id'"
+    " WHERE s.type = 'suggestion.shown' AND s.data->>'model_version' = %s AND s.ts >= %s"
+    " ORDER BY s.seq"
+)
+SHOWN_SLICE: Final = 2000
 OPEN_TIMEOUT_S = 15.0
 CONNECTION_WAIT_S = 30.0  # waiting for a free pooled connection; then a 503
 COLUMNS = "event_id, type, ts, store_id, device_id, customer_id, source, schema, data, received_at"
@@ -106,7 +156,9 @@ class PostgresBackend:
         log.info("store.postgres.open pool_max=%d", pool_size)
         return cls(pool)
 
-    async def _fetch(self, operation: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _fetch(
+        self, operation: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Any]:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(sql, params)
@@ -123,6 +175,7 @@ class PostgresBackend:
         customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
         try:
             async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FEED_LOCK,))
                 erased_at: dict[str, datetime] = {}
                 if customers:
                     cur = await conn.execute(
@@ -509,6 +562,151 @@ class PostgresBackend:
         rows = await self._fetch("heartbeats", fleet_sql.SELECT_HEARTBEATS)
         return [fleet_sql.heartbeat(r, r[2], dict(r[4])) for r in rows]
 
+    async def consent_facts(self, ids: Sequence[str]) -> ConsentFacts:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await _consent_facts(conn, ids)
+        except psycopg.Error as exc:
+            raise BackendError("consent_facts", str(exc)) from exc
+
+    async def profile_facts(
+        self, customer_id: str, types: Sequence[str], limit: int
+    ) -> ProfileFacts:
+        # One statement, one round trip, one snapshot: the walk, consent and history, the
+        # newest interactions and the counts per sku.
+        rows = await self._fetch(
+            "profile_facts",
+            PROFILE_FACTS,
+            {
+                "customer_id": customer_id,
+                "max_ids": MAX_IDENTITIES,
+                "pseudonym": PSEUDONYM_REGEX,
+                "types": list(types),
+                "limit": limit,
+            },
+        )
+        consents, history, interactions, by_sku = rows[0]
+        return ProfileFacts(
+            consent=ConsentFacts(
+                consent_changes=tuple(
+                    ConsentChange(int(c[0]), str(c[1]), json.loads(c[2]), _json_ts(c[3]))
+                    for c in consents
+                ),
+                history_ids=tuple(sorted(str(h) for h in history)),
+            ),
+            interactions=tuple(
+                Interaction(_json_ts(i[0]), i[1], i[2], i[3], i[4]) for i in interactions
+            ),
+            by_sku={str(k): int(v) for k, v in by_sku.items()},
+        )
+
+    async def feed_high_water(self) -> int:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{FEED_LOCK_TIMEOUT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
+                cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM events")
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise BackendError("feed_high_water", str(exc)) from exc
+        return int(row[0]) if row else 0
+
+    async def events_after(
+        self, after: int, upto: int | None, limit: int, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        where = ["seq > %s", "customer_id IS NOT NULL"]
+        params: list[Any] = [after]
+        if upto is not None:
+            where.append("seq <= %s")
+            params.append(upto)
+        if since is not None:
+            where.append("(ts >= %s OR type = 'consent.update')")
+            params.append(since)
+        rows = await self._fetch(
+            "events_after",
+            f"SELECT seq, {sql_shared.ENVELOPE_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+            " ORDER BY seq LIMIT %s",
+            [*params, limit],
+        )
+        return [sql_shared.stored_event(r[0], r[3], r[1:], r[9]) for r in rows]
+
+    async def model_record(self, version: str) -> ModelRecord | None:
+        rows = await self._fetch("model_record", sql_shared.MODEL_RECORD, (version,))
+        return _model(rows[0]) if rows else None
+
+    async def rollout(self) -> RolloutState:
+        rows = await self._fetch("rollout", sql_shared.ROLLOUT_STATE)
+        return _rollout_state(rows[0] if rows else None)
+
+    async def rollout_log(self, limit: int) -> list[RolloutEntry]:
+        rows = await self._fetch("rollout_log", sql_shared.ROLLOUT_LOG, (limit,))
+        return [RolloutEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def update_rollout(
+        self, decide: RolloutDecision, decided_by: str, now: datetime
+    ) -> RolloutEntry:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                # Serialises rollout changes (a promote racing the automatic check).
+                await conn.execute("LOCK TABLE model_rollout IN EXCLUSIVE MODE")
+                cur = await conn.execute(sql_shared.ROLLOUT_STATE)
+                state = _rollout_state(await cur.fetchone())
+                cur = await conn.execute(
+                    "SELECT id, action, version, percent, reason, decided_by, at"
+                    " FROM model_rollout_log ORDER BY id"
+                )
+                log_rows = [
+                    RolloutEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6])
+                    for r in await cur.fetchall()
+                ]
+                change = decide(state, log_rows)
+                new = change.state
+                await conn.execute(
+                    sql_shared.UPSERT_ROLLOUT,
+                    (
+                        new.current_version,
+                        new.canary_version,
+                        new.canary_percent,
+                        new.canary_since,
+                        now,
+                    ),
+                )
+                cur = await conn.execute(
+                    sql_shared.INSERT_ROLLOUT_LOG + " RETURNING id",
+                    (change.action, change.version, change.percent, change.reason, decided_by, now),
+                )
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise BackendError("update_rollout", str(exc)) from exc
+        entry_id = int(row[0]) if row else 0
+        return RolloutEntry(
+            entry_id, change.action, change.version, change.percent, change.reason, decided_by, now
+        )
+
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
+        lo = since or datetime(1970, 1, 1, tzinfo=UTC)
+        tally = acceptance.Tally(version)
+        try:
+            # A server-side cursor: the rows arrive in slices, one suggestion tallied at a time.
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor(name="shown_performance") as cur,
+            ):
+                await cur.execute(SHOWN_WITH_ACCEPTED, (version, lo))
+                grouper = sql_shared.ShownGrouper()
+                while rows := await cur.fetchmany(SHOWN_SLICE):
+                    for row in rows:
+                        done = grouper.feed(row)
+                        if done is not None:
+                            tally.add(done)
+                last = grouper.finish()
+                if last is not None:
+                    tally.add(last)
+        except psycopg.Error as exc:
+            raise BackendError("shown_performance", str(exc)) from exc
+        return tally.result()
+
     async def close(self) -> None:
         await self._pool.close()
         log.info("store.postgres.closed")
@@ -587,6 +785,39 @@ async def _history_stores(conn: psycopg.AsyncConnection[Any], ids: Sequence[str]
         (list(ids),),
     )
     return {str(r[0]) for r in await cur.fetchall()}
+
+
+async def _consent_facts(conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> ConsentFacts:
+    id_list = list(ids)
+    cur = await conn.execute(
+        "SELECT id, customer_id, flags, event_ts FROM identity_changes"
+        " WHERE customer_id = ANY(%s) AND kind = 'consent' AND status = 'applied' ORDER BY id",
+        (id_list,),
+    )
+    consents = await cur.fetchall()
+    cur = await conn.execute(
+        "SELECT DISTINCT customer_id FROM events WHERE customer_id = ANY(%s)"
+        " AND type <> 'customer.identified'",
+        (id_list,),
+    )
+    history = await cur.fetchall()
+    return ConsentFacts(
+        consent_changes=tuple(
+            ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), r[3]) for r in consents
+        ),
+        history_ids=tuple(sorted(str(r[0]) for r in history)),
+    )
+
+
+def _rollout_state(row: Sequence[Any] | None) -> RolloutState:
+    if row is None:
+        return RolloutState(None, None, 0, None)
+    return RolloutState(row[0], row[1], int(row[2]), row[3])
+
+
+def _json_ts(text: str) -> datetime:
+    """A timestamptz as json_build_array writes it (ISO 8601 with an offset)."""
+    return datetime.fromisoformat(text)
 
 
 def _same(value: datetime) -> datetime:

@@ -19,13 +19,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from cloud_sync.store import fleet_sql, migrations, sql_shared, trust
-from cloud_sync.store.backend import MAX_IDENTITIES
+from cloud_sync.store import acceptance, fleet_sql, migrations, sql_shared, trust
+from cloud_sync.store.acceptance import Performance
+from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
     ConsentChange,
+    ConsentFacts,
     Credential,
     CustomerFacts,
     DeviceFacts,
@@ -33,17 +35,33 @@ from cloud_sync.store.records import (
     EventRow,
     IdentityChange,
     IngestCounts,
+    Interaction,
     Kind,
     ModelRecord,
     Principal,
+    ProfileFacts,
+    RolloutEntry,
+    RolloutState,
     Stats,
     StoredEvent,
+    is_pseudonym,
     parse_ts,
     sortable_ts,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A model version's suggestions and their acceptances (same store, same suggestion_id), in
+# shown order; events_shown_model and events_accepted_suggestion (migration 4) serve it.
+_SUGGESTION = "json_extract({0}.data, '$.suggestion_id')"
+SHOWN_WITH_ACCEPTED = (
+    f"SELECT s.seq, s.store_id, {_SUGGESTION.format('s')}, s.data, a.seq,"
+    " json_extract(a.data, '$.sku') FROM events s LEFT JOIN events a"
+    " ON a.type = 'suggestion.accepted' AND a.store_id = s.store_id"
+    f" AND {_SUGGESTION.format('a')} = {_SUGGESTION.format('s')}"
+    " WHERE s.type = 'suggestion.shown' AND json_extract(s.data, '$.model_version') = ?"
+    " AND s.ts >= ? ORDER BY s.seq"
+)
 
 
 def _ts(text: str) -> datetime:
@@ -428,6 +446,113 @@ class SqliteBackend:
         )
         return [fleet_sql.heartbeat(r, _ts(r[2]), json.loads(r[4])) for r in rows]
 
+    async def consent_facts(self, ids: Sequence[str]) -> ConsentFacts:
+        return await self._run("consent_facts", partial(_consent_facts, ids=ids))
+
+    async def profile_facts(
+        self, customer_id: str, types: Sequence[str], limit: int
+    ) -> ProfileFacts:
+        return await self._run(
+            "profile_facts",
+            partial(_profile_facts, customer_id=customer_id, types=types, limit=limit),
+        )
+
+    async def feed_high_water(self) -> int:
+        # One writer, and seq is assigned inside its transaction: what is visible has no holes
+        # that a later commit could fill.
+        row = await self._run(
+            "feed_high_water",
+            lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone(),
+        )
+        return int(row[0])
+
+    async def events_after(
+        self, after: int, upto: int | None, limit: int, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        where = ["seq > ?", "customer_id IS NOT NULL"]
+        params: list[Any] = [after]
+        if upto is not None:
+            where.append("seq <= ?")
+            params.append(upto)
+        if since is not None:
+            where.append("(ts >= ? OR type = 'consent.update')")
+            params.append(sortable_ts(since))
+        sql = (
+            f"SELECT seq, {sql_shared.ENVELOPE_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+            " ORDER BY seq LIMIT ?"
+        )
+        rows = await self._run(
+            "events_after", lambda c: c.execute(sql, [*params, limit]).fetchall()
+        )
+        return [sql_shared.stored_event(r[0], _ts(r[3]), r[1:], json.loads(r[9])) for r in rows]
+
+    async def model_record(self, version: str) -> ModelRecord | None:
+        row = await self._run(
+            "model_record",
+            lambda c: c.execute(_q(sql_shared.MODEL_RECORD), (version,)).fetchone(),
+        )
+        return None if row is None else _model(row)
+
+    async def rollout(self) -> RolloutState:
+        return await self._run("rollout", _rollout_state)
+
+    async def rollout_log(self, limit: int) -> list[RolloutEntry]:
+        rows = await self._run(
+            "rollout_log",
+            lambda c: c.execute(_q(sql_shared.ROLLOUT_LOG), (limit,)).fetchall(),
+        )
+        return [_rollout_entry(r) for r in rows]
+
+    async def update_rollout(
+        self, decide: RolloutDecision, decided_by: str, now: datetime
+    ) -> RolloutEntry:
+        def update(conn: sqlite3.Connection) -> RolloutEntry:
+            with _atomic(conn):
+                log_rows = conn.execute(
+                    "SELECT id, action, version, percent, reason, decided_by, at"
+                    " FROM model_rollout_log ORDER BY id"
+                ).fetchall()
+                change = decide(_rollout_state(conn), [_rollout_entry(r) for r in log_rows])
+                new = change.state
+                stamp = sortable_ts(now)
+                since = None if new.canary_since is None else sortable_ts(new.canary_since)
+                conn.execute(
+                    _q(sql_shared.UPSERT_ROLLOUT),
+                    (new.current_version, new.canary_version, new.canary_percent, since, stamp),
+                )
+                cur = conn.execute(
+                    _q(sql_shared.INSERT_ROLLOUT_LOG),
+                    (
+                        change.action,
+                        change.version,
+                        change.percent,
+                        change.reason,
+                        decided_by,
+                        stamp,
+                    ),
+                )
+                return RolloutEntry(
+                    int(cast(int, cur.lastrowid)),
+                    change.action,
+                    change.version,
+                    change.percent,
+                    change.reason,
+                    decided_by,
+                    now,
+                )
+
+        return await self._run("update_rollout", update)
+
+    async def shown_performance(self, version: str, since: datetime | None) -> Performance:
+        lo = sortable_ts(since) if since is not None else ""
+
+        def tally(conn: sqlite3.Connection) -> Performance:
+            # Iterated, not fetched whole: one suggestion at a time on the owner thread.
+            rows = conn.execute(SHOWN_WITH_ACCEPTED, (version, lo))
+            return acceptance.performance(version, sql_shared.shown_rows(rows))
+
+        return await self._run("shown_performance", tally)
+
     async def close(self) -> None:
         try:
             await self._run("close", lambda c: c.close())
@@ -637,6 +762,69 @@ def _facts_in_snapshot(
             ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), _ts(r[3])) for r in consents
         ),
         history_ids=tuple(sorted(str(r[0]) for r in history)),
+    )
+
+
+def _consent_facts(conn: sqlite3.Connection, ids: Sequence[str]) -> ConsentFacts:
+    marks = ",".join("?" * len(ids))
+    consents = conn.execute(
+        "SELECT id, customer_id, flags, event_ts FROM identity_changes"
+        f" WHERE customer_id IN ({marks}) AND kind = 'consent' AND status = 'applied' ORDER BY id",
+        list(ids),
+    ).fetchall()
+    history = conn.execute(
+        f"SELECT DISTINCT customer_id FROM events WHERE customer_id IN ({marks})"
+        " AND type <> 'customer.identified'",
+        list(ids),
+    ).fetchall()
+    return ConsentFacts(
+        consent_changes=tuple(
+            ConsentChange(int(r[0]), str(r[1]), json.loads(r[2]), _ts(r[3])) for r in consents
+        ),
+        history_ids=tuple(sorted(str(r[0]) for r in history)),
+    )
+
+
+def _profile_facts(
+    conn: sqlite3.Connection, customer_id: str, types: Sequence[str], limit: int
+) -> ProfileFacts:
+    conn.execute("BEGIN")  # one snapshot: ids, consent, interactions and counts agree
+    try:
+        ids = [i for i in _walk(conn, customer_id) if not is_pseudonym(i)]
+        consent = _consent_facts(conn, ids)
+        id_marks, type_marks = ",".join("?" * len(ids)), ",".join("?" * len(types))
+        where = f"customer_id IN ({id_marks}) AND type IN ({type_marks})"
+        params = [*ids, *types]
+        sku = "CASE WHEN json_type(data, '$.sku') = 'text' THEN json_extract(data, '$.sku') END"
+        rows = conn.execute(
+            f"SELECT ts, type, {sku}, store_id, event_id FROM events WHERE {where}"
+            " ORDER BY ts DESC, seq DESC LIMIT ?",
+            [*params, limit],
+        ).fetchall()
+        counts = conn.execute(
+            f"SELECT json_extract(data, '$.sku'), count(*) FROM events WHERE {where}"
+            " AND json_type(data, '$.sku') = 'text' GROUP BY 1",
+            params,
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return ProfileFacts(
+        consent=consent,
+        interactions=tuple(Interaction(_ts(r[0]), r[1], r[2], r[3], r[4]) for r in rows),
+        by_sku={str(r[0]): int(r[1]) for r in counts},
+    )
+
+
+def _rollout_state(conn: sqlite3.Connection) -> RolloutState:
+    row = conn.execute(_q(sql_shared.ROLLOUT_STATE)).fetchone()
+    if row is None:
+        return RolloutState(None, None, 0, None)
+    return RolloutState(row[0], row[1], int(row[2]), None if row[3] is None else _ts(row[3]))
+
+
+def _rollout_entry(row: Sequence[Any]) -> RolloutEntry:
+    return RolloutEntry(
+        int(row[0]), str(row[1]), str(row[2]), row[3], str(row[4]), str(row[5]), _ts(row[6])
     )
 
 

@@ -39,3 +39,11 @@ class BadRequestError(StoreError):
 
 class AuditError(StoreError):
     """An audit action does not apply (unknown change, or not in a state it can leave)."""
+
+
+class RolloutError(StoreError):
+    """A rollout change does not apply (unknown version, nothing to roll back to, bad share)."""
+
+
+class EvaluationGateError(StoreError):
+    """A candidate model does not show that it beats the current one (``evaluation.json``)."""

@@ -214,6 +214,82 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     Migration(
         4,
+        "channel credentials, staged model rollout with its log, indexes for feedback",
+        sqlite=(
+            # SQLite cannot alter a CHECK: the small credentials table is rebuilt, ids kept.
+            """CREATE TABLE credentials_v4 (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL CHECK (kind IN ('agent', 'partner', 'admin', 'channel')),
+                name TEXT NOT NULL,
+                store_id TEXT,
+                scopes TEXT NOT NULL DEFAULT '',
+                token_hash TEXT NOT NULL UNIQUE,
+                created_at TEXT NOT NULL,
+                revoked_at TEXT)""",
+            "INSERT INTO credentials_v4 SELECT id, kind, name, store_id, scopes, token_hash,"
+            " created_at, revoked_at FROM credentials",
+            "DROP TABLE credentials",
+            "ALTER TABLE credentials_v4 RENAME TO credentials",
+            """CREATE TABLE model_rollout (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                current_version TEXT,
+                canary_version TEXT,
+                canary_percent INTEGER NOT NULL DEFAULT 0,
+                canary_since TEXT,
+                updated_at TEXT NOT NULL)""",
+            # Whatever was served before keeps being served: the newest published version.
+            "INSERT INTO model_rollout (id, current_version, updated_at)"
+            " SELECT 1, version, published_at FROM models ORDER BY seq DESC LIMIT 1",
+            """CREATE TABLE model_rollout_log (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                action TEXT NOT NULL,
+                version TEXT NOT NULL,
+                percent INTEGER,
+                reason TEXT NOT NULL DEFAULT '',
+                decided_by TEXT NOT NULL,
+                at TEXT NOT NULL)""",
+            # ... and counts as promoted, so that a rollback of the next one comes back to it.
+            "INSERT INTO model_rollout_log (action, version, reason, decided_by, at)"
+            " SELECT 'publish', version, 'before_rollout', 'migration', published_at FROM models"
+            " ORDER BY seq DESC LIMIT 1",
+            "CREATE INDEX events_shown_model ON events (json_extract(data, '$.model_version'), ts)"
+            " WHERE type = 'suggestion.shown'",
+            "CREATE INDEX events_accepted_suggestion ON events"
+            " (store_id, json_extract(data, '$.suggestion_id'))"
+            " WHERE type = 'suggestion.accepted'",
+        ),
+        postgres=(
+            "ALTER TABLE credentials DROP CONSTRAINT IF EXISTS credentials_kind_check",
+            "ALTER TABLE credentials ADD CONSTRAINT credentials_kind_check"
+            " CHECK (kind IN ('agent', 'partner', 'admin', 'channel'))",
+            """CREATE TABLE model_rollout (
+                id integer PRIMARY KEY CHECK (id = 1),
+                current_version text,
+                canary_version text,
+                canary_percent integer NOT NULL DEFAULT 0,
+                canary_since timestamptz,
+                updated_at timestamptz NOT NULL)""",
+            "INSERT INTO model_rollout (id, current_version, updated_at)"
+            " SELECT 1, version, published_at FROM models ORDER BY seq DESC LIMIT 1",
+            """CREATE TABLE model_rollout_log (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                action text NOT NULL,
+                version text NOT NULL,
+                percent integer,
+                reason text NOT NULL DEFAULT '',
+                decided_by text NOT NULL,
+                at timestamptz NOT NULL)""",
+            "INSERT INTO model_rollout_log (action, version, reason, decided_by, at)"
+            " SELECT 'publish', version, 'before_rollout', 'migration', published_at FROM models"
+            " ORDER BY seq DESC LIMIT 1",
+            "CREATE INDEX events_shown_model ON events ((data->>'model_version'), ts)"
+            " WHERE type = 'suggestion.shown'",
+            "CREATE INDEX events_accepted_suggestion ON events"
+            " (store_id, (data->>'suggestion_id')) WHERE type = 'suggestion.accepted'",
+        ),
+    ),
+    Migration(
+        5,
         "agent_heartbeats: the latest heartbeat of each agent (the fleet view)",
         sqlite=(
             """CREATE TABLE agent_heartbeats (

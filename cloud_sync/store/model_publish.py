@@ -18,11 +18,13 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_sync.model_signature import sign_manifest
-from cloud_sync.store.errors import ModelPublishError
+from cloud_sync.store.errors import EvaluationGateError, ModelPublishError
 from cloud_sync.store.records import ModelRecord
 
 ARTIFACT: Final = "model.onnx"
 MANIFEST: Final = "manifest.json"
+EVALUATION: Final = "evaluation.json"  # written by `edge-models evaluate` for the gate
+MAX_EVALUATION_BYTES: Final = 1024 * 1024
 MAX_ARTIFACT_BYTES: Final = 512 * 1024 * 1024
 MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 # The version is a URL path segment: keep it to characters that need no escaping.
@@ -83,3 +85,51 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise ModelPublishError(f"{target}: cannot write: {exc.strerror}") from exc
+
+
+def gate(directory: Path, version: str, current: str | None, *, force: bool) -> str:
+    """Check the candidate's ``evaluation.json`` against the version the store serves now.
+
+    Returns the reason to log. Refused (EvaluationGateError) unless ``force``: a missing or
+    unreadable file, an evaluation of another candidate or against another current version,
+    or ``beats_current`` not true. Nothing is promoted yet, or the version is the promoted one
+    (published again): nothing to beat.
+    """
+    if current is None:
+        return "first_model"
+    if current == version:
+        return "already_current"
+    problem = _gate_problem(directory / EVALUATION, version, current)
+    if problem is None:
+        return "beats_current"
+    if force:
+        return f"forced: {problem}"
+    raise EvaluationGateError(f"{problem}; publish with --force to override")
+
+
+def _gate_problem(path: Path, version: str, current: str) -> str | None:
+    try:
+        if path.stat().st_size > MAX_EVALUATION_BYTES:
+            return f"{path}: larger than {MAX_EVALUATION_BYTES} bytes"
+        document: Any = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return f"{path} is missing: run `edge-models evaluate` on the candidate first"
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror}"
+    except (ValueError, RecursionError) as exc:
+        return f"{path}: not JSON: {exc}"
+    if not isinstance(document, dict):
+        return f"{path}: expected a JSON object"
+    candidate, evaluated_against = document.get("candidate"), document.get("current")
+    if not isinstance(candidate, dict) or str(candidate.get("version")) != version:
+        return f"{path}: evaluates another candidate, not version {version}"
+    if not isinstance(evaluated_against, dict) or str(evaluated_against.get("version")) != current:
+        return f"{path}: not evaluated against the current version {current}"
+    if document.get("beats_current") is not True:
+        return (
+            f"candidate {version} does not beat the current version {current}"
+            f" (hit_rate@10 {candidate.get('hit_rate@10')} vs"
+            f" {evaluated_against.get('hit_rate@10')}, snips {candidate.get('snips')} vs"
+            f" {evaluated_against.get('snips')})"
+        )
+    return None

@@ -15,10 +15,68 @@ from datetime import datetime
 from typing import Any, Final
 
 from cloud_sync.store.errors import BadRequestError
-from cloud_sync.store.records import CustomerFacts, StoredEvent, format_ts, parse_ts, sortable_ts
-from cloud_sync.store.trust import resolve_consent
+from cloud_sync.store.records import (
+    ConsentFacts,
+    CustomerFacts,
+    ProfileFacts,
+    StoredEvent,
+    format_ts,
+    is_pseudonym,
+    parse_ts,
+    sortable_ts,
+)
+from cloud_sync.store.trust import CONSENT_FLAGS, resolve_consent
+
+__all__ = ["is_pseudonym"]  # re-exported: the feed and the export ask it here
 
 RECENT_ITEMS: Final = 10
+# What an agent's model may learn from (GET /v1/profiles): interactions with products and
+# identification; not consent records or the suggestions themselves.
+INTERACTION_TYPES: Final = (
+    "product.pickup",
+    "product.putback",
+    "product.scan",
+    "kiosk.view",
+    "basket.add",
+    "checkout.purchase",
+    "customer.identified",
+)
+DEFAULT_INTERACTIONS: Final = 200
+MAX_INTERACTIONS: Final = 1000
+
+
+def resolved_flags(facts: ConsentFacts) -> dict[str, bool] | None:
+    consent = resolve_consent(facts.consent_changes, facts.history_ids)
+    return None if consent is None else dict(consent.flags)
+
+
+def shares_profile(flags: dict[str, bool] | None) -> bool:
+    """An agent gets a profile only with personalization AND profile sharing."""
+    return flags is not None and flags["personalization"] and flags["profile_sharing"]
+
+
+def agent_profile_document(
+    customer_id: str, flags: dict[str, bool], facts: ProfileFacts, now: datetime
+) -> dict[str, Any]:
+    """The body of GET /v1/profiles/{customer_id} (the agents code against it)."""
+    return {
+        "customer_id": customer_id,
+        "consent": {flag: flags[flag] for flag in CONSENT_FLAGS},
+        "interactions": [
+            {
+                "ts": format_ts(i.ts),
+                "type": i.type,
+                "sku": i.sku,
+                "store_id": i.store_id,
+                "event_id": i.event_id,
+            }
+            for i in facts.interactions
+        ],
+        "aggregates": {"by_sku": dict(sorted(facts.by_sku.items()))},
+        "generated_at": format_ts(now),
+    }
+
+
 # Read more sku events than items shown, so repeats of one sku do not crowd out the others.
 RECENT_SKU_EVENTS: Final = 50
 

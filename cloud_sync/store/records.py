@@ -5,14 +5,23 @@ Backends speak only these types, so routes and profile assembly never see a driv
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Final, Literal
 
-Kind = Literal["agent", "partner", "admin"]
+Kind = Literal["agent", "partner", "admin", "channel"]
 SCOPE_PROFILES: Final = "profiles:read"
 SCOPE_AGGREGATES: Final = "aggregates:read"
-PARTNER_SCOPES: Final = frozenset({SCOPE_PROFILES, SCOPE_AGGREGATES})
+SCOPE_EVENTS: Final = "events:read"  # the live feed of consented events (GET /v1/feed)
+PARTNER_SCOPES: Final = frozenset({SCOPE_PROFILES, SCOPE_AGGREGATES, SCOPE_EVENTS})
+# The agents' pseudonyms (edge_agent.governance): "ps-" and 128 bits of an HMAC in hex.
+PSEUDONYM_REGEX: Final = r"^ps-[0-9a-f]{32}$"
+PSEUDONYM_PATTERN: Final = re.compile(PSEUDONYM_REGEX)
+
+
+def is_pseudonym(customer_id: str) -> bool:
+    return PSEUDONYM_PATTERN.match(customer_id) is not None
 
 
 def parse_ts(text: str) -> datetime | None:
@@ -217,3 +226,75 @@ class Credential:
             "created_at": format_ts(self.created_at),
             "revoked_at": None if self.revoked_at is None else format_ts(self.revoked_at),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """One event of a profile as an agent's model sees it."""
+
+    ts: datetime
+    type: str
+    sku: str | None
+    store_id: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentFacts:
+    """What resolving a profile's consent needs (``trust.resolve_consent``)."""
+
+    consent_changes: tuple[ConsentChange, ...]
+    history_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileFacts:
+    """A profile as the agents read it: consent facts, newest interactions, counts per sku."""
+
+    consent: ConsentFacts
+    interactions: tuple[Interaction, ...]  # newest first
+    by_sku: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    """Which model version each store is served: the promoted one, or a canary for a share."""
+
+    current_version: str | None
+    canary_version: str | None
+    canary_percent: int
+    canary_since: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutEntry:
+    """One line of the rollout's log: publish, canary, promote, rollback (by hand or not)."""
+
+    id: int
+    action: str
+    version: str
+    percent: int | None
+    reason: str
+    decided_by: str
+    at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "action": self.action,
+            "version": self.version,
+            "percent": self.percent,
+            "reason": self.reason,
+            "decided_by": self.decided_by,
+            "at": format_ts(self.at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ShownRow:
+    """A ``suggestion.shown`` event reduced to what fleet acceptance needs."""
+
+    store_id: str
+    suggestion_id: str
+    data: dict[str, Any]
+    accepted_skus: tuple[str | None, ...]  # one per suggestion.accepted event naming it

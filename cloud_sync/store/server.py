@@ -6,12 +6,17 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
 
+from cloud_sync.store import model_rollout
+from cloud_sync.store.acceptance import DEFAULT_MIN_SHOWN
 from cloud_sync.store.app import create_app
-from cloud_sync.store.backend import open_backend
+from cloud_sync.store.backend import Backend, open_backend
+from cloud_sync.store.errors import StoreError
+from cloud_sync.store.feed import FeedSettings
 from cloud_sync.store.fleet import DEFAULT_STALE_AFTER_S
 from cloud_sync.store.ingest import Limits
 
@@ -32,11 +37,17 @@ async def serve(
     access_log: bool = False,
     reuse_port: bool = False,
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    feed_settings: FeedSettings | None = None,
+    rollout_check_s: float = 300.0,
+    min_shown: int = DEFAULT_MIN_SHOWN,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. Prints ``listening http://HOST:PORT`` once accepting."""
+    """Serve until SIGTERM/SIGINT. Prints ``listening http://HOST:PORT`` once accepting.
+
+    Every ``rollout_check_s`` seconds (0: never) a running canary is judged and rolled back
+    when clearly worse than the promoted version (``model_rollout.check``)."""
     backend = await open_backend(db_url, pool_size=pool_size)
     try:
-        app = create_app(backend, limits, stale_after_s=stale_after_s)
+        app = create_app(backend, limits, feed_settings, stale_after_s=stale_after_s)
         runner = web.AppRunner(
             app,
             **RUNNER_OPTIONS,
@@ -54,12 +65,39 @@ async def serve(
             # One stdout line that scripts and tests read to learn the port (--port 0).
             sys.stdout.write(f"listening http://{host}:{bound}\n")
             sys.stdout.flush()
-            await _until_signalled()
-            log.info("store.stopping")
+            async with asyncio.TaskGroup() as tasks:
+                checker = None
+                if rollout_check_s > 0:
+                    checker = tasks.create_task(
+                        _check_rollout(backend, rollout_check_s, min_shown), name="rollout-check"
+                    )
+                await _until_signalled()
+                log.info("store.stopping")
+                if checker is not None:
+                    checker.cancel()
         finally:
             await runner.cleanup()
     finally:
         await backend.close()
+
+
+async def _check_rollout(backend: Backend, every_s: float, min_shown: int) -> None:
+    """Judge a running canary periodically; a failed check is logged and tried next time."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            result = await model_rollout.check(
+                backend, min_shown, "server:rollout-check", datetime.now(UTC)
+            )
+        except StoreError as exc:
+            log.warning("store.rollout.check_failed error=%s", exc)
+            continue
+        if result.verdict is not None:
+            log.info(
+                "store.rollout.checked canary=%s verdict=%s",
+                result.state.canary_version,
+                result.verdict.reason,
+            )
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

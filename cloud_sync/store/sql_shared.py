@@ -7,7 +7,7 @@ SQLite's backend rewrites to ``?``); dialect-specific queries stay in each backe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, Final, TypeVar, cast
 
@@ -19,6 +19,7 @@ from cloud_sync.store.records import (
     Kind,
     ModelRecord,
     Principal,
+    ShownRow,
     Stats,
     StoredEvent,
     format_ts,
@@ -205,3 +206,72 @@ def day_after(day: date) -> str:
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# The rollout (migration 4): one state row, and a log of every change to it.
+ROLLOUT_STATE: Final = (
+    "SELECT current_version, canary_version, canary_percent, canary_since FROM model_rollout"
+    " WHERE id = 1"
+)
+UPSERT_ROLLOUT: Final = (
+    "INSERT INTO model_rollout (id, current_version, canary_version, canary_percent,"
+    " canary_since, updated_at) VALUES (1, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+    " current_version = excluded.current_version, canary_version = excluded.canary_version,"
+    " canary_percent = excluded.canary_percent, canary_since = excluded.canary_since,"
+    " updated_at = excluded.updated_at"
+)
+INSERT_ROLLOUT_LOG: Final = (
+    "INSERT INTO model_rollout_log (action, version, percent, reason, decided_by, at)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+)
+ROLLOUT_LOG: Final = (
+    "SELECT id, action, version, percent, reason, decided_by, at FROM model_rollout_log"
+    " ORDER BY id DESC LIMIT %s"
+)
+MODEL_RECORD: Final = (
+    "SELECT version, sha256, size, manifest, published_at FROM models WHERE version = %s"
+)
+
+
+class ShownGrouper:
+    """Rows of a shown LEFT JOIN accepted query, in shown seq order, one row per acceptance:
+    (shown seq, store_id, suggestion_id, data, acceptance seq or None, accepted sku). Fed row
+    by row, it hands back each suggestion as one ShownRow once its rows are complete."""
+
+    def __init__(self) -> None:
+        self._head: tuple[Any, str, Any, Any] | None = None
+        self._skus: list[str | None] = []
+
+    def feed(self, row: Sequence[Any]) -> ShownRow | None:
+        seq, store_id, suggestion_id, data, accepted_seq, sku = row
+        done = None
+        if self._head is None or self._head[0] != seq:
+            done = self.finish()
+            self._head = (seq, str(store_id), suggestion_id, data)
+        if accepted_seq is not None:
+            self._skus.append(sku if isinstance(sku, str) else None)
+        return done
+
+    def finish(self) -> ShownRow | None:
+        head, skus = self._head, self._skus
+        self._head, self._skus = None, []
+        if head is None:
+            return None
+        _, store_id, suggestion_id, data = head
+        if isinstance(data, str):
+            data = json.loads(data)  # SQLite hands JSON back as text
+        if not isinstance(suggestion_id, str) or not isinstance(data, dict):
+            return None  # the registry requires both; such a row says nothing
+        return ShownRow(store_id, suggestion_id, data, tuple(skus))
+
+
+def shown_rows(rows: Iterable[Sequence[Any]]) -> Iterator[ShownRow]:
+    """``ShownGrouper`` over an iterable of rows, streamed."""
+    grouper = ShownGrouper()
+    for row in rows:
+        done = grouper.feed(row)
+        if done is not None:
+            yield done
+    last = grouper.finish()
+    if last is not None:
+        yield last

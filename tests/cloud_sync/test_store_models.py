@@ -19,7 +19,15 @@ from cloud_sync.store.model_publish import read_model_dir
 Client = TestClient[Any, Any]
 
 
-def model_dir(root: Path, version: str, payload: bytes, sha256: str | None = None) -> Path:
+def model_dir(
+    root: Path,
+    version: str,
+    payload: bytes,
+    sha256: str | None = None,
+    *,
+    beats: str | None = None,
+) -> Path:
+    """A model directory; with ``beats`` an evaluation.json saying it beats that version."""
     directory = root / version
     directory.mkdir()
     (directory / "model.onnx").write_bytes(payload)
@@ -29,6 +37,13 @@ def model_dir(root: Path, version: str, payload: bytes, sha256: str | None = Non
         "features": ["recent_skus"],
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
+    if beats is not None:
+        evaluation = {
+            "candidate": {"version": version, "hit_rate@10": 0.3, "ndcg@10": 0.2, "snips": None},
+            "current": {"version": beats, "hit_rate@10": 0.2, "ndcg@10": 0.1, "snips": None},
+            "beats_current": True,
+        }
+        (directory / "evaluation.json").write_text(json.dumps(evaluation))
     return directory
 
 
@@ -47,7 +62,7 @@ async def test_publish_then_latest_and_artifact(
     first = bytes(range(256)) * 40
     second = b"\x08\x01second-model" * 100
     assert await publish(db_url, model_dir(tmp_path, "2026.11.1", first)) == 0
-    assert await publish(db_url, model_dir(tmp_path, "2026.11.2", second)) == 0
+    assert await publish(db_url, model_dir(tmp_path, "2026.11.2", second, beats="2026.11.1")) == 0
 
     latest = await client.get("/v1/models/latest", headers=agent)
     assert latest.status == 200

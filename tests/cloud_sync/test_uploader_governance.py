@@ -339,6 +339,7 @@ async def test_only_a_model_signed_by_the_configured_key_is_installed(
             str(foreign),
             "--signing-key",
             str(keys / "theirs.pem"),
+            "--force",  # no evaluation.json: the rollout gate is not what this test is about
         )
         await eventually(lambda: sync()["sync"]["models_refused"] == 2, 15)
         assert "unknown_key" in sync()["sync"]["model_last_error"]
@@ -351,6 +352,7 @@ async def test_only_a_model_signed_by_the_configured_key_is_installed(
             str(signed),
             "--signing-key",
             str(keys / "ours.pem"),
+            "--force",  # no evaluation.json: the rollout gate is not what this test is about
         )
         await eventually(lambda: sync()["sync"]["model_version"] == "signed-1", 15)
         status = await agent.board.snapshot()
