@@ -19,7 +19,13 @@ from tqdm import tqdm
 from edge_agent import __version__
 from edge_agent.buffer import inspect, salvage
 from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
-from edge_agent.errors import ConfigError, EdgeAgentError, StorageError
+from edge_agent.errors import (
+    ConfigError,
+    DemoInterruptedError,
+    EdgeAgentError,
+    PortInUseError,
+    StorageError,
+)
 
 log = logging.getLogger("edge_agent")
 
@@ -30,20 +36,31 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         result: int = args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, PortInUseError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    except DemoInterruptedError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except EdgeAgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand answers ``--version`` too (``edge-agent status --version``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=__version__)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument(
@@ -57,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole system on this machine, one command")
     demo.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
     demo.add_argument("--broker", default=None, help="HOST:PORT of a broker; default: embedded")
-    demo.add_argument("--data-dir", type=Path, default=None)
+    demo.add_argument(
+        "--data-dir", type=Path, default=None, help="default: a temporary one, removed at exit"
+    )
+    demo.add_argument(
+        "--keep-data", action="store_true", help="keep the temporary data directory at exit"
+    )
     demo.add_argument("--http-port", type=int, default=8787, help="0: any free port")
     demo.add_argument("--rate", type=float, default=20.0, help="simulated messages per second")
     demo.add_argument("--seed", type=int, default=7)
@@ -149,15 +171,25 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from edge_agent.demo import DemoOptions, run_demo
+    from edge_agent.demo.summary import explain
 
     broker = None
     if args.broker:
         host, _, port = args.broker.rpartition(":")
         broker = (host or "127.0.0.1", int(port))
     options = DemoOptions(
-        args.duration, broker, args.data_dir, args.http_port, args.rate, args.seed
+        args.duration,
+        broker,
+        args.data_dir,
+        args.http_port,
+        args.rate,
+        args.seed,
+        serial=not args.no_serial,
+        sync=not args.no_sync,
+        keep_data=args.keep_data,
     )
     summary = asyncio.run(run_demo(options))
+    print("\n".join(explain(summary)), flush=True)
     print(json.dumps(summary, indent=2), flush=True)
     return 0
 
