@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edge_agent import __version__
 from edge_agent.buffer import inspect, salvage
-from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
+from edge_agent.config import DEFAULT_CONFIG_PATH, Config, HttpSection, load_config
 from edge_agent.errors import (
     ConfigError,
     DemoInterruptedError,
@@ -195,7 +195,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from edge_agent.preflight import environment_warnings
+
     config = _load(args)
+    # The machine's side (data_dir, serial devices, the broker's name): warnings only, as
+    # the config may be checked before the box is in the store.
+    for warning in environment_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"ok: store_id={config.agent.store_id} data_dir={config.data_dir} "
         f"broker={config.mqtt.host}:{config.mqtt.port} serial_ports={len(config.serial.ports)} "
@@ -205,9 +211,14 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "") else config.http.host
-    url = f"http://{host}:{config.http.port}/status"
+    # No config anywhere: the agent listens where the defaults say, so ask there.
+    http = HttpSection()
+    if args.config is not None or DEFAULT_CONFIG_PATH.exists():
+        http = _load(args).http
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{http.port}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             print(json.dumps(json.loads(response.read()), indent=2))
