@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from edge_agent import __version__
-from edge_agent.buffer import inspect, salvage
 from edge_agent.config import DEFAULT_CONFIG_PATH, Config, HttpSection, load_config
 from edge_agent.errors import (
     ConfigError,
@@ -163,6 +157,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from edge_agent.app import run_until_signalled
 
     asyncio.run(run_until_signalled(_load(args)))
@@ -170,6 +166,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from edge_agent.demo import DemoOptions, run_demo
     from edge_agent.demo.summary import explain
 
@@ -211,6 +209,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
     # No config anywhere: the agent listens where the defaults say, so ask there.
     http = HttpSection()
     if args.config is not None or DEFAULT_CONFIG_PATH.exists():
@@ -229,6 +230,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _buffer_stats(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect
+
     config = _load(args)
     with inspect.open_read_only(config.buffer_path) as connection:
         print(json.dumps(inspect.stats(connection), indent=2))
@@ -236,6 +239,10 @@ def _buffer_stats(args: argparse.Namespace) -> int:
 
 
 def _buffer_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edge_agent.buffer import inspect, salvage
+
     config = _load(args)
     connection = inspect.open_read_only(config.buffer_path)
     try:
@@ -265,6 +272,8 @@ def _buffer_export(args: argparse.Namespace) -> int:
 
 
 def _buffer_erase(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect
+
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:
@@ -276,6 +285,8 @@ def _buffer_erase(args: argparse.Namespace) -> int:
 
 
 def _buffer_salvage(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import salvage
+
     config = _load(args)
     damaged: Path = args.file
     if damaged.resolve() == config.buffer_path.resolve():
@@ -291,6 +302,8 @@ def _buffer_salvage(args: argparse.Namespace) -> int:
 
 
 def _buffer_clear_salvage(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect, salvage
+
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:
