@@ -23,7 +23,8 @@
 #      checked (edge-agent --version; check-config on the installed config, with the unit's
 #      Environment= such as a token kept in a drop-in) before /opt/edge-agent/venv (a
 #      symlink, what the unit runs) is switched to it, so a failed install leaves the
-#      running version alone. The previous venv is kept for --rollback;
+#      running version alone. pip and setuptools are then removed from it (the service
+#      never uses them). The previous venv is kept for --rollback;
 #   5. the unit /etc/systemd/system/edge-agent.service, `systemctl daemon-reload`,
 #      `systemctl enable --now edge-agent`, and on an upgrade `systemctl try-restart`.
 #
@@ -304,6 +305,9 @@ fi
 # Always this exact package, even when the version number is the one already installed.
 "${pip[@]}" install --no-deps --force-reinstall "$package"
 check_venv "$new_venv"
+# The service never runs pip or setuptools (27 MB); every install makes a fresh venv, so
+# the live one does without them (`python -m ensurepip` puts pip back for a look inside).
+env -u PYTHONPATH "${pip[@]}" uninstall --yes setuptools pip
 trap - ERR
 switch_to "$new_venv"
 for doc in "$here/../README.md" "$here/../docs/operations.md"; do

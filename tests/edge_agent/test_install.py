@@ -191,6 +191,14 @@ def test_install_a_refused_upgrade_an_upgrade_and_a_rollback(box: Box, wheel: Pa
         env=box.env, cwd=box.base, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert Path(where.stdout.strip()).resolve().is_relative_to(first_venv)
+    # The live venv holds what the service runs, not the tools that built it.
+    find = "import importlib.util as u; print(u.find_spec('pip'), u.find_spec('setuptools'))"
+    trimmed = subprocess.run(
+        [python, "-c", find],
+        env={**box.env, "PYTHONPATH": ""}, cwd=box.base, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    assert trimmed.stdout.split() == ["None", "None"], trimmed.stdout
 
     # An upgrade that turns sync on without a token anywhere: the new version refuses the
     # config, so it never goes live, and its half-made venv is removed.
