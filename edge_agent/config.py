@@ -2,7 +2,9 @@
 
 Every key has a default except ``agent.store_id``. Unknown keys are errors (a typo in a
 config on a store box should fail loudly at start, not silently fall back to a default).
-Environment variables ``EDGE_AGENT__SECTION__KEY`` override keys of the TOML file.
+Layers, later wins: the TOML file, its ``conf.d/*.toml`` drop-ins in name order, systemd
+credentials (``$CREDENTIALS_DIRECTORY/sync-token`` ...), then environment variables
+``EDGE_AGENT__SECTION__KEY``.
 
 The loader is total: whatever the file or the environment holds (malformed TOML, wrong
 types, NaN or infinite numbers, integers beyond 64 bits, NUL bytes or undecodable text,
@@ -269,7 +271,7 @@ def _apply_credentials(document: dict[str, Any], environ: Mapping[str, str]) -> 
     for name, (section, key) in CREDENTIALS.items():
         credential = Path(directory) / name
         try:
-            value = credential.read_text("utf-8").strip()
+            value = credential.read_text("utf-8").rstrip("\r\n")  # a password may end in a space
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as exc:  # unreadable or not UTF-8
