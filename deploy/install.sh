@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (or upgrade) the edge agent on a store box (Debian, Raspberry Pi OS), as root.
 #
-#   sudo deploy/install.sh PACKAGE        PACKAGE: a wheel (edge_agent-*.whl) or a source tree
+#   sudo deploy/install.sh --store-id ID [--sync-url URL --token-file FILE] PACKAGE
+#                                         PACKAGE: a wheel (edge_agent-*.whl) or a source tree
 #   sudo deploy/install.sh --rollback     switch back to the previously installed version
 #
 # What it does, each step idempotent (run it again to upgrade):
@@ -9,11 +10,21 @@
 #   2. /etc/edge-agent (config), /var/lib/edge-agent (buffer, models), /opt/edge-agent (code);
 #   3. the config: /etc/edge-agent/agent.toml from deploy/agent.toml only if there is none
 #      (an existing config is never overwritten); agent.toml.example is always refreshed;
+#      --store-id and --sync-url go to the drop-ins /etc/edge-agent/conf.d/50-store-id.toml
+#      and 50-sync-url.toml (each rewritten when its option is given; conf.d/*.toml are
+#      merged over agent.toml in name order, a later file winning);
+#      secrets are systemd credentials, one 0600 root file each in
+#      /etc/edge-agent/credentials/ (sync-token from --token-file; mqtt-password and
+#      pseudonym-key to fill in by hand; an empty file means "not set"), which the unit
+#      hands to the agent with LoadCredential= (never Environment=). The store id must be
+#      set and must not be the example's store-001: the install stops before the service
+#      starts with it;
 #   4. a new venv /opt/edge-agent/venvs/<time> with the package and its dependencies; it is
 #      checked (edge-agent --version; check-config on the installed config, with the unit's
 #      Environment= such as a token kept in a drop-in) before /opt/edge-agent/venv (a
 #      symlink, what the unit runs) is switched to it, so a failed install leaves the
-#      running version alone. The previous venv is kept for --rollback;
+#      running version alone. pip and setuptools are then removed from it (the service
+#      never uses them). The previous venv is kept for --rollback;
 #   5. the unit /etc/systemd/system/edge-agent.service, `systemctl daemon-reload`,
 #      `systemctl enable --now edge-agent`, and on an upgrade `systemctl try-restart`.
 #
@@ -31,6 +42,11 @@
 #   --no-deps       install the package only, not its dependencies (they must be visible
 #                   some other way: --system-site-packages, PYTHONPATH)
 #   --rollback      point /opt/edge-agent/venv back at the previous venv and restart
+#   --store-id ID   this store's id (agent.store_id); required unless the installed config
+#                   already sets one other than the example's store-001
+#   --sync-url URL  the central customer store (sync.url)
+#   --token-file FILE   this store's sync token (`customer-store token create --store ID`),
+#                   copied to /etc/edge-agent/credentials/sync-token
 #
 # The system commands are looked up on PATH, and those that change something run through
 # one function (`system`), so a test can stand recording fakes in for them; the queries
@@ -40,6 +56,8 @@ set -Eeuo pipefail
 
 readonly SERVICE=edge-agent
 readonly USER_NAME=edge-agent
+readonly EXAMPLE_STORE_ID=store-001
+readonly CREDENTIALS=(sync-token mqtt-password pseudonym-key)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 root=${DESTDIR:-}
@@ -49,6 +67,10 @@ venv_args=()
 with_deps=1
 rollback=0
 package=""
+store_id=""
+store_id_given=0
+sync_url=""
+token_file=""
 
 die() {
     echo "install.sh: $*" >&2
@@ -66,6 +88,12 @@ while [ $# -gt 0 ]; do
         --system-site-packages) venv_args+=(--system-site-packages); shift ;;
         --no-deps) with_deps=0; shift ;;
         --rollback) rollback=1; shift ;;
+        --store-id) [ $# -ge 2 ] || die "--store-id needs an id"; store_id=$2; store_id_given=1; shift 2 ;;
+        --store-id=*) store_id=${1#--store-id=}; store_id_given=1; shift ;;
+        --sync-url) [ $# -ge 2 ] || die "--sync-url needs a url"; sync_url=$2; shift 2 ;;
+        --sync-url=*) sync_url=${1#--sync-url=}; shift ;;
+        --token-file) [ $# -ge 2 ] || die "--token-file needs a file"; token_file=$2; shift 2 ;;
+        --token-file=*) token_file=${1#--token-file=}; shift ;;
         -h | --help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) [ -z "$package" ] || die "one package only"; package=$1; shift ;;
@@ -83,6 +111,20 @@ fi
 if [ "$rollback" = 0 ] && [ -z "$package" ]; then
     die "usage: install.sh [options] PACKAGE (a wheel or a source tree) | install.sh --rollback"
 fi
+if [ "$store_id_given" = 1 ]; then
+    [ -n "$store_id" ] || die "--store-id is empty: give this store's id"
+    [ "$store_id" != "$EXAMPLE_STORE_ID" ] ||
+        die "--store-id $EXAMPLE_STORE_ID is the example's id: give this store's own id"
+    [[ "$store_id" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] ||
+        die "--store-id $store_id: letters, digits, '.', '_', '-' only (at most 64)"
+fi
+if [ -n "$sync_url" ]; then
+    [[ "$sync_url" =~ ^https?://[^[:space:]\"]+$ ]] || die "--sync-url $sync_url is not an http(s) url"
+fi
+if [ -n "$token_file" ]; then
+    [ -f "$token_file" ] && [ -r "$token_file" ] || die "--token-file $token_file: no such readable file"
+    [ -n "$(tr -d '[:space:]' <"$token_file")" ] || die "--token-file $token_file is empty"
+fi
 if [ -z "$root" ] && [ "$system_mode" = 1 ] && [ "$(id -u)" != 0 ]; then
     die "run as root (sudo), or use --root DIR --no-system for a trial"
 fi
@@ -97,11 +139,18 @@ system() {
 }
 
 etc_dir=$root/etc/edge-agent
+dropin_dir=$etc_dir/conf.d
+credentials_dir=$etc_dir/credentials
 state_dir=$root/var/lib/edge-agent
 opt_dir=$root/opt/edge-agent
 venvs_dir=$opt_dir/venvs
 current_link=$opt_dir/venv
 unit_path=$root/etc/systemd/system/$SERVICE.service
+
+# A first install must name its store: the example config's store-001 must never go live.
+if [ "$rollback" = 0 ] && [ "$store_id_given" = 0 ] && [ ! -e "$etc_dir/agent.toml" ]; then
+    die "first install: give this store's id with --store-id ID (the example's $EXAMPLE_STORE_ID is refused)"
+fi
 
 # The venv /opt/edge-agent/venv points at now ("" when none).
 current_venv() {
@@ -120,14 +169,23 @@ service_environment() {
     fi
 }
 
-# Check a venv against the installed config before it goes live.
+# Check a venv against the installed config (its drop-ins and credentials too) before it
+# goes live; a config that names no store, or the example's, is refused.
 check_venv() {
-    local venv=$1 environment=()
+    local venv=$1 environment=() checked
     "$venvs_dir/$venv/bin/edge-agent" --version >/dev/null || return 1
     if [ -f "$etc_dir/agent.toml" ]; then
         read -r -a environment <<<"$(service_environment)" || true
-        env "${environment[@]}" "$venvs_dir/$venv/bin/edge-agent" check-config \
-            --config "$etc_dir/agent.toml" || return 1
+        checked=$(env "${environment[@]}" CREDENTIALS_DIRECTORY="$credentials_dir" \
+            "$venvs_dir/$venv/bin/edge-agent" check-config --config "$etc_dir/agent.toml") ||
+            return 1
+        echo "$checked"
+        case "$checked" in
+            *"store_id=$EXAMPLE_STORE_ID "*)
+                echo "install.sh: agent.store_id is the example's $EXAMPLE_STORE_ID:" \
+                    "give this store's id with --store-id ID" >&2
+                return 1 ;;
+        esac
     fi
 }
 
@@ -196,6 +254,38 @@ else
     say "installed $etc_dir/agent.toml: set agent.store_id (and [sync], [[serial.ports]])"
 fi
 system chown "root:$USER_NAME" "$etc_dir/agent.toml" "$etc_dir/agent.toml.example"
+# One drop-in per option, rewritten only when that option is given, so an upgrade that
+# names only --sync-url keeps the store id of the first install.
+write_dropin() {
+    local name=$1 content=$2
+    install -d -m 0750 "$dropin_dir"
+    system chown "root:$USER_NAME" "$dropin_dir"
+    printf '# Written by install.sh (%s); merged over agent.toml, conf.d/*.toml in name order.\n%s\n' \
+        "$name" "$content" >"$dropin_dir/$name.new"
+    chmod 0640 "$dropin_dir/$name.new"
+    mv -f "$dropin_dir/$name.new" "$dropin_dir/$name"
+    system chown "root:$USER_NAME" "$dropin_dir/$name"
+    say "wrote $dropin_dir/$name"
+}
+if [ "$store_id_given" = 1 ]; then
+    write_dropin 50-store-id.toml "$(printf '[agent]\nstore_id = "%s"' "$store_id")"
+fi
+if [ -n "$sync_url" ]; then
+    write_dropin 50-sync-url.toml "$(printf '[sync]\nurl = "%s"' "$sync_url")"
+fi
+# Secrets: systemd reads these as root and hands them to the agent (LoadCredential=); the
+# unit needs every file to exist, so the ones not given are created empty ("not set").
+install -d -m 0700 "$credentials_dir"
+for name in "${CREDENTIALS[@]}"; do
+    if [ ! -e "$credentials_dir/$name" ]; then
+        install -m 0600 /dev/null "$credentials_dir/$name"
+    fi
+done
+if [ -n "$token_file" ]; then
+    install -m 0600 "$token_file" "$credentials_dir/sync-token"
+    say "installed the sync token as $credentials_dir/sync-token"
+fi
+system chown -R root:root "$credentials_dir"
 
 # 4. A fresh venv; the live one is switched only once the new one passes its checks.
 previous=$(current_venv)
@@ -215,6 +305,9 @@ fi
 # Always this exact package, even when the version number is the one already installed.
 "${pip[@]}" install --no-deps --force-reinstall "$package"
 check_venv "$new_venv"
+# The service never runs pip or setuptools (27 MB); every install makes a fresh venv, so
+# the live one does without them (`python -m ensurepip` puts pip back for a look inside).
+env -u PYTHONPATH "${pip[@]}" uninstall --yes setuptools pip
 trap - ERR
 switch_to "$new_venv"
 for doc in "$here/../README.md" "$here/../docs/operations.md"; do

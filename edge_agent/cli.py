@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from edge_agent import __version__, logs
-from edge_agent.buffer import inspect, salvage
-from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
-from edge_agent.errors import ConfigError, EdgeAgentError, StorageError
+from edge_agent.config import DEFAULT_CONFIG_PATH, Config, HttpSection, load_config
+from edge_agent.errors import (
+    ConfigError,
+    DemoInterruptedError,
+    EdgeAgentError,
+    PortInUseError,
+    StorageError,
+)
 
 log = logging.getLogger("edge_agent")
 
@@ -31,13 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level or "info", os.environ.get("EDGE_AGENT__LOG__FORMAT", "logfmt"))
     try:
         result: int = args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, PortInUseError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    except DemoInterruptedError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except EdgeAgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
     return result
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand answers ``--version`` too (``edge-agent status --version``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=__version__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("EDGE_AGENT_LOG_LEVEL"),
         help="debug, info, warning, error (default: [log] level of the config, else info)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument(
@@ -62,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole system on this machine, one command")
     demo.add_argument("--duration", type=float, default=None, help="seconds; default: until Ctrl-C")
     demo.add_argument("--broker", default=None, help="HOST:PORT of a broker; default: embedded")
-    demo.add_argument("--data-dir", type=Path, default=None)
+    demo.add_argument(
+        "--data-dir", type=Path, default=None, help="default: a temporary one, removed at exit"
+    )
+    demo.add_argument(
+        "--keep-data", action="store_true", help="keep the temporary data directory at exit"
+    )
     demo.add_argument("--http-port", type=int, default=8787, help="0: any free port")
     demo.add_argument("--rate", type=float, default=20.0, help="simulated messages per second")
     demo.add_argument("--seed", type=int, default=7)
@@ -148,6 +164,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from edge_agent.app import run_until_signalled
 
     asyncio.run(run_until_signalled(_load(args)))
@@ -155,22 +173,40 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from edge_agent.demo import DemoOptions, run_demo
+    from edge_agent.demo.summary import explain
 
     broker = None
     if args.broker:
         host, _, port = args.broker.rpartition(":")
         broker = (host or "127.0.0.1", int(port))
     options = DemoOptions(
-        args.duration, broker, args.data_dir, args.http_port, args.rate, args.seed
+        args.duration,
+        broker,
+        args.data_dir,
+        args.http_port,
+        args.rate,
+        args.seed,
+        serial=not args.no_serial,
+        sync=not args.no_sync,
+        keep_data=args.keep_data,
     )
     summary = asyncio.run(run_demo(options))
+    print("\n".join(explain(summary)), flush=True)
     print(json.dumps(summary, indent=2), flush=True)
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from edge_agent.preflight import environment_warnings
+
     config = _load(args)
+    # The machine's side (data_dir, serial devices, the broker's name): warnings only, as
+    # the config may be checked before the box is in the store.
+    for warning in environment_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"ok: store_id={config.agent.store_id} data_dir={config.data_dir} "
         f"broker={config.mqtt.host}:{config.mqtt.port} serial_ports={len(config.serial.ports)} "
@@ -180,9 +216,17 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "") else config.http.host
-    url = f"http://{host}:{config.http.port}/status"
+    import urllib.error
+    import urllib.request
+
+    # No config anywhere: the agent listens where the defaults say, so ask there.
+    http = HttpSection()
+    if args.config is not None or DEFAULT_CONFIG_PATH.exists():
+        http = _load(args).http
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{http.port}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             print(json.dumps(json.loads(response.read()), indent=2))
@@ -193,6 +237,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _buffer_stats(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect
+
     config = _load(args)
     with inspect.open_read_only(config.buffer_path) as connection:
         print(json.dumps(inspect.stats(connection), indent=2))
@@ -200,6 +246,10 @@ def _buffer_stats(args: argparse.Namespace) -> int:
 
 
 def _buffer_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edge_agent.buffer import inspect, salvage
+
     config = _load(args)
     connection = inspect.open_read_only(config.buffer_path)
     try:
@@ -229,6 +279,8 @@ def _buffer_export(args: argparse.Namespace) -> int:
 
 
 def _buffer_erase(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect
+
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:
@@ -240,6 +292,8 @@ def _buffer_erase(args: argparse.Namespace) -> int:
 
 
 def _buffer_salvage(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import salvage
+
     config = _load(args)
     damaged: Path = args.file
     if damaged.resolve() == config.buffer_path.resolve():
@@ -255,6 +309,8 @@ def _buffer_salvage(args: argparse.Namespace) -> int:
 
 
 def _buffer_clear_salvage(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect, salvage
+
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:

@@ -2,7 +2,9 @@
 
 Every key has a default except ``agent.store_id``. Unknown keys are errors (a typo in a
 config on a store box should fail loudly at start, not silently fall back to a default).
-Environment variables ``EDGE_AGENT__SECTION__KEY`` override keys of the TOML file.
+Layers, later wins: the TOML file, its ``conf.d/*.toml`` drop-ins in name order, systemd
+credentials (``$CREDENTIALS_DIRECTORY/sync-token`` ...), then environment variables
+``EDGE_AGENT__SECTION__KEY``.
 
 The loader is total: whatever the file or the environment holds (malformed TOML, wrong
 types, NaN or infinite numbers, integers beyond 64 bits, NUL bytes or undecodable text,
@@ -33,6 +35,14 @@ from edge_agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX: Final = "EDGE_AGENT__"
+CONF_D: Final = "conf.d"  # drop-ins beside the config file, merged in name order
+# systemd credentials (LoadCredential=ID:PATH) read from $CREDENTIALS_DIRECTORY/ID: secrets
+# stay out of the unit's Environment= (visible to every local user through D-Bus).
+CREDENTIALS: Final = {
+    "sync-token": ("sync", "token"),
+    "mqtt-password": ("mqtt", "password"),
+    "pseudonym-key": ("governance", "pseudonym_key"),
+}
 _ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ED25519_KEY_BYTES: Final = 32
 _INT64_MAX: Final = 2**63 - 1
@@ -193,30 +203,108 @@ class Config:
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides, validate, freeze."""
-    text = ""
+    """Read the TOML file (if any) and its ``conf.d/*.toml`` drop-ins, then systemd
+    credentials, then environment overrides; validate; freeze.
+
+    Drop-ins live beside the file (``/etc/edge-agent/conf.d/`` for
+    ``/etc/edge-agent/agent.toml``) and are merged in name order, a later file winning key
+    by key (an array such as ``[[serial.ports]]`` is replaced whole). Each file is checked
+    on its own first, so an error names the file it is in.
+    """
+    environ = os.environ if environ is None else environ
+    document: dict[str, Any] = {}
     if path is not None:
+        for source in (path, *drop_ins(path)):
+            layer = _read_layer(source)
+            _merge(document, layer)
+    _apply_credentials(document, environ)
+    _apply_environment(document, environ)
+    return config_from_dict(document)
+
+
+def drop_ins(path: Path) -> list[Path]:
+    """The ``conf.d/*.toml`` files beside ``path``, in the order they are merged."""
+    directory = path.parent / CONF_D
+    try:
+        return sorted(p for p in directory.glob("*.toml") if not p.name.startswith("."))
+    except OSError as exc:  # conf.d unreadable: a config problem, not a crash
+        raise ConfigError(str(directory), f"cannot be read: {exc}") from exc
+
+
+def _read_layer(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8: {exc}") from exc
+    except (OSError, ValueError) as exc:  # a directory, no permission, a NUL in the path
+        raise ConfigError(str(path), f"cannot be read: {exc}") from exc
+    document = _parse_toml(text, str(path))
+    try:
+        _check_layer(document)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.key}", exc.problem) from exc
+    return document
+
+
+def _check_layer(document: Mapping[str, Any]) -> None:
+    """What one file can get wrong on its own: unknown sections and keys, wrong types."""
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in document.items():
+        if name not in known:
+            raise ConfigError(name, f"unknown section (known: {', '.join(sorted(known))})")
+        if not isinstance(value, dict):
+            raise ConfigError(name, "must be a table")
+        if name == "serial":
+            _serial_section(value)
+        else:
+            _build_section(name, _section_type(known[name]), value)
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        current = into.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            _merge(current, value)
+        else:
+            into[key] = value
+
+
+def _apply_credentials(document: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Secrets handed over by systemd ``LoadCredential=``: one file per secret in
+    ``$CREDENTIALS_DIRECTORY``; an absent or empty file leaves the key as it is."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return
+    for name, (section, key) in CREDENTIALS.items():
+        credential = Path(directory) / name
         try:
-            text = path.read_text("utf-8")
-        except FileNotFoundError as exc:
-            raise ConfigError(str(path), "file not found") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(str(path), f"not UTF-8: {exc}") from exc
-        except (OSError, ValueError) as exc:  # a directory, no permission, a NUL in the path
-            raise ConfigError(str(path), f"cannot be read: {exc}") from exc
-    return config_from_toml(text, os.environ if environ is None else environ, str(path))
+            value = credential.read_text("utf-8").rstrip("\r\n")  # a password may end in a space
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:  # unreadable or not UTF-8
+            raise ConfigError(f"{section}.{key}", f"credential {credential}: {exc}") from exc
+        if value:
+            table = document.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = value
 
 
 def config_from_toml(text: str, environ: Mapping[str, str], origin: str = "config") -> Config:
     """The config from TOML text and the environment; raises only ``ConfigError``."""
+    document = _parse_toml(text, origin)
+    _apply_environment(document, environ)
+    return config_from_dict(document)
+
+
+def _parse_toml(text: str, origin: str) -> dict[str, Any]:
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(origin, f"not valid TOML: {exc}") from exc
     except RecursionError as exc:  # tomllib recurses into nested arrays and inline tables
         raise ConfigError(origin, "not valid TOML: nested too deeply") from exc
-    _apply_environment(document, environ)
-    return config_from_dict(document)
 
 
 def config_from_dict(document: Mapping[str, Any]) -> Config:

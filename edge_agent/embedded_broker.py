@@ -1,12 +1,17 @@
-"""An embedded MQTT broker (amqtt) for the demo and for machines without mosquitto."""
+"""An embedded MQTT broker (amqtt) for the demo and for machines without mosquitto.
+
+amqtt is the ``[demo]`` extra: it is imported only when a broker starts, so a store box
+(which talks to its own mosquitto) never installs or loads it.
+"""
 
 from __future__ import annotations
 
 import logging
 import socket
 from types import TracebackType
+from typing import Any
 
-from amqtt.broker import Broker
+from edge_agent.errors import MissingExtraError
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +28,13 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self._broker: Broker | None = None
+        self._broker: Any = None  # amqtt.broker.Broker, typed loosely: amqtt is optional
 
     async def __aenter__(self) -> EmbeddedBroker:
+        try:
+            from amqtt.broker import Broker
+        except ModuleNotFoundError as exc:
+            raise MissingExtraError("amqtt", "demo") from exc
         # Created here, not in __init__: amqtt 0.12 needs a running event loop to build one.
         self._broker = Broker(
             {

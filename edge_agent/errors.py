@@ -35,3 +35,35 @@ class StorageUnavailableError(StorageError):
 
 class SyncError(EdgeAgentError):
     """The central store could not be reached or refused a batch."""
+
+
+class MissingExtraError(EdgeAgentError):
+    """A package of an optional extra is not installed; the message says how to add it."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'edge-agent[{extra}]'")
+        self.package = package
+        self.extra = extra
+
+
+class DemoError(EdgeAgentError):
+    """``edge-agent demo`` cannot start or run (a part of it failed); the message says which."""
+
+
+class PortInUseError(DemoError):
+    """A port the demo must listen on is taken by another process."""
+
+    def __init__(self, what: str, host: str, port: int) -> None:
+        super().__init__(
+            f"{what} port {host}:{port} is already in use (another demo or agent running?);"
+            " choose another with --http-port PORT, or --http-port 0 for any free port"
+        )
+        self.port = port
+
+
+class DemoInterruptedError(DemoError):
+    """A signal (Ctrl-C, SIGTERM) ended the demo before it was running, or forced its stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum} before the demo was running")
+        self.signum = signum

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from edge_agent import __version__
 from firmware_bridge import codec
 from firmware_bridge.codec import Frame, FrameDecoder
 from firmware_bridge.sim_device import SimulatedDevice
@@ -135,6 +136,7 @@ class Faults:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="firmware-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--device-id", default="sim-01")
     parser.add_argument("--events", type=int, default=0, help="send N events, exit when acked")
     parser.add_argument("--rate", type=float, default=50.0, help="events per second (0: max)")

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a model or data error (message on stderr), 2 bad usage 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -15,14 +16,20 @@ from typing import Any
 
 from models.errors import ModelError
 from models.evaluate import METHODS, HitRateCurve, evaluate_files
-from models.export import copy_model_dir, verify_model_dir
-from models.pipeline import train_to_dir
 from models.simulator import SimulationConfig, write_events
 from models.train import TrainingParams
 
 logger = logging.getLogger(__name__)
 
 PLOT_MAX_K = 20  # evaluate --plot draws HitRate@k for k = 1..PLOT_MAX_K
+
+
+def _version() -> str:
+    # The installed distribution's version (models/ must not import the agent for it).
+    try:
+        return importlib.metadata.version("edge-agent")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive(text: str) -> int:
@@ -35,6 +42,7 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-models", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser("simulate", help="write a simulated events file (JSON Lines)")
@@ -120,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"events": count, "out": str(args.out)}))
         return 0
     if args.command == "train":
+        from models.pipeline import train_to_dir  # onnx: the [train] extra
+
         params = TrainingParams(neighbours=args.neighbours, history_length=args.history_length)
         model, metrics = train_to_dir(
             args.events,
@@ -148,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_table(report)
         return 0
+    from models.export import copy_model_dir, verify_model_dir  # onnx: the [train] extra
+
     model = copy_model_dir(args.model, args.out) if args.out else verify_model_dir(args.model)
     print(json.dumps({"ok": True, "version": model.version, "dir": str(model.model_dir)}))
     return 0

@@ -21,3 +21,12 @@ class ModelVerificationError(ModelError):
 
 class EventDataError(ModelError):
     """An events file that cannot be used for training or evaluation (e.g. no customers)."""
+
+
+class MissingExtraError(ModelError):
+    """A package of an optional extra is not installed; the message says how to add it."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'edge-agent[{extra}]'")
+        self.package = package
+        self.extra = extra

@@ -15,11 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import onnx
-
-from models.errors import ModelFormatError
+from models.errors import MissingExtraError, ModelFormatError
 from models.events import format_ts
 from models.features import FeatureSpec, HistoryEntry
+from models.graph_names import INPUT_NAMES, IR_VERSION, OPSET, OUTPUT_NAMES
 from models.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -31,16 +30,17 @@ from models.manifest import (
     write_json_atomically,
 )
 from models.onnx_graph import (
-    INPUT_NAMES,
-    IR_VERSION,
-    OPSET,
-    OUTPUT_NAMES,
     build_model,
     serialize,
     tensors_from_model,
 )
 from models.scoring import ModelTensors
 from models.serving import SuggestionModel
+
+try:
+    import onnx
+except ModuleNotFoundError as exc:  # export reads and writes graphs: the [train] extra
+    raise MissingExtraError("onnx", "train") from exc
 
 logger = logging.getLogger(__name__)
 

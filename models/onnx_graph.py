@@ -10,26 +10,30 @@ from __future__ import annotations
 from typing import Final
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from models.errors import ModelFormatError
+from models.errors import MissingExtraError, ModelFormatError
+from models.graph_names import GRAPH_NAME, INPUT_NAMES, IR_VERSION, OPSET, OUTPUT_NAMES
 from models.scoring import ModelTensors
 
-# onnx may default to an IR version newer than onnxruntime loads: both are pinned here.
-IR_VERSION: Final = 9
-OPSET: Final = 18  # ScatterElements with reduction="add" needs >= 16
-GRAPH_NAME: Final = "edge_suggestion_model"
-INPUT_NAMES: Final = (
-    "history_items",
-    "history_weights",
-    "hour",
-    "store",
-    "device",
-    "penalty",
-    "k",
-)
-OUTPUT_NAMES: Final = ("top_scores", "top_indices")
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ModuleNotFoundError as exc:  # building graphs is training work: the [train] extra
+    raise MissingExtraError("onnx", "train") from exc
+
+# The names are re-exported for callers that build graphs (tests, export).
+__all__ = [
+    "GRAPH_NAME",
+    "INPUT_NAMES",
+    "IR_VERSION",
+    "OPSET",
+    "OUTPUT_NAMES",
+    "build_model",
+    "history_length_of",
+    "serialize",
+    "tensors_from_model",
+]
+
 _TABLES: Final = (
     "neighbour_items",
     "neighbour_weights",

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from models.errors import MissingExtraError
+
 # The report's names, as a reader of the figure knows them.
 LABELS: Final = {
     "model": "model",
@@ -20,7 +22,10 @@ LABELS: Final = {
 
 def plot_hit_rates(curves: Mapping[str, Sequence[float]], out: Path, *, title: str = "") -> None:
     """One line per method; element k-1 of each sequence is HitRate@k."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError("matplotlib", "train") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

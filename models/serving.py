@@ -28,8 +28,8 @@ from models.features import (
     HistoryEntry,
     SuggestionContext,
 )
+from models.graph_names import INPUT_NAMES, OUTPUT_NAMES
 from models.manifest import Manifest, read_manifest, verify_model_file
-from models.onnx_graph import INPUT_NAMES, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

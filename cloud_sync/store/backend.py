@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 from cloud_sync.store.acceptance import Performance
-from cloud_sync.store.errors import DatabaseUrlError
+from cloud_sync.store.errors import DatabaseUrlError, MissingExtraError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
     AggregateRow,
@@ -192,6 +192,9 @@ def sqlite_path(url: str) -> str | None:
     return None
 
 
+_POSTGRES_DRIVER: Final = frozenset({"psycopg", "psycopg_pool"})
+
+
 def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
@@ -205,7 +208,12 @@ async def open_backend(url: str, *, pool_size: int = 10) -> Backend:
 
         return await SqliteBackend.open(path)
     if is_postgres(url):
-        from cloud_sync.store.db_postgres import PostgresBackend
+        try:
+            from cloud_sync.store.db_postgres import PostgresBackend
+        except ModuleNotFoundError as exc:  # psycopg is the [store] extra
+            if exc.name not in _POSTGRES_DRIVER:
+                raise
+            raise MissingExtraError(exc.name, "store") from exc
 
         return await PostgresBackend.open(url, pool_size=pool_size)
     raise DatabaseUrlError(url, "expected sqlite:///path or postgresql://...")

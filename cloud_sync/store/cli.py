@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -41,8 +42,17 @@ _KINDS: Final[dict[str, Kind]] = {
 _MAX_GRACE_S: Final = 30 * 24 * 3600.0  # a month: long enough to reach every store box
 
 
+def _version() -> str:
+    # The installed distribution's version: the store never imports the agent.
+    try:
+        return importlib.metadata.version("edge-agent")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="customer-store", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 

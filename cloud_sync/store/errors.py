@@ -7,6 +7,15 @@ class StoreError(Exception):
     """Base of every error the central store raises on purpose."""
 
 
+class MissingExtraError(StoreError):
+    """A package of an optional extra is not installed; the message says how to add it."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'edge-agent[{extra}]'")
+        self.package = package
+        self.extra = extra
+
+
 class DatabaseUrlError(StoreError):
     """A ``--db`` URL names no backend the store knows."""
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge_agent.errors import DemoError
+
 log = logging.getLogger(__name__)
 
 
@@ -16,9 +18,14 @@ async def run_command(*args: str) -> str:
     process = await asyncio.create_subprocess_exec(
         *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError as exc:
+        process.kill()
+        await process.wait()
+        raise DemoError(f"{' '.join(args[:4])} did not finish within 60 s") from exc
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed: {err.decode(errors='replace')[-500:]}")
+        raise DemoError(f"{' '.join(args[:4])} failed: {err.decode(errors='replace')[-500:]}")
     return out.decode()
 
 
@@ -37,9 +44,14 @@ class ChildProcess:
                 *self.argv, stdout=subprocess.PIPE, stderr=log_file
             )
         assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), first_line_timeout)
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), first_line_timeout)
+        except TimeoutError as exc:
+            raise DemoError(
+                f"{self.name} did not start within {first_line_timeout:.0f} s; see {self.log_path}"
+            ) from exc
         if not line:
-            raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
+            raise DemoError(f"{self.name} exited at start; see {self.log_path}")
         return line.decode().strip()
 
     async def stop(self, grace_s: float = 10.0) -> None:

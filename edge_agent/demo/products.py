@@ -3,8 +3,9 @@
 The shopper simulator (models/) writes a month of store visits; the demo replays the visits
 of its store in real time, as the products would publish them (shelves, kiosks, the door
 counter, a self-scanner, the checkout, a fridge probe), and makes customers take a shown
-suggestion now and then, so acceptances really happen. A little malformed input is mixed
-in, as real firmware bugs would send, so the quarantine shows something too.
+suggestion now and then, so acceptances really happen. About 1% of messages are malformed
+on purpose (truncated JSON, as a firmware bug would send), so the quarantine shows
+something too: they are counted apart (``malformed``) and are not errors of the demo.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.errors import DemoError
 from models.simulator import ShopperSimulator, SimulationConfig
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,18 @@ class Products:
         self.rate = rate
         self.rng = random.Random(seed)
         self.seed = seed
-        self.published = 0
-        self.accepted_by_shoppers = 0
+        self.published = 0  # every MQTT message the products sent, malformed ones included
+        self.malformed = 0  # of those, the truncated JSON sent on purpose
+        self.accepted_by_shoppers = 0  # reactions to a suggestion (sent apart from `published`)
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-products-{seed}")
         self.client.on_message = self._on_suggestion
         self.host, self.port = host, port
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.to_thread(self.client.connect, self.host, self.port, 30)
+        try:
+            await asyncio.to_thread(self.client.connect, self.host, self.port, 30)
+        except OSError as exc:
+            raise DemoError(f"the broker {self.host}:{self.port} is not reachable: {exc}") from exc
         self.client.subscribe(f"edge/{self.store_id}/suggestions/+", qos=0)
         self.client.loop_start()
         messages = shopper_messages(self.store_id, self.seed)
@@ -90,6 +96,7 @@ class Products:
         topic = f"edge/{self.store_id}/devices/shelf-13/events"
         self.client.publish(topic, b'{"type": "product.pickup", "data": {"sku": 12', qos=1)
         self.published += 1
+        self.malformed += 1
 
     def _on_suggestion(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         # Runs on paho's thread: it only publishes, which paho allows from any thread.

@@ -1,15 +1,21 @@
 """Run the demo: broker, central store, serial shelf, agent and products, then a summary.
 
-Everything lives under one data directory; Ctrl-C (or ``--duration``) stops the products
-first, then the agent (which commits and acknowledges what it holds), then the children.
+Everything lives under one data directory (a temporary one, removed at exit, unless
+``--data-dir`` or ``--keep-data``). Ctrl-C (or ``--duration``) stops the products first,
+then the agent (which commits and acknowledges what it holds), then the children. A signal
+during start-up, a port in use or a part that fails to start ends the demo at once with a
+clear message: nothing waits on a part that will never be ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -21,12 +27,16 @@ from edge_agent.app import RunningAgent, run_agent
 from edge_agent.config import Config, config_from_dict
 from edge_agent.demo.processes import ChildProcess, python_module, run_command
 from edge_agent.demo.products import Products
+from edge_agent.demo.summary import summarize
 from edge_agent.embedded_broker import EmbeddedBroker, free_port
+from edge_agent.errors import DemoError, DemoInterruptedError, PortInUseError
 
 log = logging.getLogger(__name__)
 
 STORE_ID: Final = "store-001"  # a store the bundled model knows
 SERIAL_DEVICE: Final = "shelf-serial-01"
+HTTP_HOST: Final = "127.0.0.1"
+AGENT_STOP_TIMEOUT_S: Final = 30.0  # the agent's orderly stop; beyond it, it is cancelled
 
 
 @dataclass(frozen=True)
@@ -39,16 +49,72 @@ class DemoOptions:
     seed: int
     serial: bool = True
     sync: bool = True
+    keep_data: bool = False  # keep a temporary data directory at exit
+
+
+class _Signals:
+    """Ctrl-C / SIGTERM: once running, an orderly stop; during start-up (or a second
+    signal during the stop), the main task is cancelled, so no wait can outlive it."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.main = asyncio.current_task()
+        self.running = False
+        self.forced: int | None = None
+
+    def handle(self, signum: int) -> None:
+        if self.running and not self.stop.is_set():
+            self.stop.set()
+            return
+        self.stop.set()
+        if self.forced is None and self.main is not None:
+            self.forced = signum
+            self.main.cancel()
 
 
 async def run_demo(options: DemoOptions) -> dict[str, Any]:
+    temporary = options.data_dir is None
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="edge-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
+    signals = _Signals(stop)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, signals.handle, signum)
+    removed = temporary and not options.keep_data
+    try:
+        summary = await _demo(options, data_dir, stop, signals)
+    except asyncio.CancelledError:
+        if signals.forced is None:
+            raise
+        if signals.main is not None:
+            signals.main.uncancel()
+        raise DemoInterruptedError(signals.forced) from None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signum)
+        if removed:
+            _remove(data_dir)
+    summary["data_dir"] = None if removed else str(data_dir)
+    return summary
+
+
+def _remove(data_dir: Path) -> None:
+    try:
+        shutil.rmtree(data_dir)
+    except OSError as exc:  # a cleanup that fails must not hide the demo's own outcome
+        log.warning("demo.cleanup.failed data_dir=%s error=%s", data_dir, exc)
+    else:
+        log.info("demo.cleanup.done data_dir=%s", data_dir)
+
+
+async def _demo(
+    options: DemoOptions, data_dir: Path, stop: asyncio.Event, signals: _Signals
+) -> dict[str, Any]:
+    http_port = options.http_port or free_port(HTTP_HOST)
+    _check_port_free("the live page's", HTTP_HOST, http_port)
     children: list[ChildProcess] = []
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -64,62 +130,112 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
                 host=host,
                 port=port,
                 embedded=options.broker is None,
-                http_port=options.http_port,
+                http_port=http_port,
                 sync_url=sync_url,
                 token=token,
                 serial=serial_link,
             )
-            return await _run(
-                config,
-                options,
-                stop=stop,
-                host=host,
-                port=port,
-                sync_url=sync_url,
-                data_dir=data_dir,
+            agent_stop = asyncio.Event()
+            ready: asyncio.Future[RunningAgent] = asyncio.get_running_loop().create_future()
+            agent_task = asyncio.create_task(
+                run_agent(config, agent_stop, on_ready=ready.set_result), name="agent"
             )
+            stack.push_async_callback(_stop_agent, agent_stop, agent_task)
+            agent = await _wait_ready(ready, agent_task, http_port)
+            signals.running = True
+            _announce(config, agent, host=host, port=port, sync_url=sync_url, data_dir=data_dir)
+            return await _run(agent, agent_task, options, stop=stop, host=host, port=port)
     finally:
         for child in reversed(children):
             await child.stop()
 
 
+def _check_port_free(what: str, host: str, port: int) -> None:
+    """Fail before anything starts: the agent would only find out after the broker, the
+    store and the serial shelf are up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(what, host, port) from exc
+            raise DemoError(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+async def _wait_ready(
+    ready: asyncio.Future[RunningAgent], agent_task: asyncio.Task[None], http_port: int
+) -> RunningAgent:
+    """The started agent, or the reason it never will be (it ended during its start)."""
+    waited: set[asyncio.Future[Any]] = {ready, agent_task}
+    await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        return ready.result()
+    failure = agent_task.exception()
+    if isinstance(failure, OSError) and failure.errno == errno.EADDRINUSE:
+        raise PortInUseError("the live page's", HTTP_HOST, http_port) from failure
+    if failure is not None:
+        raise DemoError(f"the agent failed to start: {failure}") from failure
+    raise DemoError("the agent stopped before it was ready")
+
+
+async def _stop_agent(agent_stop: asyncio.Event, agent_task: asyncio.Task[None]) -> None:
+    agent_stop.set()
+    if not agent_task.done():
+        await asyncio.wait({agent_task}, timeout=AGENT_STOP_TIMEOUT_S)
+    if not agent_task.done():
+        log.warning("demo.agent.stop_forced timeout_s=%.0f", AGENT_STOP_TIMEOUT_S)
+        agent_task.cancel()
+        await asyncio.wait({agent_task})
+    elif not agent_task.cancelled() and agent_task.exception() is not None:
+        # Already reported where it mattered (start or run); logged here for the record.
+        log.debug("demo.agent.ended error=%s", agent_task.exception())
+
+
+def _announce(
+    config: Config, agent: RunningAgent, *, host: str, port: int, sync_url: str, data_dir: Path
+) -> None:
+    print(f"live page:      http://{config.http.host}:{agent.status.port}/", flush=True)
+    print(f"broker:         mqtt://{host}:{port} (topics edge/{STORE_ID}/...)", flush=True)
+    print(f"customer store: {sync_url or 'off'}", flush=True)
+    print(f"data dir:       {data_dir}", flush=True)
+    print(
+        "note:           about 1% of the products' messages are malformed on purpose (as a"
+        " firmware bug would send them); the agent quarantines them, they are not errors",
+        flush=True,
+    )
+
+
 async def _run(
-    config: Config,
+    agent: RunningAgent,
+    agent_task: asyncio.Task[None],
     options: DemoOptions,
     *,
     stop: asyncio.Event,
     host: str,
     port: int,
-    sync_url: str,
-    data_dir: Path,
 ) -> dict[str, Any]:
-    agent_stop = asyncio.Event()
-    ready: asyncio.Future[RunningAgent] = asyncio.get_running_loop().create_future()
-    agent_task = asyncio.create_task(
-        run_agent(config, agent_stop, on_ready=ready.set_result), name="agent"
-    )
-    agent = await ready
-    print(f"live page:      http://{config.http.host}:{agent.status.port}/", flush=True)
-    print(f"broker:         mqtt://{host}:{port} (topics edge/{STORE_ID}/...)", flush=True)
-    print(f"customer store: {sync_url or 'off'}", flush=True)
-    print(f"data dir:       {data_dir}", flush=True)
     products = Products(host, port, STORE_ID, options.rate, options.seed)
     products_task = asyncio.create_task(products.run(stop), name="products")
+    stopped = asyncio.create_task(stop.wait(), name="demo-stop")
     started = time.monotonic()
     try:
-        if options.duration is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), options.duration)
-        else:
-            await stop.wait()
+        await asyncio.wait(
+            {stopped, agent_task, products_task},
+            timeout=options.duration,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     finally:
         stop.set()
-        await products_task
-        await asyncio.sleep(min(2.0, config.sync.interval_s))  # let the last events sync
-        summary = await agent.board.snapshot()
-        agent_stop.set()
-        await agent_task
-    return _summary(summary, products, time.monotonic() - started, data_dir)
+        stopped.cancel()
+        await asyncio.wait({products_task})
+    if agent_task.done():
+        failure = None if agent_task.cancelled() else agent_task.exception()
+        raise DemoError(f"the agent stopped during the demo: {failure}") from failure
+    products_task.result()  # a products failure (the broker went away) ends the demo here
+    await asyncio.sleep(min(2.0, agent.config.sync.interval_s))  # let the last events sync
+    status = await agent.board.snapshot()
+    return summarize(status, products, time.monotonic() - started)
 
 
 async def _start_store(
@@ -191,30 +307,10 @@ def _config(
             # The embedded broker (amqtt) speaks 3.1.1 only; a named broker is asked for 5.
             "protocol": "3.1.1" if embedded else "auto",
         },
-        "http": {"host": "127.0.0.1", "port": http_port if http_port else free_port()},
+        "http": {"host": HTTP_HOST, "port": http_port},
     }
     if sync_url:
         document["sync"] = {"url": sync_url, "token": token, "interval_s": 2.0}
     if serial:
         document["serial"] = {"ports": [{"url": serial}]}
     return config_from_dict(document)
-
-
-def _summary(
-    status: dict[str, Any], products: Products, elapsed: float, data_dir: Path
-) -> dict[str, Any]:
-    return {
-        "duration_s": round(elapsed, 1),
-        "published_by_products": products.published,
-        "events_collected": status["buffer"]["total"],
-        "quarantined": status["quarantine"]["total"],
-        "suggestions_shown": status["suggestions"]["shown"],
-        "suggestions_accepted": status["suggestions"]["accepted"],
-        "synced": status["sync"]["sent"],
-        "sync_lag_s": status["sync"]["lag_s"],
-        "sources": {
-            name: {"accepted": f["accepted"], "connected": f["connected"]}
-            for name, f in status["sources"].items()
-        },
-        "data_dir": str(data_dir),
-    }

@@ -131,9 +131,21 @@ def _systemctl(calls: list[list[str]]) -> list[list[str]]:
 
 
 def test_install_a_refused_upgrade_an_upgrade_and_a_rollback(box: Box, wheel: Path) -> None:
+    # Without a store id (the example's store-001 would be used) or with the example's id
+    # itself, or an empty one, nothing at all is done.
+    for refused_id in (None, "store-001", ""):
+        options = () if refused_id is None else ("--store-id", refused_id)
+        refused = box.install(*options, str(wheel))
+        assert refused.returncode != 0
+        assert "--store-id" in refused.stderr
+        assert "store-001" in refused.stderr or refused_id == ""
+        assert list(box.root.iterdir()) == []
+        assert box.calls() == []
+
     # First install: the user, the directories, the files, the service.
-    first = box.install(str(wheel))
+    first = box.install("--store-id", "store-041", str(wheel))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "store_id=store-041" in first.stdout  # checked with the drop-in merged in
     calls = box.take_calls()
     assert ["getent", "passwd", "edge-agent"] in calls
     (useradd,) = [call for call in calls if call[0] == "useradd"]
@@ -147,7 +159,17 @@ def test_install_a_refused_upgrade_an_upgrade_and_a_rollback(box: Box, wheel: Pa
     assert unit.read_bytes() == (REPO / "deploy/edge-agent.service").read_bytes()
     config = box.root / "etc/edge-agent/agent.toml"
     assert config.read_bytes() == (REPO / "deploy/agent.toml").read_bytes()
-    assert config.stat().st_mode & 0o777 == 0o640  # it may hold the sync token
+    assert config.stat().st_mode & 0o777 == 0o640
+    dropins = box.root / "etc/edge-agent/conf.d"
+    assert 'store_id = "store-041"' in (dropins / "50-store-id.toml").read_text()
+    assert not (dropins / "50-sync-url.toml").exists()
+    credentials = box.root / "etc/edge-agent/credentials"
+    assert credentials.stat().st_mode & 0o777 == 0o700
+    for name in ("sync-token", "mqtt-password", "pseudonym-key"):  # the unit's LoadCredential=
+        assert f"LoadCredential={name}:/etc/edge-agent/credentials/{name}" in unit.read_text()
+        assert (credentials / name).read_bytes() == b""  # not set
+        assert (credentials / name).stat().st_mode & 0o777 == 0o600
+    assert "Environment=EDGE_AGENT__SYNC__TOKEN" not in unit.read_text()
     assert (box.root / "etc/edge-agent/agent.toml.example").is_file()
     assert (box.root / "var/lib/edge-agent").stat().st_mode & 0o777 == 0o750
     assert (box.root / "opt/edge-agent/README.md").is_file()  # the unit's Documentation=
@@ -169,30 +191,39 @@ def test_install_a_refused_upgrade_an_upgrade_and_a_rollback(box: Box, wheel: Pa
         env=box.env, cwd=box.base, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert Path(where.stdout.strip()).resolve().is_relative_to(first_venv)
+    # The live venv holds what the service runs, not the tools that built it.
+    find = "import importlib.util as u; print(u.find_spec('pip'), u.find_spec('setuptools'))"
+    trimmed = subprocess.run(
+        [python, "-c", find],
+        env={**box.env, "PYTHONPATH": ""}, cwd=box.base, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    assert trimmed.stdout.split() == ["None", "None"], trimmed.stdout
 
-    # Second run (an upgrade): the technician's config is kept, the user is not made again,
-    # a new venv goes live, the old one stays for a rollback, the service restarts. The
-    # config names a store whose token is only in the unit's environment (a drop-in): the
-    # check sees it as the service will.
-    edited = (
-        config.read_text()
-        .replace('store_id = "store-001"', 'store_id = "store-042"')
-        .replace('url = ""', 'url = "https://customers.example.com"', 1)
-    )
-    config.write_text(edited)
-    # No token anywhere: the new version refuses the config, so it never goes live, and its
-    # half-made venv is removed.
-    refused = box.install(str(wheel))
+    # An upgrade that turns sync on without a token anywhere: the new version refuses the
+    # config, so it never goes live, and its half-made venv is removed.
+    refused = box.install("--sync-url", "https://customers.example.com", str(wheel))
     assert refused.returncode != 0
     assert "sync.token" in refused.stderr
     assert box.active == first_venv
     assert box.venvs() == [first_venv.name]
     assert _systemctl(box.take_calls()) == []
-    second = box.install(str(wheel), unit_environment="EDGE_AGENT__SYNC__TOKEN=from-drop-in")
+
+    # With the token as a file: it becomes the sync-token credential, the check sees it as
+    # the service will, the technician's config is kept, the user is not made again, a new
+    # venv goes live, the old one stays for a rollback, the service restarts.
+    token = box.base / "token.txt"
+    token.write_text("from-a-file\n")
+    second = box.install(
+        "--sync-url", "https://customers.example.com", "--token-file", str(token), str(wheel)
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert config.read_text() == edited
-    assert "store_id=store-042" in second.stdout  # the new version checked the kept config
+    assert config.read_bytes() == (REPO / "deploy/agent.toml").read_bytes()
+    assert "store_id=store-041" in second.stdout  # the first install's drop-in still counts
     assert "sync=on" in second.stdout
+    assert (credentials / "sync-token").read_text() == "from-a-file\n"
+    assert (credentials / "sync-token").stat().st_mode & 0o777 == 0o600
+    assert 'url = "https://customers.example.com"' in (dropins / "50-sync-url.toml").read_text()
     calls = box.take_calls()
     assert ["systemctl", "show", "--property=Environment", "--value", "edge-agent"] in calls
     assert [call for call in calls if call[0] == "useradd"] == []
@@ -206,10 +237,18 @@ def test_install_a_refused_upgrade_an_upgrade_and_a_rollback(box: Box, wheel: Pa
     assert box.venvs() == sorted([first_venv.name, second_venv.name])
 
     # Rollback: back to the first venv, restarted.
-    back = box.install("--rollback", unit_environment="EDGE_AGENT__SYNC__TOKEN=from-drop-in")
+    back = box.install("--rollback")
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
     assert box.active == first_venv
     assert _systemctl(box.take_calls()) == [["daemon-reload"], ["try-restart", "edge-agent"]]
+
+    # A config that falls back to the example's id (its drop-in removed) is refused too.
+    (dropins / "50-store-id.toml").unlink()
+    example_id = box.install(str(wheel))
+    assert example_id.returncode != 0
+    assert "store_id is the example's store-001" in example_id.stderr
+    assert box.active == first_venv
+    assert _systemctl(box.take_calls()) == []
 
 
 def test_under_a_root_system_commands_are_skipped_by_default(tmp_path: Path) -> None:
