@@ -13,8 +13,9 @@ from __future__ import annotations
 import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final
 
+from edge_agent.buffer.reads import PendingRow
 from edge_agent.governance import pseudonymise_envelope, shares_profile
 
 # Speed over ratio: JSON envelopes shrink about five times even at level 1, and the
@@ -22,12 +23,7 @@ from edge_agent.governance import pseudonymise_envelope, shares_profile
 _GZIP_LEVEL: Final = 1
 
 
-class Row(NamedTuple):
-    seq: int
-    envelope: str
-    profile_sharing: int | None  # the customer's latest consent flag; None: no record
-    customer: bool = True  # a customer event (False: telemetry), the buffer's column
-    customer_id: str | None = None  # the buffer's column (the envelope's customer_id)
+Row = PendingRow  # read by the buffer (``Buffer.pending``)
 
 
 @dataclass(frozen=True)

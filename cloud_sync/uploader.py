@@ -34,10 +34,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -59,7 +58,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.buffer import Buffer
 from edge_agent.config import Config
 from edge_agent.errors import SyncError
-from edge_agent.events import Event, format_ts
+from edge_agent.events import Event, Rejected, format_ts
 from edge_agent.governance import pseudonym_key
 
 if TYPE_CHECKING:
@@ -190,7 +189,7 @@ class Uploader:
         self._key = await asyncio.to_thread(pseudonym_key, agent.config)
         # The wall clock is read once, for what waited before this start; the rest of the
         # run measures on the monotonic clock.
-        oldest = await agent.buffer.call(_oldest_pending_received_at)
+        oldest = await agent.buffer.oldest_pending_received_at()
         waited = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         self._synced_through = time.monotonic() - waited
         agent.pipeline.observers.append(self._on_commit)
@@ -374,7 +373,7 @@ class Uploader:
         stats.last_success = format_ts(datetime.now(UTC))
         if result.rejected:
             stats.rejected += len(result.rejected)
-            await buffer.call(_quarantine_rejected(buffer, rows, result.rejected))
+            await buffer.quarantine(_refusals(rows, result.rejected))
             log.warning(
                 "sync.batch.rejected rows=%d rejected=%d first_reason=%s",
                 len(rows),
@@ -408,48 +407,14 @@ def _personalizer(agent: RunningAgent) -> object | None:
     return next((part for part in agent.components if part.name == _PERSONALIZER), None)
 
 
-def _oldest_pending_received_at(connection: sqlite3.Connection) -> float | None:
-    """The receive time (unix s) of the oldest unsynced event; one indexed read per class."""
-    oldest: float | None = None
-    for customer in (0, 1):
-        row = connection.execute(
-            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
-            "ORDER BY seq LIMIT 1",
-            (customer,),
-        ).fetchone()
-        if row is not None:
-            oldest = float(row[0]) if oldest is None else min(oldest, float(row[0]))
-    return oldest
-
-
-def _quarantine_rejected(
-    buffer: Buffer, rows: Sequence[Row], rejected: Sequence[dict[str, Any]]
-) -> Callable[[sqlite3.Connection], None]:
-    """Keep what the store refused for good in the agent's quarantine, for a person to see."""
+def _refusals(rows: Sequence[Row], rejected: Sequence[dict[str, Any]]) -> list[Rejected]:
+    """What the store refused for good, for the agent's quarantine (a person looks there)."""
     now = format_ts(datetime.now(UTC))
-    limit = buffer.settings.quarantine_raw_bytes
-
-    def write(connection: sqlite3.Connection) -> None:
-        records = []
-        for item in rejected:
-            index = item.get("index")
-            if not isinstance(index, int) or not 0 <= index < len(rows):
-                continue
+    records = []
+    for item in rejected:
+        index = item.get("index")
+        if isinstance(index, int) and 0 <= index < len(rows):
             raw = rows[index].envelope.encode("utf-8")
             detail = f"store refused: {item.get('reason')}"
-            records.append((now, "sync", _REJECTED, detail, raw[:limit], len(raw)))
-        connection.execute("BEGIN IMMEDIATE")  # the buffer's call runner rolls back on error
-        connection.executemany(
-            "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            records,
-        )
-        connection.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            (f"quarantine.{_REJECTED}", len(records)),
-        )
-        connection.execute("COMMIT")
-        buffer.counters.quarantined[_REJECTED] += len(records)  # on the owner thread
-
-    return write
+            records.append(Rejected("sync", _REJECTED, raw, detail, now))
+    return records

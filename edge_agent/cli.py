@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from edge_agent import __version__
-from edge_agent.buffer import inspect, salvage
+from edge_agent.buffer import erasure, inspect, salvage
 from edge_agent.config import DEFAULT_CONFIG_PATH, Config, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError, StorageError
 
@@ -225,7 +225,7 @@ def _buffer_erase(args: argparse.Namespace) -> int:
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:
-        deleted = inspect.erase_customer(connection, args.customer)
+        deleted = erasure.erase_customer(connection, args.customer)
     finally:
         connection.close()
     print(json.dumps({"customer_id": args.customer, "deleted": deleted}))

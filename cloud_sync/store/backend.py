@@ -26,9 +26,6 @@ from cloud_sync.store.records import (
     StoredEvent,
 )
 
-# An identity graph larger than this is a data problem, not a customer; stop walking it.
-MAX_IDENTITIES = 256
-
 
 class Backend(Protocol):
     """Everything the service asks of its database. Every multi-row write is one transaction."""

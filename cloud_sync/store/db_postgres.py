@@ -21,7 +21,6 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from cloud_sync.store import migrations, sql_shared, trust
-from cloud_sync.store.backend import MAX_IDENTITIES
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.records import (
     AggregateRow,
@@ -178,7 +177,9 @@ class PostgresBackend:
         return int(rows[0][0])
 
     async def identities(self, customer_id: str) -> list[str]:
-        rows = await self._fetch("identities", sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+        rows = await self._fetch(
+            "identities", sql_shared.IDENTITIES, (customer_id, sql_shared.MAX_IDENTITIES)
+        )
         return sorted(str(r[0]) for r in rows)
 
     async def customer_facts(self, ids: Sequence[str], recent: int) -> CustomerFacts | None:
@@ -561,7 +562,7 @@ async def _link(
 
 
 async def _walk(conn: psycopg.AsyncConnection[Any], customer_id: str) -> list[str]:
-    cur = await conn.execute(sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+    cur = await conn.execute(sql_shared.IDENTITIES, (customer_id, sql_shared.MAX_IDENTITIES))
     return [str(r[0]) for r in await cur.fetchall()]
 
 

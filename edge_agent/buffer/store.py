@@ -32,7 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from edge_agent.buffer import budget, salvage
+from edge_agent.buffer import budget, reads, salvage
 from edge_agent.buffer.faults import Fault, classify, is_transient
 from edge_agent.buffer.integrity import (
     OpenedFile,
@@ -40,13 +40,13 @@ from edge_agent.buffer.integrity import (
     open_checked,
     quarantine_invalid_rows,
 )
+from edge_agent.buffer.operations import BufferOperations
 from edge_agent.buffer.schema import migrate
 from edge_agent.buffer.writes import (
     UNSTORABLE,
     as_unstorable,
     clean,
     event_row,
-    oldest_pending,
     persist_counters,
     quarantine,
     record_consent,
@@ -123,7 +123,7 @@ class _Outcome(Enum):
     TOO_BIG = "too_big"  # bigger than a quarter of the budget: split it first
 
 
-class Buffer:
+class Buffer(BufferOperations):
     """The agent's SQLite buffer. Open with ``await Buffer.open(...)``, close with ``aclose()``."""
 
     def __init__(self, path: Path, settings: BufferSection, opened: sqlite3.Connection) -> None:
@@ -203,8 +203,9 @@ class Buffer:
         self._submit(_Commit([*events, *rejects], future, loop))
         await future
 
-    async def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``function(connection)`` on the owner thread (reads, sync marks, erasure).
+    async def _call(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``function(connection)`` on the owner thread: the one way to the connection,
+        private to the buffer package (``operations`` holds what other parts may ask).
 
         An exception in ``function`` fails this call only.
         """
@@ -241,7 +242,7 @@ class Buffer:
             self._refresh_figures()
             return marked
 
-        return await self.call(mark)
+        return await self._call(mark)
 
     async def recount(self) -> None:
         """Set total and pending from the file: erasures (from the CLI or sync) delete rows
@@ -255,7 +256,7 @@ class Buffer:
             self.counters.salvage = salvage.read_record(connection)
             self._refresh_figures()
 
-        await self.call(count)
+        await self._call(count)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -547,7 +548,7 @@ class Buffer:
                 page_size * connection.execute("PRAGMA page_count").fetchone()[0]
             )
             if oldest:
-                self.counters.oldest_pending_at = oldest_pending(connection)
+                self.counters.oldest_pending_at = reads.oldest_pending(connection)
         except sqlite3.Error as exc:  # figures only: the next refresh tries again
             log.warning("buffer.figures.failed error=%s", exc)
 

@@ -108,19 +108,6 @@ def rollback(connection: sqlite3.Connection) -> None:
         log.warning("buffer.rollback.failed error=%s", exc)
 
 
-def oldest_pending(connection: sqlite3.Connection) -> float | None:
-    oldest: float | None = None
-    for customer in (0, 1):  # one indexed lookup per class beats a scan of the pending set
-        row = connection.execute(
-            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
-            "ORDER BY seq LIMIT 1",
-            (customer,),
-        ).fetchone()
-        if row is not None:
-            oldest = row[0] if oldest is None else min(oldest, row[0])
-    return oldest
-
-
 def clean(text: str) -> str:
     """Text SQLite can store: lone surrogates and the like as backslash escapes."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

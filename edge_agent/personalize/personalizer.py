@@ -38,15 +38,16 @@ from edge_agent.personalize.fallback import StorePopularity, bestsellers
 from edge_agent.personalize.feedback import FeedbackBook
 from edge_agent.personalize.model_slot import ModelOffer, ModelSlot
 from edge_agent.personalize.model_store import ModelStore
-from edge_agent.personalize.policy import ConsentBook, MaskFiles, load_consent
+from edge_agent.personalize.policy import ConsentBook, MaskFiles
 from edge_agent.personalize.ranker import Masked, Ranker, Request
 from edge_agent.personalize.recorder import Recorder, Served
 from edge_agent.personalize.session import (
+    REBUILD_MAX_ROWS,
     STATE_TYPES,
     TRIGGER_TYPES,
     SessionStore,
     event_seconds,
-    load_recent,
+    parse_recent,
 )
 from edge_agent.personalize.stats import SuggestionStats
 from edge_agent.sources.mqtt import MqttSource
@@ -166,13 +167,12 @@ class Personalizer:
 
     async def _start(self, agent: RunningAgent) -> None:
         await self.slot.start()
-        self.consent.load(await agent.buffer.call(load_consent))
-        max_age = self.settings.session_max_age_s
-        rows = await agent.buffer.call(lambda connection: load_recent(connection, max_age))
-        used = self.sessions.load(
-            (row for row in rows if self.consent.allows(row[0])), allowed=None
-        )
-        await agent.buffer.call(self.popularity.refresh)
+        self.consent.load(await agent.buffer.consent())
+        since = time.time() - self.settings.session_max_age_s
+        recent = await agent.buffer.recent_customer_events(STATE_TYPES, since, REBUILD_MAX_ROWS)
+        rows = parse_recent(recent)
+        used = self.sessions.load(row for row in rows if self.consent.allows(row[0]))
+        await self.popularity.refresh(agent.buffer)
         await asyncio.to_thread(self.masks.refresh)
         self._ready = True
         log.info(
@@ -198,7 +198,7 @@ class Personalizer:
                 await self.slot.follow_state()
                 if time.monotonic() >= next_popularity:
                     next_popularity = time.monotonic() + settings.popularity_refresh_s
-                    await agent.buffer.call(self.popularity.refresh)
+                    await self.popularity.refresh(agent.buffer)
             except (OSError, sqlite3.Error) as exc:
                 # A file that vanished mid-scan, a busy disk: suggestions go on, retry later.
                 log.warning("personalizer.maintenance.failed error=%r", exc)

@@ -12,7 +12,7 @@ without a restart. The basket and the picked item are masked per request by the 
 from __future__ import annotations
 
 import logging
-import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,6 @@ class ConsentBook:
             return not self.require_consent
         return known[1]
 
-    def allowed_customers(self) -> set[str]:
-        return {customer for customer, (_, allowed) in self._latest.items() if allowed}
-
-    def known_refusals(self) -> set[str]:
-        return {customer for customer, (_, allowed) in self._latest.items() if not allowed}
-
     def update(self, customer_id: str, ts: str, personalization: bool) -> bool:
         """Apply one consent; returns whether it was the latest (and so took effect)."""
         known = self._latest.get(customer_id)
@@ -58,14 +52,9 @@ class ConsentBook:
             return None
         return allowed
 
-    def load(self, rows: list[tuple[str, str, int]]) -> None:
+    def load(self, rows: Iterable[tuple[str, str, bool]]) -> None:
         for customer_id, ts, personalization in rows:
             self.update(customer_id, ts, bool(personalization))
-
-
-def load_consent(connection: sqlite3.Connection) -> list[tuple[str, str, int]]:
-    """The buffer's latest consent per customer (runs on the buffer's thread)."""
-    return connection.execute("SELECT customer_id, ts, personalization FROM consent").fetchall()
 
 
 @dataclass

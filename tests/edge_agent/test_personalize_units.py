@@ -162,13 +162,13 @@ async def test_store_popularity_counts_the_buffer_window(tmp_path: Path) -> None
     popularity = StorePopularity(86_400)
     async with await Buffer.open(tmp_path / "buffer.db", BufferSection()) as buffer:
         await buffer.commit(events)
-        assert await buffer.call(popularity.refresh) == (("SKU-A", 1.0), ("SKU-B", 0.5))
+        assert await popularity.refresh(buffer) == (("SKU-A", 1.0), ("SKU-B", 0.5))
         await buffer.commit(
             [Event("e9", "kiosk.view", now, "store-001", None, None, "t", {"sku": "SKU-B"}, now)]
         )
-        assert await buffer.call(popularity.refresh) == (("SKU-A", 1.0), ("SKU-B", 1.0))
+        assert await popularity.refresh(buffer) == (("SKU-A", 1.0), ("SKU-B", 1.0))
         two_days_later = time.time() + 2 * 86_400
-        assert await buffer.call(lambda c: popularity.refresh(c, two_days_later)) == ()
+        assert await popularity.refresh(buffer, two_days_later) == ()
 
 
 def test_consent_latest_wins_and_unknown_depends_on_require_consent() -> None:
