@@ -18,10 +18,11 @@ Models: ``GET /v1/models/latest`` with ``If-None-Match``. With ``[model] public_
 the manifest's ed25519 signature is checked first (``cloud_sync.model_signature``), before
 anything is downloaded; then the artifact is streamed to
 ``<data_dir>/models/incoming/<version>/`` (at most ``[model] max_download_bytes``), its
-sha256 checked against the manifest, and the verified directory offered to the personalizer
-component (``offer_model(path)``) if the agent has one. The ETag is kept once the version was
-handled: a refused model (unsigned, badly signed, too large) is not fetched again until a new
-one is published; a failed download (network, sha256 mismatch) retries next cycle.
+sha256 checked against the manifest, and the verified directory offered to the model
+listeners (``component.Ports``: the personalizer, if the agent has one). The ETag is kept
+once the version was handled: a refused model (unsigned, badly signed, too large) is not
+fetched again until a new one is published; a failed download (network, sha256 mismatch)
+retries next cycle.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,12 +41,13 @@ from cloud_sync.erasure_blinding import blind
 from cloud_sync.model_signature import ModelSignatureError, verify_manifest
 from cloud_sync.sync_client import (
     BatchRefusedError,
-    Erasure,
-    ModelOffer,
+    ErasureNotice,
     ModelTooLargeError,
+    PublishedModel,
     StoreClient,
 )
 from edge_agent.buffer import Buffer
+from edge_agent.component import ErasureListener, ModelListener
 from edge_agent.config import Config, public_keys
 from edge_agent.errors import SyncError
 from edge_agent.governance import PSEUDONYM_PREFIX, pseudonymise
@@ -61,11 +63,8 @@ _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 
-OfferModel = Callable[[Path], Awaitable[Any]]
-Forget = Callable[[str], Any]
 
-
-class ModelVerificationError(SyncError):
+class ModelDigestMismatchError(SyncError):
     """A downloaded artifact does not match its manifest's sha256."""
 
 
@@ -79,7 +78,7 @@ class ModelRefusedError(SyncError):
 
 
 def erasure_targets(
-    held: Sequence[str], page: Sequence[Erasure], key: bytes, blinding: bytes
+    held: Sequence[str], page: Sequence[ErasureNotice], key: bytes, blinding: bytes
 ) -> list[str]:
     """The held ids the page names (blinded, or clear for an admin-read feed), directly or
     through their pseudonym. Three HMACs per held id: run it off the buffer's owner thread."""
@@ -138,10 +137,10 @@ class Downlink:
         self.models_refused = 0
         self.last_model_error: str | None = None
 
-    async def apply_erasures(self, forget: Forget | None = None) -> int:
+    async def apply_erasures(self, listeners: Sequence[ErasureListener] = ()) -> int:
         """Fetch and apply every new erasure request; return how many were applied.
 
-        ``forget(customer_id)`` is called for each erased clear id, for state outside the
+        Each listener is told each erased clear id, for state outside the
         buffer (the personalizer's sessions).
         """
         cursor = await self.buffer.read_meta(ERASURE_CURSOR_KEY) or "0"
@@ -160,7 +159,7 @@ class Downlink:
             totals = await self.buffer.erase(targets, (ERASURE_CURSOR_KEY, next_after))
             applied += len(page)
             self.erasures_applied += len(page)
-            if forget is not None:
+            for forget in listeners:
                 for customer_id in targets:
                     forget(customer_id)
             log.info(
@@ -202,7 +201,7 @@ class Downlink:
             after = last
         return announced
 
-    async def fetch_model(self, offer: OfferModel | None) -> str | None:
+    async def fetch_model(self, listeners: Sequence[ModelListener] = ()) -> str | None:
         """Download a new published model; return its version when one was handled."""
         etag = await self.buffer.read_meta(MODEL_ETAG_KEY)
         model = await self.client.latest_model(etag)
@@ -225,26 +224,26 @@ class Downlink:
             # Refused for good: fetched again only once another model is published.
             await self.buffer.write_meta(MODEL_ETAG_KEY, model.etag)
             return None
-        if offer is None:
+        if not listeners:
             log.info(
                 "sync.model.verified version=%s path=%s personalizer=absent",
                 model.version,
                 directory,
             )
-        else:
+        for offer in listeners:
             answer = await offer(directory)
             log.info(
                 "sync.model.offered version=%s path=%s accepted=%s detail=%s",
                 model.version,
                 directory,
-                getattr(answer, "accepted", None),
-                getattr(answer, "detail", ""),
+                answer.accepted,
+                answer.detail,
             )
         await self.buffer.write_meta(MODEL_ETAG_KEY, model.etag)
         self.model_version = model.version
         return model.version
 
-    def _check_offer(self, model: ModelOffer) -> None:
+    def _check_offer(self, model: PublishedModel) -> None:
         """Everything decidable from the manifest alone, signature first."""
         if self.public_keys:
             try:
@@ -276,7 +275,7 @@ class Downlink:
             except ModelTooLargeError as exc:
                 raise ModelRefusedError("too_large", str(exc)) from exc
             if actual != sha256.lower():
-                raise ModelVerificationError(
+                raise ModelDigestMismatchError(
                     f"model {version}: sha256 {actual} does not match the manifest's {sha256}"
                 )
             # The manifest last: its presence marks a complete, verified directory.

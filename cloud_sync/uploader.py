@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from tqdm import tqdm
 
@@ -56,18 +56,15 @@ from cloud_sync.sync_client import (
 from cloud_sync.sync_downlink import Downlink
 from edge_agent.backoff import Backoff
 from edge_agent.buffer import Buffer
+from edge_agent.component import Ports
 from edge_agent.config import Config
 from edge_agent.errors import SyncError
 from edge_agent.events import Event, Rejected, format_ts
 from edge_agent.governance import pseudonym_key
 
-if TYPE_CHECKING:
-    from edge_agent.app import RunningAgent
-
 log = logging.getLogger(__name__)
 
 _WAKE_LINGER_S: Final = 0.2  # gather the events of a burst into one request
-_PERSONALIZER: Final = "personalizer"
 _REJECTED: Final = "store_rejected"
 _PROGRESS_FROM_EVENTS: Final = 20_000  # a backlog this large is worth a progress display
 _PROGRESS_LOG_EVERY_S: Final = 10.0
@@ -184,24 +181,24 @@ class Uploader:
             return None
         return round(max(0.0, time.monotonic() - self._synced_through), 3)
 
-    async def run(self, agent: RunningAgent) -> None:
-        self._buffer = agent.buffer
-        self._key = await asyncio.to_thread(pseudonym_key, agent.config)
+    async def run(self, ports: Ports) -> None:
+        buffer = self._buffer = ports.buffer
+        self._key = await asyncio.to_thread(pseudonym_key, self.config)
         # The wall clock is read once, for what waited before this start; the rest of the
         # run measures on the monotonic clock.
-        oldest = await agent.buffer.oldest_pending_received_at()
+        oldest = await buffer.oldest_pending_received_at()
         waited = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         self._synced_through = time.monotonic() - waited
-        agent.pipeline.observers.append(self._on_commit)
+        ports.pipeline.observers.append(self._on_commit)
         connections = max(4, self.settings.concurrency + 2)
         try:
             async with StoreClient(
                 self.settings.url, self.settings.token, self.settings.timeout_s, connections
             ) as client:
-                self.downlink = Downlink(client, agent.buffer, agent.config, self._key)
-                await self._loop(client, agent)
+                self.downlink = Downlink(client, buffer, self.config, self._key)
+                await self._loop(client, ports)
         finally:
-            agent.pipeline.observers.remove(self._on_commit)
+            ports.pipeline.observers.remove(self._on_commit)
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -209,12 +206,12 @@ class Uploader:
         if any(event.customer for event in events):
             self._wake.set()
 
-    async def _loop(self, client: StoreClient, agent: RunningAgent) -> None:
+    async def _loop(self, client: StoreClient, ports: Ports) -> None:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._downlink_loop(agent), name="sync:downlink")
+            group.create_task(self._downlink_loop(ports), name="sync:downlink")
             while True:
                 self._wake.clear()  # events committed from here on wake the next wait
-                await self._drain(client, agent.buffer)
+                await self._drain(client, ports.buffer)
                 await self._wait(self.settings.interval_s)
 
     async def _wait(self, within_s: float) -> None:
@@ -224,18 +221,17 @@ class Uploader:
             return
         await asyncio.sleep(_WAKE_LINGER_S)
 
-    async def _downlink_loop(self, agent: RunningAgent) -> None:
+    async def _downlink_loop(self, ports: Ports) -> None:
         while True:
-            await self._run_downlink(agent)
+            await self._run_downlink(ports)
             await asyncio.sleep(self.settings.interval_s)
 
-    async def _run_downlink(self, agent: RunningAgent) -> None:
+    async def _run_downlink(self, ports: Ports) -> None:
         if self.downlink is None:
             return
         try:
-            personalizer = _personalizer(agent)
-            await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
-            await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
+            await self.downlink.apply_erasures(ports.erasure_listeners)
+            await self.downlink.fetch_model(ports.model_listeners)
             await self.downlink.announce_withdrawals()
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)
@@ -400,11 +396,6 @@ class Uploader:
             retry_in_s,
             exc,
         )
-
-
-def _personalizer(agent: RunningAgent) -> object | None:
-    """The personalizer component if the agent has one (its offer_model, forget_customer)."""
-    return next((part for part in agent.components if part.name == _PERSONALIZER), None)
 
 
 def _refusals(rows: Sequence[Row], rejected: Sequence[dict[str, Any]]) -> list[Rejected]:

@@ -7,6 +7,10 @@ commit, for work that must not wait for the disk (the personalizer answers in ab
 millisecond while the commit's fsync runs). Taps and observers are plain callables on the
 event loop; they must not block: anything slow schedules its own task.
 
+A component's own records (the personalizer's ``suggestion.shown``) go in through
+``record``: committed and observed like any input, but never handed to the taps, so no
+component hears its own writing as if a device had sent it.
+
 The pipeline also keeps, per source, when its oldest emit still waiting for a commit began:
 input that waits while nothing commits is how health tells a wedged agent from an idle one.
 """
@@ -32,7 +36,6 @@ class Pipeline:
         self.buffer = buffer
         self.taps: list[Observer] = []
         self.observers: list[Observer] = []
-        self.last_progress = time.monotonic()
         # source name -> emit token -> when that emit began (monotonic)
         self._waiting: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
@@ -46,6 +49,13 @@ class Pipeline:
         return emit
 
     async def emit(self, items: Sequence[Event | Rejected], source: str = "") -> None:
+        await self._commit(items, source, tapped=True)
+
+    async def record(self, events: Sequence[Event]) -> None:
+        """Commit events a component wrote itself: observers see them, taps do not."""
+        await self._commit(events, "", tapped=False)
+
+    async def _commit(self, items: Sequence[Event | Rejected], source: str, tapped: bool) -> None:
         events = [item for item in items if isinstance(item, Event)]
         rejects = [item for item in items if isinstance(item, Rejected)]
         for reject in rejects:
@@ -56,7 +66,7 @@ class Pipeline:
                 reject.detail[:120],
                 len(reject.raw),
             )
-        if events:
+        if events and tapped:
             for tap in self.taps:
                 tap(events)
         token = next(self._tokens)
@@ -66,7 +76,6 @@ class Pipeline:
             await self.buffer.commit(events, rejects)
         finally:
             del waiting[token]
-        self.last_progress = time.monotonic()
         if events:
             for observer in self.observers:
                 observer(events)

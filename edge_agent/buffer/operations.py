@@ -11,16 +11,14 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from edge_agent.buffer import erasure, meta, reads
+from edge_agent.buffer.counters import BufferCounters
 from edge_agent.buffer.reads import ConsentRow, PendingRow, PopularRow, StateRow, Withdrawals
 from edge_agent.buffer.writes import persist_counters, quarantine, transaction
 from edge_agent.config import BufferSection
 from edge_agent.events import Rejected
-
-if TYPE_CHECKING:
-    from edge_agent.buffer.store import BufferCounters
 
 T = TypeVar("T")
 

@@ -25,14 +25,14 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from edge_agent.buffer import budget, reads, salvage
+from edge_agent.buffer.counters import BufferCounters
 from edge_agent.buffer.faults import Fault, classify, is_transient
 from edge_agent.buffer.integrity import (
     OpenedFile,
@@ -67,33 +67,6 @@ ROOM: Final = "backpressure"  # the held reason while the budget is full of unsy
 _RETRY_S: Final = {ROOM: 0.25, Fault.DISK_FULL.value: 1.0}
 _RETRY_DEFAULT_S: Final = 0.5
 _OPEN_RETRY_MAX_S: Final = 30.0
-
-
-@dataclass
-class BufferCounters:
-    """Figures kept by the owner thread; read (never written) from the event loop.
-
-    /status answers from these alone, so it never waits on the writer.
-    """
-
-    total: int = 0  # events held, synced or not
-    pending: int = 0  # events not yet acknowledged by the central store
-    committed: int = 0  # events committed since start (duplicates excluded)
-    duplicates: int = 0  # events already held (a redelivery), since start
-    commits: int = 0  # transactions since start
-    quarantined: Counter[str] = field(default_factory=Counter)  # since start, by reason
-    drops: Counter[str] = field(default_factory=Counter)  # since start, by reason
-    backpressure: bool = False  # full of what may not be dropped: not acknowledging
-    disk_full: bool = False  # the disk refused a write: holding, not acknowledging
-    held: str | None = None  # why a batch is held now (backpressure, disk_full, locked, ...)
-    held_since_monotonic: float | None = None
-    holds: Counter[str] = field(default_factory=Counter)  # times a batch was held, by reason
-    last_fault: str = ""  # the last error that held a batch, for a person to read
-    bytes: int = 0  # live pages
-    file_bytes: int = 0
-    oldest_pending_at: float | None = None  # received_at of the oldest unsynced event
-    last_commit_monotonic: float = 0.0
-    salvage: salvage.SalvageRecord | None = None  # kept until an operator clears it
 
 
 @dataclass
