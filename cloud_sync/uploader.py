@@ -358,6 +358,9 @@ class Uploader:
         await self._settle(buffer, rows, result)
 
     async def _settle(self, buffer: Buffer, rows: Sequence[Row], result: PostResult) -> None:
+        # The refusals first: once a row is marked synced its refusal is already on record
+        # (a crash in between quarantines it twice at worst, never not at all).
+        await buffer.quarantine(_refusals(rows, result.rejected))
         await buffer.mark_synced([row.seq for row in rows])
         self._show_progress(buffer.counters.pending)  # a backlog that built during the round
         if self._progress is not None:
@@ -369,7 +372,6 @@ class Uploader:
         stats.last_success = format_ts(datetime.now(UTC))
         if result.rejected:
             stats.rejected += len(result.rejected)
-            await buffer.quarantine(_refusals(rows, result.rejected))
             log.warning(
                 "sync.batch.rejected rows=%d rejected=%d first_reason=%s",
                 len(rows),
