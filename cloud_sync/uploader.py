@@ -60,7 +60,7 @@ from edge_agent.component import Ports
 from edge_agent.config import Config
 from edge_agent.errors import SyncError
 from edge_agent.events import Event, Rejected, format_ts
-from edge_agent.governance import pseudonym_key
+from edge_agent.governance import ConsentLedger, pseudonym_key
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class Uploader:
         self._buffer: Buffer | None = None
         self._wake = asyncio.Event()
         self._key = b""
+        # Until run() is given the agent's ledger: the strictest reading (nothing in clear).
+        self._consent = ConsentLedger(require_consent=True)
         # Shared by the workers: one outage, one backoff.
         first = min(config.sync.backoff_initial_s, config.sync.backoff_max_s)
         self._backoff = Backoff(first, config.sync.backoff_max_s)
@@ -183,6 +185,7 @@ class Uploader:
 
     async def run(self, ports: Ports) -> None:
         buffer = self._buffer = ports.buffer
+        self._consent = ports.consent
         self._key = await asyncio.to_thread(pseudonym_key, self.config)
         # The wall clock is read once, for what waited before this start; the rest of the
         # run measures on the monotonic clock.
@@ -340,9 +343,8 @@ class Uploader:
 
     async def _send(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
         """Post ``rows`` until settled; split on 413/400 to isolate what the store refuses."""
-        governance = self.config.governance
         batch = await asyncio.to_thread(
-            build_batch, rows, governance.require_consent, self._key, self.settings.gzip
+            build_batch, rows, self._consent, self._key, self.settings.gzip
         )
         try:
             result = await client.post_events(batch.body, batch.gzipped)

@@ -26,7 +26,7 @@ from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, ma
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.displays import SerialDisplays
 from edge_agent.errors import StorageError
-from edge_agent.governance import event_id_key
+from edge_agent.governance import ConsentLedger, event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
@@ -114,7 +114,10 @@ async def run_agent(
         clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
         chosen = list(sources) if sources is not None else build_sources(config, clock)
         parts = list(components) if components is not None else build_components(config)
-        pipeline = Pipeline(buffer)
+        # Governance: the consent in force, from the durable copy, before any input flows.
+        consent = ConsentLedger(config.governance.require_consent)
+        consent.load(await buffer.consent())
+        pipeline = Pipeline(buffer, consent)
         board = StatusBoard(
             buffer,
             chosen,
@@ -129,7 +132,7 @@ async def run_agent(
         await status.start()
         try:
             agent = RunningAgent(config, buffer, pipeline, board, status, chosen, parts)
-            await _run_sources(agent, _ports(buffer, pipeline, chosen), stop, on_ready)
+            await _run_sources(agent, _ports(pipeline, chosen), stop, on_ready)
         finally:
             await status.stop()
     finally:
@@ -144,16 +147,19 @@ def _starting_slowly(reason: str, seconds: float) -> None:
     systemd.notify(f"EXTEND_TIMEOUT_USEC={extend_usec}\nSTATUS=waiting for the buffer: {reason}")
 
 
-def _ports(buffer: Buffer, pipeline: Pipeline, sources: Sequence[Source]) -> Ports:
+def _ports(pipeline: Pipeline, sources: Sequence[Source]) -> Ports:
     """What the components may use: suggestions go out on the customer-event MQTT
-    connection (the first), displays are the serial ports."""
+    connection (the first), displays are the serial ports; an erased customer's consent
+    record leaves the ledger with the buffer's copy."""
     mqtt = [source for source in sources if isinstance(source, MqttSource)]
     serial = [source for source in sources if isinstance(source, SerialSource)]
     return Ports(
-        buffer,
+        pipeline.buffer,
         pipeline,
+        pipeline.consent,
         suggestions=mqtt[0] if mqtt else None,
         displays=SerialDisplays(serial),
+        erasure_listeners=[pipeline.consent.forget],
     )
 
 

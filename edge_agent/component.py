@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from edge_agent.buffer import Buffer
+    from edge_agent.governance import ConsentLedger
     from edge_agent.pipeline import Pipeline
     from firmware_bridge.messages import ShowSuggestion
 
@@ -61,6 +62,7 @@ class Ports:
 
     buffer: Buffer  # typed operations only (``edge_agent.buffer.operations``)
     pipeline: Pipeline  # taps, observers, ``emit`` and ``record``
+    consent: ConsentLedger  # the consent in force (governance), kept by the pipeline
     suggestions: SuggestionPublisher | None = None  # None: no MQTT (serial only, tests)
     displays: DisplaySink | None = None
     # Filled by the components themselves at the start of ``run`` (before any await).

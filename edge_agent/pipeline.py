@@ -1,4 +1,4 @@
-"""The pipe between sources and everything after the buffer.
+"""The pipe between sources and everything after the buffer: govern, tap, commit, observe.
 
 Sources hand decoded items to their emitter (``Pipeline.emitter(name)``); it commits them
 (events to the buffer, rejections to quarantine) and only then tells the observers
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from edge_agent.buffer import Buffer
 from edge_agent.events import Event, Rejected
+from edge_agent.governance import ConsentLedger
 from edge_agent.sources.base import Emit
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ Observer = Callable[[Sequence[Event]], None]
 
 
 class Pipeline:
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Buffer, consent: ConsentLedger) -> None:
         self.buffer = buffer
+        self.consent = consent
         self.taps: list[Observer] = []
         self.observers: list[Observer] = []
         # source name -> emit token -> when that emit began (monotonic)
@@ -66,6 +68,9 @@ class Pipeline:
                 reject.detail[:120],
                 len(reject.raw),
             )
+        # Govern before anything sees the events: a withdrawal is in force before the taps
+        # answer and before the commit lets the uploader read this customer's rows.
+        self.consent.observe(events)
         if events and tapped:
             for tap in self.taps:
                 tap(events)

@@ -15,10 +15,11 @@ from typing import TypeVar
 
 from edge_agent.buffer import erasure, meta, reads
 from edge_agent.buffer.counters import BufferCounters
-from edge_agent.buffer.reads import ConsentRow, PendingRow, PopularRow, StateRow, Withdrawals
+from edge_agent.buffer.reads import PendingRow, PopularRow, StateRow, Withdrawals
 from edge_agent.buffer.writes import persist_counters, quarantine, transaction
 from edge_agent.config import BufferSection
 from edge_agent.events import Rejected
+from edge_agent.governance import ConsentRecord
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ class BufferOperations:
 
     # ---- the personalizer -------------------------------------------------------------
 
-    async def consent(self) -> list[ConsentRow]:
+    async def consent(self) -> list[ConsentRecord]:
         return await self._call(reads.consent)
 
     async def recent_customer_events(

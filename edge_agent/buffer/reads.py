@@ -11,30 +11,24 @@ import sqlite3
 from collections.abc import Collection
 from typing import Final, NamedTuple
 
+from edge_agent.governance import ConsentRecord
+
 CUSTOMER: Final = 1  # the ``customer`` column: a customer interaction
 TELEMETRY: Final = 0
 
 _PENDING: Final = (
-    "SELECT e.seq, e.envelope, c.profile_sharing, e.customer_id FROM events e "
-    "LEFT JOIN consent c ON c.customer_id = e.customer_id "
-    "WHERE e.synced_at IS NULL AND e.customer = ? AND e.seq > ? "
+    "SELECT seq, envelope, customer_id FROM events "
+    "WHERE synced_at IS NULL AND customer = ? AND seq > ? "
 )
 
 
 class PendingRow(NamedTuple):
-    """An unsynced event as the uploader reads it, with its customer's upload consent."""
+    """An unsynced event as the uploader reads it (the upload rule is governance's)."""
 
     seq: int
     envelope: str
-    profile_sharing: int | None  # the customer's latest consent flag; None: no record
     customer: bool = True  # a customer event (False: telemetry), the buffer's column
     customer_id: str | None = None  # the buffer's column (the envelope's customer_id)
-
-
-class ConsentRow(NamedTuple):
-    customer_id: str
-    ts: str
-    personalization: bool
 
 
 class StateRow(NamedTuple):
@@ -59,12 +53,9 @@ def pending(
     rows: list[PendingRow] = []
     for kind in (CUSTOMER, TELEMETRY):
         found = connection.execute(
-            _PENDING + "ORDER BY e.seq LIMIT ?", (kind, cursors[kind], limit - len(rows))
+            _PENDING + "ORDER BY seq LIMIT ?", (kind, cursors[kind], limit - len(rows))
         ).fetchall()
-        rows += [
-            PendingRow(seq, text, sharing, kind == CUSTOMER, cid)
-            for seq, text, sharing, cid in found
-        ]
+        rows += [PendingRow(seq, text, kind == CUSTOMER, cid) for seq, text, cid in found]
         if len(rows) >= limit:
             break
     return rows
@@ -76,9 +67,9 @@ def newest_pending(
     """The newest ``limit`` unsynced customer events past ``after`` and not in ``taken``,
     oldest first among them."""
     found = connection.execute(
-        _PENDING + "ORDER BY e.seq DESC LIMIT ?", (CUSTOMER, after, limit + len(taken))
+        _PENDING + "ORDER BY seq DESC LIMIT ?", (CUSTOMER, after, limit + len(taken))
     ).fetchall()
-    fresh = [PendingRow(seq, text, sharing, True, cid) for seq, text, sharing, cid in found]
+    fresh = [PendingRow(seq, text, True, cid) for seq, text, cid in found]
     fresh = [row for row in fresh if row.seq not in taken]
     return list(reversed(fresh[:limit]))
 
@@ -101,12 +92,13 @@ def newest_seq(connection: sqlite3.Connection) -> int:
     return int(connection.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
 
 
-def consent(connection: sqlite3.Connection) -> list[ConsentRow]:
-    """The latest personalization consent per customer."""
+def consent(connection: sqlite3.Connection) -> list[ConsentRecord]:
+    """The latest consent per customer (``governance.ConsentLedger`` loads it)."""
     return [
-        ConsentRow(customer_id, ts, bool(personalization))
-        for customer_id, ts, personalization in connection.execute(
-            "SELECT customer_id, ts, personalization FROM consent"
+        ConsentRecord(cid, bool(personal), bool(profile), bool(partner), ts, event_id)
+        for cid, personal, profile, partner, ts, event_id in connection.execute(
+            "SELECT customer_id, personalization, profile_sharing, partner_sharing, ts, event_id "
+            "FROM consent"
         )
     ]
 

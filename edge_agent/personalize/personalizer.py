@@ -36,11 +36,12 @@ from edge_agent.component import DisplaySink, ModelAnswer, Ports, SuggestionPubl
 from edge_agent.config import Config, public_keys
 from edge_agent.errors import ConfigError
 from edge_agent.events import Event, format_ts
+from edge_agent.governance import ConsentLedger
 from edge_agent.personalize.fallback import StorePopularity, bestsellers
 from edge_agent.personalize.feedback import FeedbackBook
 from edge_agent.personalize.model_slot import ModelSlot
 from edge_agent.personalize.model_store import ModelStore
-from edge_agent.personalize.policy import ConsentBook, MaskFiles
+from edge_agent.personalize.policy import MaskFiles
 from edge_agent.personalize.ranker import Masked, Ranker, Request
 from edge_agent.personalize.recorder import Recorder, Served
 from edge_agent.personalize.session import (
@@ -74,7 +75,8 @@ class Personalizer:
         self.sessions = SessionStore(
             settings.session_cap, SESSION_HISTORY, settings.session_max_age_s
         )
-        self.consent = ConsentBook(config.governance.require_consent)
+        # The agent's ledger once run() is given its ports; until then the strictest reading.
+        self.consent = ConsentLedger(config.governance.require_consent)
         self.masks = MaskFiles(
             _path_or(settings.out_of_stock_file, config.data_dir / "out_of_stock.txt"),
             _path_or(settings.blocked_skus_file, config.data_dir / "blocked_skus.txt"),
@@ -104,6 +106,7 @@ class Personalizer:
 
     async def run(self, ports: Ports) -> None:
         self._loop = asyncio.get_running_loop()
+        self.consent = ports.consent
         self._publisher = ports.suggestions
         self._displays = ports.displays
         self.recorder.displays = ports.displays
@@ -172,11 +175,12 @@ class Personalizer:
 
     async def _start(self, buffer: Buffer) -> None:
         await self.slot.start()
-        self.consent.load(await buffer.consent())
         since = time.time() - self.settings.session_max_age_s
         recent = await buffer.recent_customer_events(STATE_TYPES, since, REBUILD_MAX_ROWS)
         rows = parse_recent(recent)
-        used = self.sessions.load(row for row in rows if self.consent.allows(row[0]))
+        used = self.sessions.load(
+            row for row in rows if self.consent.allows_personalization(row[0])
+        )
         await self.popularity.refresh(buffer)
         await asyncio.to_thread(self.masks.refresh)
         self._ready = True
@@ -232,11 +236,13 @@ class Personalizer:
                 self.feedback.accepted(str(event.data.get("suggestion_id")), implicit)
             elif kind == "suggestion.dismissed":
                 self.feedback.dismissed(str(event.data.get("suggestion_id")))
-            elif kind == "consent.update" and self.consent.observe(event) is False:
+            elif kind == "consent.update" and not self.consent.allows_personalization(
+                customer_id
+            ):  # governed before the tap: the ledger already says so
                 self.forget_customer(customer_id)  # nothing about them feeds personal state
 
     def _on_state_event(self, event: Event, customer_id: str) -> None:
-        personal = self.consent.allows(customer_id)
+        personal = self.consent.allows_personalization(customer_id)
         if personal:
             self.sessions.observe_event(event)
             sku = event.data.get("sku")
