@@ -31,5 +31,4 @@ class BufferCounters:
     bytes: int = 0  # live pages
     file_bytes: int = 0
     oldest_pending_at: float | None = None  # received_at of the oldest unsynced event
-    last_commit_monotonic: float = 0.0
     salvage: salvage.SalvageRecord | None = None  # kept until an operator clears it

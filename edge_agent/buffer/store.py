@@ -413,7 +413,6 @@ class Buffer(BufferOperations):
             record_consent(connection, events)
             persist_counters(connection, eviction.dropped, rejects)
         self._count(eviction, inserted, len(rows) - inserted, rejects)
-        self.counters.last_commit_monotonic = time.monotonic()
         if inserted and self.counters.oldest_pending_at is None:
             self.counters.oldest_pending_at = rows[0][5]
         self._refresh_figures(oldest=eviction.pending_dropped > 0)
