@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from edge_agent.buffer import Buffer
 from edge_agent.buffer.erasure import erase_customer
 from edge_agent.buffer.inspect import iter_envelopes, open_read_only, stats
+from edge_agent.buffer.reads import CUSTOMER, TELEMETRY
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
+from edge_agent.governance import ConsentRecord
 
 TS = "2026-11-22T08:00:00.000Z"
 
@@ -350,3 +352,52 @@ async def test_recount_follows_rows_deleted_behind_the_writers_back(tmp_path: Pa
         assert (buffer.counters.total, buffer.counters.pending) == (3, 3)
         await buffer.recount()
         assert (buffer.counters.total, buffer.counters.pending) == (1, 1)
+
+
+async def test_erasure_through_the_buffer_keeps_its_counters_and_the_cursor_in_step(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path) as buffer:
+        await buffer.commit([event(n, customer_id="c-gone") for n in range(3)])
+        await buffer.commit([event(10, customer_id="c-stay"), event(11, customer=False)])
+        rows = await buffer.pending(10, {CUSTOMER: 0, TELEMETRY: 0})
+        await buffer.mark_synced([rows[0].seq])  # one of c-gone's events went up already
+        assert sorted(await buffer.held_customers()) == ["c-gone", "c-stay"]
+        totals = await buffer.erase(["c-gone"], ("sync.erasure_cursor", "42"))
+        assert totals == {"events": 3, "pending": 2, "consent": 0, "quarantine": 0}
+        assert (buffer.counters.total, buffer.counters.pending) == (2, 2)
+        assert await buffer.read_meta("sync.erasure_cursor") == "42"
+        await buffer.recount()  # what the file says agrees with what was kept in memory
+        assert (buffer.counters.total, buffer.counters.pending) == (2, 2)
+        assert await buffer.held_customers() == ["c-stay"]
+
+
+async def test_refusals_found_after_the_commit_are_quarantined_and_counted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path, quarantine_max_rows=10) as buffer:
+        refusals = [Rejected("sync", "store_rejected", b"{}" * n, f"n={n}") for n in range(12)]
+        await buffer.quarantine(refusals)
+        assert buffer.counters.quarantined == {"store_rejected": 12}
+    with open_read_only(path) as connection:
+        figures = stats(connection)
+    assert figures["quarantine_by_reason"] == {"store_rejected": 12}  # persisted counters
+    assert figures["quarantine_rows"] == 10  # bounded like any quarantine
+
+
+async def test_consent_is_recorded_with_its_event_and_read_back_whole(tmp_path: Path) -> None:
+    flags = {"personalization": True, "profile_sharing": False, "partner_sharing": True}
+    older = {"personalization": False, "profile_sharing": True, "partner_sharing": False}
+    async with await open_buffer(tmp_path / "buffer.db") as buffer:
+        await buffer.commit(
+            [
+                event(1, event_type="consent.update", data=flags, ts="2026-11-22T09:00:00.000Z"),
+                event(2, event_type="consent.update", data=older),  # older: loses
+            ]
+        )
+        records = await buffer.consent()
+    assert records == [
+        ConsentRecord("c-1", True, False, True, "2026-11-22T09:00:00.000Z", "ev-00000001")
+    ]

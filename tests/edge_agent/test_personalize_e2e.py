@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import cli
 from edge_agent.app import RunningAgent
+from edge_agent.events import Event
 from edge_agent.personalize import Personalizer
 from models import DEFAULT_MODEL_DIR
 from tests.conftest import agent_config_dict
@@ -407,3 +408,23 @@ async def test_a_serial_device_gets_its_suggestion_as_a_command(
     summary = json.loads(out.strip().splitlines()[-1])
     assert len(summary["shown"]) >= 2
     assert set(summary["shown"]) <= suggestions.ids_for("shelf-sim")
+
+
+async def test_the_personalizers_own_records_never_come_back_through_the_taps(
+    tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=FAST)
+    topic = event_topic(store_id, "shelf-07")
+    tapped: list[Event] = []
+    observed: list[Event] = []
+    with clients(mqtt_broker, store_id) as (publisher, suggestions):
+        async with agent_running(document) as agent:
+            agent.pipeline.taps.append(tapped.extend)  # what every tap is handed
+            agent.pipeline.observers.append(observed.extend)
+            publisher.publish(topic, consent("t-consent", "c-tap", True))
+            publisher.publish(topic, event("t1", "product.pickup", "c-tap", sku="SKU-000010"))
+            await suggestions.wait_for("t1")
+            await wait_until(lambda: any(e.type == "suggestion.shown" for e in observed), 10)
+    assert [e.event_id for e in tapped] == ["t-consent", "t1"]  # device input only
+    shown = [e for e in observed if e.type == "suggestion.shown"]
+    assert [e.data["trigger_event_id"] for e in shown] == ["t1"]  # committed and observed
