@@ -498,7 +498,12 @@ class Buffer(BufferOperations):
             result = job.function(self._connection)
         except BaseException as exc:
             rollback(self._connection)
-            if isinstance(exc, Exception):
+            if isinstance(exc, sqlite3.Error):
+                # The I/O edge: SQLite's errors leave the buffer as its own, once.
+                error = StorageError(f"buffer {self.path}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                job.loop.call_soon_threadsafe(_fail, job.future, error)
+            elif isinstance(exc, Exception):
                 job.loop.call_soon_threadsafe(_fail, job.future, exc)
             else:
                 # SystemExit and the like must not cross into the event loop's task.

@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import logging
 import random
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from typing import Any, Final
 from edge_agent.buffer import Buffer
 from edge_agent.component import DisplaySink, ModelAnswer, Ports, SuggestionPublisher
 from edge_agent.config import Config, public_keys
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, StorageError
 from edge_agent.events import Event, format_ts
 from edge_agent.governance import ConsentLedger
 from edge_agent.personalize.fallback import StorePopularity, bestsellers
@@ -208,7 +207,7 @@ class Personalizer:
                 if time.monotonic() >= next_popularity:
                     next_popularity = time.monotonic() + settings.popularity_refresh_s
                     await self.popularity.refresh(buffer)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, StorageError) as exc:
                 # A file that vanished mid-scan, a busy disk: suggestions go on, retry later.
                 log.warning("personalizer.maintenance.failed error=%r", exc)
 

@@ -63,6 +63,14 @@ async def test_a_failing_call_fails_only_itself(tmp_path: Path) -> None:
         assert buffer.writer_alive
 
 
+async def test_sqlite_errors_leave_the_buffer_as_storage_errors(tmp_path: Path) -> None:
+    async with await open_buffer(tmp_path / "buffer.db") as buffer:
+        with pytest.raises(StorageError, match="OperationalError") as raised:
+            await asyncio.wait_for(buffer._call(lambda c: c.execute("SELECT nope")), BOUND_S)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+        assert buffer.writer_alive
+
+
 async def test_a_dead_writer_fails_calls_at_once_and_says_so(tmp_path: Path) -> None:
     async with await open_buffer(tmp_path / "buffer.db") as buffer:
 
