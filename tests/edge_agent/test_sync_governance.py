@@ -5,14 +5,16 @@ from __future__ import annotations
 import gzip
 import json
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from cloud_sync.sync_batches import Row, build_batch
-from edge_agent.config import config_from_dict
+from edge_agent.buffer import Buffer
+from edge_agent.config import BufferSection, config_from_dict
 from edge_agent.errors import ConfigError
-from edge_agent.events import derive_event_id
+from edge_agent.events import Event, derive_event_id
 from edge_agent.governance import (
     ConsentLedger,
     ConsentRecord,
@@ -21,6 +23,7 @@ from edge_agent.governance import (
     pseudonymise,
     pseudonymise_envelope,
 )
+from edge_agent.pipeline import Pipeline
 
 KEY = b"k" * 32
 
@@ -165,3 +168,37 @@ def test_only_rows_whose_columns_name_nobody_skip_the_parse() -> None:
     batch = build_batch(rows, ledger(True), KEY, compress=False)
     assert batch.body.decode() == f"[{telemetry},{pseudonymise_envelope(named, KEY)}]"
     assert "c-000042" not in batch.body.decode()
+
+
+async def test_the_pipeline_governs_before_the_taps_and_the_buffer_keeps_the_same_consent(
+    tmp_path: Path,
+) -> None:
+    """One stage: the ledger the taps and the uploader ask is updated before anything sees
+    the events, and the buffer's durable copy (reloaded at the next start) agrees with it."""
+    ts = "2026-11-22T08:00:00.000Z"
+    grant = {"personalization": True, "profile_sharing": True, "partner_sharing": False}
+    withdraw = {**grant, "personalization": False, "profile_sharing": False}
+
+    def update(event_id: str, flags: dict[str, bool], at: str) -> Event:
+        return Event(event_id, "consent.update", at, "s", "d", "c-7", "mqtt:t", flags, at)
+
+    pickup = Event("p-1", "product.pickup", ts, "s", "d", "c-7", "mqtt:t", {"sku": "S"}, ts)
+    async with await Buffer.open(tmp_path / "buffer.db", BufferSection()) as buffer:
+        consent = ConsentLedger(require_consent=True)
+        pipeline = Pipeline(buffer, consent)
+        seen: list[tuple[str, bool, bool]] = []
+
+        def tap(events: Sequence[Event]) -> None:
+            for event in events:
+                flags = consent.allows_personalization("c-7"), consent.shares_profile("c-7")
+                seen.append((event.event_id, *flags))
+
+        pipeline.taps.append(tap)
+        await pipeline.emit([update("u-1", grant, ts)])
+        await pipeline.emit([update("u-2", withdraw, "2026-11-22T09:00:00.000Z"), pickup])
+        reloaded = ConsentLedger(require_consent=True)
+        reloaded.load(await buffer.consent())
+    assert seen == [("u-1", True, True), ("u-2", False, False), ("p-1", False, False)]
+    for ledger_ in (consent, reloaded):
+        assert not ledger_.allows_personalization("c-7")
+        assert not ledger_.shares_profile("c-7")
