@@ -25,7 +25,7 @@ from edge_agent.errors import SyncError
 from edge_agent.events import format_ts
 
 if TYPE_CHECKING:
-    from edge_agent.app import RunningAgent
+    from edge_agent.component import Ports, StatusReader
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,18 @@ class Heartbeat:
             },
         }
 
-    async def run(self, agent: RunningAgent) -> None:
+    async def run(self, ports: Ports) -> None:
+        if ports.status is None:
+            log.warning("heartbeat.disabled reason=no_status_board")
+            return
         settings = self.settings
         async with StoreClient(settings.url, settings.token, settings.timeout_s, 1) as client:
             while True:
-                await self.beat(client, agent)
+                await self.beat(client, ports.status)
                 await asyncio.sleep(settings.heartbeat_interval_s)
 
-    async def beat(self, client: StoreClient, agent: RunningAgent) -> None:
-        board = agent.board
-        document = report(await board.snapshot(), board.health.not_ready())
+    async def beat(self, client: StoreClient, status: StatusReader) -> None:
+        document = report(await status.snapshot(), status.not_ready())
         stats = self.stats
         try:
             answer = await client.heartbeat(document)

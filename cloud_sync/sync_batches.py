@@ -2,10 +2,10 @@
 
 The rows are read on the buffer's owner thread (``sync_claims``); the governance rewrite and
 the gzip run in a worker thread, so neither the event loop nor the buffer writer waits on
-them. Each row carries its customer's latest ``profile_sharing`` (read in the same query, joined
-on the buffer's ``customer_id`` column), so the upload rule applies the consent in force when
-the row leaves the store. Every row without that consent is parsed and governed: an envelope's
-text is never searched to guess whom it names.
+them. The upload rule asks the agent's ``ConsentLedger`` (``edge_agent.governance``) about the
+row's ``customer_id`` column, so it applies the consent in force when the row leaves the
+store. Every row without that consent is parsed and governed: an envelope's text is never
+searched to guess whom it names.
 """
 
 from __future__ import annotations
@@ -13,48 +13,39 @@ from __future__ import annotations
 import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final
 
-from edge_agent.governance import pseudonymise_envelope, shares_profile
+from edge_agent.buffer.reads import PendingRow
+from edge_agent.governance import ConsentLedger, pseudonymise_envelope
 
 # Speed over ratio: JSON envelopes shrink about five times even at level 1, and the
 # compression must keep up with the drain on a Raspberry Pi class CPU.
 _GZIP_LEVEL: Final = 1
 
 
-class Row(NamedTuple):
-    seq: int
-    envelope: str
-    profile_sharing: int | None  # the customer's latest consent flag; None: no record
-    customer: bool = True  # a customer event (False: telemetry), the buffer's column
-    customer_id: str | None = None  # the buffer's column (the envelope's customer_id)
+Row = PendingRow  # read by the buffer (``Buffer.pending``)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows to upload together, as the request body that carries them."""
+    """A request body carrying rows, and whether it is gzipped."""
 
-    rows: Sequence[Row]
     body: bytes
     gzipped: bool
 
-    @property
-    def seqs(self) -> list[int]:
-        return [row.seq for row in self.rows]
 
-
-def build_batch(rows: Sequence[Row], require_consent: bool, key: bytes, compress: bool) -> Batch:
+def build_batch(rows: Sequence[Row], consent: ConsentLedger, key: bytes, compress: bool) -> Batch:
     """The request body: a JSON array of the governed envelopes (blocking; use a thread)."""
-    envelopes = [_upload_form(row, require_consent, key) for row in rows]
+    envelopes = [_upload_form(row, consent, key) for row in rows]
     # Envelopes are stored as compact JSON already: joining them is the whole encoding.
     body = ("[" + ",".join(envelopes) + "]").encode("utf-8")
     if compress:
         body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
-    return Batch(rows, body, compress)
+    return Batch(body, compress)
 
 
-def _upload_form(row: Row, require_consent: bool, key: bytes) -> str:
-    if shares_profile(require_consent, row.profile_sharing):
+def _upload_form(row: Row, consent: ConsentLedger, key: bytes) -> str:
+    if consent.shares_profile(row.customer_id):
         return row.envelope
     if not row.customer and row.customer_id is None:
         # Telemetry that names nobody (the buffer's columns say so): its type declares no

@@ -11,20 +11,13 @@ picks up anything a cancelled worker left unsynced.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Sequence
 
 from cloud_sync.sync_batches import Row
-from edge_agent.buffer import Buffer
+from edge_agent.buffer import Buffer, reads
 
-_SELECT: Final = (
-    "SELECT e.seq, e.envelope, c.profile_sharing, e.customer_id FROM events e "
-    "LEFT JOIN consent c ON c.customer_id = e.customer_id "
-    "WHERE e.synced_at IS NULL AND e.customer = ? AND e.seq > ? "
-)
-CUSTOMER, TELEMETRY = 1, 0
+CUSTOMER, TELEMETRY = reads.CUSTOMER, reads.TELEMETRY
 
 
 class Claims:
@@ -39,7 +32,7 @@ class Claims:
     async def claim(self, limit: int) -> list[Row]:
         """The next ``limit`` unclaimed rows: customer events first, each class oldest first."""
         async with self._lock:
-            found = await self.buffer.call(_oldest(limit + len(self._live), dict(self.cursors)))
+            found = await self.buffer.pending(limit + len(self._live), self.cursors)
             rows: list[Row] = []
             for row in found:
                 if len(rows) >= limit:
@@ -55,42 +48,13 @@ class Claims:
     async def claim_newest(self, limit: int) -> list[Row]:
         """The live lane: the newest unclaimed customer events (oldest first among them)."""
         async with self._lock:
-            rows = await self.buffer.call(_newest(limit, self.cursors[CUSTOMER], set(self._live)))
+            rows = await self.buffer.newest_pending(limit, self.cursors[CUSTOMER], self._live)
             self._live.update(row.seq for row in rows)
             return rows
 
     def settled(self, rows: Sequence[Row]) -> None:
         """Live rows the store settled: marked synced, so no read returns them again."""
         self._live.difference_update(row.seq for row in rows)
-
-
-def _oldest(limit: int, cursors: dict[int, int]) -> Callable[[sqlite3.Connection], list[Row]]:
-    def read(connection: sqlite3.Connection) -> list[Row]:
-        rows: list[Row] = []
-        for kind in (CUSTOMER, TELEMETRY):
-            found = connection.execute(
-                _SELECT + "ORDER BY e.seq LIMIT ?", (kind, cursors[kind], limit - len(rows))
-            ).fetchall()
-            rows += [
-                Row(seq, text, sharing, kind == CUSTOMER, cid) for seq, text, sharing, cid in found
-            ]
-            if len(rows) >= limit:
-                break
-        return rows
-
-    return read
-
-
-def _newest(limit: int, cursor: int, taken: set[int]) -> Callable[[sqlite3.Connection], list[Row]]:
-    def read(connection: sqlite3.Connection) -> list[Row]:
-        found = connection.execute(
-            _SELECT + "ORDER BY e.seq DESC LIMIT ?", (CUSTOMER, cursor, limit + len(taken))
-        ).fetchall()
-        fresh = [Row(seq, text, sharing, True, cid) for seq, text, sharing, cid in found]
-        fresh = [row for row in fresh if row.seq not in taken]
-        return list(reversed(fresh[:limit]))
-
-    return read
 
 
 class RateLimiter:

@@ -1,4 +1,6 @@
-"""The agent's HTTP client for the central store; aiohttp errors end here.
+"""The agent's HTTP client for the central store; aiohttp errors end here, in one place
+(``_exchange``): every request's network failure, timeout or unreadable answer becomes a
+``StoreUnavailableError`` naming the request.
 
 Every answer the uploader must act on differently is its own exception: retry the same
 batch later (``StoreUnavailableError``), split it (``BatchTooLargeError``), look for the bad
@@ -8,12 +10,13 @@ token or config problem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import aiohttp
 
@@ -62,7 +65,7 @@ class PostResult:
 
 
 @dataclass(frozen=True)
-class Erasure:
+class ErasureNotice:
     """One feed entry: ``blinded`` for an agent token, ``customer_id`` for an admin key."""
 
     cursor: str
@@ -71,7 +74,9 @@ class Erasure:
 
 
 @dataclass(frozen=True)
-class ModelOffer:
+class PublishedModel:
+    """The store's latest published model: its manifest and the ETag it came with."""
+
     manifest: dict[str, Any]
     etag: str
 
@@ -108,33 +113,27 @@ class StoreClient:
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         url = f"{self.base}/v1/events"
-        try:
-            async with self._session.post(url, data=body, headers=headers) as response:
-                if response.status // 100 == 2:
-                    answer = await response.json(content_type=None)
-                    return PostResult(
-                        int(answer.get("accepted", 0)),
-                        int(answer.get("duplicates", 0)),
-                        int(answer.get("erased", 0)),
-                        list(answer.get("rejected", [])),
-                    )
-                text = await response.text(errors="replace")
-                _raise_for(response, text[:300])
-        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as exc:
-            raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")  # _raise_for always raises
+        async with self._exchange("POST", url, data=body, headers=headers) as response:
+            await _expect(response, lambda status: status // 100 == 2)
+            answer = await response.json(content_type=None)
+            return PostResult(
+                int(answer.get("accepted", 0)),
+                int(answer.get("duplicates", 0)),
+                int(answer.get("erased", 0)),
+                list(answer.get("rejected", [])),
+            )
 
     async def ready(self, timeout_s: float) -> bool:
         """Whether the store answers ``GET /readyz`` with 200 within ``timeout_s``."""
         url = f"{self.base}/readyz"
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._session.get(url, timeout=timeout) as response:
+            async with self._exchange("GET", url, timeout=timeout) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except StoreUnavailableError:
             return False  # still away: the caller keeps waiting
 
-    async def erasures(self, after: str, limit: int = 500) -> tuple[list[Erasure], str]:
+    async def erasures(self, after: str, limit: int = 500) -> tuple[list[ErasureNotice], str]:
         answer = await self._get_json("/v1/erasures", {"after": after, "limit": str(limit)})
         items = []
         for item in answer.get("erasures", []):
@@ -142,7 +141,7 @@ class StoreClient:
                 raise StoreUnavailableError("GET /v1/erasures: an entry without a cursor")
             blinded, clear = item.get("blinded"), item.get("customer_id")
             items.append(
-                Erasure(
+                ErasureNotice(
                     str(item["cursor"]),
                     blinded if isinstance(blinded, str) else None,
                     clear if isinstance(clear, str) else None,
@@ -180,29 +179,21 @@ class StoreClient:
     async def _post_json(self, path: str, document: dict[str, Any]) -> None:
         url = f"{self.base}{path}"
         headers = {**self._headers, "Content-Type": "application/json"}
-        try:
-            async with self._session.post(url, json=document, headers=headers) as response:
-                if response.status != 200:
-                    _raise_for(response, (await response.text(errors="replace"))[:300])
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
+        async with self._exchange("POST", url, json=document, headers=headers) as response:
+            await _expect(response)
 
-    async def latest_model(self, etag: str | None) -> ModelOffer | None:
+    async def latest_model(self, etag: str | None) -> PublishedModel | None:
         """The published manifest, or None when it is unchanged (304) or none exists (404)."""
         url = f"{self.base}/v1/models/latest"
         headers = {**self._headers, **({"If-None-Match": etag} if etag else {})}
-        try:
-            async with self._session.get(url, headers=headers) as response:
-                if response.status in (304, 404):
-                    return None
-                if response.status != 200:
-                    _raise_for(response, (await response.text(errors="replace"))[:300])
-                manifest = await response.json(content_type=None)
-                if not isinstance(manifest, dict):
-                    raise StoreUnavailableError(f"GET {url}: the manifest is not a JSON object")
-                return ModelOffer(manifest, response.headers.get("ETag", ""))
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise StoreUnavailableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        async with self._exchange("GET", url, headers=headers) as response:
+            if response.status in (304, 404):
+                return None
+            await _expect(response)
+            manifest = await response.json(content_type=None)
+            if not isinstance(manifest, dict):
+                raise StoreUnavailableError(f"GET {url}: the manifest is not a JSON object")
+            return PublishedModel(manifest, response.headers.get("ETag", ""))
 
     async def download_model(self, version: str, target: Path, max_bytes: int) -> str:
         """Stream the artifact to ``target``; return its sha256 (hex). More than
@@ -210,40 +201,52 @@ class StoreClient:
         url = f"{self.base}/v1/models/{version}/model.onnx"
         digest = hashlib.sha256()
         received = 0
-        try:
-            async with self._session.get(url, headers=self._headers) as response:
-                if response.status != 200:
-                    _raise_for(response, (await response.text(errors="replace"))[:300])
-                if (response.content_length or 0) > max_bytes:
-                    raise ModelTooLargeError(
-                        f"GET {url}: {response.content_length} bytes, limit {max_bytes}"
-                    )
-                with target.open("wb") as out:
-                    async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
-                        received += len(chunk)
-                        if received > max_bytes:  # a server that lies about its length
-                            raise ModelTooLargeError(f"GET {url}: more than {max_bytes} bytes")
-                        digest.update(chunk)
-                        out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise StoreUnavailableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        async with self._exchange("GET", url, headers=self._headers) as response:
+            await _expect(response)
+            if (response.content_length or 0) > max_bytes:
+                raise ModelTooLargeError(
+                    f"GET {url}: {response.content_length} bytes, limit {max_bytes}"
+                )
+            with target.open("wb") as out:
+                async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:  # a server that lies about its length
+                        raise ModelTooLargeError(f"GET {url}: more than {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
         return digest.hexdigest()
 
     async def _get_json(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         url = f"{self.base}{path}"
-        try:
-            async with self._session.get(url, headers=self._headers, params=params) as response:
-                if response.status != 200:
-                    _raise_for(response, (await response.text(errors="replace"))[:300])
-                answer = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise StoreUnavailableError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        async with self._exchange("GET", url, headers=self._headers, params=params) as response:
+            await _expect(response)
+            answer = await response.json(content_type=None)
         if not isinstance(answer, dict):
             raise StoreUnavailableError(f"GET {url}: not a JSON object")
         return answer
 
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self, method: str, url: str, **options: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request: the I/O edge where aiohttp's errors (and an answer that cannot be
+        read: bad JSON, a bad number) become ``StoreUnavailableError``, once for all."""
+        try:
+            async with self._session.request(method, url, **options) as response:
+                yield response
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise StoreUnavailableError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
-def _raise_for(response: aiohttp.ClientResponse, text: str) -> None:
+
+async def _expect(
+    response: aiohttp.ClientResponse, ok: Callable[[int], bool] = lambda status: status == 200
+) -> None:
+    """Raise the error an unexpected status means (``_raise_for``)."""
+    if not ok(response.status):
+        _raise_for(response, (await response.text(errors="replace"))[:300])
+
+
+def _raise_for(response: aiohttp.ClientResponse, text: str) -> NoReturn:
     status = response.status
     where = f"{response.method} {response.url.path}: HTTP {status} {text}"
     if status == 413:

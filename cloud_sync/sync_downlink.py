@@ -4,8 +4,8 @@ Erasures: ``GET /v1/erasures?after=CURSOR`` page by page. Each entry names an er
 blinded with this agent's own key (``cloud_sync.erasure_blinding``); the agent blinds the ids
 it holds (each clear id and its pseudonym) and matches. For the customers found it first tells
 the store the pseudonyms it uploaded them under (``POST /v1/erasures/pseudonyms``: the store
-erases those copies too), then erases them from the buffer with ``erase_customer`` and keeps
-the cursor in the buffer's ``meta`` table, in one transaction. A crash or a failed report
+erases those copies too), then erases them from the buffer and keeps the cursor in the buffer's
+``meta`` table, in one transaction (``Buffer.erase``). A crash or a failed report
 re-applies the page next cycle: both steps are idempotent.
 
 Withdrawals: a ``consent.update`` that leaves a customer without ``profile_sharing`` means the
@@ -18,10 +18,11 @@ Models: ``GET /v1/models/latest`` with ``If-None-Match``. With ``[model] public_
 the manifest's ed25519 signature is checked first (``cloud_sync.model_signature``), before
 anything is downloaded; then the artifact is streamed to
 ``<data_dir>/models/incoming/<version>/`` (at most ``[model] max_download_bytes``), its
-sha256 checked against the manifest, and the verified directory offered to the personalizer
-component (``offer_model(path)``) if the agent has one. The ETag is kept once the version was
-handled: a refused model (unsigned, badly signed, too large) is not fetched again until a new
-one is published; a failed download (network, sha256 mismatch) retries next cycle.
+sha256 checked against the manifest, and the verified directory offered to the model
+listeners (``component.Ports``: the personalizer, if the agent has one). The ETag is kept
+once the version was handled: a refused model (unsigned, badly signed, too large) is not
+fetched again until a new one is published; a failed download (network, sha256 mismatch)
+retries next cycle.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import json
 import logging
 import re
 import shutil
-import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,13 +41,13 @@ from cloud_sync.erasure_blinding import blind
 from cloud_sync.model_signature import ModelSignatureError, verify_manifest
 from cloud_sync.sync_client import (
     BatchRefusedError,
-    Erasure,
-    ModelOffer,
+    ErasureNotice,
     ModelTooLargeError,
+    PublishedModel,
     StoreClient,
 )
 from edge_agent.buffer import Buffer
-from edge_agent.buffer.inspect import erase_customer
+from edge_agent.component import ErasureListener, ModelListener
 from edge_agent.config import Config, public_keys
 from edge_agent.errors import SyncError
 from edge_agent.governance import PSEUDONYM_PREFIX, pseudonymise
@@ -63,11 +63,8 @@ _MAX_PAGES_PER_CYCLE: Final = 20
 _VERSION: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 
-OfferModel = Callable[[Path], Awaitable[Any]]
-Forget = Callable[[str], Any]
 
-
-class ModelVerificationError(SyncError):
+class ModelDigestMismatchError(SyncError):
     """A downloaded artifact does not match its manifest's sha256."""
 
 
@@ -80,34 +77,8 @@ class ModelRefusedError(SyncError):
         self.reason = reason
 
 
-def read_meta(key: str) -> Callable[[sqlite3.Connection], str | None]:
-    def read(connection: sqlite3.Connection) -> str | None:
-        row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    return read
-
-
-def write_meta(key: str, value: str) -> Callable[[sqlite3.Connection], None]:
-    def write(connection: sqlite3.Connection) -> None:
-        connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-    return write
-
-
-def held_customers(connection: sqlite3.Connection) -> list[str]:
-    """Every clear customer id the buffer holds (events or consent records)."""
-    return [
-        row[0]
-        for row in connection.execute(
-            "SELECT DISTINCT customer_id FROM events WHERE customer_id IS NOT NULL "
-            "UNION SELECT customer_id FROM consent"
-        )
-    ]
-
-
 def erasure_targets(
-    held: Sequence[str], page: Sequence[Erasure], key: bytes, blinding: bytes
+    held: Sequence[str], page: Sequence[ErasureNotice], key: bytes, blinding: bytes
 ) -> list[str]:
     """The held ids the page names (blinded, or clear for an admin-read feed), directly or
     through their pseudonym. Three HMACs per held id: run it off the buffer's owner thread."""
@@ -121,66 +92,6 @@ def erasure_targets(
     return sorted(targets)
 
 
-def erasure_applier(
-    buffer: Buffer, targets: Sequence[str], cursor: str
-) -> Callable[[sqlite3.Connection], dict[str, Any]]:
-    """Erase these customers from the buffer, keep the cursor."""
-
-    def apply(connection: sqlite3.Connection) -> dict[str, Any]:
-        totals: dict[str, Any] = {"customers": len(targets), "events": 0, "consent": 0}
-        totals["quarantine"] = 0
-        for customer_id in targets:
-            pending = connection.execute(
-                "SELECT count(*) FROM events WHERE customer_id = ? AND synced_at IS NULL",
-                (customer_id,),
-            ).fetchone()[0]
-            deleted = erase_customer(connection, customer_id)
-            # On the owner thread, as the buffer's own writes: keep its counters right.
-            buffer.counters.pending -= pending
-            buffer.counters.total -= deleted["events"]
-            for name, count in deleted.items():
-                totals[name] += count
-        write_meta(ERASURE_CURSOR_KEY, cursor)(connection)
-        return totals
-
-    return apply
-
-
-def withdrawals_since(
-    after: int, limit: int
-) -> Callable[[sqlite3.Connection], tuple[list[tuple[str, str | None]], int]]:
-    """(customer id, alias or None) of customers now without profile sharing whose consent
-    changed after seq ``after``, and the last seq looked at."""
-
-    def read(connection: sqlite3.Connection) -> tuple[list[tuple[str, str | None]], int]:
-        rows = connection.execute(
-            "SELECT seq, customer_id FROM events WHERE seq > ? AND type = 'consent.update'"
-            " AND customer_id IS NOT NULL ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        if not rows:
-            return [], after
-        withdrawn: list[tuple[str, str | None]] = []
-        for customer_id in sorted({str(r[1]) for r in rows}):
-            sharing = connection.execute(
-                "SELECT profile_sharing FROM consent WHERE customer_id = ?", (customer_id,)
-            ).fetchone()
-            if sharing is None or sharing[0]:
-                continue  # erased meanwhile, or sharing again
-            withdrawn.append((customer_id, None))
-            for (envelope,) in connection.execute(
-                "SELECT envelope FROM events WHERE customer_id = ?"
-                " AND type = 'customer.identified'",
-                (customer_id,),
-            ):
-                alias = _alias_of(envelope)
-                if alias:
-                    withdrawn.append((customer_id, alias))
-        return withdrawn, int(rows[-1][0])
-
-    return read
-
-
 def _announceable(customer_id: str) -> bool:
     """An id the store accepts in a pseudonymisation (not one of our pseudonyms itself)."""
     return (
@@ -188,6 +99,16 @@ def _announceable(customer_id: str) -> bool:
         and "\x00" not in customer_id
         and not customer_id.startswith(PSEUDONYM_PREFIX)
     )
+
+
+def _withdrawn_ids(withdrawn: Sequence[tuple[str, Sequence[str]]]) -> set[str]:
+    """Each withdrawn customer's clear id and the aliases its ``customer.identified``
+    envelopes name."""
+    ids: set[str] = set()
+    for customer_id, identified in withdrawn:
+        ids.add(customer_id)
+        ids.update(alias for alias in map(_alias_of, identified) if alias)
+    return ids - {""}
 
 
 def _alias_of(envelope_json: str) -> str | None:
@@ -216,35 +137,35 @@ class Downlink:
         self.models_refused = 0
         self.last_model_error: str | None = None
 
-    async def apply_erasures(self, forget: Forget | None = None) -> int:
+    async def apply_erasures(self, listeners: Sequence[ErasureListener] = ()) -> int:
         """Fetch and apply every new erasure request; return how many were applied.
 
-        ``forget(customer_id)`` is called for each erased clear id, for state outside the
+        Each listener is told each erased clear id, for state outside the
         buffer (the personalizer's sessions).
         """
-        cursor = await self.buffer.call(read_meta(ERASURE_CURSOR_KEY)) or "0"
+        cursor = await self.buffer.read_meta(ERASURE_CURSOR_KEY) or "0"
         applied = 0
         for _ in range(_MAX_PAGES_PER_CYCLE):  # bounded: the rest waits for the next cycle
             page, next_after = await self.client.erasures(cursor)
             if not page:
                 break
-            held = await self.buffer.call(held_customers)
+            held = await self.buffer.held_customers()
             targets = await asyncio.to_thread(
                 erasure_targets, held, page, self.key, self.client.blinding_key
             )
             if targets:  # before the local erase: a failed report retries the whole page
                 pseudonyms = sorted({pseudonymise(cid, self.key) for cid in targets})
                 await self.client.report_erased_pseudonyms(next_after, pseudonyms)
-            totals = await self.buffer.call(erasure_applier(self.buffer, targets, next_after))
+            totals = await self.buffer.erase(targets, (ERASURE_CURSOR_KEY, next_after))
             applied += len(page)
             self.erasures_applied += len(page)
-            if forget is not None:
+            for forget in listeners:
                 for customer_id in targets:
                     forget(customer_id)
             log.info(
                 "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
                 len(page),
-                totals["customers"],
+                len(targets),
                 totals["events"],
                 next_after,
             )
@@ -258,16 +179,14 @@ class Downlink:
         last look; returns how many ids were announced."""
         if not self.require_consent:
             return 0  # every id leaves in clear by configuration: nothing to rewrite
-        kept = await self.buffer.call(read_meta(WITHDRAWAL_SEQ_KEY))
+        kept = await self.buffer.read_meta(WITHDRAWAL_SEQ_KEY)
         after = int(kept or "0")
         announced = 0
         for _ in range(_MAX_PAGES_PER_CYCLE):
-            withdrawn, last = await self.buffer.call(
-                withdrawals_since(after, _WITHDRAWALS_PER_PAGE)
-            )
+            withdrawn, last = await self.buffer.withdrawals_since(after, _WITHDRAWALS_PER_PAGE)
             if last == after:
                 break
-            ids = sorted({alias or cid for cid, alias in withdrawn} - {""})
+            ids = sorted(_withdrawn_ids(withdrawn))
             ids = [i for i in ids if _announceable(i)]
             for start in range(0, len(ids), _IDS_PER_REQUEST):  # the store takes 5000 at most
                 chunk = ids[start : start + _IDS_PER_REQUEST]
@@ -278,13 +197,13 @@ class Downlink:
             announced += len(ids)
             if ids:
                 log.info("sync.withdrawals.announced ids=%d up_to_seq=%d", len(ids), last)
-            await self.buffer.call(write_meta(WITHDRAWAL_SEQ_KEY, str(last)))
+            await self.buffer.write_meta(WITHDRAWAL_SEQ_KEY, str(last))
             after = last
         return announced
 
-    async def fetch_model(self, offer: OfferModel | None) -> str | None:
+    async def fetch_model(self, listeners: Sequence[ModelListener] = ()) -> str | None:
         """Download a new published model; return its version when one was handled."""
-        etag = await self.buffer.call(read_meta(MODEL_ETAG_KEY))
+        etag = await self.buffer.read_meta(MODEL_ETAG_KEY)
         model = await self.client.latest_model(etag)
         if model is None:
             return None
@@ -303,28 +222,28 @@ class Downlink:
                 exc,
             )
             # Refused for good: fetched again only once another model is published.
-            await self.buffer.call(write_meta(MODEL_ETAG_KEY, model.etag))
+            await self.buffer.write_meta(MODEL_ETAG_KEY, model.etag)
             return None
-        if offer is None:
+        if not listeners:
             log.info(
                 "sync.model.verified version=%s path=%s personalizer=absent",
                 model.version,
                 directory,
             )
-        else:
+        for offer in listeners:
             answer = await offer(directory)
             log.info(
                 "sync.model.offered version=%s path=%s accepted=%s detail=%s",
                 model.version,
                 directory,
-                getattr(answer, "accepted", None),
-                getattr(answer, "detail", ""),
+                answer.accepted,
+                answer.detail,
             )
-        await self.buffer.call(write_meta(MODEL_ETAG_KEY, model.etag))
+        await self.buffer.write_meta(MODEL_ETAG_KEY, model.etag)
         self.model_version = model.version
         return model.version
 
-    def _check_offer(self, model: ModelOffer) -> None:
+    def _check_offer(self, model: PublishedModel) -> None:
         """Everything decidable from the manifest alone, signature first."""
         if self.public_keys:
             try:
@@ -356,7 +275,7 @@ class Downlink:
             except ModelTooLargeError as exc:
                 raise ModelRefusedError("too_large", str(exc)) from exc
             if actual != sha256.lower():
-                raise ModelVerificationError(
+                raise ModelDigestMismatchError(
                     f"model {version}: sha256 {actual} does not match the manifest's {sha256}"
                 )
             # The manifest last: its presence marks a complete, verified directory.

@@ -34,13 +34,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from tqdm import tqdm
 
@@ -57,18 +56,15 @@ from cloud_sync.sync_client import (
 from cloud_sync.sync_downlink import Downlink
 from edge_agent.backoff import Backoff
 from edge_agent.buffer import Buffer
+from edge_agent.component import Ports
 from edge_agent.config import Config
 from edge_agent.errors import SyncError
-from edge_agent.events import Event, format_ts
-from edge_agent.governance import pseudonym_key
-
-if TYPE_CHECKING:
-    from edge_agent.app import RunningAgent
+from edge_agent.events import Event, Rejected, format_ts
+from edge_agent.governance import ConsentLedger, pseudonym_key
 
 log = logging.getLogger(__name__)
 
 _WAKE_LINGER_S: Final = 0.2  # gather the events of a burst into one request
-_PERSONALIZER: Final = "personalizer"
 _REJECTED: Final = "store_rejected"
 _PROGRESS_FROM_EVENTS: Final = 20_000  # a backlog this large is worth a progress display
 _PROGRESS_LOG_EVERY_S: Final = 10.0
@@ -136,6 +132,8 @@ class Uploader:
         self._buffer: Buffer | None = None
         self._wake = asyncio.Event()
         self._key = b""
+        # Until run() is given the agent's ledger: the strictest reading (nothing in clear).
+        self._consent = ConsentLedger(require_consent=True)
         # Shared by the workers: one outage, one backoff.
         first = min(config.sync.backoff_initial_s, config.sync.backoff_max_s)
         self._backoff = Backoff(first, config.sync.backoff_max_s)
@@ -185,24 +183,25 @@ class Uploader:
             return None
         return round(max(0.0, time.monotonic() - self._synced_through), 3)
 
-    async def run(self, agent: RunningAgent) -> None:
-        self._buffer = agent.buffer
-        self._key = await asyncio.to_thread(pseudonym_key, agent.config)
+    async def run(self, ports: Ports) -> None:
+        buffer = self._buffer = ports.buffer
+        self._consent = ports.consent
+        self._key = await asyncio.to_thread(pseudonym_key, self.config)
         # The wall clock is read once, for what waited before this start; the rest of the
         # run measures on the monotonic clock.
-        oldest = await agent.buffer.call(_oldest_pending_received_at)
+        oldest = await buffer.oldest_pending_received_at()
         waited = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         self._synced_through = time.monotonic() - waited
-        agent.pipeline.observers.append(self._on_commit)
+        ports.pipeline.observers.append(self._on_commit)
         connections = max(4, self.settings.concurrency + 2)
         try:
             async with StoreClient(
                 self.settings.url, self.settings.token, self.settings.timeout_s, connections
             ) as client:
-                self.downlink = Downlink(client, agent.buffer, agent.config, self._key)
-                await self._loop(client, agent)
+                self.downlink = Downlink(client, buffer, self.config, self._key)
+                await self._loop(client, ports)
         finally:
-            agent.pipeline.observers.remove(self._on_commit)
+            ports.pipeline.observers.remove(self._on_commit)
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -210,12 +209,12 @@ class Uploader:
         if any(event.customer for event in events):
             self._wake.set()
 
-    async def _loop(self, client: StoreClient, agent: RunningAgent) -> None:
+    async def _loop(self, client: StoreClient, ports: Ports) -> None:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._downlink_loop(agent), name="sync:downlink")
+            group.create_task(self._downlink_loop(ports), name="sync:downlink")
             while True:
                 self._wake.clear()  # events committed from here on wake the next wait
-                await self._drain(client, agent.buffer)
+                await self._drain(client, ports.buffer)
                 await self._wait(self.settings.interval_s)
 
     async def _wait(self, within_s: float) -> None:
@@ -225,18 +224,17 @@ class Uploader:
             return
         await asyncio.sleep(_WAKE_LINGER_S)
 
-    async def _downlink_loop(self, agent: RunningAgent) -> None:
+    async def _downlink_loop(self, ports: Ports) -> None:
         while True:
-            await self._run_downlink(agent)
+            await self._run_downlink(ports)
             await asyncio.sleep(self.settings.interval_s)
 
-    async def _run_downlink(self, agent: RunningAgent) -> None:
+    async def _run_downlink(self, ports: Ports) -> None:
         if self.downlink is None:
             return
         try:
-            personalizer = _personalizer(agent)
-            await self.downlink.apply_erasures(getattr(personalizer, "forget_customer", None))
-            await self.downlink.fetch_model(getattr(personalizer, "offer_model", None))
+            await self.downlink.apply_erasures(ports.erasure_listeners)
+            await self.downlink.fetch_model(ports.model_listeners)
             await self.downlink.announce_withdrawals()
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)
@@ -345,9 +343,8 @@ class Uploader:
 
     async def _send(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
         """Post ``rows`` until settled; split on 413/400 to isolate what the store refuses."""
-        governance = self.config.governance
         batch = await asyncio.to_thread(
-            build_batch, rows, governance.require_consent, self._key, self.settings.gzip
+            build_batch, rows, self._consent, self._key, self.settings.gzip
         )
         try:
             result = await client.post_events(batch.body, batch.gzipped)
@@ -363,6 +360,9 @@ class Uploader:
         await self._settle(buffer, rows, result)
 
     async def _settle(self, buffer: Buffer, rows: Sequence[Row], result: PostResult) -> None:
+        # The refusals first: once a row is marked synced its refusal is already on record
+        # (a crash in between quarantines it twice at worst, never not at all).
+        await buffer.quarantine(_refusals(rows, result.rejected))
         await buffer.mark_synced([row.seq for row in rows])
         self._show_progress(buffer.counters.pending)  # a backlog that built during the round
         if self._progress is not None:
@@ -374,7 +374,6 @@ class Uploader:
         stats.last_success = format_ts(datetime.now(UTC))
         if result.rejected:
             stats.rejected += len(result.rejected)
-            await buffer.call(_quarantine_rejected(buffer, rows, result.rejected))
             log.warning(
                 "sync.batch.rejected rows=%d rejected=%d first_reason=%s",
                 len(rows),
@@ -403,53 +402,14 @@ class Uploader:
         )
 
 
-def _personalizer(agent: RunningAgent) -> object | None:
-    """The personalizer component if the agent has one (its offer_model, forget_customer)."""
-    return next((part for part in agent.components if part.name == _PERSONALIZER), None)
-
-
-def _oldest_pending_received_at(connection: sqlite3.Connection) -> float | None:
-    """The receive time (unix s) of the oldest unsynced event; one indexed read per class."""
-    oldest: float | None = None
-    for customer in (0, 1):
-        row = connection.execute(
-            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
-            "ORDER BY seq LIMIT 1",
-            (customer,),
-        ).fetchone()
-        if row is not None:
-            oldest = float(row[0]) if oldest is None else min(oldest, float(row[0]))
-    return oldest
-
-
-def _quarantine_rejected(
-    buffer: Buffer, rows: Sequence[Row], rejected: Sequence[dict[str, Any]]
-) -> Callable[[sqlite3.Connection], None]:
-    """Keep what the store refused for good in the agent's quarantine, for a person to see."""
+def _refusals(rows: Sequence[Row], rejected: Sequence[dict[str, Any]]) -> list[Rejected]:
+    """What the store refused for good, for the agent's quarantine (a person looks there)."""
     now = format_ts(datetime.now(UTC))
-    limit = buffer.settings.quarantine_raw_bytes
-
-    def write(connection: sqlite3.Connection) -> None:
-        records = []
-        for item in rejected:
-            index = item.get("index")
-            if not isinstance(index, int) or not 0 <= index < len(rows):
-                continue
+    records = []
+    for item in rejected:
+        index = item.get("index")
+        if isinstance(index, int) and 0 <= index < len(rows):
             raw = rows[index].envelope.encode("utf-8")
             detail = f"store refused: {item.get('reason')}"
-            records.append((now, "sync", _REJECTED, detail, raw[:limit], len(raw)))
-        connection.execute("BEGIN IMMEDIATE")  # the buffer's call runner rolls back on error
-        connection.executemany(
-            "INSERT INTO quarantine (received_at, source, reason, detail, raw, raw_len) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            records,
-        )
-        connection.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            (f"quarantine.{_REJECTED}", len(records)),
-        )
-        connection.execute("COMMIT")
-        buffer.counters.quarantined[_REJECTED] += len(records)  # on the owner thread
-
-    return write
+            records.append(Rejected("sync", _REJECTED, raw, detail, now))
+    return records

@@ -13,19 +13,21 @@ import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final
 
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.heartbeat import Heartbeat
 from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
+from edge_agent.component import Component, Ports
 from edge_agent.config import Config
 from edge_agent.deadletter import HandlingJournal
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
 from edge_agent.device_time import DeviceClockJudge
+from edge_agent.displays import SerialDisplays
 from edge_agent.errors import StorageError
-from edge_agent.governance import event_id_key
+from edge_agent.governance import ConsentLedger, event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
@@ -50,21 +52,6 @@ class RunningAgent:
     status: StatusServer
     sources: list[Source] = field(default_factory=list)
     components: list[Component] = field(default_factory=list)
-
-
-class Component(Protocol):
-    """A part that runs beside the pipeline (personalizer, uploader): started after the
-    buffer opens and before the sources, stopped after the sources."""
-
-    name: str
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        """Sections for /status, e.g. {"sync": {...}}; called on the event loop."""
-        ...
-
-    async def run(self, agent: RunningAgent) -> None:
-        """Attach to the agent (pipeline taps/observers) and run until cancelled."""
-        ...
 
 
 def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list[Source]:
@@ -129,7 +116,10 @@ async def run_agent(
         clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
         chosen = list(sources) if sources is not None else build_sources(config, clock)
         parts = list(components) if components is not None else build_components(config)
-        pipeline = Pipeline(buffer)
+        # Governance: the consent in force, from the durable copy, before any input flows.
+        consent = ConsentLedger(config.governance.require_consent)
+        consent.load(await buffer.consent())
+        pipeline = Pipeline(buffer, consent)
         board = StatusBoard(
             buffer,
             chosen,
@@ -144,7 +134,7 @@ async def run_agent(
         await status.start()
         try:
             agent = RunningAgent(config, buffer, pipeline, board, status, chosen, parts)
-            await _run_sources(agent, stop, on_ready)
+            await _run_sources(agent, _ports(pipeline, chosen, board), stop, on_ready)
         finally:
             await status.stop()
     finally:
@@ -159,12 +149,32 @@ def _starting_slowly(reason: str, seconds: float) -> None:
     systemd.notify(f"EXTEND_TIMEOUT_USEC={extend_usec}\nSTATUS=waiting for the buffer: {reason}")
 
 
+def _ports(pipeline: Pipeline, sources: Sequence[Source], board: StatusBoard) -> Ports:
+    """What the components may use: suggestions go out on the customer-event MQTT
+    connection (the first), displays are the serial ports; an erased customer's consent
+    record leaves the ledger with the buffer's copy."""
+    mqtt = [source for source in sources if isinstance(source, MqttSource)]
+    serial = [source for source in sources if isinstance(source, SerialSource)]
+    return Ports(
+        pipeline.buffer,
+        pipeline,
+        pipeline.consent,
+        suggestions=mqtt[0] if mqtt else None,
+        displays=SerialDisplays(serial),
+        status=board,
+        erasure_listeners=[pipeline.consent.forget],
+    )
+
+
 async def _run_sources(
-    agent: RunningAgent, stop: asyncio.Event, on_ready: Callable[[RunningAgent], None] | None
+    agent: RunningAgent,
+    ports: Ports,
+    stop: asyncio.Event,
+    on_ready: Callable[[RunningAgent], None] | None,
 ) -> None:
     async with asyncio.TaskGroup() as group:
         parts = [
-            group.create_task(part.run(agent), name=f"component:{part.name}")
+            group.create_task(part.run(ports), name=f"component:{part.name}")
             for part in agent.components
         ]
         await asyncio.sleep(0)  # let components attach their taps before input flows

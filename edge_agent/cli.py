@@ -279,12 +279,12 @@ def _buffer_export(args: argparse.Namespace) -> int:
 
 
 def _buffer_erase(args: argparse.Namespace) -> int:
-    from edge_agent.buffer import inspect
+    from edge_agent.buffer import erasure, inspect
 
     config = _load(args)
     connection = inspect.open_for_writing(config.buffer_path)
     try:
-        deleted = inspect.erase_customer(connection, args.customer)
+        deleted = erasure.erase_customer(connection, args.customer)
     finally:
         connection.close()
     print(json.dumps({"customer_id": args.customer, "deleted": deleted}))

@@ -1,4 +1,15 @@
-"""What leaves the store: the agent's keys and the per-customer upload rule (DESIGN "Consent").
+"""Governance, one stage: the consent in force per customer, the agent's keys, and the
+rules that follow from them (DESIGN "Consent").
+
+Consent: a ``consent.update`` event is read here and nowhere else (``consent_update``). The
+``ConsentLedger`` is the one in-memory view the agent decides from: loaded from the buffer's
+``consent`` table at start (the durable copy, written in the same transaction as the event),
+and updated by the pipeline's governance step before each commit, so a withdrawal is in
+force before any later event of that customer can be read back for upload or reach the
+personalizer's tap. The personalizer asks it ``allows_personalization``, the uploader
+``shares_profile``; the latest update (by event time) wins.
+
+What leaves the store:
 
 The rule, decided per event at upload time from the customer's latest ``consent.update``:
 every event is uploaded, but with ``require_consent`` on, a customer without
@@ -27,12 +38,15 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from cloud_sync.envelope_schema import Registry, default_registry
 from edge_agent.config import Config
 from edge_agent.errors import ConfigError
+from edge_agent.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +114,90 @@ def pseudonymise(customer_id: str, key: bytes) -> str:
     return PSEUDONYM_PREFIX + digest[:_PSEUDONYM_HEX_CHARS]
 
 
-def shares_profile(require_consent: bool, profile_sharing: int | None) -> bool:
-    """Whether a customer's id may leave the store in clear."""
-    return not require_consent or bool(profile_sharing)
+class ConsentRecord(NamedTuple):
+    """One customer's consent as the buffer's ``consent`` table keeps it."""
+
+    customer_id: str
+    personalization: bool
+    profile_sharing: bool
+    partner_sharing: bool
+    ts: str  # the event's time (RFC 3339, one format: strings compare in time order)
+    event_id: str
+
+
+def consent_update(
+    event_type: object, customer_id: object, data: object, ts: object, event_id: object
+) -> ConsentRecord | None:
+    """The consent a ``consent.update`` envelope states; None for any other envelope."""
+    if event_type != "consent.update" or not isinstance(data, dict):
+        return None
+    if not isinstance(customer_id, str) or not customer_id:
+        return None
+    return ConsentRecord(
+        customer_id,
+        bool(data.get("personalization")),
+        bool(data.get("profile_sharing")),
+        bool(data.get("partner_sharing")),
+        str(ts),
+        str(event_id),
+    )
+
+
+def consent_of(event: Event) -> ConsentRecord | None:
+    return consent_update(event.type, event.customer_id, event.data, event.ts, event.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Flags:
+    ts: str
+    personalization: bool
+    profile_sharing: bool
+
+
+class ConsentLedger:
+    """The consent in force per customer (customer id → latest flags), kept on the event
+    loop and read by the inference and upload threads (one dict lookup each)."""
+
+    def __init__(self, require_consent: bool) -> None:
+        self.require_consent = require_consent
+        self._latest: dict[str, _Flags] = {}
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def load(self, records: Iterable[ConsentRecord]) -> None:
+        for record in records:
+            self._apply(record)
+
+    def observe(self, events: Sequence[Event]) -> None:
+        """The governance step of the pipeline: apply the consent updates among ``events``."""
+        for event in events:
+            if event.type == "consent.update" and (record := consent_of(event)) is not None:
+                self._apply(record)
+
+    def forget(self, customer_id: str) -> None:
+        """An erased customer: as if no consent record had ever been seen."""
+        self._latest.pop(customer_id, None)
+
+    def allows_personalization(self, customer_id: str) -> bool:
+        known = self._latest.get(customer_id)
+        return not self.require_consent if known is None else known.personalization
+
+    def shares_profile(self, customer_id: str | None) -> bool:
+        """Whether a customer's id may leave the store in clear."""
+        if not self.require_consent:
+            return True
+        known = self._latest.get(customer_id) if customer_id else None
+        return known is not None and known.profile_sharing
+
+    def _apply(self, record: ConsentRecord) -> bool:
+        known = self._latest.get(record.customer_id)
+        if known is not None and record.ts < known.ts:
+            return False  # an older update arriving late changes nothing
+        self._latest[record.customer_id] = _Flags(
+            record.ts, record.personalization, record.profile_sharing
+        )
+        return True
 
 
 def pseudonymise_envelope(envelope_json: str, key: bytes, registry: Registry | None = None) -> str:

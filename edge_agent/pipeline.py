@@ -1,4 +1,4 @@
-"""The pipe between sources and everything after the buffer.
+"""The pipe between sources and everything after the buffer: govern, tap, commit, observe.
 
 Sources hand decoded items to their emitter (``Pipeline.emitter(name)``); it commits them
 (events to the buffer, rejections to quarantine) and only then tells the observers
@@ -6,6 +6,10 @@ Sources hand decoded items to their emitter (``Pipeline.emitter(name)``); it com
 commit, for work that must not wait for the disk (the personalizer answers in about a
 millisecond while the commit's fsync runs). Taps and observers are plain callables on the
 event loop; they must not block: anything slow schedules its own task.
+
+A component's own records (the personalizer's ``suggestion.shown``) go in through
+``record``: committed and observed like any input, but never handed to the taps, so no
+component hears its own writing as if a device had sent it.
 
 The pipeline also keeps, per source, when its oldest emit still waiting for a commit began:
 input that waits while nothing commits is how health tells a wedged agent from an idle one.
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from edge_agent.buffer import Buffer
 from edge_agent.events import Event, Rejected
+from edge_agent.governance import ConsentLedger
 from edge_agent.sources.base import Emit
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,11 @@ Observer = Callable[[Sequence[Event]], None]
 
 
 class Pipeline:
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Buffer, consent: ConsentLedger) -> None:
         self.buffer = buffer
+        self.consent = consent
         self.taps: list[Observer] = []
         self.observers: list[Observer] = []
-        self.last_progress = time.monotonic()
         # source name -> emit token -> when that emit began (monotonic)
         self._waiting: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
@@ -46,6 +51,13 @@ class Pipeline:
         return emit
 
     async def emit(self, items: Sequence[Event | Rejected], source: str = "") -> None:
+        await self._commit(items, source, tapped=True)
+
+    async def record(self, events: Sequence[Event]) -> None:
+        """Commit events a component wrote itself: observers see them, taps do not."""
+        await self._commit(events, "", tapped=False)
+
+    async def _commit(self, items: Sequence[Event | Rejected], source: str, tapped: bool) -> None:
         events = [item for item in items if isinstance(item, Event)]
         rejects = [item for item in items if isinstance(item, Rejected)]
         for reject in rejects:
@@ -56,7 +68,10 @@ class Pipeline:
                 reject.detail[:120],
                 len(reject.raw),
             )
-        if events:
+        # Govern before anything sees the events: a withdrawal is in force before the taps
+        # answer and before the commit lets the uploader read this customer's rows.
+        self.consent.observe(events)
+        if events and tapped:
             for tap in self.taps:
                 tap(events)
         token = next(self._tokens)
@@ -66,7 +81,6 @@ class Pipeline:
             await self.buffer.commit(events, rejects)
         finally:
             del waiting[token]
-        self.last_progress = time.monotonic()
         if events:
             for observer in self.observers:
                 observer(events)

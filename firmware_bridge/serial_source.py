@@ -19,6 +19,7 @@ import serial
 import serial_asyncio_fast
 
 from cloud_sync.envelope_schema import Registry, default_registry
+from edge_agent.backoff import Backoff
 from edge_agent.deadletter import HandlingJournal, fingerprint
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.errors import EdgeAgentError
@@ -103,7 +104,7 @@ class SerialSource:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(config.queue_size)
         self._commands: dict[int, asyncio.Future[CommandOutcome]] = {}
         self._stopping = asyncio.Event()
-        self._failures = 0
+        self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
         self.connects = 0  # successful port opens, reconnects included
 
     @property
@@ -169,7 +170,8 @@ class SerialSource:
             if self._stopping.is_set():
                 return  # keep the port open: the committer still owes ACKs
             await self._close_port()
-            self._failures = 0 if heard else self._failures
+            if heard:  # the port worked: the next loss starts from the shortest wait
+                self._backoff.reset()
             await self._back_off()
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -243,13 +245,8 @@ class SerialSource:
             await self._queue.join()  # nothing else in hand until the suspect is settled
 
     async def _back_off(self) -> None:
-        delay = min(
-            self.config.reconnect_max_s, self.config.reconnect_initial_s * 2**self._failures
-        )
-        self._failures = min(self._failures + 1, 30)
         try:
-            # Equal jitter: at least half the delay, so a herd of ports spreads out.
-            async with asyncio.timeout(random.uniform(delay / 2, delay)):
+            async with asyncio.timeout(self._backoff.next_delay()):
                 await self._stopping.wait()
         except TimeoutError:
             return

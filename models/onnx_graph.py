@@ -29,7 +29,6 @@ __all__ = [
     "OPSET",
     "OUTPUT_NAMES",
     "build_model",
-    "history_length_of",
     "serialize",
     "tensors_from_model",
 ]
@@ -122,11 +121,3 @@ def tensors_from_model(model: onnx.ModelProto) -> ModelTensors:
     )
     tensors.validate()
     return tensors
-
-
-def history_length_of(model: onnx.ModelProto) -> int:
-    """The fixed history length the graph was built for."""
-    for graph_input in model.graph.input:
-        if graph_input.name == "history_items":
-            return int(graph_input.type.tensor_type.shape.dim[0].dim_value)
-    raise ModelFormatError("model.onnx has no history_items input")

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Final, Protocol
 
@@ -31,13 +31,9 @@ from cloud_sync.store.records import (
     Stats,
     StoredEvent,
 )
-from cloud_sync.store.rollout import Change
+from cloud_sync.store.rollout import RolloutDecision
 
 # A rollout decision: from the state and the log (oldest first), the new state and log line.
-RolloutDecision = Callable[[RolloutState, list[RolloutEntry]], Change]
-
-# An identity graph larger than this is a data problem, not a customer; stop walking it.
-MAX_IDENTITIES = 256
 
 
 class Backend(Protocol):

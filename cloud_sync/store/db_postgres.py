@@ -22,7 +22,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from cloud_sync.store import acceptance, fleet_sql, migrations, sql_shared, trust
 from cloud_sync.store.acceptance import Performance
-from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
@@ -47,6 +46,7 @@ from cloud_sync.store.records import (
     Stats,
     StoredEvent,
 )
+from cloud_sync.store.rollout import RolloutDecision
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,9 @@ class PostgresBackend:
         return int(rows[0][0])
 
     async def identities(self, customer_id: str) -> list[str]:
-        rows = await self._fetch("identities", sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+        rows = await self._fetch(
+            "identities", sql_shared.IDENTITIES, (customer_id, sql_shared.MAX_IDENTITIES)
+        )
         return sorted(str(r[0]) for r in rows)
 
     async def customer_facts(self, ids: Sequence[str], recent: int) -> CustomerFacts | None:
@@ -579,7 +581,7 @@ class PostgresBackend:
             PROFILE_FACTS,
             {
                 "customer_id": customer_id,
-                "max_ids": MAX_IDENTITIES,
+                "max_ids": sql_shared.MAX_IDENTITIES,
                 "pseudonym": PSEUDONYM_REGEX,
                 "types": list(types),
                 "limit": limit,
@@ -774,7 +776,7 @@ async def _link(
 
 
 async def _walk(conn: psycopg.AsyncConnection[Any], customer_id: str) -> list[str]:
-    cur = await conn.execute(sql_shared.IDENTITIES, (customer_id, MAX_IDENTITIES))
+    cur = await conn.execute(sql_shared.IDENTITIES, (customer_id, sql_shared.MAX_IDENTITIES))
     return [str(r[0]) for r in await cur.fetchall()]
 
 

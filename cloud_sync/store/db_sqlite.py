@@ -21,7 +21,6 @@ from typing import Any, TypeVar, cast
 
 from cloud_sync.store import acceptance, fleet_sql, migrations, sql_shared, trust
 from cloud_sync.store.acceptance import Performance
-from cloud_sync.store.backend import MAX_IDENTITIES, RolloutDecision
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.fleet import Heartbeat
 from cloud_sync.store.records import (
@@ -48,6 +47,7 @@ from cloud_sync.store.records import (
     parse_ts,
     sortable_ts,
 )
+from cloud_sync.store.rollout import RolloutDecision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -147,7 +147,8 @@ class SqliteBackend:
     async def identities(self, customer_id: str) -> list[str]:
         sql = sql_shared.IDENTITIES.replace("%s", "?")
         rows = await self._run(
-            "identities", lambda c: c.execute(sql, (customer_id, MAX_IDENTITIES)).fetchall()
+            "identities",
+            lambda c: c.execute(sql, (customer_id, sql_shared.MAX_IDENTITIES)).fetchall(),
         )
         return sorted(str(r[0]) for r in rows)
 
@@ -691,7 +692,9 @@ def _link(conn: sqlite3.Connection, row: EventRow, credential_id: int | None, st
 
 
 def _walk(conn: sqlite3.Connection, customer_id: str) -> list[str]:
-    rows = conn.execute(_q(sql_shared.IDENTITIES), (customer_id, MAX_IDENTITIES)).fetchall()
+    rows = conn.execute(
+        _q(sql_shared.IDENTITIES), (customer_id, sql_shared.MAX_IDENTITIES)
+    ).fetchall()
     return [str(r[0]) for r in rows]
 
 

@@ -10,6 +10,7 @@ adds stores. Pure functions here; the backends keep the state and a log of every
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -34,6 +35,10 @@ class Change:
     version: str
     percent: int | None = None
     reason: str = ""
+
+
+# Decides a change from the state and the log, inside the backend's transaction.
+RolloutDecision = Callable[[RolloutState, list[RolloutEntry]], Change]
 
 
 def bucket(store_id: str) -> int:

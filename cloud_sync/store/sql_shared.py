@@ -28,6 +28,9 @@ from cloud_sync.store.records import (
 T = TypeVar("T")
 
 # UNION (not UNION ALL) stops at ids already seen, so a cycle of aliases terminates.
+# An identity graph larger than this is a data problem, not a customer; stop walking it.
+MAX_IDENTITIES: Final = 256
+
 IDENTITIES: Final = (
     "WITH RECURSIVE ids(id) AS (SELECT CAST(%s AS TEXT)"
     " UNION SELECT l.b FROM identity_links l JOIN ids ON l.a = ids.id)"

@@ -1,4 +1,4 @@
-"""Read the buffer from outside the running agent: stats, export, erase a customer.
+"""Read the buffer from outside the running agent: stats and export (erasure: ``erasure``).
 
 These functions take a plain connection so the CLI can use them on a config's buffer while
 the agent runs (WAL lets readers work beside the writer) and the agent can use them too.
@@ -6,13 +6,11 @@ the agent runs (WAL lets readers work beside the writer) and the agent can use t
 
 from __future__ import annotations
 
-import functools
-import re
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from edge_agent.buffer.budget import used_bytes
 from edge_agent.errors import StorageError
@@ -75,44 +73,3 @@ def iter_envelopes(connection: sqlite3.Connection, batch: int = 5000) -> Iterato
         last = rows[-1][0]
         for _, envelope in rows:
             yield envelope
-
-
-# Characters that may continue an id: an occurrence next to one is part of another id.
-_ID_CHAR: Final = rb"[A-Za-z0-9._:@+-]"
-
-
-@functools.lru_cache(maxsize=64)
-def _whole_id(customer_id: str) -> re.Pattern[bytes]:
-    escaped = re.escape(customer_id.encode("utf-8"))
-    return re.compile(rb"(?<!" + _ID_CHAR + rb")" + escaped + rb"(?!" + _ID_CHAR + rb")")
-
-
-def names_id(raw: bytes | None, customer_id: str) -> bool:
-    """Whether raw bytes (JSON, a serial frame, noise) hold ``customer_id`` as a whole id:
-    erasing ``c-erase`` must not touch a payload about ``c-erase0``."""
-    if raw is None or not customer_id:
-        return False
-    return _whole_id(customer_id).search(bytes(raw)) is not None
-
-
-def erase_customer(connection: sqlite3.Connection, customer_id: str) -> dict[str, int]:
-    """Delete every trace of a customer in one transaction; return what was deleted."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        events = connection.execute(
-            "DELETE FROM events WHERE customer_id = ?", (customer_id,)
-        ).rowcount
-        consent = connection.execute(
-            "DELETE FROM consent WHERE customer_id = ?", (customer_id,)
-        ).rowcount
-        # Raw quarantined payloads may name the customer too; whole ids only (see names_id).
-        connection.create_function("names_id", 2, names_id, deterministic=True)
-        quarantine = connection.execute(
-            "DELETE FROM quarantine WHERE instr(raw, ?) > 0 AND names_id(raw, ?)",
-            (customer_id.encode("utf-8"), customer_id),
-        ).rowcount
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    return {"events": events, "consent": consent, "quarantine": quarantine}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from edge_agent.buffer.faults import is_transient
+from edge_agent.buffer.writes import transaction
 from edge_agent.errors import StorageError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ def quarantine_invalid_rows(connection: sqlite3.Connection, raw_limit: int) -> i
     if not bad:
         return 0
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         for seq, envelope in bad:
             raw = envelope.encode("utf-8", "backslashreplace") if isinstance(envelope, str) else b""
             connection.execute(
@@ -153,9 +153,5 @@ def quarantine_invalid_rows(connection: sqlite3.Connection, raw_limit: int) -> i
             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (len(bad),),
         )
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     log.error("buffer.damaged_rows.quarantined rows=%d", len(bad))
     return len(bad)

@@ -25,8 +25,9 @@ from typing import Any, Final
 
 from edge_agent.buffer.integrity import connect
 from edge_agent.buffer.schema import migrate
-from edge_agent.buffer.writes import record_consent_rows
+from edge_agent.buffer.writes import record_consent_rows, transaction
 from edge_agent.errors import StorageError
+from edge_agent.governance import ConsentRecord, consent_update
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,7 @@ def expected_rows(connection: sqlite3.Connection) -> int:
 def _insert(target: sqlite3.Connection, rows: list[_Row]) -> int:
     if not rows:
         return 0
-    target.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(target):
         before = target.total_changes
         target.executemany(
             "INSERT OR IGNORE INTO events (event_id, type, customer, customer_id, ts, "
@@ -257,27 +257,17 @@ def _insert(target: sqlite3.Connection, rows: list[_Row]) -> int:
         )
         inserted = target.total_changes - before
         record_consent_rows(target, [c for row in rows if (c := _consent(row)) is not None])
-        target.execute("COMMIT")
-    except BaseException:
-        target.execute("ROLLBACK")
-        raise
     return inserted
 
 
-def _consent(row: _Row) -> tuple[object, ...] | None:
+def _consent(row: _Row) -> ConsentRecord | None:
     envelope = row.envelope
-    data = envelope.get("data")
-    if envelope.get("type") != "consent.update" or not isinstance(data, dict):
-        return None
-    if not envelope.get("customer_id"):
-        return None
-    return (
-        envelope["customer_id"],
-        int(bool(data.get("personalization"))),
-        int(bool(data.get("profile_sharing"))),
-        int(bool(data.get("partner_sharing"))),
-        str(envelope.get("ts")),
-        str(envelope.get("event_id")),
+    return consent_update(
+        envelope.get("type"),
+        envelope.get("customer_id"),
+        envelope.get("data"),
+        envelope.get("ts"),
+        envelope.get("event_id"),
     )
 
 
@@ -291,13 +281,8 @@ def _copy_consent(source: sqlite3.Connection, target: sqlite3.Connection) -> Non
     except sqlite3.DatabaseError as exc:
         log.warning("buffer.salvage.consent_unreadable error=%s", exc)
         return
-    target.execute("BEGIN IMMEDIATE")
-    try:
-        record_consent_rows(target, rows)
-        target.execute("COMMIT")
-    except BaseException:
-        target.execute("ROLLBACK")
-        raise
+    with transaction(target):
+        record_consent_rows(target, [ConsentRecord(*row) for row in rows])
 
 
 def _valid(raw: tuple[Any, ...]) -> _Row | None:
@@ -379,11 +364,6 @@ def _record(
 def clear_record(connection: sqlite3.Connection) -> SalvageRecord | None:
     """Forget the salvage figures (an operator has looked); return what was cleared."""
     current = read_record(connection)
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         connection.execute("DELETE FROM meta WHERE key IN (?, 'recovered_from')", (RECORD_KEY,))
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     return current

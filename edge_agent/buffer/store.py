@@ -25,14 +25,14 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from edge_agent.buffer import budget, salvage
+from edge_agent.buffer import budget, reads, salvage
+from edge_agent.buffer.counters import BufferCounters
 from edge_agent.buffer.faults import Fault, classify, is_transient
 from edge_agent.buffer.integrity import (
     OpenedFile,
@@ -40,13 +40,13 @@ from edge_agent.buffer.integrity import (
     open_checked,
     quarantine_invalid_rows,
 )
+from edge_agent.buffer.operations import BufferOperations
 from edge_agent.buffer.schema import migrate
 from edge_agent.buffer.writes import (
     UNSTORABLE,
     as_unstorable,
     clean,
     event_row,
-    oldest_pending,
     persist_counters,
     quarantine,
     record_consent,
@@ -67,33 +67,6 @@ ROOM: Final = "backpressure"  # the held reason while the budget is full of unsy
 _RETRY_S: Final = {ROOM: 0.25, Fault.DISK_FULL.value: 1.0}
 _RETRY_DEFAULT_S: Final = 0.5
 _OPEN_RETRY_MAX_S: Final = 30.0
-
-
-@dataclass
-class BufferCounters:
-    """Figures kept by the owner thread; read (never written) from the event loop.
-
-    /status answers from these alone, so it never waits on the writer.
-    """
-
-    total: int = 0  # events held, synced or not
-    pending: int = 0  # events not yet acknowledged by the central store
-    committed: int = 0  # events committed since start (duplicates excluded)
-    duplicates: int = 0  # events already held (a redelivery), since start
-    commits: int = 0  # transactions since start
-    quarantined: Counter[str] = field(default_factory=Counter)  # since start, by reason
-    drops: Counter[str] = field(default_factory=Counter)  # since start, by reason
-    backpressure: bool = False  # full of what may not be dropped: not acknowledging
-    disk_full: bool = False  # the disk refused a write: holding, not acknowledging
-    held: str | None = None  # why a batch is held now (backpressure, disk_full, locked, ...)
-    held_since_monotonic: float | None = None
-    holds: Counter[str] = field(default_factory=Counter)  # times a batch was held, by reason
-    last_fault: str = ""  # the last error that held a batch, for a person to read
-    bytes: int = 0  # live pages
-    file_bytes: int = 0
-    oldest_pending_at: float | None = None  # received_at of the oldest unsynced event
-    last_commit_monotonic: float = 0.0
-    salvage: salvage.SalvageRecord | None = None  # kept until an operator clears it
 
 
 @dataclass
@@ -123,7 +96,7 @@ class _Outcome(Enum):
     TOO_BIG = "too_big"  # bigger than a quarter of the budget: split it first
 
 
-class Buffer:
+class Buffer(BufferOperations):
     """The agent's SQLite buffer. Open with ``await Buffer.open(...)``, close with ``aclose()``."""
 
     def __init__(self, path: Path, settings: BufferSection, opened: sqlite3.Connection) -> None:
@@ -203,8 +176,9 @@ class Buffer:
         self._submit(_Commit([*events, *rejects], future, loop))
         await future
 
-    async def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``function(connection)`` on the owner thread (reads, sync marks, erasure).
+    async def _call(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``function(connection)`` on the owner thread: the one way to the connection,
+        private to the buffer package (``operations`` holds what other parts may ask).
 
         An exception in ``function`` fails this call only.
         """
@@ -241,7 +215,7 @@ class Buffer:
             self._refresh_figures()
             return marked
 
-        return await self.call(mark)
+        return await self._call(mark)
 
     async def recount(self) -> None:
         """Set total and pending from the file: erasures (from the CLI or sync) delete rows
@@ -255,7 +229,7 @@ class Buffer:
             self.counters.salvage = salvage.read_record(connection)
             self._refresh_figures()
 
-        await self.call(count)
+        await self._call(count)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -439,7 +413,6 @@ class Buffer:
             record_consent(connection, events)
             persist_counters(connection, eviction.dropped, rejects)
         self._count(eviction, inserted, len(rows) - inserted, rejects)
-        self.counters.last_commit_monotonic = time.monotonic()
         if inserted and self.counters.oldest_pending_at is None:
             self.counters.oldest_pending_at = rows[0][5]
         self._refresh_figures(oldest=eviction.pending_dropped > 0)
@@ -525,7 +498,12 @@ class Buffer:
             result = job.function(self._connection)
         except BaseException as exc:
             rollback(self._connection)
-            if isinstance(exc, Exception):
+            if isinstance(exc, sqlite3.Error):
+                # The I/O edge: SQLite's errors leave the buffer as its own, once.
+                error = StorageError(f"buffer {self.path}: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                job.loop.call_soon_threadsafe(_fail, job.future, error)
+            elif isinstance(exc, Exception):
                 job.loop.call_soon_threadsafe(_fail, job.future, exc)
             else:
                 # SystemExit and the like must not cross into the event loop's task.
@@ -547,7 +525,7 @@ class Buffer:
                 page_size * connection.execute("PRAGMA page_count").fetchone()[0]
             )
             if oldest:
-                self.counters.oldest_pending_at = oldest_pending(connection)
+                self.counters.oldest_pending_at = reads.oldest_pending(connection)
         except sqlite3.Error as exc:  # figures only: the next refresh tries again
             log.warning("buffer.figures.failed error=%s", exc)
 

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
+from edge_agent.governance import ConsentRecord, consent_of
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +43,11 @@ def quarantine(
 
 
 def record_consent(connection: sqlite3.Connection, events: Sequence[Event]) -> None:
-    updates = [
-        (
-            event.customer_id,
-            int(bool(event.data["personalization"])),
-            int(bool(event.data["profile_sharing"])),
-            int(bool(event.data["partner_sharing"])),
-            event.ts,
-            event.event_id,
-        )
-        for event in events
-        if event.type == "consent.update" and event.customer_id
-    ]
-    record_consent_rows(connection, updates)
+    """The durable copy of the consent updates among ``events`` (governance reads them)."""
+    record_consent_rows(connection, [c for e in events if (c := consent_of(e)) is not None])
 
 
-def record_consent_rows(
-    connection: sqlite3.Connection, updates: Sequence[tuple[object, ...]]
-) -> None:
-    """(customer_id, personalization, profile_sharing, partner_sharing, ts, event_id) rows."""
+def record_consent_rows(connection: sqlite3.Connection, updates: Sequence[ConsentRecord]) -> None:
     if updates:
         # The latest consent (by event time) wins, whatever order they arrive in.
         connection.executemany(
@@ -106,19 +93,6 @@ def rollback(connection: sqlite3.Connection) -> None:
         connection.execute("ROLLBACK")
     except sqlite3.Error as exc:  # SQLite may have rolled back already (SQLITE_FULL does)
         log.warning("buffer.rollback.failed error=%s", exc)
-
-
-def oldest_pending(connection: sqlite3.Connection) -> float | None:
-    oldest: float | None = None
-    for customer in (0, 1):  # one indexed lookup per class beats a scan of the pending set
-        row = connection.execute(
-            "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = ? "
-            "ORDER BY seq LIMIT 1",
-            (customer,),
-        ).fetchone()
-        if row is not None:
-            oldest = row[0] if oldest is None else min(oldest, row[0])
-    return oldest
 
 
 def clean(text: str) -> str:

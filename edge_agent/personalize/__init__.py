@@ -4,8 +4,7 @@
 directory layout the ``edge-agent model`` commands share with it. See README.md here.
 """
 
-from edge_agent.personalize.model_slot import ModelOffer
 from edge_agent.personalize.model_store import ModelState, ModelStore, ModelStoreError
 from edge_agent.personalize.personalizer import Personalizer
 
-__all__ = ["ModelOffer", "ModelState", "ModelStore", "ModelStoreError", "Personalizer"]
+__all__ = ["ModelState", "ModelStore", "ModelStoreError", "Personalizer"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Collection, Sequence
 from functools import cache
 from importlib import resources
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from edge_agent.buffer import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,9 @@ def top_k(ranked: Ranked, k: int, masked: Collection[str]) -> list[tuple[str, fl
 class StorePopularity:
     """Item counts of this store's buffer over a sliding window, in hourly buckets.
 
-    ``refresh`` runs on the buffer's owner thread (via ``Buffer.call``) and reads only the
-    rows that arrived since the last refresh (a seq range), so it stays cheap however big
-    the buffer is; buckets older than the window fall off.
+    ``refresh`` asks the buffer only for the rows that arrived since the last refresh (a
+    seq range), so it stays cheap however big the buffer is; buckets older than the window
+    fall off.
     """
 
     def __init__(self, window_s: float) -> None:
@@ -56,17 +58,11 @@ class StorePopularity:
         )
         self._last_seq: int | None = None
 
-    def refresh(self, connection: sqlite3.Connection, now: float | None = None) -> Ranked:
+    async def refresh(self, buffer: Buffer, now: float | None = None) -> Ranked:
         now = time.time() if now is None else now
         if self._last_seq is None:
-            newest = connection.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
-            self._last_seq = max(0, newest - FIRST_SCAN_MAX_ROWS)
-        marks = ",".join("?" * len(POPULAR_TYPES))
-        rows = connection.execute(
-            f"SELECT seq, received_at, json_extract(envelope, '$.data.sku') FROM events "
-            f"WHERE seq > ? AND received_at >= ? AND type IN ({marks}) ORDER BY seq",
-            (self._last_seq, now - self.window_s, *POPULAR_TYPES),
-        ).fetchall()
+            self._last_seq = max(0, await buffer.newest_seq() - FIRST_SCAN_MAX_ROWS)
+        rows = await buffer.items_taken(POPULAR_TYPES, self._last_seq, now - self.window_s)
         for seq, received_at, sku in rows:
             self._last_seq = seq
             if isinstance(sku, str):

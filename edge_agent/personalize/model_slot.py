@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cloud_sync.model_signature import ModelSignatureError, verify_manifest
+from edge_agent.component import ModelAnswer
 from edge_agent.personalize.exploration import Catalogue
 from edge_agent.personalize.model_store import ModelStore
 from models import DEFAULT_MODEL_DIR, ModelError, SuggestionModel
@@ -44,15 +45,6 @@ class LoadedModel:
     directory: Path
     origin: str  # "bundled", "config", "state", "update", "rollback"
     loaded_at: float
-
-
-@dataclass(frozen=True)
-class ModelOffer:
-    """The answer to an offered model directory."""
-
-    accepted: bool
-    version: str | None
-    detail: str
 
 
 class ModelSlot:
@@ -85,7 +77,7 @@ class ModelSlot:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
-    async def offer_model(self, path: Path) -> ModelOffer:
+    async def offer_model(self, path: Path) -> ModelAnswer:
         """Verify a new model directory and switch to it; refuse it and keep the old one
         when it does not verify. Safe to call from any task on the agent's loop."""
         async with self._lock:
@@ -99,7 +91,7 @@ class ModelSlot:
                     moved = None
                     log.warning("model.reject.move_failed path=%s error=%r", path, exc)
                 log.error("model.refused path=%s moved_to=%s", path, moved)
-                return ModelOffer(False, None, self.last_error or "refused")
+                return ModelAnswer(False, None, self.last_error or "refused")
             version = loaded.model.version
             try:
                 target = await asyncio.to_thread(self.store.install, path, version)
@@ -107,12 +99,12 @@ class ModelSlot:
                 self.refused += 1
                 self.last_error = f"cannot install {path}: {exc!r}"
                 log.error("model.install.failed path=%s error=%r", path, exc)  # noqa: TRY400
-                return ModelOffer(False, version, self.last_error)
+                return ModelAnswer(False, version, self.last_error)
             installed = LoadedModel(
                 loaded.model, loaded.catalogue, target, "update", loaded.loaded_at
             )
             await self._switch(installed, "update")
-            return ModelOffer(True, version, f"installed at {target}")
+            return ModelAnswer(True, version, f"installed at {target}")
 
     async def follow_state(self) -> None:
         """Switch when the pointer file names another directory (a rollback by the CLI)."""
@@ -137,7 +129,7 @@ class ModelSlot:
                 return
             await self._switch(loaded, state.reason or "state", write_state=False)
 
-    async def watch_incoming(self) -> list[ModelOffer]:
+    async def watch_incoming(self) -> list[ModelAnswer]:
         ready = await asyncio.to_thread(self.store.incoming_ready, INCOMING_SETTLE_S)
         return [await self.offer_model(path) for path in ready]
 

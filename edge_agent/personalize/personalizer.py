@@ -23,38 +23,36 @@ import asyncio
 import concurrent.futures
 import logging
 import random
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from edge_agent.buffer import Buffer
+from edge_agent.component import DisplaySink, ModelAnswer, Ports, SuggestionPublisher
 from edge_agent.config import Config, public_keys
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, StorageError
 from edge_agent.events import Event, format_ts
+from edge_agent.governance import ConsentLedger
 from edge_agent.personalize.fallback import StorePopularity, bestsellers
 from edge_agent.personalize.feedback import FeedbackBook
-from edge_agent.personalize.model_slot import ModelOffer, ModelSlot
+from edge_agent.personalize.model_slot import ModelSlot
 from edge_agent.personalize.model_store import ModelStore
-from edge_agent.personalize.policy import ConsentBook, MaskFiles, load_consent
+from edge_agent.personalize.policy import MaskFiles
 from edge_agent.personalize.ranker import Masked, Ranker, Request
 from edge_agent.personalize.recorder import Recorder, Served
 from edge_agent.personalize.session import (
+    REBUILD_MAX_ROWS,
     STATE_TYPES,
     TRIGGER_TYPES,
     SessionStore,
     event_seconds,
-    load_recent,
+    parse_recent,
 )
 from edge_agent.personalize.stats import SuggestionStats
-from edge_agent.sources.mqtt import MqttSource
-from firmware_bridge.serial_source import SerialSource
 from models import DEFAULT_MODEL_DIR, SuggestionContext
-
-if TYPE_CHECKING:
-    from edge_agent.app import RunningAgent
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,8 @@ class Personalizer:
         self.sessions = SessionStore(
             settings.session_cap, SESSION_HISTORY, settings.session_max_age_s
         )
-        self.consent = ConsentBook(config.governance.require_consent)
+        # The agent's ledger once run() is given its ports; until then the strictest reading.
+        self.consent = ConsentLedger(config.governance.require_consent)
         self.masks = MaskFiles(
             _path_or(settings.out_of_stock_file, config.data_dir / "out_of_stock.txt"),
             _path_or(settings.blocked_skus_file, config.data_dir / "blocked_skus.txt"),
@@ -99,23 +98,32 @@ class Personalizer:
         self._ready = False
         self._early: list[Event] = []  # triggers that came while the state was loading
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._mqtt: MqttSource | None = None
-        self._serial: list[SerialSource] = []
+        self._publisher: SuggestionPublisher | None = None
+        self._displays: DisplaySink | None = None
 
     # ---- Component ------------------------------------------------------------------
 
-    async def run(self, agent: RunningAgent) -> None:
+    async def run(self, ports: Ports) -> None:
         self._loop = asyncio.get_running_loop()
-        self._mqtt = next((s for s in agent.sources if isinstance(s, MqttSource)), None)
-        self._serial = [s for s in agent.sources if isinstance(s, SerialSource)]
-        agent.pipeline.taps.append(self._on_events)  # first, before any await: miss nothing
+        self.consent = ports.consent
+        self._publisher = ports.suggestions
+        self._displays = ports.displays
+        self.recorder.displays = ports.displays
+        # First, before any await: miss no input, no model, no erasure.
+        ports.pipeline.taps.append(self._on_events)
+        ports.model_listeners.append(self.offer_model)
+        ports.erasure_listeners.append(self.forget_customer)
         try:
-            await self._start(agent)
+            await self._start(ports.buffer)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.recorder.run(agent.pipeline.emit), name="personalize:record")
-                group.create_task(self._maintain(agent), name="personalize:maintain")
+                # Through ``record``: our own suggestion.shown never comes back to our tap.
+                record = ports.pipeline.record
+                group.create_task(self.recorder.run(record), name="personalize:record")
+                group.create_task(self._maintain(ports.buffer), name="personalize:maintain")
         finally:
-            agent.pipeline.taps.remove(self._on_events)
+            ports.pipeline.taps.remove(self._on_events)
+            ports.model_listeners.remove(self.offer_model)
+            ports.erasure_listeners.remove(self.forget_customer)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self.slot.close()
 
@@ -159,21 +167,21 @@ class Personalizer:
         self.feedback.forget_customer(customer_id)
         self.stats.forget(customer_id)
 
-    async def offer_model(self, path: Path) -> ModelOffer:
+    async def offer_model(self, path: Path) -> ModelAnswer:
         """Verify a downloaded model directory and switch to it (the uploader calls this)."""
         return await self.slot.offer_model(path)
 
     # ---- start and background work --------------------------------------------------
 
-    async def _start(self, agent: RunningAgent) -> None:
+    async def _start(self, buffer: Buffer) -> None:
         await self.slot.start()
-        self.consent.load(await agent.buffer.call(load_consent))
-        max_age = self.settings.session_max_age_s
-        rows = await agent.buffer.call(lambda connection: load_recent(connection, max_age))
+        since = time.time() - self.settings.session_max_age_s
+        recent = await buffer.recent_customer_events(STATE_TYPES, since, REBUILD_MAX_ROWS)
+        rows = parse_recent(recent)
         used = self.sessions.load(
-            (row for row in rows if self.consent.allows(row[0])), allowed=None
+            row for row in rows if self.consent.allows_personalization(row[0])
         )
-        await agent.buffer.call(self.popularity.refresh)
+        await self.popularity.refresh(buffer)
         await asyncio.to_thread(self.masks.refresh)
         self._ready = True
         log.info(
@@ -187,7 +195,7 @@ class Personalizer:
         if early:
             self._on_events(early)
 
-    async def _maintain(self, agent: RunningAgent) -> None:
+    async def _maintain(self, buffer: Buffer) -> None:
         """Popularity, mask files, model drops and the rollback pointer, each on its period."""
         settings = self.settings
         next_popularity = time.monotonic() + settings.popularity_refresh_s
@@ -199,8 +207,8 @@ class Personalizer:
                 await self.slot.follow_state()
                 if time.monotonic() >= next_popularity:
                     next_popularity = time.monotonic() + settings.popularity_refresh_s
-                    await agent.buffer.call(self.popularity.refresh)
-            except (OSError, sqlite3.Error) as exc:
+                    await self.popularity.refresh(buffer)
+            except (OSError, StorageError) as exc:
                 # A file that vanished mid-scan, a busy disk: suggestions go on, retry later.
                 log.warning("personalizer.maintenance.failed error=%r", exc)
 
@@ -218,9 +226,7 @@ class Personalizer:
             return
         for event in events:
             customer_id = event.customer_id
-            if customer_id is None or event.source == Recorder.SOURCE:
-                if event.source == Recorder.SOURCE and event.type == "suggestion.accepted":
-                    self.feedback.accepted(str(event.data.get("suggestion_id")), True)
+            if customer_id is None:
                 continue
             kind = event.type
             if kind in STATE_TYPES:
@@ -230,11 +236,13 @@ class Personalizer:
                 self.feedback.accepted(str(event.data.get("suggestion_id")), implicit)
             elif kind == "suggestion.dismissed":
                 self.feedback.dismissed(str(event.data.get("suggestion_id")))
-            elif kind == "consent.update" and self.consent.observe(event) is False:
+            elif kind == "consent.update" and not self.consent.allows_personalization(
+                customer_id
+            ):  # governed before the tap: the ledger already says so
                 self.forget_customer(customer_id)  # nothing about them feeds personal state
 
     def _on_state_event(self, event: Event, customer_id: str) -> None:
-        personal = self.consent.allows(customer_id)
+        personal = self.consent.allows_personalization(customer_id)
         if personal:
             self.sessions.observe_event(event)
             sku = event.data.get("sku")
@@ -289,8 +297,8 @@ class Personalizer:
         suggestion_id = str(uuid.uuid5(_NAMESPACE, f"{trigger.event_id}"))
         ts = format_ts(datetime.now(UTC))
         payload = Recorder.payload(suggestion_id, trigger, decision, ts)
-        if self._mqtt is not None:
-            self._mqtt.publish(topic, payload, qos=self.settings.suggestion_qos)
+        if self._publisher is not None:
+            self._publisher.publish(topic, payload, qos=self.settings.suggestion_qos)
         latency_ns = time.perf_counter_ns() - started_ns
         served = Served(suggestion_id, trigger, request.personal, decision, ts, latency_ns)
         self._to_loop(self._after_serve, served)
@@ -314,9 +322,12 @@ class Personalizer:
         self._inflight -= 1
         self.recorder.shown(served)
         device_id = served.trigger.device_id
-        for source in self._serial:
-            if device_id is not None and source.device_id == device_id:
-                self.recorder.command(source, device_id, served)
+        if (
+            device_id is not None
+            and self._displays is not None
+            and self._displays.serves(device_id)
+        ):
+            self.recorder.command(device_id, served)
 
 
 def _utc_hour(ts: str) -> int:

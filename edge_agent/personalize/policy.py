@@ -1,8 +1,4 @@
-"""What the personalizer may use and show: consent per customer, and masked skus.
-
-Consent (DESIGN.md, "Consent"): the latest ``consent.update`` per customer wins. With
-``require_consent`` an unknown customer has no personalization consent; without it, only an
-explicit ``personalization: false`` opts a customer out.
+"""What the personalizer may show: masked skus (consent is governance's ``ConsentLedger``).
 
 Masks: out-of-stock and policy-blocked skus come from two plain text files (one sku per line,
 ``#`` comments), re-read when they change, so a store system or a person can update them
@@ -12,60 +8,10 @@ without a restart. The basket and the picked item are masked per request by the 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.events import Event
-
 log = logging.getLogger(__name__)
-
-
-class ConsentBook:
-    """customer id → personalization allowed, kept current from consent.update events."""
-
-    def __init__(self, require_consent: bool) -> None:
-        self.require_consent = require_consent
-        self._latest: dict[str, tuple[str, bool]] = {}  # customer → (ts, personalization)
-
-    def allows(self, customer_id: str) -> bool:
-        known = self._latest.get(customer_id)
-        if known is None:
-            return not self.require_consent
-        return known[1]
-
-    def allowed_customers(self) -> set[str]:
-        return {customer for customer, (_, allowed) in self._latest.items() if allowed}
-
-    def known_refusals(self) -> set[str]:
-        return {customer for customer, (_, allowed) in self._latest.items() if not allowed}
-
-    def update(self, customer_id: str, ts: str, personalization: bool) -> bool:
-        """Apply one consent; returns whether it was the latest (and so took effect)."""
-        known = self._latest.get(customer_id)
-        # RFC 3339 strings in one format (events.format_ts) compare in time order.
-        if known is not None and ts < known[0]:
-            return False
-        self._latest[customer_id] = (ts, personalization)
-        return True
-
-    def observe(self, event: Event) -> bool | None:
-        """Apply a consent.update event; the new personalization value, or None."""
-        if event.type != "consent.update" or event.customer_id is None:
-            return None
-        allowed = bool(event.data.get("personalization"))
-        if not self.update(event.customer_id, event.ts, allowed):
-            return None
-        return allowed
-
-    def load(self, rows: list[tuple[str, str, int]]) -> None:
-        for customer_id, ts, personalization in rows:
-            self.update(customer_id, ts, bool(personalization))
-
-
-def load_consent(connection: sqlite3.Connection) -> list[tuple[str, str, int]]:
-    """The buffer's latest consent per customer (runs on the buffer's thread)."""
-    return connection.execute("SELECT customer_id, ts, personalization FROM consent").fetchall()
 
 
 @dataclass

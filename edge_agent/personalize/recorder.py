@@ -1,7 +1,7 @@
 """What the personalizer writes down and sends after a suggestion went out.
 
 On the event loop: the ``suggestion.shown`` event (and implicit ``suggestion.accepted``
-events) are queued and committed in batches through ``pipeline.emit``, off the suggestion's
+events) are queued and committed in batches through ``pipeline.record``, off the suggestion's
 critical path; the COMMAND to a serial display is sent by its own task, because a device
 answers in its own time. Both queues are bounded: when the buffer holds back (backpressure)
 records beyond the bound are dropped and counted rather than growing memory without end.
@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge_agent.events import Event, Rejected
+from edge_agent.component import DisplaySink
+from edge_agent.events import Event
 from edge_agent.personalize.feedback import FeedbackBook, Shown
 from edge_agent.personalize.ranker import Decision
 from edge_agent.personalize.stats import SuggestionStats
 from firmware_bridge.messages import ShowSuggestion
-from firmware_bridge.serial_source import SerialSource, UnknownDeviceError
+from firmware_bridge.serial_source import UnknownDeviceError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ FLUSH_ON_STOP_S: Final = 2.0
 # (keyed or device-given) id and names nobody: a plain namespace UUID is enough.
 _RECORD_NAMESPACE: Final = uuid.UUID("3d1f6a52-7c0b-4f5e-9a8d-2b6e4c1f0a97")
 
-Emit = Callable[[Sequence[Event | Rejected]], Awaitable[None]]
+Record = Callable[[Sequence[Event]], Awaitable[None]]  # ``Pipeline.record``
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,8 @@ class Recorder:
         self.feedback = feedback
         self.stats = stats
         self._records: asyncio.Queue[Event] = asyncio.Queue(MAX_QUEUED_RECORDS)
-        self._commands: asyncio.Queue[tuple[SerialSource, str, ShowSuggestion]] = asyncio.Queue(
+        self.displays: DisplaySink | None = None  # set from the ports when the component runs
+        self._commands: asyncio.Queue[tuple[str, ShowSuggestion]] = asyncio.Queue(
             MAX_QUEUED_COMMANDS
         )
 
@@ -125,22 +127,22 @@ class Recorder:
         except asyncio.QueueFull:
             self.stats.dropped["record_queue_full"] += 1
 
-    def command(self, source: SerialSource, device_id: str, served: Served) -> None:
+    def command(self, device_id: str, served: Served) -> None:
         items = served.decision.slate.items
         top = max((score for _, score in items), default=0.0)
         scaled = tuple((sku, score / top if top > 0 else 0.0) for sku, score in items)
         message = ShowSuggestion(served.suggestion_id, served.trigger.customer_id or "", scaled)
         try:
-            self._commands.put_nowait((source, device_id, message))
+            self._commands.put_nowait((device_id, message))
         except asyncio.QueueFull:
             self.stats.dropped["serial_queue_full"] += 1
 
-    async def run(self, emit: Emit) -> None:
+    async def run(self, emit: Record) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._record_loop(emit), name="personalize:record-events")
             group.create_task(self._command_loop(), name="personalize:serial-commands")
 
-    async def _record_loop(self, emit: Emit) -> None:
+    async def _record_loop(self, emit: Record) -> None:
         try:
             while True:
                 batch = [await self._records.get()]
@@ -159,9 +161,11 @@ class Recorder:
 
     async def _command_loop(self) -> None:
         while True:
-            source, device_id, message = await self._commands.get()
+            device_id, message = await self._commands.get()
+            if self.displays is None:
+                continue
             try:
-                outcome = await source.send_command(device_id, message, ttl_s=COMMAND_TTL_S)
+                outcome = await self.displays.show(device_id, message, COMMAND_TTL_S)
             except UnknownDeviceError as exc:
                 self.stats.dropped["serial_unknown_device"] += 1
                 log.warning("suggestion.serial.unknown_device device=%s error=%s", device_id, exc)

@@ -3,7 +3,7 @@
 The model needs a customer's recent trigger events (sku, type, time); the personalizer keeps
 them here, on the event loop, for at most ``cap`` customers (the least recently active are
 forgotten first) and at most ``history_length`` entries each. After a restart the state is
-rebuilt from the buffer (``load_recent``), so a restart does not make every customer a stranger.
+rebuilt from the buffer (``parse_recent``), so a restart does not make every customer a stranger.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from edge_agent.buffer.reads import StateRow
 from edge_agent.events import Event, parse_ts
 
 log = logging.getLogger(__name__)
@@ -112,37 +112,20 @@ class SessionStore:
             event_seconds(event.ts),
         )
 
-    def load(self, rows: Iterable[tuple[str, str, str, float]], allowed: set[str] | None) -> int:
-        """Replay (customer id, type, sku-or-'' , ts) rows, oldest first; returns rows used.
-        ``allowed``: when given, only these customers (personalization consent) are kept."""
+    def load(self, rows: Iterable[tuple[str, str, str, float]]) -> int:
+        """Replay (customer id, type, sku-or-'', ts) rows, oldest first; returns rows used."""
         used = 0
         for customer_id, event_type, sku, ts in rows:
-            if allowed is not None and customer_id not in allowed:
-                continue
             self.observe(customer_id, event_type, sku or None, ts)
             used += 1
         return used
 
 
-def load_recent(
-    connection: sqlite3.Connection, max_age_s: float, max_rows: int = REBUILD_MAX_ROWS
-) -> list[tuple[str, str, str, float]]:
-    """Recent state events from the buffer, oldest first (runs on the buffer's thread).
-
-    Bounded twice: by arrival time and by the newest ``max_rows`` rows (a seq range scan),
-    so a start on a full buffer stays quick.
-    """
-    newest = connection.execute("SELECT max(seq) FROM events").fetchone()[0]
-    if newest is None:
-        return []
-    marks = ",".join("?" * len(STATE_TYPES))
-    cursor = connection.execute(
-        f"SELECT customer_id, type, envelope FROM events WHERE seq > ? AND received_at >= ? "
-        f"AND customer_id IS NOT NULL AND type IN ({marks}) ORDER BY seq",
-        (newest - max_rows, time.time() - max_age_s, *sorted(STATE_TYPES)),
-    )
-    rows: list[tuple[str, str, str, float]] = []
-    for customer_id, event_type, envelope in cursor:
+def parse_recent(rows: Iterable[StateRow]) -> list[tuple[str, str, str, float]]:
+    """(customer id, type, sku or '', ts seconds) of the buffer's recent state events
+    (``Buffer.recent_customer_events``), for ``SessionStore.load``."""
+    parsed: list[tuple[str, str, str, float]] = []
+    for customer_id, event_type, envelope in rows:
         try:
             document = json.loads(envelope)
         except ValueError:
@@ -150,5 +133,5 @@ def load_recent(
             continue
         sku = document.get("data", {}).get("sku")
         ts = event_seconds(str(document.get("ts", "")))
-        rows.append((customer_id, event_type, sku if isinstance(sku, str) else "", ts))
-    return rows
+        parsed.append((customer_id, event_type, sku if isinstance(sku, str) else "", ts))
+    return parsed

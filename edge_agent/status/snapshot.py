@@ -38,6 +38,9 @@ class StatusBoard:
     def health(self) -> Health:
         return Health(self.buffer, self.pipeline, self.stall_after_s)
 
+    def not_ready(self) -> list[str]:
+        return self.health.not_ready()
+
     async def snapshot(self) -> dict[str, Any]:
         counters = self.buffer.counters
         drops: Counter[str] = Counter(counters.drops)

@@ -10,9 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.buffer import Buffer
-from edge_agent.buffer.inspect import erase_customer, iter_envelopes, open_read_only, stats
+from edge_agent.buffer.erasure import erase_customer
+from edge_agent.buffer.inspect import iter_envelopes, open_read_only, stats
+from edge_agent.buffer.reads import CUSTOMER, TELEMETRY
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
+from edge_agent.governance import ConsentRecord
 
 TS = "2026-11-22T08:00:00.000Z"
 
@@ -127,7 +130,7 @@ async def test_latest_consent_by_event_time_wins(tmp_path: Path) -> None:
     async with await open_buffer(path) as buffer:
         await buffer.commit([consent(1, "2026-11-22T08:00:02.000Z", True)])
         await buffer.commit([consent(2, "2026-11-22T08:00:01.000Z", False)])  # older, arrives late
-        rows = await buffer.call(
+        rows = await buffer._call(
             lambda c: c.execute(
                 "SELECT customer_id, personalization, event_id FROM consent"
             ).fetchall()
@@ -180,7 +183,7 @@ async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(
         customer = [event(n, size=200) for n in range(0, 2000)]
         await buffer.commit(customer[:1000])
         marked = await buffer.mark_synced(
-            await buffer.call(lambda c: [r[0] for r in c.execute("SELECT seq FROM events")])
+            await buffer._call(lambda c: [r[0] for r in c.execute("SELECT seq FROM events")])
         )
         assert marked == 1000
         await buffer.commit(customer[1000:])
@@ -190,13 +193,13 @@ async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(
         drops = buffer.counters.drops
         assert drops["synced_evicted"] == 1000  # all synced rows went first
         assert drops["telemetry_evicted_unsynced"] > 0
-        remaining = await buffer.call(
+        remaining = await buffer._call(
             lambda c: dict(
                 c.execute("SELECT customer, count(*) FROM events GROUP BY customer").fetchall()
             )
         )
         assert remaining[1] == 1000  # every unsynced customer event is still here
-        kept_telemetry = await buffer.call(
+        kept_telemetry = await buffer._call(
             lambda c: [
                 r[0]
                 for r in c.execute("SELECT event_id FROM events WHERE customer = 0 ORDER BY seq")
@@ -204,7 +207,7 @@ async def test_budget_evicts_synced_then_telemetry_and_never_customer_events(
         )
         assert kept_telemetry[-1] == "ev-00013999"  # the oldest telemetry went, the newest stayed
         assert kept_telemetry[0] > "ev-00010000"
-        used = await buffer.call(lambda c: c.execute("PRAGMA page_count").fetchone()[0]) * 4096
+        used = await buffer._call(lambda c: c.execute("PRAGMA page_count").fetchone()[0]) * 4096
         assert used <= max_bytes * 1.05
 
 
@@ -226,17 +229,17 @@ async def test_backpressure_holds_commits_until_sync_makes_room(tmp_path: Path) 
         assert buffer.counters.backpressure is True
         assert not pending.done()
         held_ids = {e.event_id for e in batch}
-        present = await buffer.call(
+        present = await buffer._call(
             lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")}
         )
         assert not held_ids & present  # nothing of the held batch is acknowledged or written
-        seqs = await buffer.call(
+        seqs = await buffer._call(
             lambda c: [r[0] for r in c.execute("SELECT seq FROM events ORDER BY seq LIMIT 1500")]
         )
         await buffer.mark_synced(seqs)  # the uploader's job: frees room by policy
         await asyncio.wait_for(pending, timeout=5.0)
         assert buffer.counters.backpressure is False
-        present = await buffer.call(
+        present = await buffer._call(
             lambda c: {r[0] for r in c.execute("SELECT event_id FROM events")}
         )
         assert held_ids <= present
@@ -251,7 +254,7 @@ async def test_cancelled_commit_leaves_a_working_buffer(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         await buffer.commit([event(5000)])
-        total = await buffer.call(lambda c: c.execute("SELECT count(*) FROM events").fetchone()[0])
+        total = await buffer._call(lambda c: c.execute("SELECT count(*) FROM events").fetchone()[0])
     assert total in (1, 2001)  # the cancelled batch is all there or not at all
 
 
@@ -349,3 +352,52 @@ async def test_recount_follows_rows_deleted_behind_the_writers_back(tmp_path: Pa
         assert (buffer.counters.total, buffer.counters.pending) == (3, 3)
         await buffer.recount()
         assert (buffer.counters.total, buffer.counters.pending) == (1, 1)
+
+
+async def test_erasure_through_the_buffer_keeps_its_counters_and_the_cursor_in_step(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path) as buffer:
+        await buffer.commit([event(n, customer_id="c-gone") for n in range(3)])
+        await buffer.commit([event(10, customer_id="c-stay"), event(11, customer=False)])
+        rows = await buffer.pending(10, {CUSTOMER: 0, TELEMETRY: 0})
+        await buffer.mark_synced([rows[0].seq])  # one of c-gone's events went up already
+        assert sorted(await buffer.held_customers()) == ["c-gone", "c-stay"]
+        totals = await buffer.erase(["c-gone"], ("sync.erasure_cursor", "42"))
+        assert totals == {"events": 3, "pending": 2, "consent": 0, "quarantine": 0}
+        assert (buffer.counters.total, buffer.counters.pending) == (2, 2)
+        assert await buffer.read_meta("sync.erasure_cursor") == "42"
+        await buffer.recount()  # what the file says agrees with what was kept in memory
+        assert (buffer.counters.total, buffer.counters.pending) == (2, 2)
+        assert await buffer.held_customers() == ["c-stay"]
+
+
+async def test_refusals_found_after_the_commit_are_quarantined_and_counted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    async with await open_buffer(path, quarantine_max_rows=10) as buffer:
+        refusals = [Rejected("sync", "store_rejected", b"{}" * n, f"n={n}") for n in range(12)]
+        await buffer.quarantine(refusals)
+        assert buffer.counters.quarantined == {"store_rejected": 12}
+    with open_read_only(path) as connection:
+        figures = stats(connection)
+    assert figures["quarantine_by_reason"] == {"store_rejected": 12}  # persisted counters
+    assert figures["quarantine_rows"] == 10  # bounded like any quarantine
+
+
+async def test_consent_is_recorded_with_its_event_and_read_back_whole(tmp_path: Path) -> None:
+    flags = {"personalization": True, "profile_sharing": False, "partner_sharing": True}
+    older = {"personalization": False, "profile_sharing": True, "partner_sharing": False}
+    async with await open_buffer(tmp_path / "buffer.db") as buffer:
+        await buffer.commit(
+            [
+                event(1, event_type="consent.update", data=flags, ts="2026-11-22T09:00:00.000Z"),
+                event(2, event_type="consent.update", data=older),  # older: loses
+            ]
+        )
+        records = await buffer.consent()
+    assert records == [
+        ConsentRecord("c-1", True, False, True, "2026-11-22T09:00:00.000Z", "ev-00000001")
+    ]

@@ -33,8 +33,8 @@ async def test_an_unstorable_row_is_quarantined_and_the_rest_committed(tmp_path:
         await asyncio.wait_for(asyncio.gather(first, second), BOUND_S)
         # The writer is alive: later commits and calls are served.
         await asyncio.wait_for(buffer.commit([event(5)]), BOUND_S)
-        stored = await buffer.call(event_ids)
-        quarantined = await buffer.call(
+        stored = await buffer._call(event_ids)
+        quarantined = await buffer._call(
             lambda c: c.execute("SELECT reason, detail, raw FROM quarantine ORDER BY id").fetchall()
         )
         assert buffer.writer_alive
@@ -56,10 +56,18 @@ async def test_a_failing_call_fails_only_itself(tmp_path: Path) -> None:
             raise KeyError("a bug in a job")
 
         with pytest.raises(KeyError):
-            await asyncio.wait_for(buffer.call(broken), BOUND_S)
+            await asyncio.wait_for(buffer._call(broken), BOUND_S)
         await asyncio.wait_for(buffer.commit([event(1)]), BOUND_S)
-        left = await buffer.call(lambda c: c.execute("SELECT count(*) FROM meta").fetchone()[0])
+        left = await buffer._call(lambda c: c.execute("SELECT count(*) FROM meta").fetchone()[0])
         assert left == 0  # the broken call's transaction was rolled back
+        assert buffer.writer_alive
+
+
+async def test_sqlite_errors_leave_the_buffer_as_storage_errors(tmp_path: Path) -> None:
+    async with await open_buffer(tmp_path / "buffer.db") as buffer:
+        with pytest.raises(StorageError, match="OperationalError") as raised:
+            await asyncio.wait_for(buffer._call(lambda c: c.execute("SELECT nope")), BOUND_S)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
         assert buffer.writer_alive
 
 
@@ -70,7 +78,7 @@ async def test_a_dead_writer_fails_calls_at_once_and_says_so(tmp_path: Path) -> 
             raise SystemExit("not a job's business")
 
         with pytest.raises(StorageError):
-            await asyncio.wait_for(buffer.call(stop_the_thread), BOUND_S)
+            await asyncio.wait_for(buffer._call(stop_the_thread), BOUND_S)
         await asyncio.wait_for(asyncio.to_thread(buffer._thread.join, BOUND_S), BOUND_S + 1)
         assert not buffer.writer_alive
         assert buffer.writer_error is not None
@@ -87,14 +95,14 @@ async def test_sync_mark_behind_a_held_commit_is_served(tmp_path: Path) -> None:
         # Most of the budget in unsynced customer events: the batch below does not fit.
         await buffer.commit([event(n, size=400) for n in range(1000)])
         assert not buffer.counters.backpressure
-        seqs = await buffer.call(
+        seqs = await buffer._call(
             lambda c: [r[0] for r in c.execute("SELECT seq FROM events ORDER BY seq")]
         )
         # Hold the writer with a job of the test's own, so that the commit and the mark
         # below are both queued before it picks up either: the mark lands in the commit's
         # linger window every time.
         release = threading.Event()
-        blocker = asyncio.ensure_future(buffer.call(lambda c: release.wait(BOUND_S)))
+        blocker = asyncio.ensure_future(buffer._call(lambda c: release.wait(BOUND_S)))
         await asyncio.sleep(0)
         too_big = [event(100_000 + i, size=400) for i in range(400)]
         held = asyncio.ensure_future(buffer.commit(too_big))
@@ -107,7 +115,7 @@ async def test_sync_mark_behind_a_held_commit_is_served(tmp_path: Path) -> None:
         assert marked == len(seqs)
         await asyncio.wait_for(held, BOUND_S)  # the marked rows were evicted to make room
         assert buffer.counters.holds["backpressure"] >= 1  # it did wait for room
-        stored = await buffer.call(event_ids)
+        stored = await buffer._call(event_ids)
     assert {e.event_id for e in too_big} <= stored
     assert buffer.counters.drops["synced_evicted"] > 0
 
@@ -134,12 +142,12 @@ async def test_full_disk_holds_then_resumes_by_itself(tmp_path: Path) -> None:
             assert buffer.counters.held == "disk_full"
             assert buffer.writer_alive
             # Reads are served while the batch is held.
-            assert await asyncio.wait_for(buffer.call(lambda c: 1), BOUND_S) == 1
+            assert await asyncio.wait_for(buffer._call(lambda c: 1), BOUND_S) == 1
             free(filler)
             for pending, _ in held_batches:
                 await asyncio.wait_for(pending, BOUND_S)
             assert buffer.counters.disk_full is False
-            stored = await buffer.call(event_ids)
+            stored = await buffer._call(event_ids)
             assert buffer.counters.holds["disk_full"] >= 1
         for _, batch in held_batches:
             assert {e.event_id for e in batch} <= stored

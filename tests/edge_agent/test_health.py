@@ -60,7 +60,7 @@ async def test_status_answers_and_health_reports_a_stuck_writer(
             await wait_until(lambda: agent.buffer.counters.committed == 1, 20)
             assert (await asyncio.to_thread(get_json, base + "/healthz"))[0] == 200
             # A job of the test's own holds the writer (as a 100k burst or a wedge would).
-            blocker = asyncio.ensure_future(agent.buffer.call(lambda c: release.wait(60)))
+            blocker = asyncio.ensure_future(agent.buffer._call(lambda c: release.wait(60)))
             await wait_until(lambda: agent.buffer.busy_since is not None, 5)
             publisher.publish(event_topic(store_id), pickup("ev-waiting"))
             await wait_until(agent.pipeline.waiting_since, 10)
@@ -100,7 +100,7 @@ async def test_a_dead_writer_is_unhealthy_and_not_ready(
             raise SystemExit("a bug that ends the thread")
 
         with pytest.raises(StorageError):
-            await agent.buffer.call(bug)
+            await agent.buffer._call(bug)
         await wait_until(lambda: not agent.buffer.writer_alive, 10)
         for path in ("/healthz", "/readyz"):
             status, body = await asyncio.to_thread(get_json, base + path)
@@ -173,7 +173,7 @@ async def test_watchdog_is_withheld_while_the_writer_is_stuck(
     try:
         async with agent_running(document) as agent, _released_at_exit(release):
             await wait_until(lambda: pings() > 0, 10)
-            blocker = asyncio.ensure_future(agent.buffer.call(lambda c: release.wait(60)))
+            blocker = asyncio.ensure_future(agent.buffer._call(lambda c: release.wait(60)))
             await wait_until(lambda: "watchdog.withheld" in caplog.text, 10)
             pings()  # drop what was sent before the stall was seen
             withheld = caplog.text.count("watchdog.withheld")

@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_sync.envelope_schema import Registry, default_registry
 from edge_agent.app import RunningAgent, run_agent
+from edge_agent.buffer.reads import CUSTOMER, TELEMETRY
 from edge_agent.config import config_from_dict
 from edge_agent.decode import EVENTS_CHANNEL, make_context
 from edge_agent.sources.base import Emit, SourceStats
@@ -243,15 +244,8 @@ async def test_backpressure_stops_acknowledging_and_says_so(
             assert agent.buffer.counters.drops == {}  # no customer event was dropped
             # The uploader marks everything synced: the policy may now evict, input resumes.
             for _ in range(20):
-                seqs = await agent.buffer.call(
-                    lambda c: [
-                        r[0]
-                        for r in c.execute(
-                            "SELECT seq FROM events WHERE synced_at IS NULL LIMIT 5000"
-                        )
-                    ]
-                )
-                await agent.buffer.mark_synced(seqs)
+                rows = await agent.buffer.pending(5000, {CUSTOMER: 0, TELEMETRY: 0})
+                await agent.buffer.mark_synced([row.seq for row in rows])
                 if agent.buffer.counters.committed >= 2500:
                     break
                 await asyncio.sleep(0.5)

@@ -21,9 +21,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import cli
 from edge_agent.app import RunningAgent
+from edge_agent.events import Event
 from edge_agent.personalize import Personalizer
 from models import DEFAULT_MODEL_DIR
 from tests.conftest import agent_config_dict
+from tests.firmware_bridge.bridge_helpers import SimLauncher
 from tests.support.agent import Publisher, agent_running, event_topic, http_get, wait_until
 from tests.support.broker import AmqttBroker, MosquittoBroker
 
@@ -407,3 +409,50 @@ async def test_a_serial_device_gets_its_suggestion_as_a_command(
     summary = json.loads(out.strip().splitlines()[-1])
     assert len(summary["shown"]) >= 2
     assert set(summary["shown"]) <= suggestions.ids_for("shelf-sim")
+
+
+async def test_the_personalizers_own_records_never_come_back_through_the_taps(
+    tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    document = agent_config_dict(tmp_path, store_id, mqtt_broker, model=FAST)
+    topic = event_topic(store_id, "shelf-07")
+    tapped: list[Event] = []
+    observed: list[Event] = []
+    with clients(mqtt_broker, store_id) as (publisher, suggestions):
+        async with agent_running(document) as agent:
+            agent.pipeline.taps.append(tapped.extend)  # what every tap is handed
+            agent.pipeline.observers.append(observed.extend)
+            publisher.publish(topic, consent("t-consent", "c-tap", True))
+            publisher.publish(topic, event("t1", "product.pickup", "c-tap", sku="SKU-000010"))
+            await suggestions.wait_for("t1")
+            await wait_until(lambda: any(e.type == "suggestion.shown" for e in observed), 10)
+    assert [e.event_id for e in tapped] == ["t-consent", "t1"]  # device input only
+    shown = [e for e in observed if e.type == "suggestion.shown"]
+    assert [e.data["trigger_event_id"] for e in shown] == ["t1"]  # committed and observed
+
+
+async def test_a_serial_trigger_is_answered_on_that_devices_display(
+    tmp_path: Path, store_id: str, mqtt_broker: Broker
+) -> None:
+    """The display sink port: a pickup from a serial shelf comes back to that shelf as a
+    COMMAND (a real simulator on a real pty), and is recorded like any suggestion."""
+    sims = SimLauncher()
+    try:
+        sim = await sims.start("--device-id", "shelf-serial", "--rate", "20", "--seed", "7")
+        document = agent_config_dict(
+            tmp_path, store_id, mqtt_broker, model=FAST, serial={"ports": [{"url": sim.path}]}
+        )
+        async with agent_running(document) as agent:
+            feedback = personalizer(agent).feedback
+            await wait_until(lambda: feedback.totals().shown >= 3, 20)
+            sim.proc.send_signal(signal.SIGTERM)  # this test's own simulator, by its pid
+            _, summary = await sim.wait()
+    finally:
+        await sims.kill_all()
+    assert summary["commands"] >= 1
+    served = {
+        e["data"]["suggestion_id"]: e["device_id"]
+        for e in buffered(tmp_path / "data" / "buffer.db", "suggestion.shown")
+    }
+    assert summary["shown"]  # the display showed suggestions, each one the agent served
+    assert {served.get(shown) for shown in summary["shown"]} == {"shelf-serial"}

@@ -20,11 +20,12 @@ from edge_agent.buffer import Buffer
 from edge_agent.config import BufferSection, config_from_dict
 from edge_agent.errors import ConfigError
 from edge_agent.events import Event, format_ts
+from edge_agent.governance import ConsentLedger, ConsentRecord
 from edge_agent.personalize.exploration import Catalogue, explore
 from edge_agent.personalize.fallback import StorePopularity, bestsellers
 from edge_agent.personalize.model_slot import LoadedModel, ModelSlot
 from edge_agent.personalize.model_store import ModelStore, ModelStoreError
-from edge_agent.personalize.policy import ConsentBook, MaskFiles
+from edge_agent.personalize.policy import MaskFiles
 from edge_agent.personalize.ranker import Masked, Ranker, Request
 from edge_agent.personalize.session import SessionStore
 from models import DEFAULT_MODEL_DIR, SuggestionContext, SuggestionModel
@@ -162,27 +163,31 @@ async def test_store_popularity_counts_the_buffer_window(tmp_path: Path) -> None
     popularity = StorePopularity(86_400)
     async with await Buffer.open(tmp_path / "buffer.db", BufferSection()) as buffer:
         await buffer.commit(events)
-        assert await buffer.call(popularity.refresh) == (("SKU-A", 1.0), ("SKU-B", 0.5))
+        assert await popularity.refresh(buffer) == (("SKU-A", 1.0), ("SKU-B", 0.5))
         await buffer.commit(
             [Event("e9", "kiosk.view", now, "store-001", None, None, "t", {"sku": "SKU-B"}, now)]
         )
-        assert await buffer.call(popularity.refresh) == (("SKU-A", 1.0), ("SKU-B", 1.0))
+        assert await popularity.refresh(buffer) == (("SKU-A", 1.0), ("SKU-B", 1.0))
         two_days_later = time.time() + 2 * 86_400
-        assert await buffer.call(lambda c: popularity.refresh(c, two_days_later)) == ()
+        assert await popularity.refresh(buffer, two_days_later) == ()
+
+
+def consent_record(customer_id: str, ts: str, personalization: bool) -> ConsentRecord:
+    return ConsentRecord(customer_id, personalization, False, False, ts, f"e-{ts}")
 
 
 def test_consent_latest_wins_and_unknown_depends_on_require_consent() -> None:
-    strict = ConsentBook(require_consent=True)
-    assert not strict.allows("c-1")
-    assert strict.update("c-1", "2026-11-22T10:00:00.000Z", True)
-    assert not strict.update("c-1", "2026-11-22T09:00:00.000Z", False)  # older: ignored
-    assert strict.allows("c-1")
-    assert strict.update("c-1", "2026-11-22T11:00:00.000Z", False)
-    assert not strict.allows("c-1")
-    lenient = ConsentBook(require_consent=False)
-    assert lenient.allows("c-2")
-    lenient.update("c-2", "2026-11-22T11:00:00.000Z", False)
-    assert not lenient.allows("c-2")
+    strict = ConsentLedger(require_consent=True)
+    assert not strict.allows_personalization("c-1")
+    strict.load([consent_record("c-1", "2026-11-22T10:00:00.000Z", True)])
+    strict.load([consent_record("c-1", "2026-11-22T09:00:00.000Z", False)])  # older: ignored
+    assert strict.allows_personalization("c-1")
+    strict.load([consent_record("c-1", "2026-11-22T11:00:00.000Z", False)])
+    assert not strict.allows_personalization("c-1")
+    lenient = ConsentLedger(require_consent=False)
+    assert lenient.allows_personalization("c-2")
+    lenient.load([consent_record("c-2", "2026-11-22T11:00:00.000Z", False)])
+    assert not lenient.allows_personalization("c-2")
 
 
 def test_mask_files_are_reread_when_they_change(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.buffer.reads import CUSTOMER, TELEMETRY
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.edge_agent.test_buffer import event, open_buffer
 from tests.support.agent import AgentProcess, http_get, wait_http_ready, write_config
@@ -31,9 +32,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     async def build() -> None:
         async with await open_buffer(path) as buffer:
             await buffer.commit([event(n, size=150) for n in range(EVENTS)])
-            seqs = await buffer.call(
-                lambda c: [r[0] for r in c.execute("SELECT seq FROM events ORDER BY seq")]
-            )
+            rows = await buffer.pending(EVENTS, {CUSTOMER: 0, TELEMETRY: 0})
+            seqs = sorted(row.seq for row in rows)
             await buffer.mark_synced(seqs[:SYNCED])
 
     asyncio.run(build())

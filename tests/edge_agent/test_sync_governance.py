@@ -5,15 +5,25 @@ from __future__ import annotations
 import gzip
 import json
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from cloud_sync.sync_batches import Row, build_batch
-from edge_agent.config import config_from_dict
+from edge_agent.buffer import Buffer
+from edge_agent.config import BufferSection, config_from_dict
 from edge_agent.errors import ConfigError
-from edge_agent.events import derive_event_id
-from edge_agent.governance import event_id_key, pseudonym_key, pseudonymise, pseudonymise_envelope
+from edge_agent.events import Event, derive_event_id
+from edge_agent.governance import (
+    ConsentLedger,
+    ConsentRecord,
+    event_id_key,
+    pseudonym_key,
+    pseudonymise,
+    pseudonymise_envelope,
+)
+from edge_agent.pipeline import Pipeline
 
 KEY = b"k" * 32
 
@@ -72,8 +82,18 @@ def test_an_identified_event_hides_both_ids_and_keeps_the_rest() -> None:
         assert governed[field] == original[field]
 
 
-def body_of(rows: list[Row], require_consent: bool) -> list[dict[str, object]]:
-    batch = build_batch(rows, require_consent, KEY, compress=True)
+def ledger(require_consent: bool, sharing: dict[str, bool] | None = None) -> ConsentLedger:
+    """The consent in force: ``sharing`` maps customers to their profile_sharing flag."""
+    consent = ConsentLedger(require_consent)
+    ts = "2026-11-22T08:00:00.000Z"
+    consent.load(ConsentRecord(c, True, s, False, ts, f"e-{c}") for c, s in (sharing or {}).items())
+    return consent
+
+
+def body_of(
+    rows: list[Row], require_consent: bool, sharing: dict[str, bool] | None = None
+) -> list[dict[str, object]]:
+    batch = build_batch(rows, ledger(require_consent, sharing), KEY, compress=True)
     assert batch.gzipped
     decoded: list[dict[str, object]] = json.loads(gzip.decompress(batch.body))
     return decoded
@@ -81,16 +101,17 @@ def body_of(rows: list[Row], require_consent: bool) -> list[dict[str, object]]:
 
 def test_the_upload_rule_follows_consent() -> None:
     rows = [
-        Row(1, envelope("c-yes"), 1),
-        Row(2, envelope("c-no"), 0),
-        Row(3, envelope("c-unknown"), None),
-        Row(4, envelope(None, "telemetry", values={"temp_c": 4.0}), None),
+        Row(1, envelope("c-yes"), customer_id="c-yes"),
+        Row(2, envelope("c-no"), customer_id="c-no"),
+        Row(3, envelope("c-unknown"), customer_id="c-unknown"),
+        Row(4, envelope(None, "telemetry", values={"temp_c": 4.0}), False),
     ]
-    governed = [item["customer_id"] for item in body_of(rows, require_consent=True)]
+    consent = {"c-yes": True, "c-no": False}
+    governed = [item["customer_id"] for item in body_of(rows, True, consent)]
     assert governed == ["c-yes", pseudonymise("c-no", KEY), pseudonymise("c-unknown", KEY), None]
-    clear = [item["customer_id"] for item in body_of(rows, require_consent=False)]
+    clear = [item["customer_id"] for item in body_of(rows, False, consent)]
     assert clear == ["c-yes", "c-no", "c-unknown", None]
-    assert build_batch(rows, True, KEY, compress=False).body.startswith(b"[{")
+    assert build_batch(rows, ledger(True), KEY, compress=False).body.startswith(b"[{")
 
 
 def hostile_envelopes(customer_id: str, alias: str) -> list[str]:
@@ -108,7 +129,7 @@ def hostile_envelopes(customer_id: str, alias: str) -> list[str]:
 def test_consent_is_decided_from_structure_never_from_text() -> None:
     customers = [(f"c-{n:06d}", f"card-{n:06d}") for n in range(60)]
     rows = [
-        Row(seq, text, None)
+        Row(seq, text, customer_id=json.loads(text)["customer_id"])
         for seq, text in enumerate(
             (text for cid, alias in customers for text in hostile_envelopes(cid, alias)), 1
         )
@@ -143,7 +164,41 @@ def test_derived_event_ids_are_keyed_and_the_key_is_kept(tmp_path: Path) -> None
 def test_only_rows_whose_columns_name_nobody_skip_the_parse() -> None:
     telemetry = envelope(None, "telemetry", values={"temp_c": 4.0})
     named = envelope("c-000042", "telemetry", values={"temp_c": 4.0})
-    rows = [Row(1, telemetry, None, False, None), Row(2, named, None, False, "c-000042")]
-    batch = build_batch(rows, True, KEY, compress=False)
+    rows = [Row(1, telemetry, False, None), Row(2, named, False, "c-000042")]
+    batch = build_batch(rows, ledger(True), KEY, compress=False)
     assert batch.body.decode() == f"[{telemetry},{pseudonymise_envelope(named, KEY)}]"
     assert "c-000042" not in batch.body.decode()
+
+
+async def test_the_pipeline_governs_before_the_taps_and_the_buffer_keeps_the_same_consent(
+    tmp_path: Path,
+) -> None:
+    """One stage: the ledger the taps and the uploader ask is updated before anything sees
+    the events, and the buffer's durable copy (reloaded at the next start) agrees with it."""
+    ts = "2026-11-22T08:00:00.000Z"
+    grant = {"personalization": True, "profile_sharing": True, "partner_sharing": False}
+    withdraw = {**grant, "personalization": False, "profile_sharing": False}
+
+    def update(event_id: str, flags: dict[str, bool], at: str) -> Event:
+        return Event(event_id, "consent.update", at, "s", "d", "c-7", "mqtt:t", flags, at)
+
+    pickup = Event("p-1", "product.pickup", ts, "s", "d", "c-7", "mqtt:t", {"sku": "S"}, ts)
+    async with await Buffer.open(tmp_path / "buffer.db", BufferSection()) as buffer:
+        consent = ConsentLedger(require_consent=True)
+        pipeline = Pipeline(buffer, consent)
+        seen: list[tuple[str, bool, bool]] = []
+
+        def tap(events: Sequence[Event]) -> None:
+            for event in events:
+                flags = consent.allows_personalization("c-7"), consent.shares_profile("c-7")
+                seen.append((event.event_id, *flags))
+
+        pipeline.taps.append(tap)
+        await pipeline.emit([update("u-1", grant, ts)])
+        await pipeline.emit([update("u-2", withdraw, "2026-11-22T09:00:00.000Z"), pickup])
+        reloaded = ConsentLedger(require_consent=True)
+        reloaded.load(await buffer.consent())
+    assert seen == [("u-1", True, True), ("u-2", False, False), ("p-1", False, False)]
+    for ledger_ in (consent, reloaded):
+        assert not ledger_.allows_personalization("c-7")
+        assert not ledger_.shares_profile("c-7")
