@@ -10,10 +10,10 @@ from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from cstore_helpers import envelope
 
-from cloud_sync.store.backend import MAX_IDENTITIES
 from cloud_sync.store.db_postgres import PROFILE_FACTS
 from cloud_sync.store.profiles import INTERACTION_TYPES
 from cloud_sync.store.records import PSEUDONYM_REGEX
+from cloud_sync.store.sql_shared import MAX_IDENTITIES
 
 Client = TestClient[Any, Any]
 PSEUDONYM = "ps-" + "ab" * 16
