@@ -14,22 +14,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.errors import ModelFormatError
+from models.io_names import INPUT_NAMES, OUTPUT_NAMES
 from models.scoring import ModelTensors
 
 # onnx may default to an IR version newer than onnxruntime loads: both are pinned here.
 IR_VERSION: Final = 9
 OPSET: Final = 18  # ScatterElements with reduction="add" needs >= 16
 GRAPH_NAME: Final = "edge_suggestion_model"
-INPUT_NAMES: Final = (
-    "history_items",
-    "history_weights",
-    "hour",
-    "store",
-    "device",
-    "penalty",
-    "k",
-)
-OUTPUT_NAMES: Final = ("top_scores", "top_indices")
 _TABLES: Final = (
     "neighbour_items",
     "neighbour_weights",

@@ -29,7 +29,7 @@ from models.features import (
     SuggestionContext,
 )
 from models.manifest import Manifest, read_manifest, verify_model_file
-from models.onnx_graph import INPUT_NAMES, OUTPUT_NAMES
+from models.io_names import INPUT_NAMES, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
