@@ -274,12 +274,7 @@ def run_thingsboard(
             time.sleep(0.05)
         for publisher in publishers:
             publisher.wait(30)
-        arrived = counter.count(prefix)
-        if arrived < total:
-            raise RuntimeError(
-                f"ThingsBoard gateway delivered {arrived}/{total} distinct events "
-                f"({counter.entries} entries)"
-            )
+        _check_delivered(counter.count(prefix), total, counter.entries)
         return total / (counter.last - started)
     except (RuntimeError, TimeoutError):
         tail = (gateway_dir / "gateway.log").read_text(errors="replace").splitlines()[-30:]
@@ -289,6 +284,12 @@ def run_thingsboard(
         stop_process(gateway)
         log.close()
         counter.close()
+
+
+def _check_delivered(arrived: int, total: int, entries: int) -> None:
+    if arrived < total:
+        message = f"ThingsBoard gateway delivered {arrived}/{total} distinct events"
+        raise RuntimeError(f"{message} ({entries} entries)")
 
 
 def _warm_up(device_port: int, arrived: Any, who: str) -> None:

@@ -20,6 +20,7 @@ import onnx
 from models.errors import ModelFormatError
 from models.events import format_ts
 from models.features import FeatureSpec, HistoryEntry
+from models.io_names import INPUT_NAMES, OUTPUT_NAMES
 from models.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -31,10 +32,8 @@ from models.manifest import (
     write_json_atomically,
 )
 from models.onnx_graph import (
-    INPUT_NAMES,
     IR_VERSION,
     OPSET,
-    OUTPUT_NAMES,
     build_model,
     serialize,
     tensors_from_model,

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.errors import ModelFormatError
-from models.io_names import INPUT_NAMES, OUTPUT_NAMES
+from models.io_names import OUTPUT_NAMES
 from models.scoring import ModelTensors
 
 # onnx may default to an IR version newer than onnxruntime loads: both are pinned here.

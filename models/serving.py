@@ -28,8 +28,8 @@ from models.features import (
     HistoryEntry,
     SuggestionContext,
 )
-from models.manifest import Manifest, read_manifest, verify_model_file
 from models.io_names import INPUT_NAMES, OUTPUT_NAMES
+from models.manifest import Manifest, read_manifest, verify_model_file
 
 logger = logging.getLogger(__name__)
 
