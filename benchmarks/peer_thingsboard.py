@@ -15,7 +15,9 @@ side, and the rate counts from the publishers' start until the last event arrive
 
     .venv/bin/python -m benchmarks.peer_thingsboard [--events 20000] [--repeats 1]
 
-Target (issue 11): the agent ≥ 4x ThingsBoard. Every wait is bounded by time.
+Target (issue 11): the agent ≥ 4x ThingsBoard. The gateway's SQLite storage is known to lose
+events under load (thingsboard-gateway issue 899): the benchmark prints how many of them
+arrived, and the gateway's rate counts only those. Every wait is bounded by time.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CACHE = Path.home() / ".cache" / "edge-agent-bench"
 PUBLISHERS = 10
 STORE = "store-peer"
 BROKER_CONFIG = "max_inflight_messages 100\nset_tcp_nodelay true\n"
+QUIET_S = 20.0  # nothing new at the far side for this long: the run is over
 
 
 def gateway_python() -> Path:
@@ -249,7 +252,8 @@ class TelemetryCounter:
 
 def run_thingsboard(
     workdir: Path, device_port: int, tb_port: int, files: list[tuple[str, Path]], total: int
-) -> float:
+) -> tuple[float, int]:
+    """(events/s of what arrived, how many distinct events arrived within the time bound)."""
     python = gateway_python()
     config = gateway_config(workdir, device_port, tb_port, python)
     counter = TelemetryCounter(tb_port)
@@ -270,26 +274,22 @@ def run_thingsboard(
         started = time.monotonic()
         publishers = start_publishers(device_port, files)
         deadline = started + RUN_TIMEOUT_S
-        while counter.count(prefix) < total and time.monotonic() < deadline:
+        quiet_since, seen = time.monotonic(), 0
+        while seen < total and time.monotonic() < deadline:
             time.sleep(0.05)
+            now_seen = counter.count(prefix)
+            if now_seen != seen:
+                seen, quiet_since = now_seen, time.monotonic()
+            elif seen and time.monotonic() - quiet_since > QUIET_S:
+                break  # nothing more arrives: the rest was lost on the way
         for publisher in publishers:
             publisher.wait(30)
-        _check_delivered(counter.count(prefix), total, counter.entries)
-        return total / (counter.last - started)
-    except (RuntimeError, TimeoutError):
-        tail = (gateway_dir / "gateway.log").read_text(errors="replace").splitlines()[-30:]
-        print("gateway log tail:\n" + "\n".join(tail), file=sys.stderr)
-        raise
+        arrived = counter.count(prefix)
+        return arrived / max(counter.last - started, 1e-9), arrived
     finally:
         stop_process(gateway)
         log.close()
         counter.close()
-
-
-def _check_delivered(arrived: int, total: int, entries: int) -> None:
-    if arrived < total:
-        message = f"ThingsBoard gateway delivered {arrived}/{total} distinct events"
-        raise RuntimeError(f"{message} ({entries} entries)")
 
 
 def _warm_up(device_port: int, arrived: Any, who: str) -> None:
@@ -401,6 +401,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rates: dict[str, list[float]] = {"bare paho": [], "ThingsBoard gateway": [], "agent": []}
+    delivered: list[int] = []
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         workdir = Path(tmp)
         (workdir / "a").mkdir()
@@ -420,12 +421,9 @@ def main() -> int:
                     )
                 )
                 files = write_device_payloads(workdir, args.events)
-                try:
-                    rates["ThingsBoard gateway"].append(
-                        run_thingsboard(workdir, device_port, tb_port, files, args.events)
-                    )
-                except (RuntimeError, TimeoutError) as exc:
-                    print(f"ThingsBoard gateway run failed: {exc}", file=sys.stderr)
+                rate, arrived = run_thingsboard(workdir, device_port, tb_port, files, args.events)
+                rates["ThingsBoard gateway"].append(rate)
+                delivered.append(arrived)
                 files = write_device_payloads(workdir, args.events)
                 rates["agent"].append(run_agent_to_store(workdir, device_port, files, args.events))
     medians = {name: statistics.median(values) for name, values in rates.items() if values}
@@ -435,15 +433,16 @@ def main() -> int:
     )
     for name, rate in medians.items():
         print(f"{name:<40}{rate:>10,.0f} msg/s   samples {[round(r) for r in rates[name]]}")
-    ratio = None
-    if "ThingsBoard gateway" in medians:
-        ratio = medians["agent"] / medians["ThingsBoard gateway"]
-        print(f"agent / ThingsBoard gateway: {ratio:.2f} (target ≥ 4)")
-    else:
-        print("agent / ThingsBoard gateway: no complete gateway run (see above)")
+    print(
+        f"ThingsBoard gateway delivered {delivered} of {args.events} events per run "
+        "(its rate counts only what arrived)"
+    )
+    ratio = medians["agent"] / medians["ThingsBoard gateway"]
+    print(f"agent / ThingsBoard gateway: {ratio:.2f} (target ≥ 4)")
     print(f"agent / bare paho ceiling:   {medians['agent'] / medians['bare paho']:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"rates": rates, "medians": medians, "ratio": ratio}))
+        document = {"rates": rates, "medians": medians, "ratio": ratio, "delivered": delivered}
+        args.json.write_text(json.dumps(document))
     return 0
 
 
