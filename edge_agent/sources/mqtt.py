@@ -60,7 +60,8 @@ MAX_BURST_BYTES: Final = 256 * 1024  # and bytes: a burst must fit even the smal
 _BURSTS_IN_FLIGHT: Final = 4  # bursts decoded and handed on while earlier ones commit
 # Messages read but not yet taken into a burst. Beyond this the network thread stops reading
 # the socket (TCP flow control: the broker queues, then the publisher slows) instead of
-# dropping what it read; QoS 0 has no other flow control. A little over one burst in flight.
+# dropping what it read; QoS 0 has no other flow control. As many as the bursts in flight,
+# so the next bursts are at hand when a commit finishes.
 INBOX_LIMIT: Final = 4 * MAX_BURST
 _NETWORK_POLL_S: Final = 0.2
 _CONNACK_TIMEOUT_S: Final = 5.0
@@ -353,15 +354,17 @@ class MqttSource:
                 connected = True
                 connect_started = time.monotonic()
                 self._connack_seen = False
-            if self._inbox_full():
-                # Stop reading (TCP flow control) until the consumer takes a burst; keep
-                # writing (PUBACKs, suggestions) and pinging meanwhile.
+            paused = self._inbox_full()
+            if paused:
                 self._room.wait(_NETWORK_POLL_S)
-                client.loop_write()
-                client.loop_misc()
-                continue
             try:
-                rc = client.loop(timeout=_NETWORK_POLL_S)
+                if paused:
+                    # Stop reading (TCP flow control) until the consumer takes a burst;
+                    # keep writing (PUBACKs, suggestions) and pinging meanwhile.
+                    client.loop_write()
+                    rc = client.loop_misc()
+                else:
+                    rc = client.loop(timeout=_NETWORK_POLL_S)
             except Exception:
                 # An exception out of paho (or one of our callbacks) must not end this
                 # thread: the source would look alive and never receive again. Reconnect.
