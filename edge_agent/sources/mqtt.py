@@ -15,6 +15,10 @@ loop: a burst is decoded and committed as one emit, then its PUBACKs are sent in
 order. paho's ack() and publish() may be called from another thread (paho guards its queues
 with its own locks) and may run paho's callbacks there when the write fails, so no lock of
 ours is ever held around a paho call: holding one deadlocked against on_disconnect.
+
+Nothing read is ever dropped: when the inbox holds INBOX_LIMIT messages the network thread
+stops reading the socket until a burst is taken, so a QoS 0 flood waits in TCP buffers and
+the broker's queue (its ``max_queued_messages`` must allow it) instead of in our memory.
 """
 
 from __future__ import annotations
@@ -54,7 +58,11 @@ log = logging.getLogger(__name__)
 MAX_BURST: Final = 2000  # messages per emit: bounds one transaction and one decode pass
 MAX_BURST_BYTES: Final = 256 * 1024  # and bytes: a burst must fit even the smallest budget
 _BURSTS_IN_FLIGHT: Final = 4  # bursts decoded and handed on while earlier ones commit
-MAX_QUEUED_QOS0: Final = 20_000  # QoS 0 has no flow control: beyond this, newest are dropped
+# Messages read but not yet taken into a burst. Beyond this the network thread stops reading
+# the socket (TCP flow control: the broker queues, then the publisher slows) instead of
+# dropping what it read; QoS 0 has no other flow control. As many as the bursts in flight,
+# so the next bursts are at hand when a commit finishes.
+INBOX_LIMIT: Final = 4 * MAX_BURST
 _NETWORK_POLL_S: Final = 0.2
 _CONNACK_TIMEOUT_S: Final = 5.0
 
@@ -111,6 +119,7 @@ class MqttSource:
         name: str = "mqtt",
         announce: bool = True,
         journal: HandlingJournal | None = None,
+        inbox_limit: int = INBOX_LIMIT,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -135,7 +144,8 @@ class MqttSource:
         self._connected_before = False  # a later CONNACK without our session is a loss
         self._client = self._make_client(client_id)
         self._inbox: collections.deque[_Received] = collections.deque()
-        self._inbox_qos0 = 0
+        self._inbox_limit = inbox_limit
+        self._room = threading.Event()  # set when the inbox drained below its limit
         self._generation = 0
         self._wake_pending = False
         self._wake_lock = threading.Lock()
@@ -155,7 +165,6 @@ class MqttSource:
             self._journal.abandon()
         with self._wake_lock:
             self._inbox.clear()
-            self._inbox_qos0 = 0
             self._wake_pending = False
         network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
         network.start()
@@ -229,7 +238,8 @@ class MqttSource:
                 self._inbox.popleft()
                 burst.append(message)
                 size += len(message.payload)
-            self._inbox_qos0 -= sum(1 for message in burst if message.qos == 0)
+            if len(self._inbox) < self._inbox_limit:
+                self._room.set()
         self.stats.received += len(burst)
         return burst
 
@@ -344,8 +354,17 @@ class MqttSource:
                 connected = True
                 connect_started = time.monotonic()
                 self._connack_seen = False
+            paused = self._inbox_full()
+            if paused:
+                self._room.wait(_NETWORK_POLL_S)
             try:
-                rc = client.loop(timeout=_NETWORK_POLL_S)
+                if paused:
+                    # Stop reading (TCP flow control) until the consumer takes a burst;
+                    # keep writing (PUBACKs, suggestions) and pinging meanwhile.
+                    client.loop_write()
+                    rc = client.loop_misc()
+                else:
+                    rc = client.loop(timeout=_NETWORK_POLL_S)
             except Exception:
                 # An exception out of paho (or one of our callbacks) must not end this
                 # thread: the source would look alive and never receive again. Reconnect.
@@ -372,6 +391,13 @@ class MqttSource:
         if connected:
             client.disconnect()
             client.loop(timeout=0.1)
+
+    def _inbox_full(self) -> bool:
+        with self._wake_lock:
+            if len(self._inbox) < self._inbox_limit:
+                return False
+            self._room.clear()
+            return True
 
     def _connect(self, client: paho.Client) -> None:
         settings = self.settings
@@ -470,11 +496,6 @@ class MqttSource:
         fp = fingerprint(topic, payload) if self._journal is not None and message.qos else None
         received = _Received(topic, payload, message.mid, message.qos, self._generation, fp)
         with self._wake_lock:
-            if received.qos == 0:
-                if self._inbox_qos0 >= MAX_QUEUED_QOS0:
-                    self._call_on_loop(self._count_drop, "qos0_overflow")
-                    return
-                self._inbox_qos0 += 1
             self._inbox.append(received)
             if self._wake_pending:
                 return
