@@ -52,7 +52,11 @@ class StatusServer:
     async def _sample_trends(self) -> None:
         # The first point at once, so a freshly opened page has something to draw.
         while True:
-            await self.board.sample_trends()
+            try:
+                await self.board.sample_trends()
+            except Exception:
+                # A section provider's bug costs one point of the trends, not the sampler.
+                log.exception("status.trend_sample_failed")
             await asyncio.sleep(TREND_INTERVAL_S)
 
     async def stop(self) -> None:
