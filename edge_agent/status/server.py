@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from importlib import resources
 from typing import Final
@@ -10,6 +12,7 @@ from aiohttp import web
 
 from edge_agent.status import metrics
 from edge_agent.status.snapshot import StatusBoard
+from edge_agent.status.trends import TREND_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ class StatusServer:
         self.host = host
         self.port = port  # the bound port once started (useful when configured as 0)
         self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         app = web.Application()
@@ -43,8 +47,24 @@ class StatusServer:
         if addresses:
             self.port = int(addresses[0][1])
         log.info("status.listening url=http://%s:%d/", self.host, self.port)
+        self._sampler = asyncio.create_task(self._sample_trends(), name="status-trends")
+
+    async def _sample_trends(self) -> None:
+        # The first point at once, so a freshly opened page has something to draw.
+        while True:
+            try:
+                await self.board.sample_trends()
+            except Exception:
+                # A section provider's bug costs one point of the trends, not the sampler.
+                log.exception("status.trend_sample_failed")
+            await asyncio.sleep(TREND_INTERVAL_S)
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

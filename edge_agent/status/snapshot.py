@@ -19,6 +19,7 @@ from edge_agent.buffer import Buffer
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
 from edge_agent.status.health import Health
+from edge_agent.status.trends import Devices, Trends
 
 # A component's sections for /status, e.g. {"sync": {...}}: called once per snapshot.
 SectionProvider = Callable[[], dict[str, dict[str, Any]]]
@@ -33,6 +34,13 @@ class StatusBoard:
     store_id: str = ""
     pipeline: Pipeline | None = None
     stall_after_s: float = 30.0
+    # The live page's last hour and device list: memory only, bounded (trends.py).
+    trends: Trends = field(default_factory=Trends)
+    devices: Devices = field(default_factory=Devices)
+
+    def __post_init__(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.observers.append(self.devices.observe)
 
     @property
     def health(self) -> Health:
@@ -105,7 +113,13 @@ class StatusBoard:
         if status["sync"].get("lag_s") is None and oldest is not None:
             # Without sync, the lag is how long the oldest unsynced event has waited.
             status["sync"]["lag_s"] = status["buffer"]["oldest_pending_age_s"]
+        status["trends"] = self.trends.as_status()
+        status["devices"] = self.devices.as_status()
         return status
+
+    async def sample_trends(self) -> None:
+        """Add one point to each trend ring (the status server calls this every 10 s)."""
+        self.trends.sample(await self.snapshot())
 
     def readiness(self) -> list[str]:
         """Reasons the agent is not ready; empty when it is."""
