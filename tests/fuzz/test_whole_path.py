@@ -17,6 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloud_sync.envelope_schema import default_registry
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
     AgentProcess,
@@ -180,8 +181,15 @@ def test_anything_a_device_sends_is_committed_unchanged_or_quarantined_with_a_re
     accepted = sum(s["accepted"] for s in status["sources"].values())
     assert accepted + quarantined == len(sent)
     assert len(reasons) == quarantined
+    registry = default_registry()
     for event_id, data in expected_data.items():
         if event_id in exported:
-            assert exported[event_id]["data"] == data  # committed: exported unchanged
+            # Committed: every declared field exported unchanged; only fields the registry
+            # does not declare for the type were dropped (issue 10: nothing unreviewed leaves).
+            envelope = exported[event_id]
+            declared = {spec.name for spec in registry.types[envelope["type"]].fields}
+            kept = envelope["data"]
+            assert {k: v for k, v in data.items() if k in kept} == kept
+            assert all(k not in declared for k in data if k not in kept)
     assert len(exported) == accepted
     print(f"whole path: {accepted} committed, quarantined by reason {sorted(set(reasons))}")
