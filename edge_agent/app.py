@@ -111,7 +111,12 @@ async def run_agent(
 ) -> None:
     """Run until ``stop`` is set; return after an orderly shutdown."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    buffer = await Buffer.open(config.buffer_path, config.buffer, on_wait=_starting_slowly)
+    buffer = await Buffer.open(
+        config.buffer_path,
+        config.buffer,
+        on_wait=_starting_slowly,
+        collect_only=not config.sync.url,  # nothing will ever make room: retention applies
+    )
     try:
         clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
         chosen = list(sources) if sources is not None else build_sources(config, clock)
