@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import signal
@@ -26,7 +27,7 @@ from edge_agent.deadletter import HandlingJournal
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.displays import SerialDisplays
-from edge_agent.errors import StorageError
+from edge_agent.errors import HttpPortInUseError, StorageError
 from edge_agent.governance import ConsentLedger, event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
@@ -136,7 +137,12 @@ async def run_agent(
         board.providers.extend(part.status for part in parts)
         board.providers.append(default_registry().status)  # undeclared fields dropped
         status = StatusServer(board, config.http.host, config.http.port)
-        await status.start()
+        try:
+            await status.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # an operator's mistake, not a crash: one line
+                raise HttpPortInUseError(config.http.host, config.http.port) from exc
+            raise
         try:
             agent = RunningAgent(config, buffer, pipeline, board, status, chosen, parts)
             await _run_sources(agent, _ports(pipeline, chosen, board), stop, on_ready)
