@@ -377,7 +377,7 @@ def _quarantine_replay(args: argparse.Namespace) -> int:
 
     config = _load(args)
     redecode = redecoder(config)
-    # BEGIN IMMEDIATE beside the running agent: SQLite's lock orders the two writers.
+    # One write transaction beside the running agent: SQLite's lock orders the two writers.
     with contextlib.closing(inspect.open_for_writing(config.buffer_path)) as connection:
         result = quarantine.replay(
             connection, redecode, reason=args.reason, ids=args.ids, dry_run=args.dry_run
