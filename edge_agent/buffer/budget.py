@@ -99,6 +99,15 @@ def make_room(
     return Eviction(dropped, pending_dropped, fits)
 
 
+def oldest_customer_pending(connection: sqlite3.Connection) -> float | None:
+    """received_at of the oldest unsynced customer event (the pending index: one seek)."""
+    row = connection.execute(
+        "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = 1 "
+        "ORDER BY seq LIMIT 1"
+    ).fetchone()
+    return float(row[0]) if row is not None else None
+
+
 def expire(connection: sqlite3.Connection, before: float) -> int:
     """Delete unsynced customer events received before ``before`` (unix seconds), oldest
     first, in bounded chunks; call inside the writer's transaction. Rows deleted."""

@@ -251,10 +251,21 @@ class Buffer(BufferOperations):
         days = self.settings.retention_days
         if not self.collect_only or days <= 0:
             return
-        with transaction(connection):
-            expired = budget.expire(connection, self.clock() - days * 86_400)
-            dropped = Counter({budget.RETENTION: expired} if expired else {})
-            persist_counters(connection, dropped, [])
+        before = self.clock() - days * 86_400
+        oldest = budget.oldest_customer_pending(connection)
+        if oldest is None or oldest >= before:
+            return  # nothing due: no write transaction (another writer may hold the lock)
+        try:
+            with transaction(connection):
+                expired = budget.expire(connection, before)
+                dropped = Counter({budget.RETENTION: expired})
+                persist_counters(connection, dropped, [])
+        except sqlite3.Error as exc:
+            if not is_transient(exc):
+                raise
+            # Locked or full for now: the next recount tries again; the budget still holds.
+            log.warning("buffer.retention.deferred error=%s", exc)
+            return
         if expired:
             self.counters.drops.update(dropped)
             log.info("buffer.retention.expired rows=%d retention_days=%g", expired, days)

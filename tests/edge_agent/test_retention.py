@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -115,3 +116,23 @@ def test_a_collect_only_agent_process_keeps_taking_customer_events_past_its_budg
     assert code == 200
     assert json.loads(body)["drops"]["by_reason"]["retention_evicted"] > 0
     assert ready == 200
+
+
+async def test_expiry_waits_for_a_writer_holding_the_lock_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "b.db"
+    async with await Buffer.open(path, BufferSection(retention_days=1.0), collect_only=True) as buf:
+        await buf.commit([event(n) for n in range(3)])
+        old = buf.clock() - 2 * 86_400
+        await buf._call(lambda c: c.execute("UPDATE events SET received_at = ?", (old,)))
+        other = sqlite3.connect(path, isolation_level=None, timeout=10)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process writing (the CLI, salvage)
+            await buf.recount()  # before the fix: "database is locked" ended the agent
+            assert buf.counters.drops["retention_evicted"] == 0
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await buf.recount()
+        assert buf.counters.drops["retention_evicted"] == 3
