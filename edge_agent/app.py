@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import signal
@@ -26,7 +27,7 @@ from edge_agent.deadletter import HandlingJournal
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.displays import SerialDisplays
-from edge_agent.errors import StorageError
+from edge_agent.errors import HttpPortInUseError, StorageError
 from edge_agent.governance import ConsentLedger, event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
@@ -111,7 +112,12 @@ async def run_agent(
 ) -> None:
     """Run until ``stop`` is set; return after an orderly shutdown."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    buffer = await Buffer.open(config.buffer_path, config.buffer, on_wait=_starting_slowly)
+    buffer = await Buffer.open(
+        config.buffer_path,
+        config.buffer,
+        on_wait=_starting_slowly,
+        collect_only=not config.sync.url,  # nothing will ever make room: retention applies
+    )
     try:
         clock = DeviceClockJudge(clock_rules(config.input))  # one timestamp rule, one alarm
         chosen = list(sources) if sources is not None else build_sources(config, clock)
@@ -131,7 +137,12 @@ async def run_agent(
         board.providers.extend(part.status for part in parts)
         board.providers.append(default_registry().status)  # undeclared fields dropped
         status = StatusServer(board, config.http.host, config.http.port)
-        await status.start()
+        try:
+            await status.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # an operator's mistake, not a crash: one line
+                raise HttpPortInUseError(config.http.host, config.http.port) from exc
+            raise
         try:
             agent = RunningAgent(config, buffer, pipeline, board, status, chosen, parts)
             await _run_sources(agent, _ports(pipeline, chosen, board), stop, on_ready)

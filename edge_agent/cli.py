@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -118,7 +119,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     clear.set_defaults(handler=_buffer_clear_salvage)
     _model_commands(commands, with_config)
+    _quarantine_commands(commands, with_config)
     return parser
+
+
+def _quarantine_commands(commands: Any, with_config: Callable[[Any], Any]) -> None:
+    quarantine = commands.add_parser(
+        "quarantine", help="list, show and replay quarantined inputs (after a schema fix)"
+    )
+    verbs = quarantine.add_subparsers(dest="quarantine_command", required=True)
+    listing = with_config(verbs.add_parser("list", help="one JSON object per input, oldest first"))
+    listing.add_argument("--reason", default=None, help="e.g. unknown_type")
+    listing.add_argument("--source", default=None, help="a prefix, e.g. mqtt:edge/store-001/")
+    listing.add_argument("--limit", type=int, default=None)
+    listing.set_defaults(handler=_quarantine_list)
+    show = with_config(verbs.add_parser("show", help="one input with its raw bytes"))
+    show.add_argument("id", type=int)
+    show.set_defaults(handler=_quarantine_show)
+    replay = with_config(
+        verbs.add_parser(
+            "replay", help="re-decode; commit what now passes, keep the rest with its new reason"
+        )
+    )
+    replay.add_argument("--reason", default=None, help="only inputs quarantined for this reason")
+    replay.add_argument("--id", type=int, action="append", default=[], dest="ids")
+    replay.add_argument("--dry-run", action="store_true", help="report only; change nothing")
+    replay.set_defaults(handler=_quarantine_replay)
 
 
 def _model_commands(commands: Any, with_config: Callable[[Any], Any]) -> None:
@@ -318,6 +344,45 @@ def _buffer_clear_salvage(args: argparse.Namespace) -> int:
     finally:
         connection.close()
     print(json.dumps({"cleared": cleared.as_status() if cleared else None}))
+    return 0
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect, quarantine
+
+    config = _load(args)
+    with contextlib.closing(inspect.open_read_only(config.buffer_path)) as connection:
+        rows = quarantine.list_rows(connection, args.reason, args.source, args.limit)
+    for row in rows:
+        print(json.dumps(row.summary()))
+    return 0
+
+
+def _quarantine_show(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect, quarantine
+
+    config = _load(args)
+    with contextlib.closing(inspect.open_read_only(config.buffer_path)) as connection:
+        row = quarantine.get_row(connection, args.id)
+    if row is None:
+        print(f"edge-agent: no quarantined input with id {args.id}", file=sys.stderr)
+        return 1
+    print(json.dumps(row.as_dict(), indent=2))
+    return 0
+
+
+def _quarantine_replay(args: argparse.Namespace) -> int:
+    from edge_agent.buffer import inspect, quarantine
+    from edge_agent.replay import redecoder
+
+    config = _load(args)
+    redecode = redecoder(config)
+    # One write transaction beside the running agent: SQLite's lock orders the two writers.
+    with contextlib.closing(inspect.open_for_writing(config.buffer_path)) as connection:
+        result = quarantine.replay(
+            connection, redecode, reason=args.reason, ids=args.ids, dry_run=args.dry_run
+        )
+    print(json.dumps(result.as_dict()))
     return 0
 
 

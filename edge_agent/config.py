@@ -109,6 +109,10 @@ class BufferSection:
     commit_linger_ms: float = 2.0
     quarantine_max_rows: int = 10_000
     quarantine_raw_bytes: int = 4096
+    # Collect-only stores (no sync.url): customer events older than this are deleted, and
+    # the oldest go first when the budget is full, so the buffer never wedges. 0: age alone
+    # never deletes (the budget still does). Ignored when sync is on.
+    retention_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -540,6 +544,7 @@ def _validate(config: Config) -> None:
         (0 <= config.buffer.commit_linger_ms <= 100, "buffer.commit_linger_ms", "must be 0..100"),
         (config.buffer.quarantine_max_rows >= 10, "buffer.quarantine_max_rows", "must be >= 10"),
         (config.buffer.quarantine_raw_bytes >= 64, "buffer.quarantine_raw_bytes", "must be >= 64"),
+        (config.buffer.retention_days >= 0, "buffer.retention_days", "must be >= 0"),
         (1 <= config.model.top_k <= 50, "model.top_k", "must be 1..50"),
         (config.model.session_cap >= 1, "model.session_cap", "must be >= 1"),
         (config.model.session_max_age_s > 0, "model.session_max_age_s", "must be positive"),

@@ -16,6 +16,18 @@ class ConfigError(EdgeAgentError):
         self.problem = problem
 
 
+class HttpPortInUseError(ConfigError):
+    """``edge-agent run``: the status port (``http.port``) is taken by another process."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            "http.port",
+            f"{host}:{port} is already in use by another process (another agent or demo?);"
+            " stop it or set another [http] port",
+        )
+        self.port = port
+
+
 class DecodeError(EdgeAgentError):
     """Input could not be decoded; carries the quarantine reason."""
 

@@ -1,8 +1,11 @@
 """The disk budget: what is deleted, in which order, when the buffer reaches buffer.max_bytes.
 
 Policy (DESIGN.md): synced rows first (oldest first), then the oldest unsynced telemetry.
-Unsynced customer events are never evicted: when only they are left, the writer stops
-committing and the sources stop acknowledging (backpressure) until sync makes room.
+Unsynced customer events are never evicted while sync is on: when only they are left, the
+writer stops committing and the sources stop acknowledging (backpressure) until sync makes
+room. A collect-only store (no sync.url) has nothing that would ever make room, so there the
+oldest customer events go last (``retention_evicted``), and ``expire`` deletes those older
+than ``buffer.retention_days``.
 Eviction runs down to a low-water mark so it does not run again on every commit.
 """
 
@@ -38,14 +41,28 @@ def estimate_bytes(envelope_bytes: int, rows: int) -> int:
     return envelope_bytes + rows * 160
 
 
-def make_room(connection: sqlite3.Connection, incoming: int, max_bytes: int) -> Eviction:
-    """Delete by policy until ``incoming`` bytes fit; call inside the writer's transaction."""
+RETENTION: Final = "retention_evicted"
+_RETENTION_STEP: Final = (
+    RETENTION,
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+    "WHERE synced_at IS NULL AND customer = 1 ORDER BY seq LIMIT ?)",
+    True,
+)
+
+
+def make_room(
+    connection: sqlite3.Connection, incoming: int, max_bytes: int, *, collect_only: bool = False
+) -> Eviction:
+    """Delete by policy until ``incoming`` bytes fit; call inside the writer's transaction.
+
+    ``collect_only``: no sync will ever make room, so the oldest customer events go last.
+    """
     dropped: Counter[str] = Counter()
     pending_dropped = 0
     if used_bytes(connection) + incoming <= max_bytes:
         return Eviction(dropped, 0, fits=True)
     target = max(0, int(max_bytes * LOW_WATER) - incoming)
-    steps = (
+    steps: tuple[tuple[str, str, bool], ...] = (
         (
             "synced_evicted",
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
@@ -64,6 +81,8 @@ def make_room(connection: sqlite3.Connection, incoming: int, max_bytes: int) -> 
             True,
         ),
     )
+    if collect_only:
+        steps = (*steps, _RETENTION_STEP)
     for reason, statement, pending in steps:
         for _ in range(_MAX_STEPS):
             if used_bytes(connection) <= target:
@@ -78,3 +97,29 @@ def make_room(connection: sqlite3.Connection, incoming: int, max_bytes: int) -> 
             break
     fits = used_bytes(connection) + incoming <= max_bytes
     return Eviction(dropped, pending_dropped, fits)
+
+
+def oldest_customer_pending(connection: sqlite3.Connection) -> float | None:
+    """received_at of the oldest unsynced customer event (the pending index: one seek)."""
+    row = connection.execute(
+        "SELECT received_at FROM events WHERE synced_at IS NULL AND customer = 1 "
+        "ORDER BY seq LIMIT 1"
+    ).fetchone()
+    return float(row[0]) if row is not None else None
+
+
+def expire(connection: sqlite3.Connection, before: float) -> int:
+    """Delete unsynced customer events received before ``before`` (unix seconds), oldest
+    first, in bounded chunks; call inside the writer's transaction. Rows deleted."""
+    deleted = 0
+    for _ in range(_MAX_STEPS):
+        # The pending index gives arrival order; received_at grows with it.
+        step = connection.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+            "WHERE synced_at IS NULL AND customer = 1 AND received_at < ? ORDER BY seq LIMIT ?)",
+            (before, _CHUNK),
+        ).rowcount
+        deleted += max(step, 0)
+        if step < _CHUNK:
+            break
+    return deleted

@@ -25,6 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -99,9 +100,18 @@ class _Outcome(Enum):
 class Buffer(BufferOperations):
     """The agent's SQLite buffer. Open with ``await Buffer.open(...)``, close with ``aclose()``."""
 
-    def __init__(self, path: Path, settings: BufferSection, opened: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: BufferSection,
+        opened: sqlite3.Connection,
+        *,
+        collect_only: bool = False,
+    ) -> None:
         self.path = path
         self.settings = settings
+        # No sync.url: nothing will ever make room, so the retention policy applies (budget.py).
+        self.collect_only = collect_only
         self.counters = BufferCounters()
         self.recovered_from: Path | None = None
         # Within a run, time comes from the monotonic clock: a wall-clock step (NTP, an
@@ -126,18 +136,22 @@ class Buffer(BufferOperations):
         path: Path,
         settings: BufferSection,
         on_wait: Callable[[str, float], None] | None = None,
+        *,
+        collect_only: bool = False,
     ) -> Buffer:
         """Open (moving a damaged file aside and salvaging it); a full disk or a lock is
         waited out, so a restart with a full disk comes up once space returns.
 
         ``on_wait(reason, seconds)`` is told before each wait (the service tells systemd).
+        ``collect_only``: sync is off; customer events are subject to buffer.retention_days
+        and are evicted (oldest first) when the budget is full.
         """
         delay = 1.0
         while True:
             opened: OpenedFile | None = None
             try:
                 opened = await asyncio.to_thread(open_checked, path, settings.synchronous)
-                buffer = cls(path, settings, opened.connection)
+                buffer = cls(path, settings, opened.connection, collect_only=collect_only)
                 buffer.recovered_from = opened.recovered_from
                 await asyncio.to_thread(buffer._prepare, opened.invalid_rows)
                 break
@@ -222,6 +236,7 @@ class Buffer(BufferOperations):
         the counters never saw. Runs on the owner thread, so no write slips in between."""
 
         def count(connection: sqlite3.Connection) -> None:
+            self._expire(connection)
             self.counters.total = connection.execute("SELECT count(*) FROM events").fetchone()[0]
             self.counters.pending = connection.execute(
                 "SELECT count(*) FROM events WHERE synced_at IS NULL"
@@ -230,6 +245,30 @@ class Buffer(BufferOperations):
             self._refresh_figures()
 
         await self._call(count)
+
+    def _expire(self, connection: sqlite3.Connection) -> None:
+        """Collect-only: delete customer events past buffer.retention_days (on recount)."""
+        days = self.settings.retention_days
+        if not self.collect_only or days <= 0:
+            return
+        before = self.clock() - days * 86_400
+        oldest = budget.oldest_customer_pending(connection)
+        if oldest is None or oldest >= before:
+            return  # nothing due: no write transaction (another writer may hold the lock)
+        try:
+            with transaction(connection):
+                expired = budget.expire(connection, before)
+                dropped = Counter({budget.RETENTION: expired})
+                persist_counters(connection, dropped, [])
+        except sqlite3.Error as exc:
+            if not is_transient(exc):
+                raise
+            # Locked or full for now: the next recount tries again; the budget still holds.
+            log.warning("buffer.retention.deferred error=%s", exc)
+            return
+        if expired:
+            self.counters.drops.update(dropped)
+            log.info("buffer.retention.expired rows=%d retention_days=%g", expired, days)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -395,7 +434,9 @@ class Buffer(BufferOperations):
             return _Outcome.TOO_BIG
         connection = self._connection
         with transaction(connection):
-            eviction = budget.make_room(connection, incoming, self.settings.max_bytes)
+            eviction = budget.make_room(
+                connection, incoming, self.settings.max_bytes, collect_only=self.collect_only
+            )
             if not eviction.fits and rows:
                 # Keep what the policy evicted (it was droppable anyway), write nothing new.
                 persist_counters(connection, eviction.dropped, [])

@@ -46,6 +46,7 @@ BUFFER_DROP_REASONS: Final = (
     "synced_evicted",
     "quarantine_evicted",
     "telemetry_evicted_unsynced",
+    "retention_evicted",  # collect-only stores (no sync.url) only
 )
 # A source's own drops are exported as "<source>.<reason>".
 MQTT_DROP_REASONS: Final = ("qos0_overflow",)
