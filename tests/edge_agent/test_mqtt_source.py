@@ -227,6 +227,9 @@ async def test_backpressure_stops_acknowledging_and_says_so(
     document = agent_config_dict(
         tmp_path, store_id, mqtt_broker, model=COLLECT_ONLY, buffer={"max_bytes": 1024 * 1024}
     )
+    # A store that syncs (to a store that is down): without sync.url the agent is collect-only
+    # and its retention policy evicts the oldest customer events instead of holding them.
+    document["sync"] = {"url": "http://127.0.0.1:1", "token": "t"}
     publisher = Publisher(mqtt_broker.host, mqtt_broker.port)
     big = "x" * 900
     try:
