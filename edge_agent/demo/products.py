@@ -15,8 +15,9 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,6 +26,9 @@ from edge_agent.errors import DemoError
 from models.simulator import ShopperSimulator, SimulationConfig
 
 log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S: Final = 5.0  # at the end, for the broker's PUBACKs of what was sent
+_PRUNE_AT: Final = 1000
 
 _SKIP_TYPES = frozenset({"suggestion.shown", "suggestion.accepted", "suggestion.dismissed"})
 
@@ -56,6 +60,8 @@ class Products:
         self.malformed = 0  # of those, the truncated JSON sent on purpose
         self.accepted_by_shoppers = 0  # reactions to a suggestion (sent apart from `published`)
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-products-{seed}")
+        self._unconfirmed: list[paho.MQTTMessageInfo] = []  # QoS 1 sends without a PUBACK yet
+        self._stopping = False
         self.client.on_message = self._on_suggestion
         self.host, self.port = host, port
 
@@ -76,25 +82,49 @@ class Products:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.rng.expovariate(self.rate))
         finally:
+            # No more reactions, and what was sent reaches the broker before we leave: the
+            # summary compares what the products sent with what the agent took in.
+            self._stopping = True
+            await asyncio.to_thread(self._flush, FLUSH_TIMEOUT_S)
             self.client.disconnect()
             self.client.loop_stop()
+
+    def _flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for info in list(self._unconfirmed):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("demo.products.flush_incomplete timeout_s=%.0f", timeout)
+                return
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(remaining)
+
+    def _sent(self, info: paho.MQTTMessageInfo) -> None:
+        # Called from the loop and paho's thread; list.append is atomic, pruning is a copy.
+        self._unconfirmed.append(info)
+        if len(self._unconfirmed) > _PRUNE_AT:
+            self._unconfirmed = [i for i in self._unconfirmed if not i.is_published()]
 
     def _publish(self, device: str, message: dict[str, Any]) -> None:
         channel = "telemetry" if message["type"] == "telemetry" else "events"
         payload = message["data"] if channel == "telemetry" else message
         topic = f"edge/{self.store_id}/devices/{device}/{channel}"
-        self.client.publish(topic, json.dumps(payload), qos=1)
+        self._sent(self.client.publish(topic, json.dumps(payload), qos=1))
         self.published += 1
         if device == "door-01" and self.rng.random() < 0.5:
             counter = {"values": {"entries": self.rng.randint(1, 3)}}
-            self.client.publish(
-                f"edge/{self.store_id}/devices/door-01/telemetry", json.dumps(counter), qos=1
+            self._sent(
+                self.client.publish(
+                    f"edge/{self.store_id}/devices/door-01/telemetry", json.dumps(counter), qos=1
+                )
             )
             self.published += 1
 
     def _publish_garbage(self) -> None:
         topic = f"edge/{self.store_id}/devices/shelf-13/events"
-        self.client.publish(topic, b'{"type": "product.pickup", "data": {"sku": 12', qos=1)
+        self._sent(
+            self.client.publish(topic, b'{"type": "product.pickup", "data": {"sku": 12', qos=1)
+        )
         self.published += 1
         self.malformed += 1
 
@@ -107,7 +137,7 @@ class Products:
         except (ValueError, KeyError, TypeError):
             log.warning("demo.suggestion.unreadable topic=%s", message.topic)
             return
-        if not items or self.rng.random() > 0.3:
+        if self._stopping or not items or self.rng.random() > 0.3:
             return
         sku = items[0]["sku"]
         if self.rng.random() < 0.5:  # taken from the shelf: an implicit acceptance
@@ -118,5 +148,6 @@ class Products:
                 "customer_id": customer,
                 "data": {"suggestion_id": suggestion["suggestion_id"], "sku": sku},
             }
-        client.publish(f"edge/{self.store_id}/devices/{device}/events", json.dumps(event), qos=1)
+        topic = f"edge/{self.store_id}/devices/{device}/events"
+        self._sent(client.publish(topic, json.dumps(event), qos=1))
         self.accepted_by_shoppers += 1

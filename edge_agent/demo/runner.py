@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 STORE_ID: Final = "store-001"  # a store the bundled model knows
 SERIAL_DEVICE: Final = "shelf-serial-01"
 HTTP_HOST: Final = "127.0.0.1"
+SUBSCRIBE_TIMEOUT_S: Final = 10.0  # for the agent's MQTT connections before products start
+DRAIN_TIMEOUT_S: Final = 10.0  # for the agent to take in what the products sent last
 AGENT_STOP_TIMEOUT_S: Final = 30.0  # the agent's orderly stop; beyond it, it is cancelled
 
 
@@ -142,6 +144,7 @@ async def _demo(
             )
             stack.push_async_callback(_stop_agent, agent_stop, agent_task)
             agent = await _wait_ready(ready, agent_task, http_port)
+            await _subscribed(agent, SUBSCRIBE_TIMEOUT_S)
             signals.running = True
             _announce(config, agent, host=host, port=port, sync_url=sync_url, data_dir=data_dir)
             return await _run(agent, agent_task, options, stop=stop, host=host, port=port)
@@ -233,9 +236,34 @@ async def _run(
         failure = None if agent_task.cancelled() else agent_task.exception()
         raise DemoError(f"the agent stopped during the demo: {failure}") from failure
     products_task.result()  # a products failure (the broker went away) ends the demo here
+    await _taken_in(agent, products.published + products.accepted_by_shoppers, DRAIN_TIMEOUT_S)
     await asyncio.sleep(min(2.0, agent.config.sync.interval_s))  # let the last events sync
     status = await agent.board.snapshot()
     return summarize(status, products, time.monotonic() - started)
+
+
+async def _subscribed(agent: RunningAgent, within: float) -> None:
+    """Until every MQTT connection of the agent is up (bounded): the embedded broker keeps
+    nothing for a subscription that does not exist yet, so products start after it."""
+    deadline = time.monotonic() + within
+    mqtt = [source for source in agent.sources if source.name.startswith("mqtt")]
+    while time.monotonic() < deadline:
+        if all(source.stats.connected for source in mqtt):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the SUBACK follows the CONNACK that set `connected`
+
+
+async def _taken_in(agent: RunningAgent, sent: int, within: float) -> None:
+    """Until the agent's MQTT sources took in all the products sent (bounded): the summary
+    compares the two."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        received = sum(s.stats.received for s in agent.sources if s.name.startswith("mqtt"))
+        if received >= sent:
+            return
+        await asyncio.sleep(0.05)
+    log.warning("demo.drain.incomplete sent=%d within_s=%.0f", sent, within)
 
 
 async def _start_store(
