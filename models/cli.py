@@ -16,6 +16,8 @@ from typing import Any
 
 from models.errors import ModelError
 from models.evaluate import METHODS, HitRateCurve, evaluate_files
+from models.events import parse_ts
+from models.gate import GateRule, evaluate_gate
 from models.simulator import SimulationConfig, write_events
 from models.train import TrainingParams
 
@@ -37,6 +39,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _timestamp(text: str) -> float:
+    ts = parse_ts(text)
+    if ts is None:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time with a zone: {text!r}")
+    return ts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,8 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--history-length", type=_positive, default=params.history_length)
     train.add_argument("--version", default=None, help="default: derived from the sha256")
     train.add_argument("--created-at", default=None, help="default: now (RFC 3339)")
+    train.add_argument(
+        "--until",
+        type=_timestamp,
+        default=None,
+        metavar="TS",
+        help="train only on interactions before TS (RFC 3339): the time-based holdout's cut",
+    )
 
-    evaluate = commands.add_parser("evaluate", help="leave-last-out metrics against baselines")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="leave-last-out metrics against baselines; with a time holdout, the publish gate",
+        description="Without --holdout-from/--holdout-days: leave-last-out metrics against the"
+        " popularity baselines. With one of them: the evaluation gate (models/gate.py states"
+        " the rule): the model (the candidate) and --current are scored on the events at or"
+        " after the cut (HitRate@k, NDCG@k) and off-policy from the logged suggestions"
+        " (SNIPS), and evaluation.json is written into the candidate's directory for"
+        " `customer-store model publish`.",
+    )
     evaluate.add_argument("--model", type=Path, required=True)
     evaluate.add_argument("--events", type=Path, required=True)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -93,6 +118,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help=f"also draw HitRate@k, k = 1..{PLOT_MAX_K}, for the model and its baselines",
     )
+    cut = evaluate.add_mutually_exclusive_group()
+    cut.add_argument("--holdout-from", type=_timestamp, default=None, metavar="TS")
+    cut.add_argument("--holdout-days", type=float, default=None, metavar="N")
+    evaluate.add_argument(
+        "--current", type=Path, default=None, metavar="DIR", help="the model serving now"
+    )
+    gate_rule = GateRule()
+    evaluate.add_argument("--hr-tolerance", type=float, default=gate_rule.hr_tolerance)
+    evaluate.add_argument("--min-snips-items", type=int, default=gate_rule.min_snips_items)
 
     export = commands.add_parser(
         "export", help="verify a model directory the way the agent does; copy it with --out"
@@ -139,9 +173,26 @@ def _run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             version=args.version,
             created_at=args.created_at,
+            until=args.until,
         )
         summary = {"out": str(args.out), "version": model.version, "items": len(model.items)}
         print(json.dumps({**summary, "metrics": metrics}))
+        return 0
+    if args.command == "evaluate" and (args.holdout_from is not None or args.holdout_days):
+        rule = GateRule(
+            cutoff=args.cutoff,
+            hr_tolerance=args.hr_tolerance,
+            min_snips_items=args.min_snips_items,
+        )
+        document = evaluate_gate(
+            args.model,
+            args.events,
+            current_dir=args.current,
+            holdout_from=args.holdout_from,
+            holdout_days=args.holdout_days,
+            rule=rule,
+        )
+        print(json.dumps(document) if args.json else json.dumps(document, indent=1))
         return 0
     if args.command == "evaluate":
         curves = {name: HitRateCurve(PLOT_MAX_K) for name in METHODS} if args.plot else None
@@ -166,7 +217,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    holdout = args.command == "evaluate" and (args.holdout_from is not None or args.holdout_days)
+    if args.command == "evaluate" and args.current is not None and not holdout:
+        parser.error(
+            "evaluate --current needs a time holdout: --holdout-from TS or --holdout-days N"
+        )
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s %(message)s",

@@ -72,6 +72,22 @@ class EventLog:
     def excluded_customers(self) -> int:
         return sum(1 for timeline in self.timelines.values() if not timeline.personalization)
 
+    def until(self, cut: float) -> EventLog:
+        """The same log with only the interactions before ``cut`` (a time-based split: what
+        a model trained at ``cut`` could have seen). Consent stays the latest known: a
+        withdrawal after the cut still keeps the customer out."""
+        timelines = {
+            customer_id: CustomerTimeline(
+                customer_id,
+                [event for event in timeline.interactions if event.ts < cut],
+                timeline.personalization,
+                timeline.consent_ts,
+            )
+            for customer_id, timeline in self.timelines.items()
+        }
+        last_ts = min(self.last_ts, cut)
+        return EventLog(timelines, self.lines, self.malformed, min(self.first_ts, last_ts), last_ts)
+
 
 def format_ts(ts: float) -> str:
     """Epoch seconds to the envelope's RFC 3339 form: UTC, milliseconds, a Z."""

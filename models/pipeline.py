@@ -62,16 +62,22 @@ def train_to_dir(
     version: str | None = None,
     created_at: str | None = None,
     progress: bool | None = None,
+    until: float | None = None,
 ) -> tuple[SuggestionModel, dict[str, Any]]:
     """Train on ``events`` and write ``out_dir``; returns the loaded model and its metrics
-    (the holdout evaluation when ``holdout_last``, else the training statistics only)."""
+    (the holdout evaluation when ``holdout_last``, else the training statistics only).
+    With ``until`` only the interactions before that time are used (a time-based holdout:
+    ``edge-models evaluate --holdout-from`` scores what comes after)."""
     log = load_event_log(events)
+    if until is not None:
+        log = log.until(until)
     trained = train_model(log, params, holdout_last=holdout_last, progress=progress)
     extra: dict[str, Any] = {
         "training_window": {"start": format_ts(log.first_ts), "end": format_ts(log.last_ts)},
         "training": {
             "events_file": events.name,
             "holdout_last": holdout_last,
+            "until": None if until is None else format_ts(until),
             "stats": trained.stats,
             "params": trained.params_json(),
         },
