@@ -77,12 +77,13 @@ def train_to_dir(
         "training": {
             "events_file": events.name,
             "holdout_last": holdout_last,
-            "until": None if until is None else format_ts(until),
             "stats": trained.stats,
             "params": trained.params_json(),
         },
         "metrics": {},
     }
+    if until is not None:  # only then: the bundled model's manifest stays byte for byte
+        extra["training"]["until"] = format_ts(until)
     model = write_model_dir(
         out_dir,
         tensors=trained.tensors,
