@@ -41,6 +41,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _timestamp(text: str) -> float:
     ts = parse_ts(text)
     if ts is None:
@@ -66,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--start", default=defaults.start, help="first day, YYYY-MM-DD (UTC)")
     simulate.add_argument(
         "--telemetry-interval-min", type=int, default=defaults.telemetry_interval_min
+    )
+    simulate.add_argument(
+        "--travellers",
+        type=_share,
+        default=defaults.travellers,
+        metavar="SHARE",
+        help="share of customers who shop at every store and online (the web-shop channel)",
+    )
+    simulate.add_argument(
+        "--web-shop-rate",
+        type=_share,
+        default=defaults.web_shop_rate,
+        metavar="SHARE",
+        help="share of a traveller's visits made in the web shop",
     )
 
     train = commands.add_parser(
@@ -157,6 +178,8 @@ def _run(args: argparse.Namespace) -> int:
             topics=args.topics,
             start=args.start,
             telemetry_interval_min=args.telemetry_interval_min,
+            travellers=args.travellers,
+            web_shop_rate=args.web_shop_rate,
         )
         count = write_events(config, args.out)
         print(json.dumps({"events": count, "out": str(args.out)}))

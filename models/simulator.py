@@ -9,6 +9,12 @@ The world has structure a good model can learn and popularity cannot:
 - categories have hours of the day when they sell (bakery in the morning, wine at night);
 - shown suggestions are accepted more often when they fit the customer's taste.
 Customers rarely take the same item twice within their last few dozen takes.
+
+Shoppers who visit several stores (``travellers``, off by default): that share of the
+customers has no home store; each of their visits goes to the online shop (the ``web-shop``
+channel, its ``store_id``, device ``web-01``) with chance ``web_shop_rate`` and otherwise to
+one of the stores uniformly, so at any one store most of their history was made elsewhere.
+With ``travellers = 0`` the output is byte for byte what it was before the option existed.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ CATEGORY_NAMES: Final = (
 PEAK_HOURS: Final = (8.0, 12.5, 18.5)  # morning, lunch, evening
 OPENING_HOURS: Final = (7.0, 21.5)
 RECENT_MEMORY: Final = 40  # takes a customer avoids repeating
+WEB_SHOP: Final = "web-shop"  # the online channel's store_id (a channel token's name)
+WEB_DEVICE: Final = "web-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,8 @@ class SimulationConfig:
     suggestion_rate: float = 0.15  # chance a pickup is followed by a shown suggestion
     no_consent_rate: float = 0.08
     telemetry_interval_min: int = 60
+    travellers: float = 0.0  # share of customers who shop at every store and online
+    web_shop_rate: float = 0.3  # share of a traveller's visits made in the web shop
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +91,7 @@ class Customer:
     self_scanner: bool
     personalization: bool
     consent_sent: bool = False
+    traveller: bool = False
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_MEMORY))
 
 
@@ -140,6 +151,10 @@ class ShopperSimulator:
         self._random = random.Random(config.seed)
         self.catalogue = build_catalogue(config, self._rng)
         self.customers = build_customers(config, self._rng)
+        if config.travellers > 0.0:  # its own stream: the default data stays as it was
+            picks = np.random.default_rng([config.seed, 1]).random(len(self.customers))
+            for customer, pick in zip(self.customers, picks, strict=True):
+                customer.traveller = bool(pick < config.travellers)
         start = datetime.fromisoformat(config.start).replace(tzinfo=UTC)
         self._start_ts = start.timestamp()
 
@@ -165,7 +180,7 @@ class ShopperSimulator:
         customer: str | None,
         data: Any,
     ) -> dict[str, Any]:
-        store_id = f"store-{store + 1:03d}"
+        store_id = self.store_id(store)
         channel = "telemetry" if event_type == "telemetry" else "events"
         return {
             "event_id": str(uuid.UUID(int=self._random.getrandbits(128), version=4)),
@@ -179,6 +194,10 @@ class ShopperSimulator:
             "data": data,
             "received_at": format_ts(ts + self._random.uniform(0.002, 0.05)),
         }
+
+    def store_id(self, store: int) -> str:
+        """Index ``stores`` is the web shop; the others are physical stores."""
+        return WEB_SHOP if store == self.config.stores else f"store-{store + 1:03d}"
 
     def _telemetry(self, day_start: float) -> list[dict[str, Any]]:
         interval = self.config.telemetry_interval_min * 60.0
@@ -203,7 +222,12 @@ class ShopperSimulator:
     # -- one visit ---------------------------------------------------------------------
     def _session(self, customer: Customer, day_start: float) -> list[dict[str, Any]]:
         rnd, config = self._random, self.config
-        store = customer.home_store if rnd.random() < 0.85 else rnd.randrange(config.stores)
+        if customer.traveller:
+            online = rnd.random() < config.web_shop_rate
+            store = config.stores if online else rnd.randrange(config.stores)
+        else:
+            store = customer.home_store if rnd.random() < 0.85 else rnd.randrange(config.stores)
+        web = store == config.stores
         low, high = OPENING_HOURS
         hour = min(max(customer.preferred_hour + rnd.gauss(0.0, 1.2), low), high - 0.5)
         now = day_start + hour * 3600.0
@@ -213,12 +237,14 @@ class ShopperSimulator:
         def emit(event_type: str, device: str, data: dict[str, Any]) -> dict[str, Any]:
             nonlocal now
             now += rnd.uniform(8.0, 90.0)
+            device = WEB_DEVICE if web else device
             envelope = self._envelope(event_type, now, store, device, customer=who, data=data)
             events.append(envelope)
             return envelope
 
         alias = f"card-{who[2:]}"
-        emit("customer.identified", "door-01", {"method": "loyalty_card", "alias": alias})
+        method = "login" if web else "loyalty_card"
+        emit("customer.identified", "door-01", {"method": method, "alias": alias})
         if not customer.consent_sent or rnd.random() < 0.02:
             if customer.consent_sent:
                 customer.personalization = not customer.personalization

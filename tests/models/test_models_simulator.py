@@ -97,3 +97,43 @@ def test_customers_decline_personalization_sometimes(tmp_path: Path) -> None:
     consents = [e["data"] for e in _read(path) if e["type"] == "consent.update"]
     declined = sum(1 for consent in consents if not consent["personalization"])
     assert 0 < declined < len(consents)
+
+
+def test_the_default_world_is_unchanged_by_the_multi_store_options(tmp_path: Path) -> None:
+    """Pinned: the data every earlier figure was measured on (travellers = 0, the default)."""
+    import hashlib
+
+    path = tmp_path / "default.jsonl"
+    write_events(SimulationConfig(seed=3, customers=40, days=3, items=120, stores=2), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == "a869ab9a3a8432f498f5a0d72b8ffd1db8d9ceafac82bb2d91ca56a855f20d1d"
+
+
+def test_travellers_shop_at_every_store_and_online(tmp_path: Path) -> None:
+    path = tmp_path / "travel.jsonl"
+    config = SimulationConfig(
+        seed=3, customers=200, days=42, items=200, stores=3, travellers=0.3, web_shop_rate=0.3
+    )
+    write_events(config, path)
+    events = _read(path)
+    visits: dict[str, Counter[str]] = {}
+    for event in events:
+        if event["type"] == "customer.identified":
+            visits.setdefault(event["customer_id"], Counter())[event["store_id"]] += 1
+    web = [event for event in events if event["store_id"] == "web-shop"]
+    assert web
+    assert {event["device_id"] for event in web} == {"web-01"}
+    assert all(event["type"] != "telemetry" for event in web)
+    identified = [e for e in web if e["type"] == "customer.identified"]
+    assert {e["data"]["method"] for e in identified} == {"login"}
+    spread = [c for c in visits.values() if sum(c.values()) >= 12 and len(c) == 4]
+    home_bound = [c for c in visits.values() if "web-shop" not in c and sum(c.values()) >= 12]
+    # about 30 % travellers: they visit all three stores and the web shop, and no one place
+    # holds most of their visits; the others never shop online and mostly at home
+    assert 30 <= len(spread) <= 90
+    assert all(max(c.values()) / sum(c.values()) < 0.6 for c in spread)
+    assert all(max(c.values()) / sum(c.values()) > 0.6 for c in home_bound)
+    with pytest.raises(SystemExit):
+        from models.cli import main
+
+        main(["simulate", "--out", str(path), "--travellers", "1.5"])
