@@ -222,11 +222,7 @@ class ShopperSimulator:
     # -- one visit ---------------------------------------------------------------------
     def _session(self, customer: Customer, day_start: float) -> list[dict[str, Any]]:
         rnd, config = self._random, self.config
-        if customer.traveller:
-            online = rnd.random() < config.web_shop_rate
-            store = config.stores if online else rnd.randrange(config.stores)
-        else:
-            store = customer.home_store if rnd.random() < 0.85 else rnd.randrange(config.stores)
+        store = self._visit_store(customer)
         web = store == config.stores
         low, high = OPENING_HOURS
         hour = min(max(customer.preferred_hour + rnd.gauss(0.0, 1.2), low), high - 0.5)
@@ -282,6 +278,14 @@ class ShopperSimulator:
             total = round(sum(price for _, price in basket), 2)
             emit("checkout.purchase", "pos-01", {"items": items, "total": total, "currency": "EUR"})
         return events
+
+    def _visit_store(self, customer: Customer) -> int:
+        """Where this visit happens: mostly the home store; anywhere for a traveller."""
+        rnd, config = self._random, self.config
+        if customer.traveller:
+            online = rnd.random() < config.web_shop_rate
+            return config.stores if online else rnd.randrange(config.stores)
+        return customer.home_store if rnd.random() < 0.85 else rnd.randrange(config.stores)
 
     def _consent(self, customer: Customer) -> dict[str, bool]:
         sharing = customer.personalization and self._random.random() < 0.7

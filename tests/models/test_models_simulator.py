@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import replace
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from models.cli import main
 from models.events import parse_ts
 from models.simulator import SimulationConfig, write_events
 
@@ -101,8 +103,6 @@ def test_customers_decline_personalization_sometimes(tmp_path: Path) -> None:
 
 def test_the_default_world_is_unchanged_by_the_multi_store_options(tmp_path: Path) -> None:
     """Pinned: the data every earlier figure was measured on (travellers = 0, the default)."""
-    import hashlib
-
     path = tmp_path / "default.jsonl"
     write_events(SimulationConfig(seed=3, customers=40, days=3, items=120, stores=2), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -134,6 +134,4 @@ def test_travellers_shop_at_every_store_and_online(tmp_path: Path) -> None:
     assert all(max(c.values()) / sum(c.values()) < 0.6 for c in spread)
     assert all(max(c.values()) / sum(c.values()) > 0.6 for c in home_bound)
     with pytest.raises(SystemExit):
-        from models.cli import main
-
         main(["simulate", "--out", str(path), "--travellers", "1.5"])
