@@ -233,14 +233,13 @@ class ShopperSimulator:
         def emit(event_type: str, device: str, data: dict[str, Any]) -> dict[str, Any]:
             nonlocal now
             now += rnd.uniform(8.0, 90.0)
-            device = WEB_DEVICE if web else device
-            envelope = self._envelope(event_type, now, store, device, customer=who, data=data)
-            events.append(envelope)
-            return envelope
+            where = WEB_DEVICE if web else device
+            events.append(self._envelope(event_type, now, store, where, customer=who, data=data))
+            return events[-1]
 
         alias = f"card-{who[2:]}"
-        method = "login" if web else "loyalty_card"
-        emit("customer.identified", "door-01", {"method": method, "alias": alias})
+        identified = {"method": "login" if web else "loyalty_card", "alias": alias}
+        emit("customer.identified", "door-01", identified)
         if not customer.consent_sent or rnd.random() < 0.02:
             if customer.consent_sent:
                 customer.personalization = not customer.personalization
