@@ -223,7 +223,6 @@ class ShopperSimulator:
     def _session(self, customer: Customer, day_start: float) -> list[dict[str, Any]]:
         rnd, config = self._random, self.config
         store = self._visit_store(customer)
-        web = store == config.stores
         low, high = OPENING_HOURS
         hour = min(max(customer.preferred_hour + rnd.gauss(0.0, 1.2), low), high - 0.5)
         now = day_start + hour * 3600.0
@@ -233,12 +232,15 @@ class ShopperSimulator:
         def emit(event_type: str, device: str, data: dict[str, Any]) -> dict[str, Any]:
             nonlocal now
             now += rnd.uniform(8.0, 90.0)
-            where = WEB_DEVICE if web else device
+            where = WEB_DEVICE if store == config.stores else device
             events.append(self._envelope(event_type, now, store, where, customer=who, data=data))
             return events[-1]
 
         alias = f"card-{who[2:]}"
-        identified = {"method": "login" if web else "loyalty_card", "alias": alias}
+        identified = {
+            "method": "login" if store == config.stores else "loyalty_card",
+            "alias": alias,
+        }
         emit("customer.identified", "door-01", identified)
         if not customer.consent_sent or rnd.random() < 0.02:
             if customer.consent_sent:
