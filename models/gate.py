@@ -95,9 +95,7 @@ def _model_snips(
     estimator = Snips()
     times_of: dict[str, list[float]] = {}
     for suggestion in feedback.suggestions:
-        timeline = log.timelines.get(suggestion.customer_id)
-        if timeline is None or not timeline.personalization:
-            continue  # no consent: left out of evaluation as of training
+        timeline = log.timelines[suggestion.customer_id]  # consenting: evaluate_gate kept them
         times = times_of.get(timeline.customer_id)
         if times is None:
             times = times_of[timeline.customer_id] = [e.ts for e in timeline.interactions]
@@ -193,6 +191,11 @@ def evaluate_gate(
     if not cases:
         raise EventDataError(f"{events}: no take at or after {format_ts(cut)} to evaluate")
     feedback = load_feedback(events, since=cut)
+    consenting = {timeline.customer_id for timeline in log.consenting()}
+    kept = [s for s in feedback.suggestions if s.customer_id in consenting]
+    if len(kept) < len(feedback.suggestions):  # as in training: no consent, no evaluation
+        feedback.skipped["shown_customer_not_consenting"] += len(feedback.suggestions) - len(kept)
+        feedback.suggestions = kept
     models = {"candidate": SuggestionModel.load(candidate_dir)}
     if current_dir is not None:
         models["current"] = SuggestionModel.load(current_dir)
@@ -227,7 +230,7 @@ def evaluate_gate(
             "suggestions": len(feedback.suggestions),
             "logged_items": sum(len(s.items) for s in feedback.suggestions),
             "accepted": sum(1 for s in feedback.suggestions if s.accepted),
-            "by_version": dict(sorted(feedback.by_version.items())),
+            "by_version": dict(sorted(feedback.by_version().items())),
             "skipped": dict(sorted(feedback.skipped.items())),
         },
     }

@@ -51,7 +51,10 @@ class LoggedSuggestion:
 class FeedbackLog:
     suggestions: list[LoggedSuggestion]
     skipped: Counter[str]  # reason -> count (suggestions, items or acceptances, as named)
-    by_version: Counter[str]  # the logging policy's version -> suggestions kept
+
+    def by_version(self) -> Counter[str]:
+        """The logging policy's version (``none``: a fallback) -> suggestions kept."""
+        return Counter(s.model_version or "none" for s in self.suggestions)
 
 
 def valid_propensity(value: Any) -> float | None:
@@ -165,8 +168,7 @@ def load_feedback(path: Path, *, since: float = -math.inf) -> FeedbackLog:
         else:
             suggestion.accepted.add(sku)
     ordered = sorted(shown.values(), key=lambda s: (s.ts, s.suggestion_id))
-    versions = Counter(s.model_version or "none" for s in ordered)
-    return FeedbackLog(ordered, skipped, versions)
+    return FeedbackLog(ordered, skipped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,10 @@ def test_evaluate_writes_the_gate_document(
     assert better["holdout"]["from"] == "2026-11-15T00:00:00.000Z"
     assert better["holdout"]["cases"] > 500
     assert better["feedback"]["suggestions"] > 100
-    assert better["feedback"]["skipped"] == {}  # the simulator's feedback is clean
+    # the simulator's feedback is clean, but it shows suggestions to customers without consent
+    skipped = better["feedback"]["skipped"]
+    assert set(skipped) == {"shown_customer_not_consenting"}
+    assert skipped["shown_customer_not_consenting"] > 0
 
     worse = _evaluate(
         capsys, loop.worse, loop, "--current", str(loop.current), "--holdout-from", CUT

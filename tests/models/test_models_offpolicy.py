@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.offpolicy import Snips, load_feedback, snips, valid_propensity
 
@@ -123,4 +126,55 @@ def test_hostile_feedback_is_counted_and_skipped(tmp_path: Path) -> None:
         "accepted_unknown": 1,
         "accepted_without_suggestion_or_sku": 1,
     }
-    assert log.by_version == {"v1": 1, "none": 1}
+    assert log.by_version() == {"v1": 1, "none": 1}
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+)
+_items = st.one_of(
+    _values,
+    st.lists(st.one_of(_values, st.fixed_dictionaries({"sku": _values})), max_size=4),
+)
+_data = st.fixed_dictionaries(
+    {},
+    optional={
+        "suggestion_id": st.sampled_from(["s1", "s2", "", 5]),
+        "items": _items,
+        "propensities": st.one_of(_values, st.lists(_values, max_size=4)),
+        "model_version": _values,
+        "sku": _values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["suggestion.shown", "suggestion.accepted", "product.pickup"]),
+            st.one_of(_data, _values),
+            st.sampled_from(["c-1", None, 7]),
+        ),
+        max_size=8,
+    )
+)
+def test_any_feedback_is_read_without_an_error(events: list[tuple[str, Any, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "feedback.jsonl"
+        lines = [_envelope(kind, "2026-11-20T10:00:00.000Z", data, customer)
+                 for kind, data, customer in events]  # fmt: skip
+        path.write_text("\n".join(lines) + "\n")
+        log = load_feedback(path)
+    for suggestion in log.suggestions:
+        assert suggestion.items
+        assert all(0.0 < p <= 1.0 for _, p in suggestion.items)
+        assert all(isinstance(sku, str) and sku for sku, _ in suggestion.items)
+        assert all(isinstance(sku, str) and sku for sku in suggestion.accepted)
+    decisions = [(1.0, p, 1.0) for s in log.suggestions for _, p in s.items]
+    value = snips(decisions).value
+    assert value is None or value == pytest.approx(1.0)
