@@ -16,7 +16,8 @@ store) and whose consent allows personalization and profile sharing:
   last ``session_max_age_s`` (24 h, the agent's default);
 - WITH the profile, it is that merged with the central profile (the customer's interactions
   at every store and channel before the trigger, the latest ``PROFILE_INTERACTIONS``, as
-  ``GET /v1/profiles`` returns them): de-duplicated by event id, in time order, capped at
+  ``GET /v1/profiles`` returns them) through the agent's ``profile_merge.merge_history``
+  when installed (else a stand-in): de-duplicated by event id, in time order, capped at
   ``--merge-cap`` (default: the model's ``history_length``, what the agent's session keeps;
   the local history is capped the same way);
 - the model ranks 10 items at the trigger's hour, store and device, ``now`` = the trigger's
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import math
 import tempfile
 import time
@@ -74,15 +76,45 @@ def merge_history(local: Iterable[Entry], central: Iterable[Entry], cap: int) ->
     """Local state and the central profile as one history: de-duplicated by event id (the
     store holds this store's uploaded events too), in time order, the latest ``cap``.
 
-    A stand-in with the semantics of the agent's merge (the "profile" work,
-    ``edge_agent/personalize/profile_merge.py``, not yet on this branch): switch the import
-    when it lands.
+    The stand-in used while the agent's own merge (``edge_agent.personalize.profile_merge``,
+    the "profile" work) is not on this branch; ``merged_history`` prefers the agent's.
     """
     seen: dict[str, Entry] = {}
     for entry in [*local, *central]:
         seen.setdefault(entry.event_id, entry)
     ordered = sorted(seen.values(), key=lambda entry: (entry.ts, entry.event_id))
     return ordered[-cap:]
+
+
+def _agent_merge() -> Any | None:
+    """The agent's merge module when it is installed (the "profile" branch), else None."""
+    try:
+        return importlib.import_module("edge_agent.personalize.profile_merge")
+    except ModuleNotFoundError:
+        return None
+
+
+AGENT_MERGE: Final = _agent_merge()
+
+
+def merged_history(
+    local: Sequence[Entry], central: Sequence[Entry], store_id: str, cap: int
+) -> list[tuple[str, str, float]]:
+    """The model's history with the profile: the agent's merge if present, else the stand-in."""
+    if AGENT_MERGE is None:
+        return _history(merge_history(local, central, cap))
+    interactions = [
+        AGENT_MERGE.CentralInteraction(e.event_id, e.store_id, e.event_type, e.sku, e.ts)
+        for e in central
+    ]
+    merged = AGENT_MERGE.merge_history(
+        _history(local),
+        interactions,
+        own_store_id=store_id,
+        limit=cap,
+        local_event_ids={e.event_id for e in local},
+    )
+    return list(merged.entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +237,13 @@ def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> di
             trigger.device_id,
         )
         local = case.local[-merge_cap:]  # the agent's session keeps as many
-        merged = merge_history(local, case.central, merge_cap)
+        merged = merged_history(local, case.central, trigger.store_id, merge_cap)
         local_skus = {e.sku for e in local if e.sku is not None}
         rankings = (
             model.suggest(_history(local), context, k=CUTOFF, now=trigger.ts),
-            model.suggest(_history(merged), context, k=CUTOFF, now=trigger.ts),
+            model.suggest(merged, context, k=CUTOFF, now=trigger.ts),
             model.suggest(
-                _history(merged), context, local_skus, k=CUTOFF, now=trigger.ts,
+                merged, context, local_skus, k=CUTOFF, now=trigger.ts,
                 exclude_history=False,
             ),
         )  # fmt: skip
@@ -240,9 +272,10 @@ def latencies(
             trigger.device_id,
         )
         started = time.perf_counter_ns()
-        merged = merge_history(case.local[-merge_cap:], case.central, merge_cap)
+        local_entries = case.local[-merge_cap:]
+        merged = merged_history(local_entries, case.central, trigger.store_id, merge_cap)
         found["merge"].append((time.perf_counter_ns() - started) / 1e6)
-        local, far = _history(case.local[-merge_cap:]), _history(merged)
+        local, far = _history(local_entries), merged
         for name, history in (("local", local), ("merged", far)):
             started = time.perf_counter_ns()
             model.suggest(history, context, k=CUTOFF, now=trigger.ts)
@@ -303,7 +336,8 @@ def run(args: argparse.Namespace) -> None:
         all_cases = list(cases(entries, profiled, cut))
         if not all_cases:
             raise SystemExit("no suggestion for a customer whose history is mostly elsewhere")
-        print(f"merged history capped at {merge_cap} entries")
+        where = "the agent's" if AGENT_MERGE is not None else "the benchmark's stand-in"
+        print(f"merged history capped at {merge_cap} entries ({where} merge_history)")
         figures = Figures(f"HitRate@{CUTOFF}, history mostly elsewhere", "HitRate@10")
         report(measure(model, all_cases, merge_cap), figures)
         timing = latencies(model, all_cases, merge_cap, args.latency_calls, args.latency_budget_s)
