@@ -275,13 +275,16 @@ class CentralProfiles:
             self._outcome("not_found", started)
             self._store(customer_id, None, _NEGATIVE_BYTES)
             return
-        try:
-            profile = parse_profile(body, customer_id)
+        try:  # up to max_body_bytes of JSON: parsed off the loop, which serves triggers
+            profile = await asyncio.to_thread(parse_profile, body, customer_id)
         except ProfileRejectedError as exc:
             self._outcome("rejected", started)
             self.rejected[exc.reason] += 1
             log.warning("profiles.rejected reason=%s", exc.reason)
             self._store(customer_id, None, _NEGATIVE_BYTES)
+            return
+        if customer_id in self._discard or not self.may_fetch(customer_id):
+            self._outcome("discarded", started)  # forgotten while it was being parsed
             return
         self._outcome("found", started)
         self._store(customer_id, profile, len(body))
