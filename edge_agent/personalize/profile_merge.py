@@ -22,7 +22,7 @@ The model's history entry is ``(sku, event type, ts seconds)``, oldest first
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -165,7 +165,7 @@ def _key(sku: str, kind: str, ts: float) -> tuple[str, str, int]:
 
 def merge_history(
     local: Sequence[HistoryEntry],
-    central: Iterable[CentralInteraction],
+    central: Sequence[CentralInteraction],
     *,
     own_store_id: str,
     limit: int,
@@ -174,15 +174,21 @@ def merge_history(
 ) -> MergedHistory:
     """The newest ``limit`` entries of local and central history together, oldest first.
 
+    ``central`` is oldest first, as ``parse_profile`` returns it (it is read from the newest
+    back and only as far as the answer needs: the cost does not grow with the profile).
     Central interactions count only when they carry a sku, are of a ``HISTORY_TYPES``
     type, are not older than ``since``, and are not the local history's own events (see
     the module's docstring). On equal times a local entry sorts after a central one (the
     local one is the freshest signal)."""
+    if limit <= 0:
+        return MergedHistory([], 0, 0)
     local_keys = {_key(sku, kind, ts) for sku, kind, ts in local}
     seen: set[tuple[str, str]] = set()
     tagged: list[tuple[float, int, HistoryEntry]] = []
-    for item in central:
-        if item.sku is None or item.type not in HISTORY_TYPES or item.ts < since:
+    for item in reversed(central):
+        if item.ts < since or len(tagged) == limit:
+            break  # older ones cannot be among the newest ``limit``
+        if item.sku is None or item.type not in HISTORY_TYPES:
             continue
         ident = (item.store_id, item.event_id)
         if ident in seen:
@@ -195,7 +201,7 @@ def merge_history(
         tagged.append((item.ts, 0, (item.sku, item.type, item.ts)))
     tagged.extend((entry[2], 1, entry) for entry in local)
     tagged.sort(key=lambda row: (row[0], row[1]))
-    kept = tagged[-limit:] if limit > 0 else []
+    kept = tagged[-limit:]
     central_count = sum(1 for row in kept if row[1] == 0)
     return MergedHistory(
         [row[2] for row in kept], local=len(kept) - central_count, central=central_count

@@ -93,14 +93,14 @@ def _central(
 
 def test_merge_dedupes_own_store_events_and_counts_origins() -> None:
     local = [("SKU-1", "product.pickup", T0 + 10), ("SKU-3", "basket.add", T0 + 20)]
-    central = [
-        _central("own-1", "store-b", "SKU-1", T0 + 10),  # our own upload: already local
-        _central("own-2", "store-b", "SKU-9", T0 + 5),  # ours by id
+    central = [  # oldest first, as parse_profile returns them
         _central("a-1", "store-a", "SKU-4", T0 + 1),
         _central("a-1", "store-a", "SKU-4", T0 + 1),  # a repeat in the body
         _central("w-1", "web-shop", "SKU-5", T0 + 2, "checkout.purchase"),
         _central("a-2", "store-a", None, T0 + 3, "customer.identified"),  # no item
         _central("a-3", "store-a", "SKU-6", T0 + 4, "product.putback"),  # not history
+        _central("own-2", "store-b", "SKU-9", T0 + 5),  # ours by id
+        _central("own-1", "store-b", "SKU-1", T0 + 10),  # our own upload: already local
     ]
     merged = merge_history(
         local, central, own_store_id="store-b", limit=32, local_event_ids={"own-2"}
@@ -142,6 +142,7 @@ def test_merge_properties(
     # The store returns our own events too, plus others: ours never count twice.
     central = [_central(f"own{n}", "me", *e[0:1], e[2], e[1]) for n, e in enumerate(local)]
     central += [_central(f"o{n}", "other", e[0], e[2], e[1]) for n, e in enumerate(others)]
+    central.sort(key=lambda i: i.ts)
     merged = merge_history(local, central, own_store_id="me", limit=limit)
     assert merged.local + merged.central == len(merged.entries) <= limit
     assert len(merged.entries) == min(limit, len(local) + len(others))
