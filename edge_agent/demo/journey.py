@@ -75,7 +75,7 @@ class Journey:
     async def run(self, main: RunningAgent) -> dict[str, Any]:
         try:
             return await self._run(main)
-        except (JourneyStepError, DemoError, OSError, aiohttp.ClientError) as exc:
+        except (JourneyStepError, DemoError, OSError, aiohttp.ClientError, ValueError) as exc:
             log.warning("demo.journey.incomplete reason=%s", exc)
             return {"customer": CUSTOMER, "completed": False, "reason": str(exc)}
 
