@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
+from urllib.parse import quote
 
 import aiohttp
 
@@ -54,6 +55,10 @@ class StoreForbiddenError(SyncError):
 
 class ModelTooLargeError(SyncError):
     """A model download is larger than ``[model] max_download_bytes``; it was cut off."""
+
+
+class ProfileTooLargeError(SyncError):
+    """A profile answer larger than ``[profiles] max_body_bytes``; it was cut off."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,24 @@ class StoreClient:
                     digest.update(chunk)
                     out.write(chunk)
         return digest.hexdigest()
+
+    async def profile(self, customer_id: str, max_bytes: int) -> bytes | None:
+        """The body of ``GET /v1/profiles/{customer_id}``; None for a 404 (no profile, or no
+        consent to share it: the store does not say which). A body larger than ``max_bytes``
+        (announced or received) is ``ProfileTooLargeError``."""
+        url = f"{self.base}/v1/profiles/{quote(customer_id, safe='')}"
+        async with self._exchange("GET", url, headers=self._headers) as response:
+            if response.status == 404:
+                return None
+            await _expect(response)
+            if (response.content_length or 0) > max_bytes:
+                raise ProfileTooLargeError(f"GET {url}: {response.content_length} bytes")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ProfileTooLargeError(f"GET {url}: more than {max_bytes} bytes")
+        return bytes(body)
 
     async def _get_json(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         url = f"{self.base}{path}"

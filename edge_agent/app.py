@@ -97,6 +97,10 @@ def build_components(config: Config) -> list[Component]:
         from edge_agent.personalize import Personalizer
 
         components.append(Personalizer(config))
+        if config.sync.url and config.profiles.enabled:
+            from edge_agent.personalize.profiles import CentralProfiles
+
+            components.append(CentralProfiles(config))
     if config.sync.url:
         components.append(Uploader(config))
         components.append(Heartbeat(config))

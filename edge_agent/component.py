@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from edge_agent.buffer import Buffer
     from edge_agent.governance import ConsentLedger
+    from edge_agent.personalize.profile_merge import CentralProfile
     from edge_agent.pipeline import Pipeline
     from firmware_bridge.messages import ShowSuggestion
 
@@ -56,6 +57,14 @@ class DisplaySink(Protocol):
         ...
 
 
+class ProfileLookup(Protocol):
+    """The customer's central profile, as far as it has arrived (``personalize.profiles``)."""
+
+    def lookup(self, customer_id: str) -> CentralProfile | None:
+        """The cached profile or None, on the loop, without waiting; may queue a fetch."""
+        ...
+
+
 class StatusReader(Protocol):
     """The agent's own figures as ``/status`` shows them (the heartbeat reports them)."""
 
@@ -77,6 +86,7 @@ class Ports:
     displays: DisplaySink | None = None
     status: StatusReader | None = None  # the status board (None in tests without one)
     # Filled by the components themselves at the start of ``run`` (before any await).
+    profiles: ProfileLookup | None = None  # the central profiles (sync on, [profiles] enabled)
     model_listeners: list[ModelListener] = field(default_factory=list)
     erasure_listeners: list[ErasureListener] = field(default_factory=list)
 

@@ -158,6 +158,22 @@ class SyncSection:
 
 
 @dataclass(frozen=True)
+class ProfilesSection:
+    """The customer's central profile (GET /v1/profiles/{id}), fetched in the background."""
+
+    enabled: bool = True  # needs sync.url (and a model): the store that holds the profiles
+    ttl_s: float = 300.0  # a cached profile older than this is fetched again when used
+    max_customers: int = 10_000  # cached profiles (least recently used leave first)
+    max_cache_bytes: int = 32 * 1024 * 1024  # their bodies' sizes together
+    max_body_bytes: int = 1024 * 1024  # a larger answer is refused (counted)
+    timeout_s: float = 2.0  # one fetch, connect to last byte
+    concurrency: int = 4  # fetches in flight at once
+    max_queue: int = 1000  # customers waiting for a fetch; beyond this, skipped (counted)
+    backoff_max_s: float = 60.0  # after failures the store is left alone up to this long
+    history_max_age_s: float = 180 * 86_400.0  # central interactions older than this: unused
+
+
+@dataclass(frozen=True)
 class SerialPort:
     url: str
     baud: int = 115200
@@ -189,6 +205,7 @@ class Config:
     buffer: BufferSection = field(default_factory=BufferSection)
     model: ModelSection = field(default_factory=ModelSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    profiles: ProfilesSection = field(default_factory=ProfilesSection)
     serial: SerialSection = field(default_factory=SerialSection)
     governance: GovernanceSection = field(default_factory=GovernanceSection)
     log: LogSection = field(default_factory=LogSection)
@@ -548,6 +565,15 @@ def _validate(config: Config) -> None:
         (1 <= config.model.top_k <= 50, "model.top_k", "must be 1..50"),
         (config.model.session_cap >= 1, "model.session_cap", "must be >= 1"),
         (config.model.session_max_age_s > 0, "model.session_max_age_s", "must be positive"),
+        (config.profiles.ttl_s > 0, "profiles.ttl_s", "must be positive"),
+        (config.profiles.max_customers >= 1, "profiles.max_customers", "must be >= 1"),
+        (config.profiles.max_cache_bytes >= 1024, "profiles.max_cache_bytes", "must be >= 1024"),
+        (config.profiles.max_body_bytes >= 1024, "profiles.max_body_bytes", "must be >= 1024"),
+        (config.profiles.timeout_s > 0, "profiles.timeout_s", "must be positive"),
+        (1 <= config.profiles.concurrency <= 64, "profiles.concurrency", "must be 1..64"),
+        (config.profiles.max_queue >= 1, "profiles.max_queue", "must be >= 1"),
+        (config.profiles.backoff_max_s > 0, "profiles.backoff_max_s", "must be positive"),
+        (config.profiles.history_max_age_s > 0, "profiles.history_max_age_s", "must be positive"),
         (0.0 <= config.model.epsilon <= 1.0, "model.epsilon", "must be 0..1"),
         (
             config.model.implicit_accept_window_s >= 0,

@@ -190,6 +190,21 @@ class ConsentLedger:
         known = self._latest.get(customer_id) if customer_id else None
         return known is not None and known.profile_sharing
 
+    def has_record(self, customer_id: str) -> bool:
+        """Whether a consent update of this customer was seen here (or loaded)."""
+        return customer_id in self._latest
+
+    def profile_fetch_allowed(self, customer_id: str) -> bool:
+        """Whether the agent may ask the central store for this customer's profile: not when
+        the local record withholds personalization or profile sharing. Without a local record
+        the store decides (it answers 404 unless its resolved consent allows sharing)."""
+        known = self._latest.get(customer_id)
+        return (
+            known is None
+            or not self.require_consent
+            or (known.personalization and known.profile_sharing)
+        )
+
     def _apply(self, record: ConsentRecord) -> bool:
         known = self._latest.get(record.customer_id)
         if known is not None and record.ts < known.ts:

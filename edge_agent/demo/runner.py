@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from edge_agent.app import RunningAgent, run_agent
 from edge_agent.config import Config, config_from_dict
+from edge_agent.demo.journey import Journey
 from edge_agent.demo.processes import ChildProcess, python_module, run_command
 from edge_agent.demo.products import Products
 from edge_agent.demo.summary import summarize
@@ -39,6 +40,7 @@ HTTP_HOST: Final = "127.0.0.1"
 SUBSCRIBE_TIMEOUT_S: Final = 10.0  # for the agent's MQTT connections before products start
 DRAIN_TIMEOUT_S: Final = 10.0  # for the agent to take in what the products sent last
 AGENT_STOP_TIMEOUT_S: Final = 30.0  # the agent's orderly stop; beyond it, it is cancelled
+JOURNEY_GRACE_S: Final = 20.0  # the cross-store customer's journey may end after the products
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,20 @@ async def _demo(
             await _subscribed(agent, SUBSCRIBE_TIMEOUT_S)
             signals.running = True
             _announce(config, agent, host=host, port=port, sync_url=sync_url, data_dir=data_dir)
-            return await _run(agent, agent_task, options, stop=stop, host=host, port=port)
+            journey = None
+            if sync_url:
+                journey = Journey(
+                    host=host,
+                    port=port,
+                    embedded=options.broker is None,
+                    store_url=sync_url,
+                    db=_store_db(data_dir),
+                    data_dir=data_dir,
+                    main_store=STORE_ID,
+                )
+            return await _run(
+                agent, agent_task, options, stop=stop, host=host, port=port, journey=journey
+            )
     finally:
         for child in reversed(children):
             await child.stop()
@@ -217,9 +232,13 @@ async def _run(
     stop: asyncio.Event,
     host: str,
     port: int,
+    journey: Journey | None = None,
 ) -> dict[str, Any]:
     products = Products(host, port, STORE_ID, options.rate, options.seed)
     products_task = asyncio.create_task(products.run(stop), name="products")
+    journey_task = (
+        asyncio.create_task(journey.run(agent), name="journey") if journey is not None else None
+    )
     stopped = asyncio.create_task(stop.wait(), name="demo-stop")
     started = time.monotonic()
     try:
@@ -236,10 +255,32 @@ async def _run(
         failure = None if agent_task.cancelled() else agent_task.exception()
         raise DemoError(f"the agent stopped during the demo: {failure}") from failure
     products_task.result()  # a products failure (the broker went away) ends the demo here
-    await _taken_in(agent, products.published + products.accepted_by_shoppers, DRAIN_TIMEOUT_S)
+    travelled = await _journey_outcome(journey_task)
+    journey_sent = journey.published_to_main if journey is not None else 0
+    sent = products.published + products.accepted_by_shoppers + journey_sent
+    await _taken_in(agent, sent, DRAIN_TIMEOUT_S)
     await asyncio.sleep(min(2.0, agent.config.sync.interval_s))  # let the last events sync
     status = await agent.board.snapshot()
-    return summarize(status, products, time.monotonic() - started)
+    summary = summarize(status, products, time.monotonic() - started, journey_sent)
+    if travelled is not None:
+        summary["cross_store_customer"] = travelled
+    return summary
+
+
+async def _journey_outcome(task: asyncio.Task[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The journey's summary; a journey still under way after the grace is cut short."""
+    if task is None:
+        return None
+    done, _ = await asyncio.wait({task}, timeout=JOURNEY_GRACE_S)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})
+        return {"completed": False, "reason": "the demo ended before the journey did"}
+    return task.result()
+
+
+def _store_db(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'customer-store.db'}"
 
 
 async def _subscribed(agent: RunningAgent, within: float) -> None:
@@ -271,7 +312,7 @@ async def _start_store(
 ) -> tuple[str, str]:
     if not options.sync:
         return "", ""
-    db = f"sqlite:///{data_dir / 'customer-store.db'}"
+    db = _store_db(data_dir)
     out = await run_command(
         sys.executable, "-m", "cloud_sync.store", "token", "create", "--db", db, "--store", STORE_ID
     )

@@ -13,7 +13,9 @@ from typing import Any
 from edge_agent.demo.products import Products
 
 
-def summarize(status: dict[str, Any], products: Products, elapsed: float) -> dict[str, Any]:
+def summarize(
+    status: dict[str, Any], products: Products, elapsed: float, journey_messages: int = 0
+) -> dict[str, Any]:
     """The summary as JSON-ready figures (``edge-agent demo`` prints it last)."""
     sources = status["sources"]
     accepted = sum(int(figures["accepted"]) for figures in sources.values())
@@ -24,6 +26,7 @@ def summarize(status: dict[str, Any], products: Products, elapsed: float) -> dic
             "by_products": products.published,
             "of_which_malformed_on_purpose": products.malformed,
             "shopper_reactions": products.accepted_by_shoppers,
+            "cross_store_customer": journey_messages,
         },
         "sources": {
             name: {
@@ -70,6 +73,19 @@ def explain(summary: dict[str, Any]) -> list[str]:
         f"{summary['suggestions_accepted']} accepted. Central store: "
         f"{summary['synced']} events acknowledged (sync lag {summary['sync_lag_s']} s).",
     ]
+    travelled = summary.get("cross_store_customer")
+    if travelled and travelled.get("completed"):
+        history = travelled.get("history") or {}
+        lines.append(
+            f"Cross-store customer {travelled['customer']}: shopped at {travelled['shopped_at']}"
+            f" and in the web shop ({travelled['web_shop_items']} items), then was recognised at"
+            f" {travelled['recognised_at']}: its suggestion came from the"
+            f" {travelled['suggestion_source']} with {history.get('local', 0)} interactions from"
+            f" this store and {history.get('central', 0)} from elsewhere (the central profile;"
+            " the live page's Recent suggestions say 'here' / 'elsewhere')."
+        )
+    elif travelled:
+        lines.append(f"Cross-store customer: not shown ({travelled.get('reason')}).")
     if summary.get("data_dir"):
         lines.append(f"Data kept in {summary['data_dir']}.")
     else:

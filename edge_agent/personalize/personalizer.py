@@ -41,6 +41,7 @@ from edge_agent.personalize.feedback import FeedbackBook
 from edge_agent.personalize.model_slot import ModelSlot
 from edge_agent.personalize.model_store import ModelStore
 from edge_agent.personalize.policy import MaskFiles
+from edge_agent.personalize.profile_merge import CentralProfile, merge_history
 from edge_agent.personalize.ranker import Masked, Ranker, Request
 from edge_agent.personalize.recorder import Recorder, Served
 from edge_agent.personalize.session import (
@@ -100,11 +101,13 @@ class Personalizer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: SuggestionPublisher | None = None
         self._displays: DisplaySink | None = None
+        self._ports: Ports | None = None  # for ``profiles``, filled by its component
 
     # ---- Component ------------------------------------------------------------------
 
     async def run(self, ports: Ports) -> None:
         self._loop = asyncio.get_running_loop()
+        self._ports = ports
         self.consent = ports.consent
         self._publisher = ports.suggestions
         self._displays = ports.displays
@@ -241,8 +244,21 @@ class Personalizer:
             ):  # governed before the tap: the ledger already says so
                 self.forget_customer(customer_id)  # nothing about them feeds personal state
 
+    def _central(self, customer_id: str) -> tuple[bool, CentralProfile | None]:
+        """Personalization allowed? and the central profile as far as it has arrived. A
+        customer without a local consent record who consented elsewhere (the profile carries
+        the store's resolved consent) is personalized here too."""
+        local = self.consent.allows_personalization(customer_id)
+        profiles = self._ports.profiles if self._ports is not None else None
+        if profiles is None or (not local and self.consent.has_record(customer_id)):
+            return local, None
+        profile = profiles.lookup(customer_id)
+        if profile is None:
+            return local, None
+        return local or profile.allows_personalization, profile
+
     def _on_state_event(self, event: Event, customer_id: str) -> None:
-        personal = self.consent.allows_personalization(customer_id)
+        personal, profile = self._central(customer_id)
         if personal:
             self.sessions.observe_event(event)
             sku = event.data.get("sku")
@@ -252,9 +268,15 @@ class Personalizer:
                     self.feedback.accepted(shown.suggestion_id, True)
                     self.recorder.record(self.recorder.implicit_accept(event, shown, sku))
         if event.type in TRIGGER_TYPES:
-            self._submit(event, customer_id, personal)
+            self._submit(event, customer_id, personal, profile)
 
-    def _submit(self, event: Event, customer_id: str, personal: bool) -> None:
+    def _submit(
+        self,
+        event: Event,
+        customer_id: str,
+        personal: bool,
+        profile: CentralProfile | None = None,
+    ) -> None:
         device_id = event.device_id
         if device_id is None:
             self.stats.dropped["no_device"] += 1
@@ -267,12 +289,24 @@ class Personalizer:
         picked = frozenset((sku,)) if isinstance(sku, str) else frozenset()
         session = self.sessions.get(customer_id) if personal else None
         basket = session.basket.copy() if session is not None else set()
+        history = self.sessions.history(customer_id, now) if personal else []
+        origin = (len(history), 0)
+        if personal and profile is not None and profile.interactions:
+            merged = merge_history(
+                history,
+                profile.interactions,
+                own_store_id=self.config.agent.store_id,
+                limit=SESSION_HISTORY,
+                since=now - self.config.profiles.history_max_age_s,
+            )
+            history, origin = merged.entries, (merged.local, merged.central)
         request = Request(
-            history=self.sessions.history(customer_id, now) if personal else [],
+            history=history,
             context=SuggestionContext(_utc_hour(event.ts), event.store_id, device_id),
             masked=Masked(self.masks.skus, basket, picked),
             now=now,
             personal=personal,
+            origin=origin,
         )
         topic = self._topics.get(device_id)
         if topic is None:

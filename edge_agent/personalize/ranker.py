@@ -58,6 +58,7 @@ class Request:
     masked: Masked
     now: float  # the trigger's ts, seconds
     personal: bool  # personalization consent: may the model use this customer's history
+    origin: tuple[int, int] = (0, 0)  # of ``history``: (local entries, central-profile entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class Decision:
     source: str  # "model" | "store_popularity" | "bestsellers"
     model_version: str | None  # the model that ranked, None for a fallback
     error: str | None = None  # why the model did not answer, when it raised
+    history: tuple[int, int] = (0, 0)  # what the model saw: (local, central) entries
 
 
 class Ranker:
@@ -105,7 +107,7 @@ class Ranker:
                     slate = explore(
                         greedy, loaded.catalogue, request.masked, self.epsilon, self.rng
                     )
-                    return Decision(slate, MODEL, loaded.model.version)
+                    return Decision(slate, MODEL, loaded.model.version, history=request.origin)
         return self.fallback(request.masked, error)
 
     def fallback(self, masked: Masked, error: str | None = None) -> Decision:

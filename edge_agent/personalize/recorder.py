@@ -73,6 +73,7 @@ class Recorder:
             "source": decision.source,
             "model_version": decision.model_version,
             "ts": ts,
+            "history": {"local": decision.history[0], "central": decision.history[1]},
         }
         return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
@@ -89,6 +90,7 @@ class Recorder:
                 "skus": list(skus),
                 "source": decision.source,
                 "ts": served.ts,
+                "history": {"local": decision.history[0], "central": decision.history[1]},
             }
         )
         customer_id = served.trigger.customer_id or ""

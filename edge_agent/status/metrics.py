@@ -86,6 +86,7 @@ class _SnapshotCollector(Collector):
         yield from _heartbeat_metrics(status.get("heartbeat"))
         yield from _model_metrics(status["model"])
         yield from _suggestion_metrics(status["suggestions"])
+        yield from _profile_metrics(status.get("profiles"))
 
 
 def render(snapshot: dict[str, Any]) -> bytes:
@@ -278,6 +279,39 @@ def _suggestion_metrics(suggestions: dict[str, Any]) -> Iterator[Metric]:
             histogram["sum_s"],
         )
         yield family
+
+
+def _profile_metrics(profiles: Mapping[str, Any] | None) -> Iterator[Metric]:
+    """The central profiles at the edge (personalize/profiles.py), when that part runs."""
+    if not profiles:
+        return
+    fetches = CounterMetricFamily(
+        "edge_profile_fetches", "Central profile fetches, by outcome", labels=["outcome"]
+    )
+    for outcome, count in sorted(profiles["fetches"].items()):
+        fetches.add_metric([outcome], count)
+    yield fetches
+    yield _by_reason(
+        "edge_profiles_rejected",
+        "Central profile bodies refused, by reason",
+        profiles["rejected"],
+        sorted(profiles["rejected"]),
+    )
+    yield _gauge("edge_profiles_cached", "Central profiles held in memory", profiles["cached"])
+    yield _gauge(
+        "edge_profile_cache_bytes", "Bytes of the central profiles held", profiles["cache_bytes"]
+    )
+    yield _counter(
+        "edge_profiles_evicted", "Central profiles evicted from the cache", profiles["evicted"]
+    )
+    histogram = profiles["fetch_latency_histogram"]
+    family = HistogramMetricFamily(
+        "edge_profile_fetch_latency_seconds", "Central profile fetch, request to parsed answer"
+    )
+    family.add_metric(
+        [], [(_bound(le), count) for le, count in histogram["buckets"]], histogram["sum_s"]
+    )
+    yield family
 
 
 def _bound(le: float | str) -> str:

@@ -109,11 +109,21 @@ def test_a_short_run_prints_figures_that_add_up_and_removes_its_data(tmp_path: P
         assert figures["received"] == figures["accepted"] + figures["quarantined"], name
     published = summary["mqtt_published"]
     mqtt_received = sum(f["received"] for name, f in sources.items() if name.startswith("mqtt"))
-    assert mqtt_received == published["by_products"] + published["shopper_reactions"]
+    assert mqtt_received == (
+        published["by_products"]
+        + published["shopper_reactions"]
+        + published["cross_store_customer"]
+    )
     assert summary["quarantined"] >= published["of_which_malformed_on_purpose"]
     accepted = sum(f["accepted"] for f in sources.values())
     assert summary["accepted_from_sources"] == accepted > 0
     assert summary["events_collected"] == accepted + summary["recorded_by_agent"]
     assert summary["recorded_by_agent"] >= summary["suggestions_shown"] > 0
+    # The cross-store customer: history from the second store and the web shop shaped it.
+    travelled = summary["cross_store_customer"]
+    assert travelled["completed"], travelled
+    assert travelled["history"]["central"] > 0
+    assert travelled["suggestion_source"] == "model"
+    assert "Cross-store customer c-journey-0001" in out
     assert summary["data_dir"] is None
     assert list(tmp_path.glob("edge-demo-*")) == []
