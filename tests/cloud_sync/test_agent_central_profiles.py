@@ -174,7 +174,9 @@ async def test_a_customer_from_store_a_and_the_web_shop_is_known_at_store_b(
     exposition = render(status).decode()
     assert 'edge_profile_fetches_total{outcome="found"} 1.0' in exposition
     assert "edge_profile_fetch_latency_seconds_bucket" in exposition
-    check_metrics(exposition)
+    lint = check_metrics(exposition.encode())
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert lint.stdout + lint.stderr == ""
 
 
 async def test_withdrawal_drops_the_profile_and_a_down_store_leaves_local_state(
