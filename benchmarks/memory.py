@@ -229,6 +229,19 @@ def agent_process(
         agent.wait(30)
 
 
+def rss_mb(pids: list[int]) -> float:
+    """Summed RSS: what a store box pays when nothing else maps the same files."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
 def mappings(pid: int) -> dict[str, float]:
     """PSS (MB) of a process by kind of mapping: heap, other anonymous memory (thread
     arenas, mmap'd allocations, stacks), and each shared library or file."""
@@ -283,7 +296,11 @@ def feed(
             raise RuntimeError(f"only {done - already} of {count} committed")
     time.sleep(2.0)  # suggestions answered or shed, records committed
     settled = pss_mb(process_tree(agent_pid))
+    FEED_RSS.append(rss_mb(process_tree(agent_pid)))
     return max(peak, settled), settled
+
+
+FEED_RSS: list[float] = []  # RSS once each feed is committed, beside the PSS figures
 
 
 def triggers_committed(db: Path) -> int:
@@ -311,6 +328,7 @@ def agent_section(
         }
         with agent_process(port, workdir, env_extra, model=True) as (agent, http_port):
             result["ready_pss"] = round(pss_mb(process_tree(agent.pid)), 1)
+            result["ready_rss"] = round(rss_mb(process_tree(agent.pid)), 1)
             first = min(20_000, events)
             peak, settled = feed(port, workdir, agent.pid, first, customers, 0)
             result["after_20k"] = {"peak_pss": round(peak, 1), "pss": round(settled, 1)}
@@ -319,6 +337,7 @@ def agent_section(
                 "peak_pss": round(max(peak, peak2), 1),
                 "pss": round(settled2, 1),
             }
+            result["rss_after_feeds"] = [round(value, 1) for value in FEED_RSS]
             result["mappings"] = mappings(agent.pid)
             result["threads"] = len(os.listdir(f"/proc/{agent.pid}/task"))
             suggestions = status_of(http_port).get("suggestions", {})
