@@ -21,14 +21,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+# cryptography maps about 6 MB of native code: imported by the functions that sign or verify,
+# so an agent without ``[model] public_key`` never loads it (issue 11, memory).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SIGNATURE_FIELD: Final = "signature"
 ALGORITHM: Final = "ed25519"
@@ -61,6 +59,8 @@ def key_id(public_raw: bytes) -> str:
 
 
 def public_raw(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -98,6 +98,9 @@ def verify_manifest(manifest: Any, public_keys: Sequence[bytes]) -> str:
         signed = canonical_bytes(manifest)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ModelSignatureError("malformed_signature", f"unserialisable manifest: {exc}") from exc
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     for raw in public_keys:
         try:
             Ed25519PublicKey.from_public_bytes(raw).verify(value, signed)
@@ -117,6 +120,9 @@ def verify_manifest(manifest: Any, public_keys: Sequence[bytes]) -> str:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """A PEM (PKCS#8) ed25519 private key, as ``model keygen`` writes it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         data = path.read_bytes()[:_KEY_FILE_MAX_BYTES]
     except OSError as exc:
@@ -133,6 +139,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def write_new_key(path: Path) -> str:
     """Create a key pair: the private key to ``path`` (0600, never overwritten); returns the
     public key as base64 (what the agents' ``[model] public_key`` holds)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -12,61 +12,57 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
-import sqlite_utils
-
 log = logging.getLogger(__name__)
 
-Migration = Callable[[sqlite_utils.Database], None]
+Migration = Callable[[sqlite3.Connection], None]
 
-
-def _initial(db: sqlite_utils.Database) -> None:
-    db.table("events").create(
-        {
-            "seq": int,  # arrival order; eviction and upload follow it
-            "event_id": str,
-            "type": str,
-            "customer": int,  # 1: a customer interaction (kept longest), 0: telemetry
-            "customer_id": str,
-            "ts": str,
-            "received_at": float,  # unix seconds, for age figures
-            "envelope": str,  # the event envelope as JSON, exactly what export prints
-            "synced_at": float,  # null until the central store acknowledged it
-        },
-        pk="seq",
-        not_null={"event_id", "type", "customer", "ts", "received_at", "envelope"},
-    )
-    db.execute("CREATE UNIQUE INDEX events_event_id ON events(event_id)")
+# 0001 as plain SQL: the exact statements sqlite-utils 4 issued for it (its ``create`` from
+# column types, ``pk`` and ``not_null``), frozen here so that the agent's runtime does not
+# import sqlite-utils (which imports numpy, dateutil, click and tabulate: about 15 MB of a
+# store box's memory). ``tests/edge_agent/test_buffer_schema_sql.py`` checks that a buffer
+# made here and one made by sqlite-utils have the same schema.
+_INITIAL: Final = (
+    'CREATE TABLE "events" (\n'
+    '   "seq" INTEGER PRIMARY KEY,\n'  # arrival order; eviction and upload follow it
+    '   "event_id" TEXT NOT NULL,\n'
+    '   "type" TEXT NOT NULL,\n'
+    '   "customer" INTEGER NOT NULL,\n'  # 1: a customer interaction (kept longest), 0: telemetry
+    '   "customer_id" TEXT,\n'
+    '   "ts" TEXT NOT NULL,\n'
+    '   "received_at" REAL NOT NULL,\n'  # unix seconds, for age figures
+    '   "envelope" TEXT NOT NULL,\n'  # the event envelope as JSON, exactly what export prints
+    '   "synced_at" REAL\n'  # null until the central store acknowledged it
+    ")",
+    "CREATE UNIQUE INDEX events_event_id ON events(event_id)",
     # Upload order (customer events first, oldest first) and telemetry eviction both read this.
-    db.execute("CREATE INDEX events_pending ON events(customer, seq) WHERE synced_at IS NULL")
-    db.execute("CREATE INDEX events_synced ON events(seq) WHERE synced_at IS NOT NULL")
-    db.execute(
-        "CREATE INDEX events_customer_id ON events(customer_id) WHERE customer_id IS NOT NULL"
-    )
-    db.table("quarantine").create(
-        {
-            "id": int,
-            "received_at": str,
-            "source": str,
-            "reason": str,
-            "detail": str,
-            "raw": bytes,  # truncated to buffer.quarantine_raw_bytes
-            "raw_len": int,  # the original length
-        },
-        pk="id",
-    )
-    db.table("counters").create({"name": str, "value": int}, pk="name")
-    db.table("consent").create(
-        {
-            "customer_id": str,
-            "personalization": int,
-            "profile_sharing": int,
-            "partner_sharing": int,
-            "ts": str,
-            "event_id": str,
-        },
-        pk="customer_id",
-    )
-    db.table("meta").create({"key": str, "value": str}, pk="key")
+    "CREATE INDEX events_pending ON events(customer, seq) WHERE synced_at IS NULL",
+    "CREATE INDEX events_synced ON events(seq) WHERE synced_at IS NOT NULL",
+    "CREATE INDEX events_customer_id ON events(customer_id) WHERE customer_id IS NOT NULL",
+    'CREATE TABLE "quarantine" (\n'
+    '   "id" INTEGER PRIMARY KEY,\n'
+    '   "received_at" TEXT,\n'
+    '   "source" TEXT,\n'
+    '   "reason" TEXT,\n'
+    '   "detail" TEXT,\n'
+    '   "raw" BLOB,\n'  # truncated to buffer.quarantine_raw_bytes
+    '   "raw_len" INTEGER\n'  # the original length
+    ")",
+    'CREATE TABLE "counters" (\n   "name" TEXT PRIMARY KEY,\n   "value" INTEGER\n)',
+    'CREATE TABLE "consent" (\n'
+    '   "customer_id" TEXT PRIMARY KEY,\n'
+    '   "personalization" INTEGER,\n'
+    '   "profile_sharing" INTEGER,\n'
+    '   "partner_sharing" INTEGER,\n'
+    '   "ts" TEXT,\n'
+    '   "event_id" TEXT\n'
+    ")",
+    'CREATE TABLE "meta" (\n   "key" TEXT PRIMARY KEY,\n   "value" TEXT\n)',
+)
+
+
+def _initial(connection: sqlite3.Connection) -> None:
+    for statement in _INITIAL:
+        connection.execute(statement)
 
 
 MIGRATIONS: Final[tuple[tuple[str, Migration], ...]] = (("0001_initial", _initial),)
@@ -79,12 +75,11 @@ def migrate(connection: sqlite3.Connection) -> int:
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
     applied = {row[0] for row in connection.execute("SELECT version FROM _migrations")}
-    db = sqlite_utils.Database(connection)
     for version, (name, apply) in enumerate(MIGRATIONS, start=1):
         if version in applied:
             continue
         with connection:  # one transaction per migration: all of it or none
-            apply(db)
+            apply(connection)
             connection.execute(
                 "INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (version, name, datetime.now(UTC).isoformat()),

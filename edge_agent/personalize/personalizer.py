@@ -152,6 +152,7 @@ class Personalizer:
                 "latency_histogram": self.stats.histogram.as_status(),
                 "sessions": len(self.sessions),
                 "sessions_evicted": self.sessions.evicted,
+                "feedback_evicted": self.feedback.evicted,
                 "recent": [
                     {**entry, "accepted": self.feedback.was_accepted(entry["suggestion_id"])}
                     for entry in self.stats.recent
