@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -35,13 +36,12 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
-import msgspec
-
-from edge_agent.config_positions import Path as KeyPath
-from edge_agent.config_positions import key_lines, line_of
 from edge_agent.errors import ConfigError, ConfigProblem, ConfigProblemsError
+
+if TYPE_CHECKING:
+    from edge_agent.config_positions import Path as KeyPath
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX: Final = "EDGE_AGENT__"
@@ -268,6 +268,8 @@ class _FileOrigin:
         self._lines: dict[KeyPath, int] | None = None
 
     def where(self, path: KeyPath) -> str:
+        from edge_agent.config_positions import key_lines, line_of
+
         if self._lines is None:
             self._lines = key_lines(self._text)
         line = line_of(self._lines, path)
@@ -390,14 +392,23 @@ def config_from_dict(document: Mapping[str, Any], origins: Origins | None = None
 _SECTIONS: Final[dict[str, type[Any]]] = {
     item.name: typing.get_type_hints(Config)[item.name] for item in dataclasses.fields(Config)
 }
-# What each TOML value is checked as: bounded so nothing downstream overflows (SQLite and the
-# store end at signed 64 bits; a NaN compares false with every limit), no NUL in a string.
-_STRICT_TYPES: Final[dict[Any, Any]] = {
-    int: Annotated[int, msgspec.Meta(ge=-_INT64_MAX, le=_INT64_MAX)],
-    float: Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)],
-    str: Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")],
-    bool: bool,
-}
+
+
+@functools.cache
+def _strict_types() -> dict[Any, Any]:
+    """What each TOML value is checked as: bounded so nothing downstream overflows (SQLite
+    and the store end at signed 64 bits; a NaN compares false with every limit), no NUL in
+    a string. Built on first use: ``edge-agent --version`` does not load msgspec."""
+    import msgspec
+
+    return {
+        int: Annotated[int, msgspec.Meta(ge=-_INT64_MAX, le=_INT64_MAX)],
+        float: Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)],
+        str: Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")],
+        bool: bool,
+    }
+
+
 _WANTED: Final = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 _OUT_OF_BOUNDS: Final = {
     int: "is out of range (at most 64-bit integers)",
@@ -431,8 +442,10 @@ class _Bad:
 
 def _checked(expected: Any, value: Any) -> Any:
     """``value`` as ``expected`` (strictly), or a ``_Bad`` saying why not."""
+    import msgspec
+
     try:
-        checked = msgspec.convert(value, _STRICT_TYPES[expected], strict=True)
+        checked = msgspec.convert(value, _strict_types()[expected], strict=True)
     except msgspec.ValidationError as exc:
         if "got `" in str(exc) or type(value) not in (expected, int):
             return _Bad(f"must be {_WANTED[expected]}, got {_described(value)}")
