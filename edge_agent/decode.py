@@ -95,7 +95,7 @@ def parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
     """``{prefix}/{store_id}/devices/{device_id}/{events|telemetry|telemetry/{field}}``,
     else None."""
     head = f"{prefix}/{store_id}/devices/"
-    if not topic.startswith(head):
+    if not topic.startswith(head) or "\x00" in topic:  # MQTT forbids U+0000; PostgreSQL too
         return None
     device_id, _, channel = topic[len(head) :].partition("/")
     channel, _, name = channel.partition("/")
