@@ -7,6 +7,8 @@ import typing
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.config import Config, SerialPort, config_from_toml, load_config
 from edge_agent.config_positions import key_lines
@@ -267,3 +269,45 @@ def test_the_line_index_places_the_shapes_a_config_uses() -> None:
         ("x", "y", 1): 12,
         ("x", "y", 1, "z"): 13,
     }
+
+
+_SCALAR_KEYS = _keys()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chosen=st.lists(
+        st.tuples(st.sampled_from(_SCALAR_KEYS), st.integers(0, 5)),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda item: item[0][:2],
+    ),
+    blank_lines=st.lists(st.integers(0, 3), min_size=12, max_size=12),
+)
+def test_any_set_of_wrong_values_is_reported_whole_with_the_right_lines(
+    chosen: list[tuple[tuple[str, str, type], int]], blank_lines: list[int]
+) -> None:
+    """Wrong values under random keys, in random sections, with blank lines between: every
+    one is reported, at its own line, and nothing else is."""
+    by_section: dict[str, list[tuple[str, str]]] = {}
+    for (section, key, kind), pick in chosen:
+        literals = WRONG[kind]
+        by_section.setdefault(section, []).append((key, literals[pick % len(literals)]))
+    lines = ["[agent]", 'store_id = "s"'] if "agent" not in by_section else []
+    expected: dict[str, int] = {}
+    gaps = iter(blank_lines)
+    for section, assignments in by_section.items():
+        lines.append(f"[{section}]")
+        if section == "agent" and all(key != "store_id" for key, _ in assignments):
+            lines.append('store_id = "s"')
+        for key, literal in assignments:
+            lines += [""] * next(gaps)
+            lines.append(f"{key} = {literal}")
+            expected[f"{section}.{key}"] = len(lines)
+    text = "\n".join(lines) + "\n"
+    with pytest.raises(ConfigProblemsError) as raised:
+        config_from_toml(text, {}, "agent.toml")
+    found = {problem.key: problem.origin for problem in raised.value.problems}
+    if "agent.store_id" in expected:  # a wrong store_id also leaves it missing: one problem
+        assert found.pop("agent.store_id") == f"agent.toml:{expected.pop('agent.store_id')}"
+    assert found == {key: f"agent.toml:{line}" for key, line in expected.items()}
