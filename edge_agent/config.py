@@ -220,8 +220,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """Read the TOML file (if any) and its ``conf.d/*.toml`` drop-ins, then systemd
     credentials, then environment overrides; validate; freeze.
 
-    Drop-ins live beside the file (``/etc/edge-agent/agent.toml`` for
-    ``/etc/edge-agent/conf.d/``) and are merged in name order, a later file winning key
+    Drop-ins live beside the file (``/etc/edge-agent/conf.d/`` for
+    ``/etc/edge-agent/agent.toml``) and are merged in name order, a later file winning key
     by key (an array such as ``[[serial.ports]]`` is replaced whole). Every problem is
     reported at once, each with where its value was set: the file and line, the
     credential file or the environment variable.
@@ -334,7 +334,7 @@ def _apply_credentials(
             continue
         except (OSError, ValueError) as exc:  # unreadable or not UTF-8
             raise ConfigError(f"{section}.{key}", f"credential {credential}: {exc}") from exc
-        if value:
+        if value and isinstance(document.setdefault(section, {}), dict):
             _merge(document, {section: {key: value}}, origins, f"credential {credential}", ())
 
 
@@ -524,8 +524,8 @@ def _apply_environment(
         section, key = parts
         expected = _field_types(_SECTIONS[section]).get(key) if section in _SECTIONS else None
         typed = _from_text(value, expected) if expected is not None else value
-        layer = {section: {key: typed}}
-        _merge(document, layer, origins, f"environment {name}", ())
+        if isinstance(document.setdefault(section, {}), dict):  # else: "must be a table"
+            _merge(document, {section: {key: typed}}, origins, f"environment {name}", ())
 
 
 def _from_text(text: str, expected: Any) -> Any:

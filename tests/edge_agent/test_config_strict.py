@@ -311,3 +311,17 @@ def test_any_set_of_wrong_values_is_reported_whole_with_the_right_lines(
     if "agent.store_id" in expected:  # a wrong store_id also leaves it missing: one problem
         assert found.pop("agent.store_id") == f"agent.toml:{expected.pop('agent.store_id')}"
     assert found == {key: f"agent.toml:{line}" for key, line in expected.items()}
+
+
+def test_an_override_does_not_hide_a_section_that_is_not_a_table(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'sync = "https://x"\n{HEAD}')
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "sync-token").write_text("t\n")
+    environ = {"EDGE_AGENT__SYNC__TOKEN": "t", "CREDENTIALS_DIRECTORY": str(credentials)}
+    with pytest.raises(ConfigProblemsError) as raised:
+        load_config(config, environ)
+    assert [str(problem) for problem in raised.value.problems] == [
+        f"{config}:1: sync: must be a table ([sync]), got 'https://x' (a string)"
+    ]
