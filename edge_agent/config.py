@@ -389,9 +389,7 @@ def config_from_dict(document: Mapping[str, Any], origins: Origins | None = None
     return config
 
 
-_SECTIONS: Final[dict[str, type[Any]]] = {
-    item.name: typing.get_type_hints(Config)[item.name] for item in dataclasses.fields(Config)
-}
+_SECTIONS: Final[dict[str, type[Any]]] = typing.get_type_hints(Config)
 
 
 @functools.cache
