@@ -418,6 +418,13 @@ _OUT_OF_BOUNDS: Final = {
 def _build_section(
     section: str, cls: type[Any], values: Mapping[str, Any], problems: dict[str, str]
 ) -> Any:
+    """The section with the values that passed; the others keep their defaults."""
+    return cls(**_section_values(section, cls, values, problems))
+
+
+def _section_values(
+    section: str, cls: type[Any], values: Mapping[str, Any], problems: dict[str, str]
+) -> dict[str, Any]:
     hints = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -430,7 +437,7 @@ def _build_section(
             problems[dotted] = checked.problem
         else:
             kwargs[key] = checked
-    return cls(**kwargs)
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -478,6 +485,8 @@ def _described(value: Any) -> str:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as TOML writes it
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
     return text if len(text) <= 64 else text[:60] + "..."
 
@@ -499,9 +508,9 @@ def _serial_section(values: Mapping[str, Any], problems: dict[str, str]) -> Seri
             problems[f"{name}.url"] = "is required"
         else:
             before = len(problems)
-            entry = _build_section(name, SerialPort, port, problems)
-            if len(problems) == before:
-                built.append(entry)
+            values = _section_values(name, SerialPort, port, problems)
+            if len(problems) == before:  # url has no default: a port with a problem is left out
+                built.append(SerialPort(**values))
     return SerialSection(tuple(built))
 
 

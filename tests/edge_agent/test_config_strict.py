@@ -135,6 +135,21 @@ def test_an_unknown_key_lists_the_valid_keys_of_its_table(section: str) -> None:
         assert key in problem
 
 
+@pytest.mark.parametrize(
+    ("port", "key", "where"),
+    [
+        ("url = true", "serial.ports[0].url", "4 must be a string, got true (a boolean)"),
+        ('url = "/dev/a"\nbaud = "fast"', "serial.ports[0].baud", "5 must be an integer, got"),
+        ("url = {a = 1}", "serial.ports[0].url", "4 must be a string, got a table"),
+        ("baud = 9600", "serial.ports[0].url", "3 is required"),  # at the port's header
+    ],
+)
+def test_a_serial_port_of_the_wrong_type(port: str, key: str, where: str) -> None:
+    found = _problems(f"{HEAD}[[serial.ports]]\n{port}\n")
+    assert list(found) == [key]
+    assert found[key].startswith(f"agent.toml:{where}")
+
+
 def test_an_unknown_key_of_a_serial_port_lists_the_port_keys() -> None:
     problems = _problems(f'{HEAD}[[serial.ports]]\nurl = "/dev/a"\nbaud_rate = 9600\n')
     listed = ", ".join(f.name for f in dataclasses.fields(SerialPort))
