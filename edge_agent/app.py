@@ -24,7 +24,13 @@ from edge_agent.buffer import Buffer
 from edge_agent.component import Component, Ports
 from edge_agent.config import Config
 from edge_agent.deadletter import HandlingJournal
-from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, clock_rules, make_context
+from edge_agent.decode import (
+    EVENTS_CHANNEL,
+    TELEMETRY_CHANNEL,
+    TELEMETRY_VALUE_CHANNEL,
+    clock_rules,
+    make_context,
+)
 from edge_agent.device_time import DeviceClockJudge
 from edge_agent.displays import SerialDisplays
 from edge_agent.errors import HttpPortInUseError, StorageError
@@ -73,7 +79,7 @@ def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list
             config.mqtt,
             f"{client_id}-telemetry",
             context,
-            channels=(TELEMETRY_CHANNEL,),
+            channels=(TELEMETRY_CHANNEL, TELEMETRY_VALUE_CHANNEL),
             name="mqtt-telemetry",
             announce=False,
             journal=HandlingJournal(inflight, "mqtt-telemetry", deaths),

@@ -7,11 +7,23 @@ writer sees it: ``NaN``/``Infinity`` and floats that overflow (``1e400``), integ
 signed 64 bits (SQLite's JSON functions and the store's ``bigint`` end there; Python's own
 limit of 4,300 digits would raise), and lone UTF-16 surrogates (``"\\ud800"``), which no
 UTF-8 text can hold, in keys and values at any depth.
+
+Telemetry comes in three forms (docs/telemetry.md), all one ``telemetry`` event whose
+``values`` the registry then checks (declared names, numbers and booleans):
+- ``.../telemetry`` with ``{"ts": ..., "values": {"temp_c": 4.1}}``;
+- the same with nested objects in ``values``, flattened with ``.``:
+  ``{"motor": {"temp_c": 4.1}}`` is ``motor.temp_c`` (the registry bounds the depth);
+- one value per topic, the Home Assistant / Node-RED habit: ``.../telemetry/temp_c`` with
+  the payload ``4.1``, ``true``/``false`` (``on``/``off``, any case), ``unavailable`` or
+  ``unknown`` or nothing (null), a JSON string or bare short text (handed to the registry,
+  which refuses strings: a reading that is text could carry a customer id), or an object,
+  flattened under the topic's name.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -24,6 +36,13 @@ from edge_agent.safe_json import BadNumberError, load_json, may_hold_unholdable,
 
 EVENTS_CHANNEL: Final = "events"
 TELEMETRY_CHANNEL: Final = "telemetry"
+# One value per topic: .../telemetry/{name}, subscribed beside .../telemetry.
+TELEMETRY_VALUE_CHANNEL: Final = "telemetry/+"
+FIELD_SEPARATOR: Final = "."  # nested telemetry {"motor": {"temp_c": 1}} -> "motor.temp_c"
+MAX_TEXT_VALUE: Final = 64  # characters of a bare text payload on a value topic
+_TRUE_WORDS: Final = frozenset({"true", "on"})
+_FALSE_WORDS: Final = frozenset({"false", "off"})
+_NULL_WORDS: Final = frozenset({"", "unavailable", "unknown", "null", "none"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,23 +88,24 @@ class _Message:
 class TopicParts:
     device_id: str
     channel: str  # "events" or "telemetry"
+    field: str = ""  # telemetry/{field}: one value per topic
 
 
 def parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
-    """``{prefix}/{store_id}/devices/{device_id}/{events|telemetry}``, else None."""
+    """``{prefix}/{store_id}/devices/{device_id}/{events|telemetry|telemetry/{field}}``,
+    else None."""
     head = f"{prefix}/{store_id}/devices/"
-    if not topic.startswith(head):
+    if not topic.startswith(head) or "\x00" in topic:  # MQTT forbids U+0000; PostgreSQL too
         return None
     device_id, _, channel = topic[len(head) :].partition("/")
-    if (
-        not device_id
-        or len(device_id) > MAX_ID_LENGTH
-        or channel
-        not in (
-            EVENTS_CHANNEL,
-            TELEMETRY_CHANNEL,
-        )
-    ):
+    channel, _, name = channel.partition("/")
+    if not device_id or len(device_id) > MAX_ID_LENGTH:
+        return None
+    if name:
+        if channel != TELEMETRY_CHANNEL or "/" in name or len(name) > MAX_ID_LENGTH:
+            return None
+        return TopicParts(device_id, channel, name)
+    if channel not in (EVENTS_CHANNEL, TELEMETRY_CHANNEL) or topic.endswith("/"):
         return None
     return TopicParts(device_id, channel)
 
@@ -111,14 +131,25 @@ def decode_message(
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         return reject("not_utf8", str(exc))
+    if topic.field:
+        word = text.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS or word in _NULL_WORDS:
+            value = True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
+            message = _Message(context, topic, source, payload, received, received_at)
+            return [_telemetry_value(message, value)]
     try:
         document = load_json(text)
+    except json.JSONDecodeError as exc:
+        if not topic.field:
+            return reject("not_json", str(exc))
+        bare = _bare_value(text)
+        if isinstance(bare, Rejected):
+            return reject(bare.reason, bare.detail)
+        document = bare
     except RecursionError:
         return reject("too_deep", "nesting exceeds the JSON parser's limit")
     except BadNumberError as exc:
         return reject("bad_number", str(exc))
-    except json.JSONDecodeError as exc:
-        return reject("not_json", str(exc))
     if _nesting_may_exceed(payload, limits.max_depth) and _depth(document) > limits.max_depth:
         return reject("too_deep", f"nesting deeper than {limits.max_depth}")
     if may_hold_unholdable(payload):
@@ -127,6 +158,8 @@ def decode_message(
             return reject("bad_unicode", f"lone surrogate or NUL in {where}")
 
     message = _Message(context, topic, source, payload, received, received_at)
+    if topic.field:
+        return [_telemetry_value(message, document)]
     if topic.channel == TELEMETRY_CHANNEL:
         return [_telemetry(message, document)]
     items = document if isinstance(document, list) else [document]
@@ -196,7 +229,10 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     if not isinstance(values, dict):
         reason = "missing_field" if values is None else "wrong_type"
         return Rejected(source, reason, payload, "values", received_at)
-    declared = context.registry.admit_data("telemetry", {"values": values})
+    flat = flatten_values(values)
+    if isinstance(flat, str):
+        return Rejected(source, "wrong_type", payload, flat, received_at)
+    declared = context.registry.admit_data("telemetry", {"values": flat})
     if isinstance(declared, str):
         return Rejected(source, declared, payload, "values", received_at)
     ts = _event_time(document.get("ts"), message)
@@ -214,6 +250,80 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
         received_at=received_at,
         customer=False,
     )
+
+
+def _telemetry_value(message: _Message, value: Any) -> Event | Rejected:
+    """One value on ``.../telemetry/{name}``: ``{name: value}`` (an object is flattened
+    under ``name``), timed at receipt. The id covers the receive time too: the same reading
+    sent again a minute later is a second sample, not a redelivery."""
+    context, topic, source = message.context, message.topic, message.source
+    payload, received_at = message.payload, message.received_at
+    if isinstance(value, list):
+        return Rejected(source, "wrong_type", payload, "a value, not an array", received_at)
+    flat = flatten_values({topic.field: value})
+    if isinstance(flat, str):
+        return Rejected(source, "wrong_type", payload, flat, received_at)
+    registry = context.registry
+    if isinstance(value, dict):  # like the object form: undeclared names dropped, counted
+        cleaned = registry.admit_data("telemetry", {"values": flat})
+    else:
+        cleaned = registry.clean_data("telemetry", {"values": flat})
+        if not isinstance(cleaned, str) and cleaned.dropped:  # a name the registry refuses
+            detail = f"telemetry name {topic.field[:64]!r} is not allowed by the registry"
+            return Rejected(source, "bad_topic", payload, detail, received_at)
+    if isinstance(cleaned, str):
+        return Rejected(source, cleaned, payload, f"values.{topic.field}", received_at)
+    return Event(
+        event_id=derive_event_id(context.id_key, source, f"{received_at}\0".encode() + payload),
+        type="telemetry",
+        ts=received_at,
+        store_id=context.store_id,
+        device_id=topic.device_id,
+        customer_id=None,
+        source=source,
+        data=cleaned.data,
+        received_at=received_at,
+        customer=False,
+    )
+
+
+def flatten_values(values: dict[str, Any]) -> dict[str, Any] | str:
+    """Nested objects joined with ``FIELD_SEPARATOR``; a problem as text (a name given
+    twice, as ``{"a": {"b": 1}, "a.b": 2}``). Depth is already bounded (input.max_depth)
+    and the registry bounds names and counts."""
+    if not any(isinstance(value, dict) for value in values.values()):
+        return values
+    flat: dict[str, Any] = {}
+    stack: list[tuple[str, dict[str, Any]]] = [("", values)]
+    while stack:
+        prefix, table = stack.pop()
+        for key, value in table.items():
+            name = f"{prefix}{FIELD_SEPARATOR}{key}" if prefix else key
+            if isinstance(value, dict):
+                stack.append((name, value))
+            elif name in flat:
+                return f"values.{name[:64]} is given twice"
+            else:
+                flat[name] = value
+    return flat
+
+
+def _bare_value(text: str) -> Any:
+    """A value topic's payload that is not JSON: a number Python reads (``+4.1``), else
+    short printable text, else a ``Rejected`` (source and time filled in by the caller)."""
+    stripped = text.strip()
+    if len(stripped) <= MAX_TEXT_VALUE:
+        try:
+            number = float(stripped)
+        except ValueError:
+            if stripped.isprintable():
+                return stripped
+        else:
+            if math.isfinite(number):
+                return number
+            return Rejected("", "bad_number", b"", stripped)
+    detail = f"not a number, true/false or text of at most {MAX_TEXT_VALUE} characters"
+    return Rejected("", "not_json", b"", detail)
 
 
 def _event_time(value: Any, message: _Message) -> str | Rejected:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 
 class EdgeAgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -14,6 +17,35 @@ class ConfigError(EdgeAgentError):
         super().__init__(f"config: {key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with the configuration, and where it was set."""
+
+    key: str  # dotted: mqtt.port, serial.ports[0].url
+    problem: str
+    origin: str = ""  # "/etc/edge-agent/agent.toml:4", "environment EDGE_AGENT__MQTT__PORT", ...
+
+    def __str__(self) -> str:
+        where = f"{self.origin}: " if self.origin else ""
+        return f"{where}{self.key}: {self.problem}"
+
+
+class ConfigProblemsError(ConfigError):
+    """Every problem the loader found at once; ``key`` and ``problem`` are the first's."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        first = problems[0]
+        super().__init__(first.key, first.problem)
+        self.problems = tuple(problems)
+        self.origin = first.origin
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"config: {self.problems[0]}"
+        listed = "\n".join(f"  {problem}" for problem in self.problems)
+        return f"config: {len(self.problems)} problems:\n{listed}"
 
 
 class HttpPortInUseError(ConfigError):

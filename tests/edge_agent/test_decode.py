@@ -170,7 +170,7 @@ def test_telemetry_payload() -> None:
         (b"42", "wrong_type", EVENTS),
         (b'{"values": [1, 2]}', "wrong_type", TELEMETRY),
         (b'{"temp_c": 4}', "missing_field", TELEMETRY),
-        (b'{"values": {"nested": {"a": 1}}}', "wrong_type", TELEMETRY),
+        (b'{"values": {"nested": {"a": "text"}}}', "wrong_type", TELEMETRY),  # nested: flattened
     ],
 )
 def test_bad_input_is_rejected_with_its_reason(
