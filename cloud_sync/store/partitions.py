@@ -1,0 +1,187 @@
+"""PostgreSQL ``events`` partitions: one per ingest day (UTC), made ahead, dropped for retention.
+
+Migration 6 partitions ``events`` by ``ingested_at`` (the store's clock): ``events_legacy``
+holds what was stored before it, ``events_pYYYYMMDD`` one day each, and ``events_default``
+catches a row whose day has no partition yet (maintenance that did not run). Making a day's
+partition moves that day's strays out of the default one in the same transaction.
+
+Retention drops whole day partitions and forgets their idempotency keys (``event_keys``).
+Only events go: consent and link changes (``identity_changes``), ``identity_links``,
+``erasures`` and credentials are other tables and are never touched here.
+
+Every change holds ``PARTITION_LOCK`` so that service instances and the CLI take turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+PARTITION_LOCK: Final = 0x63_73_70_61_72_74  # "cspart"
+DEFAULT_DAYS_AHEAD: Final = 7
+DEFAULT_PARTITION: Final = "events_default"
+_BOUND = re.compile(r"FOR VALUES FROM \((.+)\) TO \((.+)\)")
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    name: str
+    lower: datetime | None  # None: MINVALUE
+    upper: datetime | None  # None: MAXVALUE (or the default partition)
+    is_default: bool
+    rows: int  # the planner's estimate (pg_class.reltuples), -1 when never analysed
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "from": self.lower.isoformat() if self.lower else None,
+            "to": self.upper.isoformat() if self.upper else None,
+            "default": self.is_default,
+            "rows_estimate": self.rows,
+        }
+
+
+def day_name(day: date) -> str:
+    return f"events_p{day:%Y%m%d}"
+
+
+def midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+async def is_partitioned(conn: psycopg.AsyncConnection[Any]) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid"
+        " WHERE c.oid = to_regclass('events')"
+    )
+    return await cur.fetchone() is not None
+
+
+async def list_partitions(conn: psycopg.AsyncConnection[Any]) -> list[Partition]:
+    """The partitions of ``events``, oldest first, the default one last."""
+    async with conn.transaction():
+        # Bounds are printed in the session's time zone: UTC, so that they parse the same.
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
+        cur = await conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint"
+            " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass('events')"
+        )
+        rows = await cur.fetchall()
+    parts = [_partition(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+    return sorted(parts, key=lambda p: (p.is_default, p.lower or datetime.min.replace(tzinfo=UTC)))
+
+
+async def create_ahead(
+    conn: psycopg.AsyncConnection[Any], now: datetime, days: int = DEFAULT_DAYS_AHEAD
+) -> list[str]:
+    """Make the day partitions from ``now``'s day to ``days`` days ahead; the names made."""
+    made: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+        existing = await list_partitions(conn)
+        today = now.astimezone(UTC).date()
+        for offset in range(days + 1):
+            day = today + timedelta(days=offset)
+            lo, hi = midnight(day), midnight(day + timedelta(days=1))
+            if any(_overlaps(p, lo, hi) for p in existing):
+                continue
+            await _create_day(conn, day, lo, hi)
+            made.append(day_name(day))
+    if made:
+        log.info("store.partitions.created names=%s", ",".join(made))
+    return made
+
+
+async def drop_older(
+    conn: psycopg.AsyncConnection[Any], now: datetime, days: int
+) -> tuple[list[str], int]:
+    """Drop the partitions wholly older than ``days`` days before ``now``'s day (UTC), with their
+    idempotency keys, and delete the default partition's rows that old. The names dropped and
+    the number of strays deleted from the default partition."""
+    if days < 1:
+        raise ValueError(f"retention days must be at least 1, not {days}")
+    cutoff = midnight(now.astimezone(UTC).date() - timedelta(days=days))
+    dropped: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+        for part in await list_partitions(conn):
+            if part.is_default or part.upper is None or part.upper > cutoff:
+                continue
+            table = sql.Identifier(part.name)
+            await conn.execute(
+                sql.SQL(
+                    "DELETE FROM event_keys k USING {} p"
+                    " WHERE k.store_id = p.store_id AND k.event_id = p.event_id"
+                ).format(table)
+            )
+            await conn.execute(sql.SQL("DROP TABLE {}").format(table))
+            dropped.append(part.name)
+        cur = await conn.execute(
+            "WITH gone AS (DELETE FROM events_default WHERE ingested_at < %s"
+            " RETURNING store_id, event_id) DELETE FROM event_keys k USING gone g"
+            " WHERE k.store_id = g.store_id AND k.event_id = g.event_id",
+            (cutoff,),
+        )
+        strays = cur.rowcount
+    log.info(
+        "store.partitions.dropped cutoff=%s names=%s strays=%d",
+        cutoff.isoformat(),
+        ",".join(dropped),
+        strays,
+    )
+    return dropped, strays
+
+
+async def _create_day(
+    conn: psycopg.AsyncConnection[Any], day: date, lo: datetime, hi: datetime
+) -> None:
+    """One day's partition; that day's strays move out of the default partition first (a new
+    partition cannot be made over rows the default one holds)."""
+    table = sql.Identifier(day_name(day))
+    await conn.execute("CREATE TEMPORARY TABLE strays (LIKE events) ON COMMIT DROP")
+    await conn.execute(
+        "WITH moved AS (DELETE FROM events_default WHERE ingested_at >= %s AND ingested_at < %s"
+        " RETURNING *) INSERT INTO strays SELECT * FROM moved",
+        (lo, hi),
+    )
+    await conn.execute(
+        sql.SQL("CREATE TABLE {} PARTITION OF events FOR VALUES FROM ({}) TO ({})").format(
+            table, sql.Literal(lo), sql.Literal(hi)
+        )
+    )
+    cur = await conn.execute("INSERT INTO events OVERRIDING SYSTEM VALUE SELECT * FROM strays")
+    if cur.rowcount:
+        log.warning("store.partitions.drained name=%s rows=%d", day_name(day), cur.rowcount)
+    await conn.execute("DROP TABLE strays")
+
+
+def _overlaps(part: Partition, lo: datetime, hi: datetime) -> bool:
+    if part.is_default:
+        return False
+    below = part.lower is None or part.lower < hi
+    above = part.upper is None or part.upper > lo
+    return below and above
+
+
+def _partition(name: str, bound: str, rows: int) -> Partition:
+    if bound == "DEFAULT":
+        return Partition(name, None, None, True, rows)
+    match = _BOUND.fullmatch(bound)
+    if match is None:
+        raise ValueError(f"events partition {name}: unexpected bound {bound!r}")
+    return Partition(name, _bound_value(match.group(1)), _bound_value(match.group(2)), False, rows)
+
+
+def _bound_value(text: str) -> datetime | None:
+    if text in ("MINVALUE", "MAXVALUE"):
+        return None
+    return datetime.fromisoformat(text.strip("'")).astimezone(UTC)
