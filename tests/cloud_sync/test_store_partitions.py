@@ -29,7 +29,7 @@ def old_store(url: str) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(migrations.POSTGRES_LEDGER)
         for migration in migrations.MIGRATIONS:
-            if migration.version > 5:  # noqa: PLR2004 - the last version of the old layout
+            if migration.version > 5:  # the last version of the old layout
                 continue
             for statement in migration.postgres:
                 conn.execute(statement)
@@ -53,7 +53,7 @@ def old_store(url: str) -> None:
             " 'consent-1', 's-1', %s, %s, 'applied')",
             (OLD_TS, OLD_TS),
         )
-        conn.execute("INSERT INTO identity_links (a, b) VALUES ('c-1', 'card-1'), ('card-1', 'c-1')")
+        conn.execute("INSERT INTO identity_links VALUES ('c-1', 'card-1'), ('card-1', 'c-1')")
 
 
 def row(event_id: str, store_id: str, customer_id: str = "c-1") -> EventRow:
@@ -95,10 +95,10 @@ async def test_an_old_store_converts_with_every_row_and_seq_kept(pg_url: str) ->
     try:
         assert snapshot(pg_url) == before
         assert scalar(pg_url, "SELECT count(*) FROM event_keys") == len(before)
-        assert scalar(pg_url, "SELECT max(version) FROM schema_migrations") == 6  # noqa: PLR2004
+        assert scalar(pg_url, "SELECT max(version) FROM schema_migrations") == 6
         assert scalar(pg_url, "SELECT count(*) FROM events_legacy") == len(before)
         assert scalar(pg_url, "SELECT count(*) FROM identity_changes") == 1
-        assert scalar(pg_url, "SELECT count(*) FROM identity_links") == 2  # noqa: PLR2004
+        assert scalar(pg_url, "SELECT count(*) FROM identity_links") == 2
         # Re-sending old events (both stores' copies of one id) stores nothing twice ...
         again = await backend.ingest([row("e-5", "s-1"), row("e-5", "s-2")], datetime.now(UTC))
         assert (again.accepted, again.duplicates) == (0, 2)
@@ -210,7 +210,7 @@ def test_the_partitions_cli_lists_creates_and_drops(pg_url: str) -> None:
     assert code == 0
     listed = out.splitlines()
     assert any('"name": "events_default"' in line for line in listed)
-    assert len(listed) == 9  # noqa: PLR2004 - legacy, default and seven days ahead
+    assert len(listed) == 9  # legacy, default and seven days ahead
     code, out, _ = run_cli("partitions", "create-ahead", "--days", "9", "--db", pg_url)
     assert (code, out.count("events_p")) == (0, 2)
     code, out, _ = run_cli("partitions", "drop-older", "--days", "30", "--db", pg_url)
