@@ -83,7 +83,9 @@ def fill_sql(lo: int, hi: int, customers_from: int, days: int) -> tuple[str, tup
         " at - interval '1 minute',"
         " 's-' || (i %% %s), 'shelf-1', 'c-' || (%s + i %% %s), 'mqtt:t', 1,"
         " jsonb_build_object('sku', 'SKU-' || (i %% 400)), at FROM generate_series(%s, %s - 1) i,"
-        " LATERAL (SELECT now() - random() * %s * interval '1 day' AS at) t",
+        # A spread that depends on i (an uncorrelated random() would be computed once).
+        " LATERAL (SELECT now() - ((i::bigint * 7919) %% (%s * 86400))"
+        " * interval '1 second' AS at) t",
         (list(INTERACTION_TYPES)[:5], STORES, customers_from, count, lo, hi, days),
     )
 
@@ -245,6 +247,18 @@ async def ingest_phase(urls: dict[str, str], sizes: Sequence[int], batches: int)
     return out
 
 
+def bytes_per_row(url: str, rows: int) -> float:
+    """Heap, TOAST and indexes of events (all partitions) and event_keys, per stored row."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+            " AND (c.relname LIKE 'events%' OR c.relname = 'event_keys')"
+        ).fetchone()
+    return int(found[0]) / rows if found else 0.0
+
+
 def timed(work: Callable[[], object], count: int) -> tuple[float, float]:
     spent = []
     for _ in range(count):
@@ -317,6 +331,8 @@ async def run(args: argparse.Namespace) -> None:
             for layout, url in urls.items():
                 spent = fill(url, layout, filled, size, filled // PER_CUSTOMER, args.days)
                 print(f"fill {layout}: {size - filled:,} rows in {spent:.1f} s", flush=True)
+            for layout, url in urls.items():
+                print(f"size {layout} at {size:,} rows: {bytes_per_row(url, size):.0f} bytes/row")
             reads[size] = {
                 layout: read_phase(url, args.rows // PER_CUSTOMER, args.reads)
                 for layout, url in urls.items()
