@@ -5,8 +5,9 @@
 
 One scratch database (dropped at the end), three schemas filled the same way:
 - ``old``: migrations 1-5, one unpartitioned table, unique (store_id, event_id);
-- ``day``: every migration (6: partitioned by ingest day, keys claimed in ``event_keys``),
-  ``--days`` day partitions holding the rows;
+- ``week``: every migration (6: partitioned by ingest time, keys claimed in ``event_keys``),
+  7-day partitions (the store's default) over the ``--days`` holding the rows;
+- ``day``: the same with one partition a day;
 - ``day+hash``: the same with each day sub-partitioned by hash(store_id) into ``--hash``.
 
 Ingest: batches of 100 and 500 events (the agent's ``sync.batch_size`` is 500) through the
@@ -57,7 +58,7 @@ OLD_MOVE = (
     f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM ingest_staging"
     " ORDER BY store_id, event_id ON CONFLICT (store_id, event_id) DO NOTHING"
 )
-LAYOUTS = ("old", "day", "day+hash")
+LAYOUTS = ("old", "week", "day", "day+hash")
 PER_CUSTOMER = 20
 STORES = 1000
 TICK = os.sysconf("SC_CLK_TCK")
@@ -111,22 +112,29 @@ async def make_layout(db_url: str, layout: str, days: int, hash_parts: int) -> s
     backend = await open_backend(url, pool_size=1)  # every migration, partitions ahead
     await backend.close()
     now = datetime.now(UTC)
+    with psycopg.connect(url, autocommit=True) as conn:  # empty: replaced below
+        for name in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass('events') AND c.relname <> 'events_default'"
+        ).fetchall():
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name[0])))
+    if layout != "day+hash":
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as aconn:
+            span = 7 if layout == "week" else 1
+            await partitions.create_ahead(aconn, now - timedelta(days=days), days + 8, span)
+        return url
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE events_legacy")  # empty: the days below replace it
         for offset in range(-days, 8):
             day = (now + timedelta(days=offset)).date()
             name = sql.Identifier(partitions.day_name(day))
             lo, hi = partitions.midnight(day), partitions.midnight(day + timedelta(days=1))
-            exists = conn.execute("SELECT to_regclass(%s)", (partitions.day_name(day),)).fetchone()
-            if exists and exists[0] is not None:
-                conn.execute(sql.SQL("DROP TABLE {}").format(name))
-            tail = sql.SQL(" PARTITION BY HASH (store_id)") if layout == "day+hash" else sql.SQL("")
             conn.execute(
                 sql.SQL(
-                    "CREATE TABLE {} PARTITION OF events FOR VALUES FROM ({}) TO ({}){}"
-                ).format(name, sql.Literal(lo), sql.Literal(hi), tail)
+                    "CREATE TABLE {} PARTITION OF events FOR VALUES FROM ({}) TO ({})"
+                    " PARTITION BY HASH (store_id)"
+                ).format(name, sql.Literal(lo), sql.Literal(hi))
             )
-            for h in range(hash_parts if layout == "day+hash" else 0):
+            for h in range(hash_parts):
                 conn.execute(
                     sql.SQL(
                         "CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS {}, REMAINDER {})"
@@ -356,8 +364,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"{value['rows_s'] / base['rows_s']:.2f} of old)  p99 {value['p99_ms']:.1f} ms"
                 f"  PostgreSQL CPU {value['cpu_ms_per_1k']:.0f} ms/1k events"
             )
-        print("\n== EXPLAIN ANALYZE of GET /v1/profiles on day (scans only)")
-        print(profile_plan(urls["day"]))
+        print("\n== EXPLAIN ANALYZE of GET /v1/profiles on week (scans only)")
+        print(profile_plan(urls["week"]))
     if args.png:
         figures.write_png(args.png)
 

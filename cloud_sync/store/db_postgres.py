@@ -117,7 +117,7 @@ MOVE_STAGED = (
     " FROM ingest_staging s JOIN claimed c USING (store_id, event_id)"
     " ORDER BY s.store_id, s.event_id"
 )
-# Day partitions are made this far ahead at start and again once a day by the first ingest.
+# Partitions are made a week ahead at start and again once a day by the first ingest.
 PARTITION_CHECK: Final = timedelta(days=1)
 
 

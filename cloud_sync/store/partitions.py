@@ -1,11 +1,12 @@
-"""PostgreSQL ``events`` partitions: one per ingest day (UTC), made ahead, dropped for retention.
+"""PostgreSQL ``events`` partitions by ingest time: made ahead, dropped for retention.
 
 Migration 6 partitions ``events`` by ``ingested_at`` (the store's clock): ``events_legacy``
-holds what was stored before it, ``events_pYYYYMMDD`` one day each, and ``events_default``
-catches a row whose day has no partition yet (maintenance that did not run). Making a day's
-partition moves that day's strays out of the default one in the same transaction.
+holds what was stored before it, ``events_pYYYYMMDD`` one period each (``SPAN_DAYS`` days from
+that date, weeks from Monday by default; the first after ``events_legacy`` is shorter), and
+``events_default`` catches a row whose period has no partition yet (maintenance that did not
+run). Making a partition moves its strays out of the default one in the same transaction.
 
-Retention drops whole day partitions and forgets their idempotency keys (``event_keys``).
+Retention drops whole partitions and forgets their idempotency keys (``event_keys``).
 Only events go: consent and link changes (``identity_changes``), ``identity_links``,
 ``erasures`` and credentials are other tables and are never touched here.
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 PARTITION_LOCK: Final = 0x63_73_70_61_72_74  # "cspart"
 DEFAULT_DAYS_AHEAD: Final = 7
+# Days per partition. A read by customer probes every partition's index, so fewer, wider
+# partitions read faster; retention drops whole partitions, so it is exact to this span.
+SPAN_DAYS: Final = 7
 DEFAULT_PARTITION: Final = "events_default"
 _BOUND = re.compile(r"FOR VALUES FROM \((.+)\) TO \((.+)\)")
 
@@ -50,7 +54,15 @@ class Partition:
 
 
 def day_name(day: date) -> str:
+    """A partition's name: ``events_p`` and the first day it holds."""
     return f"events_p{day:%Y%m%d}"
+
+
+def period_start(day: date, span_days: int) -> date:
+    """The first day of the ``span_days``-day period holding ``day``: periods are aligned on
+    Mondays (date.toordinal() 1, 0001-01-01, was a Monday), so a 7-day span is an ISO week."""
+    ordinal = day.toordinal()
+    return date.fromordinal(ordinal - (ordinal - 1) % span_days)
 
 
 def midnight(day: date) -> datetime:
@@ -81,21 +93,29 @@ async def list_partitions(conn: psycopg.AsyncConnection[Any]) -> list[Partition]
 
 
 async def create_ahead(
-    conn: psycopg.AsyncConnection[Any], now: datetime, days: int = DEFAULT_DAYS_AHEAD
+    conn: psycopg.AsyncConnection[Any],
+    now: datetime,
+    days: int = DEFAULT_DAYS_AHEAD,
+    span_days: int = SPAN_DAYS,
 ) -> list[str]:
-    """Make the day partitions from ``now``'s day to ``days`` days ahead; the names made."""
+    """Make the partitions (``span_days`` days each) holding ``now``'s day to ``days`` days
+    ahead; the names made. A period that overlaps an existing partition is left alone."""
     made: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
         existing = await list_partitions(conn)
         today = now.astimezone(UTC).date()
-        for offset in range(days + 1):
-            day = today + timedelta(days=offset)
-            lo, hi = midnight(day), midnight(day + timedelta(days=1))
-            if any(_overlaps(p, lo, hi) for p in existing):
+        starts = sorted(
+            {period_start(today + timedelta(days=d), span_days) for d in range(days + 1)}
+        )
+        for start in starts:
+            gap = _gap(existing, midnight(start), midnight(start + timedelta(days=span_days)))
+            if gap is None:
                 continue
-            await _create_day(conn, day, lo, hi)
-            made.append(day_name(day))
+            lo, hi = gap
+            await _create_day(conn, lo.date(), lo, hi)
+            existing.append(Partition(day_name(lo.date()), lo, hi, False, 0))
+            made.append(day_name(lo.date()))
     if made:
         log.info("store.partitions.created names=%s", ",".join(made))
     return made
@@ -164,12 +184,20 @@ async def _create_day(
     await conn.execute("DROP TABLE strays")
 
 
-def _overlaps(part: Partition, lo: datetime, hi: datetime) -> bool:
-    if part.is_default:
-        return False
-    below = part.lower is None or part.lower < hi
-    above = part.upper is None or part.upper > lo
-    return below and above
+def _gap(existing: list[Partition], lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
+    """The part of [lo, hi) no partition holds yet, from its start (a period that begins
+    inside ``events_legacy`` or an older, shorter partition gets only its remaining days)."""
+    bounded = [p for p in existing if not p.is_default]
+    moved = True
+    while moved and lo < hi:
+        moved = False
+        for part in bounded:
+            if (part.lower is None or part.lower <= lo) and (part.upper is None or part.upper > lo):
+                lo, moved = part.upper if part.upper is not None else hi, True
+    for part in bounded:
+        if part.lower is not None and lo < part.lower < hi:
+            hi = part.lower
+    return (lo, hi) if lo < hi else None
 
 
 def _partition(name: str, bound: str, rows: int) -> Partition:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 import pytest
@@ -127,17 +128,40 @@ async def test_concurrent_ingests_of_one_batch_store_it_once(pg_url: str) -> Non
         await backend.close()
 
 
-async def test_day_partitions_are_made_ahead_and_take_in_strays(pg_url: str) -> None:
+def holders(parts: list[partitions.Partition], day: date) -> list[str]:
+    """The partitions (not the default one) that hold ``day``."""
+    lo = partitions.midnight(day)
+    return [
+        p.name
+        for p in parts
+        if not p.is_default
+        and (p.lower is None or p.lower <= lo)
+        and (p.upper is None or p.upper > lo)
+    ]
+
+
+def test_periods_are_aligned_on_mondays() -> None:
+    friday = date(2026, 11, 27)
+    assert partitions.period_start(friday, 7) == date(2026, 11, 23)  # its Monday
+    assert partitions.period_start(date(2026, 11, 23), 7) == date(2026, 11, 23)
+    assert partitions.period_start(friday, 1) == friday
+
+
+async def test_partitions_are_made_ahead_and_take_in_strays(pg_url: str) -> None:
     backend = await open_backend(pg_url, pool_size=2)
     assert isinstance(backend, PostgresBackend)
     try:
         now = datetime.now(UTC)
-        names = {p.name for p in await backend.partition_list()}
+        parts = await backend.partition_list()
+        assert [p.name for p in parts if p.is_default] == ["events_default"]
+        # Every day from today to a week ahead is held by exactly one partition; the first
+        # ones after events_legacy (which ends tomorrow) start on the day it ends.
+        for d in range(partitions.DEFAULT_DAYS_AHEAD + 1):
+            assert len(holders(parts, now.date() + timedelta(days=d))) == 1, (d, parts)
         tomorrow = now.date() + timedelta(days=1)
-        ahead = {partitions.day_name(tomorrow + timedelta(days=d)) for d in range(7)}
-        assert names == {"events_legacy", "events_default", *ahead}
-        # A row whose day has no partition yet (maintenance that did not run) is kept ...
-        later = now + timedelta(days=40)
+        assert holders(parts, tomorrow) == [partitions.day_name(tomorrow)]
+        # A row whose days have no partition yet (maintenance that did not run) is kept ...
+        later = now + timedelta(days=60)
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("INSERT INTO event_keys VALUES ('s-1', 'late')")
             conn.execute(
@@ -148,9 +172,10 @@ async def test_day_partitions_are_made_ahead_and_take_in_strays(pg_url: str) -> 
             )
         assert scalar(pg_url, "SELECT count(*) FROM events_default") == 1
         seq = scalar(pg_url, "SELECT seq FROM events WHERE event_id = 'late'")
-        # ... and moves, seq kept, into its day's partition when that is made.
+        # ... and moves, seq kept, into its period's partition when that is made.
         made = await backend.partitions_create_ahead(later, 0)
-        assert made == [partitions.day_name(later.date())]
+        start = partitions.period_start(later.date(), partitions.SPAN_DAYS)
+        assert made == [partitions.day_name(start)]
         assert scalar(pg_url, "SELECT count(*) FROM events_default") == 0
         assert scalar(pg_url, f"SELECT seq FROM {made[0]} WHERE event_id = 'late'") == seq
         assert await backend.partitions_create_ahead(later, 0) == []
@@ -158,7 +183,7 @@ async def test_day_partitions_are_made_ahead_and_take_in_strays(pg_url: str) -> 
         await backend.close()
 
 
-async def test_retention_drops_old_days_and_keeps_consent_links_and_erasures(
+async def test_retention_drops_old_partitions_and_keeps_consent_links_and_erasures(
     pg_url: str,
 ) -> None:
     backend = await open_backend(pg_url, pool_size=2)
@@ -175,20 +200,23 @@ async def test_retention_drops_old_days_and_keeps_consent_links_and_erasures(
             )
             conn.execute("INSERT INTO identity_links VALUES ('c-1', 'card-1')")
         keep = {t: scalar(pg_url, f"SELECT count(*) FROM {t}") for t in _KEPT}
-        # Ten days on, with a retention of 5 days: today's rows (in events_legacy, which ends
-        # tomorrow) and the partitions of the next four days are older than the cutoff.
-        dropped, strays = await backend.partitions_drop_older(now + timedelta(days=10), 5)
-        assert strays == 0
-        first = now.date() + timedelta(days=1)
-        assert dropped == [
-            "events_legacy",
-            *(partitions.day_name(first + timedelta(days=d)) for d in range(4)),
-        ]
+        # Twenty days on, with a retention of 5 days: today's rows (in events_legacy, which
+        # ends tomorrow) and every partition ending by the cutoff go; later ones stay.
+        later = now + timedelta(days=20)
+        cutoff = partitions.midnight(later.date() - timedelta(days=5))
+        before = await backend.partition_list()
+        due = [p.name for p in before if p.upper is not None and p.upper <= cutoff]
+        assert "events_legacy" in due
+        dropped, strays = await backend.partitions_drop_older(later, 5)
+        assert (dropped, strays) == (due, 0)
         assert scalar(pg_url, "SELECT count(*) FROM events") == 0
         assert scalar(pg_url, "SELECT count(*) FROM event_keys") == 0
         assert {t: scalar(pg_url, f"SELECT count(*) FROM {t}") for t in _KEPT} == keep
         remaining = {p.name for p in await backend.partition_list()}
-        assert partitions.day_name(first + timedelta(days=4)) in remaining
+        assert remaining == {p.name for p in before} - set(due)
+        # A dropped event's key is forgotten with it: sent again, it is stored again.
+        again = await backend.ingest([row("old-1", "s-1")], datetime.now(UTC))
+        assert again.accepted == 1
         with pytest.raises(ValueError, match="at least 1"):
             await backend.partitions_drop_older(now, 0)
     finally:
@@ -208,13 +236,29 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 def test_the_partitions_cli_lists_creates_and_drops(pg_url: str) -> None:
     code, out, _ = run_cli("partitions", "list", "--db", pg_url)
     assert code == 0
-    listed = out.splitlines()
-    assert any('"name": "events_default"' in line for line in listed)
-    assert len(listed) == 9  # legacy, default and seven days ahead
-    code, out, _ = run_cli("partitions", "create-ahead", "--days", "9", "--db", pg_url)
-    assert (code, out.count("events_p")) == (0, 2)
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert listed[0]["name"] == "events_legacy"
+    assert listed[-1] == {
+        "name": "events_default",
+        "from": None,
+        "to": None,
+        "default": True,
+        "rows_estimate": listed[-1]["rows_estimate"],
+    }
+    code, out, _ = run_cli("partitions", "create-ahead", "--days", "30", "--db", pg_url)
+    assert code == 0
+    assert json.loads(out)["created"]  # a month ahead needs more than the week made at start
+    code, out, _ = run_cli("partitions", "list", "--db", pg_url)
+    last = max(
+        datetime.fromisoformat(p["to"]) for p in map(json.loads, out.splitlines()) if p["to"]
+    )
+    assert last >= partitions.midnight(datetime.now(UTC).date() + timedelta(days=31))
     code, out, _ = run_cli("partitions", "drop-older", "--days", "30", "--db", pg_url)
-    assert (code, out.strip()) == (0, '{"default_rows_deleted": 0, "dropped": []}')
+    assert (code, json.loads(out)) == (0, {"default_rows_deleted": 0, "dropped": []})
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):  # argparse's usage error
+        cli.main(["partitions", "drop-older", "--days", "0", "--db", pg_url])
+    assert "expected 1..3650" in err.getvalue()
 
 
 def test_the_partitions_cli_refuses_sqlite(sqlite_url: str) -> None:
