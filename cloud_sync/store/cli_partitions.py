@@ -1,7 +1,7 @@
 """``customer-store partitions list|create-ahead|drop-older``: PostgreSQL event partitions.
 
 Split from ``cli`` (which wires every command). Retention is ``drop-older --days N`` run daily
-(a systemd timer or cron, see docs/scaling.md): it drops whole ingest-day partitions of
+(a systemd timer or cron, see docs/scaling.md): it drops whole partitions (ingest weeks) of
 ``events`` and their idempotency keys, never consent, link, erasure or credential records.
 """
 
@@ -22,11 +22,11 @@ def partition_parsers(
     commands: Any, with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 ) -> None:
     group = commands.add_parser(
-        "partitions", help="PostgreSQL events partitions (ingest days) and retention"
+        "partitions", help="PostgreSQL events partitions (by ingest time) and retention"
     ).add_subparsers(dest="action", required=True)
     with_db(group.add_parser("list", help="one JSON object per partition, oldest first"))
     ahead = with_db(
-        group.add_parser("create-ahead", help="make the day partitions from today to N days ahead")
+        group.add_parser("create-ahead", help="make the partitions holding today to N days ahead")
     )
     ahead.add_argument("--days", type=_days, default=partitions.DEFAULT_DAYS_AHEAD)
     drop = with_db(

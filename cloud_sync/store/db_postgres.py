@@ -1,7 +1,7 @@
 """The deployment backend: PostgreSQL through psycopg 3 and an async connection pool.
 
 Nothing is cached in the process: idempotency is the ``(store_id, event_id)`` primary key of
-``event_keys`` (``ON CONFLICT DO NOTHING``; ``events`` itself is partitioned by ingest day and
+``event_keys`` (``ON CONFLICT DO NOTHING``; ``events`` itself is partitioned by ingest time and
 cannot hold that key), so any number of service instances can share one database.
 A batch is COPied into a per-connection temporary staging table and moved with one
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, all in one transaction: COPY is the cheapest
@@ -105,7 +105,7 @@ CREATE_STAGING = (
     " schema integer, data jsonb, received_at text) ON COMMIT DELETE ROWS"
 )
 COPY_STAGING = f"COPY ingest_staging ({COLUMNS}) FROM STDIN"
-# events is partitioned by ingest day (migration 6), so it can hold no unique key on
+# events is partitioned by ingest time (migration 6), so it can hold no unique key on
 # (store_id, event_id): the keys are claimed in event_keys first, in key order, and only the
 # rows whose key was new move into events, in the same transaction.
 MOVE_STAGED = (

@@ -310,7 +310,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     Migration(
         6,
-        "postgresql: events partitioned by ingest day, exactly-once kept by event_keys",
+        "postgresql: events partitioned by ingest time, exactly-once kept by event_keys",
         # SQLite keeps its one events table (same behaviour); the version keeps the lockstep.
         sqlite=(),
         postgres=(
@@ -337,7 +337,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 event_id text NOT NULL,
                 PRIMARY KEY (store_id, event_id))""",
             # Everything stored before, up to the end of the migration's day (UTC), in one
-            # partition; day partitions follow (cloud_sync.store.partitions); strays: default.
+            # partition; later ones follow (cloud_sync.store.partitions); strays: default.
             "DO $$ BEGIN EXECUTE format('CREATE TABLE events_legacy PARTITION OF events"
             " FOR VALUES FROM (MINVALUE) TO (%L)', date_trunc('day', now(), 'UTC')"
             " + interval '1 day'); END $$",
