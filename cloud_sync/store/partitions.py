@@ -133,10 +133,22 @@ async def drop_older(
     dropped: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-        for part in await list_partitions(conn):
-            if part.is_default or part.upper is None or part.upper > cutoff:
-                continue
-            table = sql.Identifier(part.name)
+        due = [
+            p.name
+            for p in await list_partitions(conn)
+            if not p.is_default and p.upper is not None and p.upper <= cutoff
+        ]
+    for name in due:
+        # One transaction a partition: its keys and rows go together (a key without its row
+        # would let a resend in twice), and DROP's exclusive lock on events is held only
+        # from the drop to the commit, not while the keys are deleted.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+            cur = await conn.execute("SELECT to_regclass(%s)", (name,))
+            found = await cur.fetchone()
+            if found is None or found[0] is None:
+                continue  # dropped meanwhile by another instance or the CLI
+            table = sql.Identifier(name)
             await conn.execute(
                 sql.SQL(
                     "DELETE FROM event_keys k USING {} p"
@@ -144,14 +156,18 @@ async def drop_older(
                 ).format(table)
             )
             await conn.execute(sql.SQL("DROP TABLE {}").format(table))
-            dropped.append(part.name)
+        dropped.append(name)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
         cur = await conn.execute(
             "WITH gone AS (DELETE FROM events_default WHERE ingested_at < %s"
-            " RETURNING store_id, event_id) DELETE FROM event_keys k USING gone g"
-            " WHERE k.store_id = g.store_id AND k.event_id = g.event_id",
+            " RETURNING store_id, event_id), keys AS (DELETE FROM event_keys k USING gone g"
+            " WHERE k.store_id = g.store_id AND k.event_id = g.event_id)"
+            " SELECT count(*) FROM gone",
             (cutoff,),
         )
-        strays = cur.rowcount
+        counted = await cur.fetchone()
+        strays = int(counted[0]) if counted else 0
     log.info(
         "store.partitions.dropped cutoff=%s names=%s strays=%d",
         cutoff.isoformat(),

@@ -217,6 +217,11 @@ async def test_retention_drops_old_partitions_and_keeps_consent_links_and_erasur
         # A dropped event's key is forgotten with it: sent again, it is stored again.
         again = await backend.ingest([row("old-1", "s-1")], datetime.now(UTC))
         assert again.accepted == 1
+        # It went to events_default (its days' partition is gone); retention finds it there.
+        assert scalar(pg_url, "SELECT count(*) FROM events_default") == 1
+        _, strays = await backend.partitions_drop_older(now + timedelta(days=400), 5)
+        assert strays == 1
+        assert scalar(pg_url, "SELECT count(*) FROM event_keys") == 0
         with pytest.raises(ValueError, match="at least 1"):
             await backend.partitions_drop_older(now, 0)
     finally:
