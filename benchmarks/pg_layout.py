@@ -17,6 +17,7 @@ layouts interleaved batch by batch: rows/s and the PostgreSQL backend's CPU per 
 Reads, at ``--rows`` and again at ``--grow-to`` rows (new customers, 20 events each, spread
 over the same days): ``GET /v1/profiles`` (PROFILE_FACTS), a customer's first events page,
 a feed page (seq cursor) and the feed's high-water mark, p50/p99 over ``--reads`` calls.
+Last, migration 6 converts an old-layout store of ``--migrate-rows`` events: seconds, rows kept.
 Ratios are against ``old`` in the same run; the machine is shared, so read ratios.
 """
 
@@ -255,6 +256,24 @@ async def ingest_phase(urls: dict[str, str], sizes: Sequence[int], batches: int)
     return out
 
 
+async def measure_migration(db_url: str, rows: int, days: int) -> tuple[float, int]:
+    """Migration 6 on a store of the old layout holding ``rows`` events: seconds, rows kept."""
+    url = await make_layout(db_url, "old", days, 0)
+    fill(url, "old", 0, rows, 0, days)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name) SELECT v, 'old' FROM"
+            " generate_series(1, 5) v"
+        )
+    started = time.perf_counter()
+    backend = await open_backend(url, pool_size=1)  # migration 6, then partitions ahead
+    seconds = time.perf_counter() - started
+    await backend.close()
+    with psycopg.connect(url) as conn:
+        found = conn.execute("SELECT count(*) FROM events").fetchone()
+    return seconds, int(found[0]) if found else 0
+
+
 def bytes_per_row(url: str, rows: int) -> float:
     """Heap, TOAST and indexes of events (all partitions) and event_keys, per stored row."""
     with psycopg.connect(url) as conn:
@@ -364,6 +383,12 @@ async def run(args: argparse.Namespace) -> None:
                 f"{value['rows_s'] / base['rows_s']:.2f} of old)  p99 {value['p99_ms']:.1f} ms"
                 f"  PostgreSQL CPU {value['cpu_ms_per_1k']:.0f} ms/1k events"
             )
+        if args.migrate_rows:
+            seconds, kept = await measure_migration(db_url, args.migrate_rows, args.days)
+            print(
+                f"\n== migration 6 on an old store of {args.migrate_rows:,} events: {seconds:.1f} s"
+                f" ({args.migrate_rows / seconds:,.0f} rows/s), {kept:,} rows kept"
+            )
         print("\n== EXPLAIN ANALYZE of GET /v1/profiles on week (scans only)")
         print(profile_plan(urls["week"]))
     if args.png:
@@ -379,6 +404,9 @@ def main() -> None:
     parser.add_argument("--hash", type=int, default=4, help="store-hash parts per day")
     parser.add_argument("--batches", type=int, default=20, help="ingest batches per size")
     parser.add_argument("--reads", type=int, default=300, help="calls per read kind")
+    parser.add_argument(
+        "--migrate-rows", type=int, default=1_000_000, help="time migration 6 on this many (0: no)"
+    )
     add_png_argument(parser)
     args = parser.parse_args()
     if not (0 < args.rows <= args.grow_to <= 20_000_000 and 1 <= args.days <= 400):
