@@ -119,6 +119,7 @@ MOVE_STAGED = (
 )
 # Partitions are made a week ahead at start and again once a day by the first ingest.
 PARTITION_CHECK: Final = timedelta(days=1)
+PARTITION_RETRY: Final = timedelta(minutes=10)
 
 
 def event_records(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
@@ -171,12 +172,28 @@ class PostgresBackend:
         return backend
 
     async def ensure_partitions(self, now: datetime) -> list[str]:
-        """Make the day partitions of ``events`` ahead (``partitions.create_ahead``); at most
-        once a day per instance unless called directly. Raises ``psycopg.Error``."""
+        """Make the partitions of ``events`` ahead (``partitions.create_ahead``), waiting for
+        another instance's maintenance. Raises ``psycopg.Error``."""
         async with self._pool.connection() as conn:
             made = await partitions.create_ahead(conn, now, partitions.DEFAULT_DAYS_AHEAD)
         self._partitions_due = now + PARTITION_CHECK
-        return made
+        return made or []
+
+    async def _ensure_partitions_quietly(self, now: datetime) -> None:
+        """From an ingest, at most once a day: it never waits for maintenance under way
+        elsewhere and never fails the batch (a row without its partition lands in
+        events_default and moves later); a miss is logged and retried a while later."""
+        self._partitions_due = now + PARTITION_RETRY
+        try:
+            async with self._pool.connection() as conn:
+                made = await partitions.create_ahead(
+                    conn, now, partitions.DEFAULT_DAYS_AHEAD, wait=False
+                )
+        except psycopg.Error as exc:
+            log.warning("store.partitions.create_failed error=%s", exc)
+            return
+        if made is not None:
+            self._partitions_due = now + PARTITION_CHECK
 
     async def _fetch(
         self, operation: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -198,7 +215,7 @@ class PostgresBackend:
     async def partitions_create_ahead(self, now: datetime, days: int) -> list[str]:
         try:
             async with self._pool.connection() as conn:
-                return await partitions.create_ahead(conn, now, days)
+                return await partitions.create_ahead(conn, now, days) or []
         except psycopg.Error as exc:
             raise BackendError("partitions", str(exc)) from exc
 
@@ -219,7 +236,7 @@ class PostgresBackend:
         try:
             wall = datetime.now(UTC)  # ingested_at is the database's clock, not the caller's
             if wall >= self._partitions_due:
-                await self.ensure_partitions(wall)
+                await self._ensure_partitions_quietly(wall)
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FEED_LOCK,))
                 erased_at: dict[str, datetime] = {}

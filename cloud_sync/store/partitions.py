@@ -97,11 +97,19 @@ async def create_ahead(
     now: datetime,
     days: int = DEFAULT_DAYS_AHEAD,
     span_days: int = SPAN_DAYS,
-) -> list[str]:
+    *,
+    wait: bool = True,
+) -> list[str] | None:
     """Make the partitions (``span_days`` days each) holding ``now``'s day to ``days`` days
-    ahead; the names made. A period that overlaps an existing partition is left alone."""
+    ahead; the names made. A period that overlaps an existing partition is left alone.
+    ``wait=False``: None at once when another session holds ``PARTITION_LOCK``."""
     made: list[str] = []
     async with conn.transaction():
+        if not wait:
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+            got = await cur.fetchone()
+            if not (got and got[0]):
+                return None
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
         existing = await list_partitions(conn)
         today = now.astimezone(UTC).date()

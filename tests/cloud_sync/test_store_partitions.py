@@ -275,3 +275,22 @@ def test_the_partitions_cli_refuses_sqlite(sqlite_url: str) -> None:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
     assert max(versions) == migrations.latest_version()
+
+
+async def test_an_ingest_never_waits_for_maintenance_under_way(pg_url: str) -> None:
+    backend = await open_backend(pg_url, pool_size=2)
+    try:
+        async with (
+            await psycopg.AsyncConnection.connect(pg_url) as holder,
+            await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as other,
+        ):
+            await holder.execute("SELECT pg_advisory_xact_lock(%s)", (partitions.PARTITION_LOCK,))
+            later = datetime.now(UTC) + timedelta(days=60)
+            assert await partitions.create_ahead(other, later, 0, wait=False) is None
+            stored = await backend.ingest([row("during", "s-1")], datetime.now(UTC))
+            assert stored.accepted == 1
+            await holder.rollback()
+            made = await partitions.create_ahead(other, later, 0, wait=False)
+            assert made == [partitions.day_name(partitions.period_start(later.date(), 7))]
+    finally:
+        await backend.close()
