@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from cloud_sync.store import partitions
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import StoreError
 
@@ -28,7 +27,7 @@ def partition_parsers(
     ahead = with_db(
         group.add_parser("create-ahead", help="make the partitions holding today to N days ahead")
     )
-    ahead.add_argument("--days", type=_days, default=partitions.DEFAULT_DAYS_AHEAD)
+    ahead.add_argument("--days", type=_days, default=7, help="default %(default)s")
     drop = with_db(
         group.add_parser(
             "drop-older",
@@ -41,7 +40,8 @@ def partition_parsers(
 
 def partition_command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
     async def work(b: Backend) -> str:
-        from cloud_sync.store.db_postgres import PostgresBackend  # psycopg: the [store] extra
+        # psycopg is the [store] extra: imported only when the command runs.
+        from cloud_sync.store.db_postgres import PostgresBackend
 
         if not isinstance(b, PostgresBackend):
             raise StoreError("partitions: PostgreSQL only (SQLite keeps one events table)")

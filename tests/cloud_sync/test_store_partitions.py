@@ -294,3 +294,8 @@ async def test_an_ingest_never_waits_for_maintenance_under_way(pg_url: str) -> N
             assert made == [partitions.day_name(partitions.period_start(later.date(), 7))]
     finally:
         await backend.close()
+
+
+def test_the_cli_default_is_the_stores_own() -> None:
+    args = cli.build_parser().parse_args(["partitions", "create-ahead"])
+    assert args.days == partitions.DEFAULT_DAYS_AHEAD
