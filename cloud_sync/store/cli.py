@@ -22,6 +22,7 @@ from cloud_sync.store import auth, fleet
 from cloud_sync.store.acceptance import DEFAULT_MIN_SHOWN
 from cloud_sync.store.backend import Backend, open_backend
 from cloud_sync.store.cli_models import model_command, model_parsers
+from cloud_sync.store.cli_partitions import partition_command, partition_parsers
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.feed import FeedSettings
 from cloud_sync.store.ingest import Limits
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _credential_commands(group, kind, with_db)
 
-    model_parsers(commands, with_db)
+    _extra_parsers(commands, with_db)
     audit = commands.add_parser(
         "audit", help="consent and link changes with their origin"
     ).add_subparsers(dest="action", required=True)
@@ -190,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet_command(commands, with_db)
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
     return parser
+
+
+def _extra_parsers(
+    commands: Any, with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    """The command groups kept in their own modules."""
+    model_parsers(commands, with_db)
+    partition_parsers(commands, with_db)
 
 
 def _fleet_command(
@@ -287,6 +296,8 @@ def _command(args: argparse.Namespace) -> Callable[[Backend], Awaitable[str]]:
         return lambda b: auth.create_credential(b, "channel", name=args.name)
     if command[0] in ("model", "training"):
         return model_command(args)
+    if command[0] == "partitions":
+        return partition_command(args)
     if command == ("audit", "list"):
 
         async def audit_list(b: Backend) -> str:

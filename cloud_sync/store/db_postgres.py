@@ -1,7 +1,8 @@
 """The deployment backend: PostgreSQL through psycopg 3 and an async connection pool.
 
-Nothing is cached in the process: idempotency is the ``event_id`` unique key
-(``ON CONFLICT DO NOTHING``), so any number of service instances can share one database.
+Nothing is cached in the process: idempotency is the ``(store_id, event_id)`` primary key of
+``event_keys`` (``ON CONFLICT DO NOTHING``; ``events`` itself is partitioned by ingest time and
+cannot hold that key), so any number of service instances can share one database.
 A batch is COPied into a per-connection temporary staging table and moved with one
 ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, all in one transaction: COPY is the cheapest
 way in, and the staging table empties itself at commit. Rows move in event_id order, so
@@ -13,14 +14,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from cloud_sync.store import acceptance, fleet_sql, migrations, sql_shared, trust
+from cloud_sync.store import acceptance, fleet_sql, migrations, partitions, sql_shared, trust
 from cloud_sync.store.acceptance import Performance
 from cloud_sync.store.errors import AuditError, BackendError
 from cloud_sync.store.fleet import Heartbeat
@@ -104,10 +105,21 @@ CREATE_STAGING = (
     " schema integer, data jsonb, received_at text) ON COMMIT DELETE ROWS"
 )
 COPY_STAGING = f"COPY ingest_staging ({COLUMNS}) FROM STDIN"
+# events is partitioned by ingest time (migration 6), so it can hold no unique key on
+# (store_id, event_id): the keys are claimed in event_keys first, in key order, and only the
+# rows whose key was new move into events, in the same transaction.
 MOVE_STAGED = (
-    f"INSERT INTO events ({COLUMNS}) SELECT {COLUMNS} FROM ingest_staging"
-    " ORDER BY store_id, event_id ON CONFLICT (store_id, event_id) DO NOTHING"
+    "WITH claimed AS (INSERT INTO event_keys (store_id, event_id)"
+    " SELECT DISTINCT store_id, event_id FROM ingest_staging ORDER BY store_id, event_id"
+    " ON CONFLICT (store_id, event_id) DO NOTHING RETURNING store_id, event_id)"
+    f" INSERT INTO events ({COLUMNS}) SELECT DISTINCT ON (s.store_id, s.event_id)"
+    f" {', '.join('s.' + c for c in COLUMNS.split(', '))}"
+    " FROM ingest_staging s JOIN claimed c USING (store_id, event_id)"
+    " ORDER BY s.store_id, s.event_id"
 )
+# Partitions are made a week ahead at start and again once a day by the first ingest.
+PARTITION_CHECK: Final = timedelta(days=1)
+PARTITION_RETRY: Final = timedelta(minutes=10)
 
 
 def event_records(rows: Sequence[EventRow]) -> list[tuple[Any, ...]]:
@@ -134,6 +146,7 @@ class PostgresBackend:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        self._partitions_due = datetime.min.replace(tzinfo=UTC)
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 10) -> PostgresBackend:
@@ -150,11 +163,37 @@ class PostgresBackend:
             await pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
             async with pool.connection() as conn:
                 await _migrate(conn)
+            backend = cls(pool)
+            await backend.ensure_partitions(datetime.now(UTC))
         except psycopg.Error as exc:  # PoolTimeout is an OperationalError too
             await pool.close()
             raise BackendError("open", f"postgresql: {exc}") from exc
         log.info("store.postgres.open pool_max=%d", pool_size)
-        return cls(pool)
+        return backend
+
+    async def ensure_partitions(self, now: datetime) -> list[str]:
+        """Make the partitions of ``events`` ahead (``partitions.create_ahead``), waiting for
+        another instance's maintenance. Raises ``psycopg.Error``."""
+        async with self._pool.connection() as conn:
+            made = await partitions.create_ahead(conn, now, partitions.DEFAULT_DAYS_AHEAD)
+        self._partitions_due = now + PARTITION_CHECK
+        return made or []
+
+    async def _ensure_partitions_quietly(self, now: datetime) -> None:
+        """From an ingest, at most once a day: it never waits for maintenance under way
+        elsewhere and never fails the batch (a row without its partition lands in
+        events_default and moves later); a miss is logged and retried a while later."""
+        self._partitions_due = now + PARTITION_RETRY
+        try:
+            async with self._pool.connection() as conn:
+                made = await partitions.create_ahead(
+                    conn, now, partitions.DEFAULT_DAYS_AHEAD, wait=False
+                )
+        except psycopg.Error as exc:
+            log.warning("store.partitions.create_failed error=%s", exc)
+            return
+        if made is not None:
+            self._partitions_due = now + PARTITION_CHECK
 
     async def _fetch(
         self, operation: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -166,6 +205,27 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise BackendError(operation, str(exc)) from exc
 
+    async def partition_list(self) -> list[partitions.Partition]:
+        try:
+            async with self._pool.connection() as conn:
+                return await partitions.list_partitions(conn)
+        except psycopg.Error as exc:
+            raise BackendError("partitions", str(exc)) from exc
+
+    async def partitions_create_ahead(self, now: datetime, days: int) -> list[str]:
+        try:
+            async with self._pool.connection() as conn:
+                return await partitions.create_ahead(conn, now, days) or []
+        except psycopg.Error as exc:
+            raise BackendError("partitions", str(exc)) from exc
+
+    async def partitions_drop_older(self, now: datetime, days: int) -> tuple[list[str], int]:
+        try:
+            async with self._pool.connection() as conn:
+                return await partitions.drop_older(conn, now, days)
+        except psycopg.Error as exc:
+            raise BackendError("partitions", str(exc)) from exc
+
     async def ping(self) -> None:
         await self._fetch("ping", "SELECT 1")
 
@@ -174,6 +234,9 @@ class PostgresBackend:
     ) -> IngestCounts:
         customers = sorted({r.customer_id for r in rows if r.customer_id is not None})
         try:
+            wall = datetime.now(UTC)  # ingested_at is the database's clock, not the caller's
+            if wall >= self._partitions_due:
+                await self._ensure_partitions_quietly(wall)
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FEED_LOCK,))
                 erased_at: dict[str, datetime] = {}

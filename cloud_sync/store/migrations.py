@@ -308,6 +308,71 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 report jsonb NOT NULL)""",
         ),
     ),
+    Migration(
+        6,
+        "postgresql: events partitioned by ingest time, exactly-once kept by event_keys",
+        # SQLite keeps its one events table (same behaviour); the version keeps the lockstep.
+        sqlite=(),
+        postgres=(
+            "ALTER TABLE events RENAME TO events_v5",
+            # seq, the feed's cursor, keeps its values; ingested_at (the store's clock, never
+            # the device's) routes a row, so a late or replayed event lands in today's partition.
+            """CREATE TABLE events (
+                seq bigint GENERATED ALWAYS AS IDENTITY,
+                event_id text NOT NULL,
+                type text NOT NULL,
+                ts timestamptz NOT NULL,
+                store_id text NOT NULL,
+                device_id text,
+                customer_id text,
+                source text NOT NULL,
+                schema integer NOT NULL,
+                data jsonb NOT NULL,
+                received_at text,
+                ingested_at timestamptz NOT NULL DEFAULT now()) PARTITION BY RANGE (ingested_at)""",
+            # A unique key on events would have to include ingested_at; the idempotency key
+            # (store_id, event_id) is claimed here first, in the ingest's transaction.
+            """CREATE TABLE event_keys (
+                store_id text NOT NULL,
+                event_id text NOT NULL,
+                PRIMARY KEY (store_id, event_id))""",
+            # Everything stored before, up to the end of the migration's day (UTC), in one
+            # partition; later ones follow (cloud_sync.store.partitions); strays: default.
+            "DO $$ BEGIN EXECUTE format('CREATE TABLE events_legacy PARTITION OF events"
+            " FOR VALUES FROM (MINVALUE) TO (%L)', date_trunc('day', now(), 'UTC')"
+            " + interval '1 day'); END $$",
+            "CREATE TABLE events_default PARTITION OF events DEFAULT",
+            # Copied in bounded batches of seq, every row and its seq kept.
+            """DO $$
+            DECLARE lo bigint := 0; top bigint; batch constant bigint := 50000;
+            BEGIN
+                SELECT coalesce(max(seq), 0) INTO top FROM events_v5;
+                WHILE lo < top LOOP
+                    INSERT INTO events (seq, event_id, type, ts, store_id, device_id,
+                        customer_id, source, schema, data, received_at, ingested_at)
+                    OVERRIDING SYSTEM VALUE
+                    SELECT seq, event_id, type, ts, store_id, device_id, customer_id, source,
+                        schema, data, received_at, ingested_at
+                    FROM events_v5 WHERE seq > lo AND seq <= lo + batch;
+                    INSERT INTO event_keys (store_id, event_id)
+                    SELECT store_id, event_id FROM events_v5 WHERE seq > lo AND seq <= lo + batch;
+                    lo := lo + batch;
+                END LOOP;
+            END $$""",
+            "SELECT setval(pg_get_serial_sequence('events', 'seq'), greatest(max(seq), 1),"
+            " max(seq) IS NOT NULL) FROM events",
+            "DROP TABLE events_v5",
+            # Each index is made on every partition: reads by customer stay index lookups, one
+            # per partition, whatever the table's size; events_seq serves the feed's cursor.
+            "CREATE INDEX events_seq ON events (seq)",
+            "CREATE INDEX events_customer ON events (customer_id, ts, seq)"
+            " WHERE customer_id IS NOT NULL",
+            "CREATE INDEX events_shown_model ON events ((data->>'model_version'), ts)"
+            " WHERE type = 'suggestion.shown'",
+            "CREATE INDEX events_accepted_suggestion ON events"
+            " (store_id, (data->>'suggestion_id')) WHERE type = 'suggestion.accepted'",
+        ),
+    ),
 )
 
 SQLITE_LEDGER: Final = """CREATE TABLE IF NOT EXISTS schema_migrations (
