@@ -149,28 +149,36 @@ def nats_cluster(workdir: Path) -> Iterator[NatsCluster]:
         cluster.stop()
 
 
-def wait_jetstream_ready(url: str, within: float = 30.0) -> None:
-    """Until JetStream answers (a cluster elects its meta leader after it starts)."""
-    import asyncio
-
+async def jetstream_answers(url: str) -> bool:
+    """Whether JetStream at ``url`` answers now (a cluster elects its meta leader first)."""
     import nats
 
-    async def probe() -> bool:
-        try:
-            nc = await nats.connect(url.split(","), connect_timeout=1, allow_reconnect=False)
-        except Exception:
-            return False
-        try:
-            await nc.jetstream(timeout=1).account_info()
-        except Exception:
-            return False
-        finally:
-            await nc.close()
-        return True
+    try:
+        nc = await nats.connect(url.split(","), connect_timeout=1, allow_reconnect=False)
+    except Exception:
+        return False
+    try:
+        await nc.jetstream(timeout=1).account_info()
+    except Exception:
+        return False
+    finally:
+        await nc.close()
+    return True
+
+
+async def jetstream_ready(url: str, within: float = 30.0) -> None:
+    import asyncio
 
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if asyncio.run(probe()):
+        if await jetstream_answers(url):
             return
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     raise AssertionError(f"JetStream at {url} not ready within {within}s")
+
+
+def wait_jetstream_ready(url: str, within: float = 30.0) -> None:
+    """``jetstream_ready`` for synchronous tests and fixtures."""
+    import asyncio
+
+    asyncio.run(jetstream_ready(url, within))
