@@ -176,7 +176,8 @@ class NatsEvents:
                     f"NATS connect {self.settings.url}: {type(exc).__name__}: {exc}"
                 ) from exc
             log.info("sync.nats.connected server=%s", nc.connected_url)
-            self._nc, self._js = nc, nc.jetstream(timeout=self.settings.timeout_s)
+            domain = self.settings.nats_domain or None  # through a leaf node: the hub's
+            self._nc, self._js = nc, nc.jetstream(timeout=self.settings.timeout_s, domain=domain)
             return self._js
 
 

@@ -169,6 +169,8 @@ class SyncSection:
     nats_tls_ca: str = ""  # CA bundle that signed the server's certificate
     nats_tls_cert: str = ""  # client certificate (mutual TLS), with nats_tls_key
     nats_tls_key: str = ""
+    # The hub's JetStream domain, when the agent reaches it through a leaf node (docs/).
+    nats_domain: str = ""
     # With transport "nats": the store's HTTP URL for erasures, models and heartbeats
     # (empty: none of the three; events still flow).
     downlink_url: str = ""

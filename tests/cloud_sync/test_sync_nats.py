@@ -9,6 +9,7 @@ there is a ``StoreUnavailableError`` (the uploader's retry), never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from cloud_sync.sync_nats import NatsEvents, connect_options, event_subject
 from edge_agent.buffer.reads import PendingRow
 from edge_agent.config import ConfigError, SyncSection, config_from_dict, load_config
 from edge_agent.governance import PSEUDONYM_PREFIX, ConsentLedger
+from tests.support.broker import free_port
 from tests.support.nats import NatsNode, jetstream_ready, nats_server, wait_jetstream_ready
 
 STORE = "store-n1"
@@ -143,3 +145,43 @@ def test_nats_credentials_from_systemd(tmp_path: Path) -> None:
     assert loaded.sync.nats_creds == str(credentials / "nats-creds")
     options = connect_options(loaded.sync)
     assert options["user_credentials"] == str(credentials / "nats-creds")  # creds win
+
+
+async def test_through_a_store_leaf_node_without_jetstream(tmp_path: Path) -> None:
+    """docs/operations.md's leaf node: PubAcks come from the hub's stream through the leaf."""
+    leaf_port = free_port()
+    hub = NatsNode(
+        tmp_path / "hub",
+        "hub",
+        domain="hub",
+        extra=f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n",
+    )
+    leaf = NatsNode(
+        tmp_path / "leaf",
+        "leaf",
+        jetstream=False,
+        extra=f'leafnodes {{\n  remotes = [ {{ urls: ["nats://127.0.0.1:{leaf_port}"] }} ]\n}}\n',
+    )
+    hub.start()
+    try:
+        await jetstream_ready(hub.url)
+        leaf.start()
+        nc = await nats.connect(hub.url)
+        try:
+            await ensure_stream(nc.jetstream(), IngestSettings(url=hub.url))
+            async with NatsEvents(settings(leaf.url, nats_domain="hub"), STORE) as sink:
+                for _ in range(100):  # until the leaf connection is up (bounded)
+                    if await sink.ready(1.0):
+                        break
+                    await asyncio.sleep(0.1)
+                assert await sink.ready(1.0)  # JetStream answers through the leaf
+                result = await sink.post_rows(
+                    [row(n) for n in range(5)], ConsentLedger(False), b"k" * 32, compress=False
+                )
+            assert (result.accepted, result.duplicates) == (5, 0)
+            assert (await nc.jetstream().stream_info(STREAM)).state.messages == 5
+        finally:
+            await nc.close()
+    finally:
+        leaf.stop()
+        hub.stop()

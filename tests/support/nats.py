@@ -33,11 +33,23 @@ def nats_server_binary() -> str:
 class NatsNode:
     """One nats-server with JetStream, its own store dir and config file; restartable."""
 
-    def __init__(self, workdir: Path, name: str, cluster_port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        cluster_port: int | None = None,
+        *,
+        jetstream: bool = True,
+        domain: str = "",
+        extra: str = "",
+    ) -> None:
         self.binary = nats_server_binary()
         self.name = name
         self.port = free_port()
         self.cluster_port = cluster_port
+        self.jetstream = jetstream
+        self.domain = domain  # a JetStream domain (a hub that leaf nodes reach)
+        self.extra = extra  # more config text (leafnodes ...)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "nats.conf"
@@ -59,8 +71,14 @@ class NatsNode:
         self.config.write_text(
             f"server_name: {self.name}\n"
             f"listen: 127.0.0.1:{self.port}\n"
-            f"jetstream {{\n  store_dir: {self.workdir / 'js'}\n}}\n" + cluster
+            + (self._jetstream_block() if self.jetstream else "")
+            + cluster
+            + self.extra
         )
+
+    def _jetstream_block(self) -> str:
+        domain = f"  domain: {self.domain}\n" if self.domain else ""
+        return f"jetstream {{\n  store_dir: {self.workdir / 'js'}\n{domain}}}\n"
 
     def start(self, wait: bool = True) -> None:
         if not self.config.exists():
