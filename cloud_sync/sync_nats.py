@@ -71,6 +71,10 @@ def connect_options(settings: SyncSection) -> dict[str, Any]:
         "max_reconnect_attempts": -1,  # the uploader's backoff decides when to give up: never
         "reconnect_time_wait": 1,
         "name": "edge-agent",
+        # One log line per event instead of nats-py's default traceback on every retry.
+        "error_cb": _log_error,
+        "disconnected_cb": _log_disconnected,
+        "reconnected_cb": _log_reconnected,
     }
     if settings.nats_creds:
         options["user_credentials"] = settings.nats_creds
@@ -179,6 +183,18 @@ class NatsEvents:
             domain = self.settings.nats_domain or None  # through a leaf node: the hub's
             self._nc, self._js = nc, nc.jetstream(timeout=self.settings.timeout_s, domain=domain)
             return self._js
+
+
+async def _log_error(exc: Exception) -> None:
+    log.debug("sync.nats.error kind=%s detail=%s", type(exc).__name__, exc)
+
+
+async def _log_disconnected() -> None:
+    log.info("sync.nats.disconnected")
+
+
+async def _log_reconnected() -> None:
+    log.info("sync.nats.reconnected")
 
 
 def _event_id(envelope: str) -> str:

@@ -106,6 +106,7 @@ def connect_options(settings: IngestSettings) -> dict[str, Any]:
         "reconnect_time_wait": 0.5,
         "connect_timeout": 2,
         "name": "customer-store-ingest",
+        "error_cb": _log_error,  # one line, not nats-py's default traceback per retry
     }
     if settings.creds:
         options["user_credentials"] = settings.creds
@@ -282,6 +283,10 @@ class IngestWorker:
         if len(items) != 1:
             return store_id, Piece(refused="not_one_envelope")
         return store_id, items[0]
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("ingest.nats.error kind=%s detail=%s", type(exc).__name__, exc)
 
 
 async def _settle(action: Any) -> None:

@@ -153,6 +153,9 @@ class NatsCluster:
         for node in self.nodes:
             node.stop()
 
+    def pids(self) -> list[int]:
+        return [n.process.pid for n in self.nodes if n.process is not None]
+
     def logs(self) -> str:
         return "\n".join(f"--- {node.name}\n{node.log_tail()}" for node in self.nodes)
 
