@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -335,22 +336,10 @@ async def main_async(args: argparse.Namespace) -> None:
                             outage=bool(outage),
                         )
                     )
-                await _purge(cluster.url)
             for result in results:
                 print(result, flush=True)
         finally:
             cluster.stop()
-
-
-async def _purge(url: str) -> None:
-    """Drop the stream between runs, so each run's workers start on their own schema."""
-    import nats
-
-    nc = await nats.connect(url.split(","))
-    try:
-        await nc.jetstream(timeout=10).delete_stream("EDGE_EVENTS")
-    finally:
-        await nc.close()
 
 
 class _ClosingHttp(HttpEvents):
@@ -367,6 +356,8 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--pg-url", default=DEFAULT_PG)
     parser.add_argument("--wait-s", type=float, default=120.0, help="bound on each drain")
+    # SIGTERM (timeout, a person) unwinds like Ctrl-C: the cluster and workers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     asyncio.run(main_async(parser.parse_args()))
 
 
