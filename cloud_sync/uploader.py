@@ -5,6 +5,9 @@ oldest first; ``sync_claims``), applies the upload rule (``edge_agent.governance
 them as one gzip batch and marks them synced, in one transaction, only after the store's
 2xx. A crash anywhere before the mark resends the batch; the store counts the resent events
 as duplicates, so nothing is stored twice and nothing acknowledged by a device is lost.
+The transport is ``sync.transport``: HTTP (``HttpEvents``: a gzip batch per POST) or NATS
+JetStream (``cloud_sync.sync_nats``: a message per event, marked after every PubAck); the
+claims, lanes, backoff and upload rule are the same for both.
 
 - Store down, slow or 5xx: a worker retries the same rows with capped exponential backoff
   and jitter (``sync.backoff_initial_s`` doubling up to ``sync.backoff_max_s``); every request
