@@ -86,6 +86,12 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield running
 
 
+def pending(http_port: int) -> int:
+    status, body = http_get(f"http://127.0.0.1:{http_port}/status")
+    assert status == 200
+    return int(json.loads(body)["buffer"]["pending"])
+
+
 def stored(db_url: str) -> tuple[int, int]:
     """(rows, distinct (store_id, event_id)) in the events table."""
     with psycopg.connect(db_url) as conn:
@@ -219,17 +225,20 @@ def test_agent_syncs_through_the_cluster_and_catches_up_after_hub_outage(
         deadline = time.monotonic() + 30
         while len(buffered_event_ids(db_path)) < 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        status, body = http_get(f"http://127.0.0.1:{http_port}/status")
-        assert status == 200
-        assert json.loads(body)["buffer"]["pending"] == len(second)  # unsynced, kept
+        deadline = time.monotonic() + 30  # the first rows' marks land just after their PubAcks
+        while pending(http_port) != len(second) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pending(http_port) == len(second)  # unsynced, kept
         assert stored(pg_url) == (len(first), len(first))
 
         for node in cluster.nodes:
             node.start(wait=False)
         total = len(first) + len(second)
         assert wait_stored(pg_url, total) == (total, total), agent.log.read_text()[-3000:]
-        status, body = http_get(f"http://127.0.0.1:{http_port}/status")
-        assert json.loads(body)["buffer"]["pending"] == 0
+        deadline = time.monotonic() + 30
+        while pending(http_port) != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pending(http_port) == 0
     finally:
         publisher.close()
         if agent.process is not None and agent.process.poll() is None:
