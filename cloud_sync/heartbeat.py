@@ -93,7 +93,7 @@ class Heartbeat:
             log.warning("heartbeat.disabled reason=no_status_board")
             return
         settings = self.settings
-        async with StoreClient(settings.url, settings.token, settings.timeout_s, 1) as client:
+        async with StoreClient(settings.http_url, settings.token, settings.timeout_s, 1) as client:
             while True:
                 await self.beat(client, ports.status)
                 await asyncio.sleep(settings.heartbeat_interval_s)

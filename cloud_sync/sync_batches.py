@@ -36,12 +36,18 @@ class Batch:
 
 def build_batch(rows: Sequence[Row], consent: ConsentLedger, key: bytes, compress: bool) -> Batch:
     """The request body: a JSON array of the governed envelopes (blocking; use a thread)."""
-    envelopes = [_upload_form(row, consent, key) for row in rows]
+    envelopes = governed_envelopes(rows, consent, key)
     # Envelopes are stored as compact JSON already: joining them is the whole encoding.
     body = ("[" + ",".join(envelopes) + "]").encode("utf-8")
     if compress:
         body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
     return Batch(body, compress)
+
+
+def governed_envelopes(rows: Sequence[Row], consent: ConsentLedger, key: bytes) -> list[str]:
+    """Each row as it may leave the store (the upload rule; every transport goes through
+    here): blocking, use a thread."""
+    return [_upload_form(row, consent, key) for row in rows]
 
 
 def _upload_form(row: Row, consent: ConsentLedger, key: bytes) -> str:

@@ -5,6 +5,9 @@ oldest first; ``sync_claims``), applies the upload rule (``edge_agent.governance
 them as one gzip batch and marks them synced, in one transaction, only after the store's
 2xx. A crash anywhere before the mark resends the batch; the store counts the resent events
 as duplicates, so nothing is stored twice and nothing acknowledged by a device is lost.
+The transport is ``sync.transport``: HTTP (``HttpEvents``: a gzip batch per POST) or NATS
+JetStream (``cloud_sync.sync_nats``: a message per event, marked after every PubAck); the
+claims, lanes, backoff and upload rule are the same for both.
 
 - Store down, slow or 5xx: a worker retries the same rows with capped exponential backoff
   and jitter (``sync.backoff_initial_s`` doubling up to ``sync.backoff_max_s``); every request
@@ -32,6 +35,7 @@ as duplicates, so nothing is stored twice and nothing acknowledged by a device i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -39,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tqdm import tqdm
 
@@ -119,6 +123,37 @@ class SyncStats:
     last_success: str | None = None
 
 
+class EventTransport(Protocol):
+    """Where settled rows go: the store's HTTP API or NATS JetStream (``sync.transport``).
+
+    ``post_rows`` governs the rows through ``sync_batches`` and returns once the far side
+    acknowledged them; it raises ``StoreUnavailableError`` (retry the same rows later),
+    ``BatchTooLargeError``/``BatchRefusedError`` (split) or ``StoreForbiddenError``.
+    """
+
+    async def post_rows(
+        self, rows: Sequence[Row], consent: ConsentLedger, key: bytes, compress: bool
+    ) -> PostResult: ...
+
+    async def ready(self, timeout_s: float) -> bool: ...
+
+
+class HttpEvents:
+    """The HTTP transport: one gzip JSON array per batch, ``POST /v1/events``."""
+
+    def __init__(self, client: StoreClient) -> None:
+        self.client = client
+
+    async def post_rows(
+        self, rows: Sequence[Row], consent: ConsentLedger, key: bytes, compress: bool
+    ) -> PostResult:
+        batch = await asyncio.to_thread(build_batch, rows, consent, key, compress)
+        return await self.client.post_events(batch.body, batch.gzipped)
+
+    async def ready(self, timeout_s: float) -> bool:
+        return await self.client.ready(timeout_s)
+
+
 class Uploader:
     """The sync component (``name = "sync"``); runs while the agent runs."""
 
@@ -193,15 +228,30 @@ class Uploader:
         waited = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         self._synced_through = time.monotonic() - waited
         ports.pipeline.observers.append(self._on_commit)
-        connections = max(4, self.settings.concurrency + 2)
         try:
-            async with StoreClient(
-                self.settings.url, self.settings.token, self.settings.timeout_s, connections
-            ) as client:
-                self.downlink = Downlink(client, buffer, self.config, self._key)
-                await self._loop(client, ports)
+            async with contextlib.AsyncExitStack() as stack:
+                events = await self._open(stack)
+                await self._loop(events, ports)
         finally:
             ports.pipeline.observers.remove(self._on_commit)
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> EventTransport:
+        """The events' transport, and the downlink's HTTP client when there is a store URL."""
+        settings = self.settings
+        client: StoreClient | None = None
+        if settings.http_url:
+            connections = max(4, settings.concurrency + 2)
+            client = await stack.enter_async_context(
+                StoreClient(settings.http_url, settings.token, settings.timeout_s, connections)
+            )
+            assert self._buffer is not None
+            self.downlink = Downlink(client, self._buffer, self.config, self._key)
+        if settings.transport == "nats":
+            from cloud_sync.sync_nats import NatsEvents  # nats-py: the [nats] extra
+
+            return await stack.enter_async_context(NatsEvents(settings, self.config.agent.store_id))
+        assert client is not None  # the config requires sync.url for HTTP
+        return HttpEvents(client)
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -209,7 +259,7 @@ class Uploader:
         if any(event.customer for event in events):
             self._wake.set()
 
-    async def _loop(self, client: StoreClient, ports: Ports) -> None:
+    async def _loop(self, client: EventTransport, ports: Ports) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._downlink_loop(ports), name="sync:downlink")
             while True:
@@ -239,7 +289,7 @@ class Uploader:
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)
 
-    async def _drain(self, client: StoreClient, buffer: Buffer) -> None:
+    async def _drain(self, client: EventTransport, buffer: Buffer) -> None:
         """Upload until nothing unsynced is left: ``sync.concurrency`` workers in parallel."""
         claims = Claims(buffer)
         sent_before, started = self.stats.sent, time.monotonic()
@@ -274,7 +324,7 @@ class Uploader:
             )
 
     async def _worker(
-        self, client: StoreClient, buffer: Buffer, claims: Claims, live: bool
+        self, client: EventTransport, buffer: Buffer, claims: Claims, live: bool
     ) -> None:
         """Claim, post, settle, until the claims run dry; the first worker runs the live lane."""
         settings = self.settings
@@ -294,7 +344,7 @@ class Uploader:
                 return
             await self._deliver(client, buffer, rows)
 
-    async def _deliver(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
+    async def _deliver(self, client: EventTransport, buffer: Buffer, rows: Sequence[Row]) -> None:
         """Post ``rows`` until the store settles them, through any outage."""
         await self._limiter.take(len(rows))
         while True:
@@ -315,7 +365,7 @@ class Uploader:
                 self._backoff.reset()
                 return
 
-    async def _pause(self, client: StoreClient, delay: float, probe: bool) -> None:
+    async def _pause(self, client: EventTransport, delay: float, probe: bool) -> None:
         """Wait ``delay``; with ``probe``, return early once the store is ready again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
@@ -328,7 +378,7 @@ class Uploader:
                 log.info("sync.store.back waited_s=%.1f of=%.1f", delay - left, delay)
                 return
 
-    async def _store_ready(self, client: StoreClient) -> bool:
+    async def _store_ready(self, client: EventTransport) -> bool:
         """One readiness probe per second at most, shared by every waiting worker."""
         async with self._probe_lock:
             if time.monotonic() - self._probed_at >= _PROBE_EVERY_S:
@@ -341,13 +391,10 @@ class Uploader:
         if self._progress is None and pending >= self.progress_from_events:
             self._progress = DrainProgress(pending, self.progress_log_every_s)
 
-    async def _send(self, client: StoreClient, buffer: Buffer, rows: Sequence[Row]) -> None:
+    async def _send(self, client: EventTransport, buffer: Buffer, rows: Sequence[Row]) -> None:
         """Post ``rows`` until settled; split on 413/400 to isolate what the store refuses."""
-        batch = await asyncio.to_thread(
-            build_batch, rows, self._consent, self._key, self.settings.gzip
-        )
         try:
-            result = await client.post_events(batch.body, batch.gzipped)
+            result = await client.post_rows(rows, self._consent, self._key, self.settings.gzip)
         except (BatchTooLargeError, BatchRefusedError) as exc:
             if len(rows) > 1:
                 log.warning("sync.batch.split rows=%d reason=%s", len(rows), exc)

@@ -109,6 +109,7 @@ def build_components(config: Config) -> list[Component]:
             components.append(CentralProfiles(config))
     if config.sync.url:
         components.append(Uploader(config))
+    if config.sync.url and config.sync.http_url:  # NATS without downlink_url: no heartbeat
         components.append(Heartbeat(config))
     return components
 

@@ -52,7 +52,11 @@ CREDENTIALS: Final = {
     "sync-token": ("sync", "token"),
     "mqtt-password": ("mqtt", "password"),
     "pseudonym-key": ("governance", "pseudonym_key"),
+    "nats-password": ("sync", "nats_password"),
 }
+# File credentials: the key names the file systemd placed (LoadCredential=nats-creds:PATH).
+FILE_CREDENTIALS: Final = {"nats-creds": ("sync", "nats_creds")}
+SYNC_TRANSPORTS: Final = ("http", "nats")
 _ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ED25519_KEY_BYTES: Final = 32
 _INT64_MAX: Final = 2**63 - 1
@@ -165,6 +169,26 @@ class SyncSection:
     allow_insecure_http: bool = False  # http:// to a non-loopback store: only when true
     # How often the agent reports its health, versions, backlog and lag (the fleet view).
     heartbeat_interval_s: float = 60.0
+    # "http": post batches to the store at ``url``. "nats": publish to JetStream at ``url``
+    # (nats://HOST:PORT or tls://, several separated by commas; cloud_sync/sync_nats.py).
+    transport: str = "http"
+    nats_subject: str = "edge.events"  # events go to <nats_subject>.<store_id>
+    nats_creds: str = ""  # a .creds file (JWT + nkey); or LoadCredential=nats-creds:PATH
+    nats_user: str = ""
+    nats_password: str = ""  # or LoadCredential=nats-password:PATH
+    nats_tls_ca: str = ""  # CA bundle that signed the server's certificate
+    nats_tls_cert: str = ""  # client certificate (mutual TLS), with nats_tls_key
+    nats_tls_key: str = ""
+    # The hub's JetStream domain, when the agent reaches it through a leaf node (docs/).
+    nats_domain: str = ""
+    # With transport "nats": the store's HTTP URL for erasures, models and heartbeats
+    # (empty: none of the three; events still flow).
+    downlink_url: str = ""
+
+    @property
+    def http_url(self) -> str:
+        """The store's HTTP service: ``url`` over HTTP, ``downlink_url`` beside NATS."""
+        return self.url if self.transport == "http" else self.downlink_url
 
 
 @dataclass(frozen=True)
@@ -353,6 +377,11 @@ def _apply_credentials(
             raise ConfigError(f"{section}.{key}", f"credential {credential}: {exc}") from exc
         if value and isinstance(document.setdefault(section, {}), dict):
             _merge(document, {section: {key: value}}, origins, f"credential {credential}", ())
+    for name, (section, key) in FILE_CREDENTIALS.items():
+        credential = Path(directory) / name
+        table = document.setdefault(section, {})
+        if credential.is_file() and isinstance(table, dict) and not table.get(key):
+            _merge(document, {section: {key: str(credential)}}, origins, f"credential {credential}", ())
 
 
 def config_from_toml(text: str, environ: Mapping[str, str], origin: str = "config") -> Config:
@@ -601,6 +630,17 @@ def public_keys(model: ModelSection) -> tuple[bytes, ...]:
     return tuple(keys)
 
 
+_URL_SCHEMES: Final = {"http": ("http://", "https://"), "nats": ("nats://", "tls://")}
+
+
+def _nats_secure(sync: SyncSection) -> bool:
+    """Every NATS server of ``sync.url`` is reached over TLS, on loopback, or allowed plain."""
+    if sync.allow_insecure_http or sync.nats_tls_ca:
+        return True
+    servers = [part.strip() for part in sync.url.split(",") if part.strip()]
+    return all(s.startswith("tls://") or _is_loopback_url(s) for s in servers)
+
+
 def _is_loopback_url(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
@@ -733,15 +773,31 @@ def _validate(config: Config) -> list[tuple[str, str]]:
         (config.model.popularity_refresh_s > 0, "model.popularity_refresh_s", "must be positive"),
         (config.model.watch_interval_s > 0, "model.watch_interval_s", "must be positive"),
         (config.model.max_pending >= 1, "model.max_pending", "must be >= 1"),
+        (config.sync.transport in SYNC_TRANSPORTS, "sync.transport", "must be http or nats"),
         (
-            not config.sync.url or config.sync.url.startswith(("http://", "https://")),
+            not config.sync.url
+            or config.sync.url.startswith(_URL_SCHEMES.get(config.sync.transport, ())),
             "sync.url",
+            "must be an http:// or https:// URL (transport nats: nats:// or tls://,"
+            " comma-separated), or empty",
+        ),
+        (
+            config.sync.transport != "nats" or _nats_secure(config.sync),
+            "sync.url",
+            "must be tls:// or have sync.nats_tls_ca (customer data crosses the network);"
+            " plain nats:// is allowed only to a loopback host or with"
+            " sync.allow_insecure_http = true",
+        ),
+        (
+            not config.sync.downlink_url
+            or config.sync.downlink_url.startswith(("http://", "https://")),
+            "sync.downlink_url",
             "must be an http:// or https:// URL, or empty",
         ),
         (
-            not config.sync.url.startswith("http://")
+            not config.sync.http_url.startswith("http://")
             or config.sync.allow_insecure_http
-            or _is_loopback_url(config.sync.url),
+            or _is_loopback_url(config.sync.http_url),
             "sync.url",
             "must be https:// (tokens and customer data cross the network); plain http:// is"
             " allowed only to a loopback host or with sync.allow_insecure_http = true",
@@ -760,9 +816,10 @@ def _validate(config: Config) -> list[tuple[str, str]]:
         (config.sync.live_lane_size >= 0, "sync.live_lane_size", "must be >= 0 (0: off)"),
         (1 <= config.sync.concurrency <= 32, "sync.concurrency", "must be 1..32"),
         (
-            not config.sync.url or bool(config.sync.token),
+            not config.sync.http_url or bool(config.sync.token),
             "sync.token",
-            "is required when sync.url is set (or EDGE_AGENT__SYNC__TOKEN)",
+            "is required when sync.url (or, with NATS, sync.downlink_url) is set"
+            " (or EDGE_AGENT__SYNC__TOKEN)",
         ),
     ]
     checks += [

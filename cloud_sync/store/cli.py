@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--by", default="operator", help="who decides (kept in the trail)")
 
     with_db(commands.add_parser("stats", help="print one JSON object of counts"))
-    _fleet_command(commands, with_db)
     with_db(commands.add_parser("migrate", help="bring the schema up to date and exit"))
+    for add_command in (_fleet_command, _ingest_command):
+        add_command(commands, with_db)
     return parser
 
 
@@ -199,6 +200,32 @@ def _extra_parsers(
     """The command groups kept in their own modules."""
     model_parsers(commands, with_db)
     partition_parsers(commands, with_db)
+
+
+def _ingest_command(
+    commands: Any, with_db: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    ingest = with_db(
+        commands.add_parser(
+            "ingest", help="NATS JetStream to the database: durable pull consumer workers"
+        )
+    )
+    ingest.add_argument(
+        "--from", dest="nats_url", required=True, help="nats://HOST:PORT[,nats://...]"
+    )
+    ingest.add_argument("--creds", default="", help="a NATS .creds file")
+    ingest.add_argument("--user", default="", help="NATS user ($CUSTOMER_STORE_NATS_PASSWORD)")
+    ingest.add_argument("--tls-ca", default="", help="CA bundle for tls:// servers")
+    ingest.add_argument("--workers", type=int, default=1, help="pull loops in this process")
+    ingest.add_argument("--batch", type=int, default=500, help="messages per fetch")
+    ingest.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="a new stream's replicas (0: R3 on a cluster, R1 alone)",
+    )
+    ingest.add_argument("--ack-wait-s", type=float, default=30.0)
+    ingest.add_argument("--pool-size", type=int, default=4, help="PostgreSQL connections")
 
 
 def _fleet_command(
@@ -380,6 +407,24 @@ def main(argv: list[str] | None = None) -> int:
                     rollout_check_s=args.rollout_check_s,
                     min_shown=args.min_shown,
                 )
+            )
+            return 0
+        if args.command == "ingest":
+            from cloud_sync.store.nats_ingest import IngestSettings, run_ingest  # [store] extra
+
+            settings = IngestSettings(
+                url=args.nats_url,
+                creds=args.creds,
+                user=args.user,
+                password=os.environ.get("CUSTOMER_STORE_NATS_PASSWORD", ""),
+                token=os.environ.get("CUSTOMER_STORE_NATS_TOKEN", ""),
+                tls_ca=args.tls_ca,
+                replicas=args.replicas,
+                batch=args.batch,
+                ack_wait_s=args.ack_wait_s,
+            )
+            asyncio.run(
+                run_ingest(args.db, settings, pool_size=args.pool_size, workers=args.workers)
             )
             return 0
         output = asyncio.run(_with_backend(args.db, _command(args)))

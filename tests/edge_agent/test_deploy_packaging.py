@@ -82,12 +82,13 @@ def test_extras_are_declared_and_dev_holds_them_all() -> None:
     for extra, names in {
         "train": ("onnx", "matplotlib"),
         "demo": ("amqtt",),
-        "store": ("psycopg",),
+        "store": ("psycopg", "nats-py"),
+        "nats": ("nats-py",),  # sync.transport = "nats" on a store box
     }.items():
         for name in names:
             assert name not in base
             assert name in extras[extra]
-    assert "edge-agent[train,demo,store]" in project["optional-dependencies"]["dev"]
+    assert "edge-agent[train,demo,store,nats]" in project["optional-dependencies"]["dev"]
 
 
 @pytest.mark.parametrize(
