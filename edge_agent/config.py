@@ -381,7 +381,9 @@ def _apply_credentials(
         credential = Path(directory) / name
         table = document.setdefault(section, {})
         if credential.is_file() and isinstance(table, dict) and not table.get(key):
-            _merge(document, {section: {key: str(credential)}}, origins, f"credential {credential}", ())
+            _merge(
+                document, {section: {key: str(credential)}}, origins, f"credential {credential}", ()
+            )
 
 
 def config_from_toml(text: str, environ: Mapping[str, str], origin: str = "config") -> Config:
