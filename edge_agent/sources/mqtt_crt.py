@@ -20,7 +20,10 @@ keep or drop (mosquitto: ``max_queued_messages``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import threading
 from typing import Any, Final
 
@@ -202,6 +205,7 @@ class MqttCrtSource(MqttConsumer):
             )
             self._call_on_loop(self._count_session_lost)
         self._connected_before = True
+        _no_delay_to(self.settings.port)
         if client is not None:
             # Subscribe on every connect: a broker that lost our session forgets them.
             qos = _QOS[self.settings.qos]
@@ -244,3 +248,26 @@ class MqttCrtSource(MqttConsumer):
 
     def _on_stopped(self, data: Any) -> None:
         self._stopped.set()
+
+
+def _no_delay_to(port: int) -> None:
+    """TCP_NODELAY on this process's TCP sockets to the broker's port.
+
+    awscrt offers no socket option for it, and without it a suggestion (one small packet)
+    waits for the broker's delayed ACK (Nagle): benchmarks/suggest.py measured a 26 ms p50
+    on awscrt against 1.3 ms on paho (which sets it, mqtt.py). The socket is the C client's,
+    so it is found by its peer port under /proc/self/fd (Linux; elsewhere nothing happens)
+    and set through a duplicate descriptor. Every socket of ours to the broker is an MQTT
+    client's, so setting it on all of them is right.
+    """
+    with contextlib.suppress(OSError):
+        names = os.listdir("/proc/self/fd")
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    continue
+                with socket.socket(fileno=os.dup(int(name))) as sock:
+                    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                        continue
+                    if sock.type == socket.SOCK_STREAM and sock.getpeername()[1] == port:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
