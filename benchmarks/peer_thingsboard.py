@@ -112,7 +112,7 @@ def gateway_config(workdir: Path, device_port: int, tb_port: int, python: Path) 
         text=True,
         check=True,
     ).stdout.strip()
-    config = workdir / "tb-config"
+    config = workdir / f"tb-config-{uuid.uuid4().hex[:6]}"  # one per repeat
     shutil.copytree(Path(package) / "config", config)
     main = {
         "thingsboard": {

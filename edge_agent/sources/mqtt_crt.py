@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -34,6 +35,8 @@ from awscrt import mqtt5
 from edge_agent.config import MqttSection
 from edge_agent.deadletter import HandlingJournal, fingerprint
 from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.sources.base import Emit
+from edge_agent.sources.mqtt import MqttSource
 from edge_agent.sources.mqtt_consumer import INBOX_LIMIT, MqttConsumer, Received
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,48 @@ class MqttCrtSource(MqttConsumer):
         self._client: mqtt5.Client | None = None
         self._stopped = threading.Event()
         self._closing = threading.Event()  # set at shutdown: a waiting callback gives up
+        # client = "auto" and protocol = "auto" on a broker without MQTT 5: this source
+        # hands over to paho on MQTT 3.1.1 (what protocol = "auto" promises).
+        self._may_fall_back = settings.client == "auto" and settings.protocol == "auto"
+        self._fall_back = False
+        self._stop_requested = False
+        self._paho: MqttSource | None = None
+        self._channels = channels
+
+    async def run(self, emit: Emit) -> None:
+        if self._paho is None:
+            await super().run(emit)
+            if not self._fall_back or self._stop_requested:
+                return
+            log.warning(
+                "mqtt.protocol.fallback the broker does not speak MQTT 5; using paho on 3.1.1, "
+                "so the QoS 1 window is the broker's max_inflight_messages"
+            )
+            settings = dataclasses.replace(self.settings, protocol="3.1.1", client="paho")
+            paho = MqttSource(
+                settings,
+                self._client_id,
+                self._context,
+                channels=self._channels,
+                name=self.name,
+                announce=self._announce,
+                journal=self._journal,
+                inbox_limit=self._inbox_limit,
+            )
+            paho.stats = self.stats  # the same counters on /status and /metrics
+            self._paho = paho
+        await self._paho.run(emit)
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        super().request_stop()
+        if self._paho is not None:
+            self._paho.request_stop()
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
+        if self._paho is not None:
+            self._paho.publish(topic, payload, qos, retain)
+            return
         client = self._client
         if client is None:
             return
@@ -225,7 +268,14 @@ class MqttCrtSource(MqttConsumer):
 
     def _on_connection_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
         reason = data.connack_packet.reason_code if data.connack_packet else None
-        if reason == mqtt5.ConnectReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+        refused = reason == mqtt5.ConnectReasonCode.UNSUPPORTED_PROTOCOL_VERSION
+        # Some brokers (amqtt) neither accept nor refuse an MQTT 5 CONNECT: they just wait.
+        silent = getattr(data.exception, "name", "") == "AWS_ERROR_MQTT5_CONNACK_TIMEOUT"
+        if self._may_fall_back and not self._connected_before and (refused or silent):
+            self._fall_back = True
+            self._call_on_loop(super().request_stop)
+            return
+        if refused:
             log.error(
                 "mqtt.connect.refused the broker does not speak MQTT 5: set [mqtt] client = "
                 '"paho" (it falls back to 3.1.1)'

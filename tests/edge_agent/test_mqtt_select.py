@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from edge_agent.decode import make_context
 from edge_agent.errors import ConfigError
 from edge_agent.sources.mqtt import MqttSource
 from edge_agent.sources.mqtt_select import awscrt_available, make_mqtt_source, mqtt_client_for
+from tests.conftest import COLLECT_ONLY, agent_config_dict
+from tests.support.agent import (
+    Publisher,
+    agent_running,
+    buffered_event_ids,
+    event_topic,
+    pickup,
+    wait_until,
+)
+from tests.support.broker import AmqttBroker
+from tests.support.services import missing_service
 
 
 def _config(tmp_path: Path, **mqtt: object) -> dict[str, object]:
@@ -64,3 +76,30 @@ def test_make_mqtt_source_builds_the_configured_client(tmp_path: Path) -> None:
 
     config = config_from_dict(_config(tmp_path, client="awscrt"))
     assert isinstance(make_mqtt_source(config.mqtt, "c-1", context), MqttCrtSource)
+
+
+async def test_auto_falls_back_to_paho_on_a_broker_without_mqtt5(
+    tmp_path: Path, store_id: str
+) -> None:
+    # amqtt speaks MQTT 3.1.1 only and does not answer an MQTT 5 CONNECT at all.
+    if not awscrt_available():
+        missing_service("awscrt is not installed (pip install awscrt)")
+    broker = AmqttBroker()
+    try:
+        document = agent_config_dict(tmp_path, store_id, broker, model=COLLECT_ONLY)
+        document["mqtt"]["protocol"] = "auto"  # and client auto: awscrt first
+        publisher = Publisher(broker.host, broker.port)
+        try:
+            async with agent_running(document) as agent:
+                await wait_until(lambda: all(s.stats.connected for s in agent.sources), 30)
+                for n in range(20):
+                    publisher.publish(event_topic(store_id), pickup(f"ev-{n}"))
+                await asyncio.to_thread(publisher.wait_all)
+                await wait_until(lambda: agent.buffer.counters.committed == 20, 20)
+                assert agent.sources[0].stats.accepted == 20
+                assert type(agent.sources[0]).__name__ == "MqttCrtSource"  # it started on awscrt
+        finally:
+            publisher.close()
+    finally:
+        broker.close()
+    assert len(buffered_event_ids(tmp_path / "data" / "buffer.db")) == 20
