@@ -141,7 +141,7 @@ def gateway_config(workdir: Path, device_port: int, tb_port: int, python: Path) 
         },
         "storage": {
             "type": "sqlite",
-            "data_file_path": str(workdir / "tb-storage") + "/",
+            "data_file_path": f"{config}-storage/",
             "messages_ttl_check_in_hours": 1,
             "messages_ttl_in_days": 7,
             "max_read_records_count": 1000,
