@@ -20,6 +20,8 @@ Targets (issue 11): QoS 1 ≥ 1.0x bare paho QoS 1; QoS 0 ≥ 1.0x bare paho QoS
 trigger-heavy ≥ 0.75x bare paho; peak PSS ≤ 80 MB after 100k events from 2,000 customers.
 
     .venv/bin/python -m benchmarks.ingest [--messages 20000] [--repeats 3] [--json out.json]
+        [--clients paho,awscrt]   # the agent on each MQTT client, side by side in one run
+        [--memory-events 0]       # skip the memory run
 """
 
 from __future__ import annotations
@@ -222,7 +224,13 @@ def status_of(http_port: int) -> dict[str, Any]:
 
 
 def run_agent(
-    port: int, payloads: Path, count: int, qos: int, store_id: str, no_model: bool
+    port: int,
+    payloads: Path,
+    count: int,
+    qos: int,
+    store_id: str,
+    no_model: bool,
+    client: str = "auto",
 ) -> dict[str, Any]:
     """One agent process fed one payload file: rate, CPU per event, peak PSS, /status."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-agent-"))
@@ -231,6 +239,7 @@ def run_agent(
     config.write_text(
         f'[agent]\nstore_id = "{store_id}"\ndata_dir = "{workdir}"\n'
         f'[mqtt]\nport = {port}\nqos = {qos}\nclient_id = "bench-{uuid.uuid4().hex[:8]}"\n'
+        f'client = "{client}"\n'
         f"[http]\nport = {http_port}\n"
         "[governance]\nrequire_consent = false\n"
         f"[model]\nenabled = {'false' if no_model else 'true'}\n"
@@ -297,6 +306,11 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=50_000, help="QoS 0 burst size")
     parser.add_argument("--memory-events", type=int, default=100_000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--clients",
+        default="auto",
+        help="comma-separated [mqtt] client values to run the agent on (e.g. paho,awscrt)",
+    )
     add_png_argument(parser)
     parser.add_argument(
         "--no-model", action="store_true", help="a collect-only agent ([model] enabled = false)"
@@ -311,8 +325,16 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+_MODES = ("qos1", "qos0", "trigger_qos1")
+
+
+def _suffix(client: str, form: str = ":{}") -> str:
+    """How a client is named in keys and labels; nothing for "auto" (the default run)."""
+    return "" if client == "auto" else form.format(client)
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+    return float(statistics.median(run[key] for run in runs))
 
 
 def _run_all(args: argparse.Namespace, workdir: Path, port: int) -> int:
@@ -323,83 +345,101 @@ def _run_all(args: argparse.Namespace, workdir: Path, port: int) -> int:
     write_payloads(triggers, count, store_id, "product.pickup", CUSTOMERS)
     bare: dict[str, list[tuple[float, float]]] = {"qos0": [], "qos1": []}
     sub_q1: list[float] = []
-    agent: dict[str, list[dict[str, Any]]] = {"qos0": [], "qos1": [], "trigger_qos1": []}
+    clients = [name.strip() for name in args.clients.split(",") if name.strip()]
+    agent: dict[str, list[dict[str, Any]]] = {
+        f"{mode}{_suffix(client)}": [] for client in clients for mode in _MODES
+    }
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
         bare["qos1"].append(run_bare_paho(port, putbacks, count, 1))
-        agent["qos1"].append(run_agent(port, putbacks, count, 1, store_id, args.no_model))
+        for client in clients:
+            run = run_agent(port, putbacks, count, 1, store_id, args.no_model, client)
+            agent["qos1" + _suffix(client)].append(run)
         sub_q1.append(run_mosquitto_sub(port, putbacks, count))
         bare["qos0"].append(run_bare_paho(port, putbacks, count, 0))
-        agent["qos0"].append(run_agent(port, putbacks, count, 0, store_id, args.no_model))
-        agent["trigger_qos1"].append(run_agent(port, triggers, count, 1, store_id, False))
+        for client in clients:
+            run = run_agent(port, putbacks, count, 0, store_id, args.no_model, client)
+            agent["qos0" + _suffix(client)].append(run)
+        for client in clients:
+            run = run_agent(port, triggers, count, 1, store_id, False, client)
+            agent["trigger_qos1" + _suffix(client)].append(run)
     burst = workdir / "burst.txt"
     write_payloads(burst, args.burst, store_id)
-    burst_run = run_agent(port, burst, args.burst, 0, store_id, args.no_model)
-    memory = workdir / "memory.txt"
-    write_payloads(memory, args.memory_events, store_id, "product.pickup", CUSTOMERS)
-    memory_run = run_agent(port, memory, args.memory_events, 1, store_id, False)
+    burst_runs = {
+        client: run_agent(port, burst, args.burst, 0, store_id, args.no_model, client)
+        for client in clients
+    }
+    memory_run: dict[str, Any] = {}
+    if args.memory_events:
+        memory = workdir / "memory.txt"
+        write_payloads(memory, args.memory_events, store_id, "product.pickup", CUSTOMERS)
+        memory_run = run_agent(port, memory, args.memory_events, 1, store_id, False, clients[0])
 
     paho_q1 = statistics.median(rate for rate, _ in bare["qos1"])
     paho_q0 = statistics.median(rate for rate, _ in bare["qos0"])
     paho_q1_cpu = statistics.median(cpu for _, cpu in bare["qos1"])
     paho_q0_cpu = statistics.median(cpu for _, cpu in bare["qos0"])
     mosq = statistics.median(sub_q1)
-    rows = [
+    rows: list[tuple[str, float, float | None, float | None]] = [
         ("QoS 1 bare paho (PUBACK on receipt)", paho_q1, paho_q1_cpu, None),
         ("QoS 1 mosquitto_sub -q 1", mosq, None, None),
-        (
-            "QoS 1 agent, PUBACK after commit",
-            _median(agent["qos1"], "rate"),
-            _median(agent["qos1"], "cpu_us"),
-            paho_q1,
-        ),
         ("QoS 0 bare paho", paho_q0, paho_q0_cpu, None),
-        (
-            "QoS 0 agent, committed",
-            _median(agent["qos0"], "rate"),
-            _median(agent["qos0"], "cpu_us"),
-            paho_q0,
-        ),
-        (
-            "QoS 1 agent, every event a trigger",
-            _median(agent["trigger_qos1"], "rate"),
-            _median(agent["trigger_qos1"], "cpu_us"),
-            paho_q1,
-        ),
     ]
+    labels = {
+        "qos1": ("QoS 1 agent, PUBACK after commit", paho_q1),
+        "qos0": ("QoS 0 agent, committed", paho_q0),
+        "trigger_qos1": ("QoS 1 agent, every event a trigger", paho_q1),
+    }
+    for mode, (label, base) in labels.items():
+        for client in clients:
+            runs = agent[mode + _suffix(client)]
+            name = f"{label}{_suffix(client, ' [{}]')}"
+            rows.append((name, _median(runs, "rate"), _median(runs, "cpu_us"), base))
     print(
         f"messages per run: {count}, runs: {args.repeats} (medians), "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'measurement':<40}{'msg/s':>10}{'cpu µs/msg':>12}{'ratio':>8}")
-    for label, rate, cpu, base in rows:
+    print(f"{'measurement':<50}{'msg/s':>10}{'cpu µs/msg':>12}{'ratio':>8}")
+    for label, rate, cpu, baseline in rows:
         cpu_text = f"{cpu:>12.1f}" if cpu is not None else f"{'':>12}"
-        ratio = f"{rate / base:>8.2f}" if base else f"{'':>8}"
-        print(f"{label:<40}{rate:>10,.0f}{cpu_text}{ratio}")
-    agent_q1 = _median(agent["qos1"], "rate")
-    print(f"QoS 1 agent / mosquitto_sub -q 1: {agent_q1 / mosq:.2f}")
-    last = agent["trigger_qos1"][-1]["suggestions"]
-    shed = sum(last.get("dropped", {}).values())
-    print(
-        f"trigger-heavy, last run: {count} triggers, {last.get('shown', 0)} answered, "
-        f"{shed} shed ({last.get('dropped', {})})"
-    )
-    print(
-        f"QoS 0 burst of {args.burst}: committed {burst_run['committed']}, "
-        f"dropped by the agent {burst_run['drops'] or 0}, {burst_run['rate']:,.0f} msg/s"
-    )
+        ratio = f"{rate / baseline:>8.2f}" if baseline else f"{'':>8}"
+        print(f"{label:<50}{rate:>10,.0f}{cpu_text}{ratio}")
+    for mode, (label, _) in labels.items():  # per-repeat ratios: the noise of a shared box
+        bases = [rate for rate, _ in bare["qos0" if mode == "qos0" else "qos1"]]
+        for client in clients:
+            runs = agent[mode + _suffix(client)]
+            ratios = [run["rate"] / base for run, base in zip(runs, bases, strict=True)]
+            name = f"{label}{_suffix(client, ' [{}]')}"
+            print(f"  {name}: ratio per repeat {min(ratios):.2f}-{max(ratios):.2f}")
+    for client in clients:
+        agent_q1 = _median(agent["qos1" + _suffix(client)], "rate")
+        print(f"QoS 1 agent{_suffix(client, ' [{}]')} / mosquitto_sub -q 1: {agent_q1 / mosq:.2f}")
+        last = agent["trigger_qos1" + _suffix(client)][-1]["suggestions"]
+        shed = sum(last.get("dropped", {}).values())
+        print(
+            f"trigger-heavy{_suffix(client, ' [{}]')}, last run: {count} triggers, "
+            f"{last.get('shown', 0)} answered, {shed} shed ({last.get('dropped', {})})"
+        )
+        burst_run = burst_runs[client]
+        print(
+            f"QoS 0 burst of {args.burst}{_suffix(client, ' [{}]')}: committed "
+            f"{burst_run['committed']}, dropped by the agent {burst_run['drops'] or 0}, "
+            f"{burst_run['rate']:,.0f} msg/s"
+        )
     pss_runs = [run["pss_mb"] for runs in agent.values() for run in runs]
     print(f"peak PSS, {count}-event runs: {max(pss_runs):.1f} MB")
-    print(
-        f"peak PSS after {args.memory_events} events from {CUSTOMERS} customers, model loaded: "
-        f"{memory_run['pss_mb']:.1f} MB (target ≤ 80)"
-    )
+    if memory_run:
+        print(
+            f"peak PSS after {args.memory_events} events from {CUSTOMERS} customers, model "
+            f"loaded: {memory_run['pss_mb']:.1f} MB (target ≤ 80)"
+        )
     result: dict[str, Any] = {
         "messages": count,
         "repeats": args.repeats,
         "bare_paho": bare,
         "mosquitto_sub_qos1": sub_q1,
         "agent": agent,
-        "burst": burst_run,
+        "clients": clients,
+        "burst": burst_runs,
         "memory": memory_run,
         "load_average": os.getloadavg(),
     }

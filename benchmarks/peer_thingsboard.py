@@ -112,7 +112,7 @@ def gateway_config(workdir: Path, device_port: int, tb_port: int, python: Path) 
         text=True,
         check=True,
     ).stdout.strip()
-    config = workdir / "tb-config"
+    config = workdir / f"tb-config-{uuid.uuid4().hex[:6]}"  # one per repeat
     shutil.copytree(Path(package) / "config", config)
     main = {
         "thingsboard": {
@@ -141,7 +141,7 @@ def gateway_config(workdir: Path, device_port: int, tb_port: int, python: Path) 
         },
         "storage": {
             "type": "sqlite",
-            "data_file_path": str(workdir / "tb-storage") + "/",
+            "data_file_path": f"{config}-storage/",
             "messages_ttl_check_in_hours": 1,
             "messages_ttl_in_days": 7,
             "max_read_records_count": 1000,
@@ -333,7 +333,7 @@ def store_count(db: Path, prefix: str) -> int:
 
 
 def run_agent_to_store(
-    workdir: Path, device_port: int, files: list[tuple[str, Path]], total: int
+    workdir: Path, device_port: int, files: list[tuple[str, Path]], total: int, client: str = "auto"
 ) -> float:
     store_db = workdir / f"store-{uuid.uuid4().hex[:6]}.db"
     db_url = f"sqlite:///{store_db}"
@@ -361,6 +361,7 @@ def run_agent_to_store(
     config.write_text(
         f'[agent]\nstore_id = "{STORE}"\ndata_dir = "{data}"\n'
         f'[mqtt]\nport = {device_port}\nclient_id = "peer-{uuid.uuid4().hex[:8]}"\n'
+        f'client = "{client}"\n'
         f"[http]\nport = {http_port}\n"
         "[governance]\nrequire_consent = false\n"
         f'[sync]\nurl = "http://127.0.0.1:{store_port}"\ntoken = "{token}"\ninterval_s = 0.2\n'
@@ -399,8 +400,14 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--clients", default="auto", help="comma-separated [mqtt] client values (paho,awscrt)"
+    )
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {"bare paho": [], "ThingsBoard gateway": [], "agent": []}
+    clients = [name.strip() for name in args.clients.split(",") if name.strip()]
+    agents = {client: "agent" if client == "auto" else f"agent [{client}]" for client in clients}
+    rates: dict[str, list[float]] = {"bare paho": [], "ThingsBoard gateway": []}
+    rates.update({name: [] for name in agents.values()})
     delivered: list[int] = []
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         workdir = Path(tmp)
@@ -424,8 +431,10 @@ def main() -> int:
                 rate, arrived = run_thingsboard(workdir, device_port, tb_port, files, args.events)
                 rates["ThingsBoard gateway"].append(rate)
                 delivered.append(arrived)
-                files = write_device_payloads(workdir, args.events)
-                rates["agent"].append(run_agent_to_store(workdir, device_port, files, args.events))
+                for client, name in agents.items():
+                    files = write_device_payloads(workdir, args.events)
+                    rate = run_agent_to_store(workdir, device_port, files, args.events, client)
+                    rates[name].append(rate)
     medians = {name: statistics.median(values) for name, values in rates.items() if values}
     print(
         f"{PUBLISHERS} publishers, {args.events} events, runs: {args.repeats} (medians), "
@@ -437,11 +446,19 @@ def main() -> int:
         f"ThingsBoard gateway delivered {delivered} of {args.events} events per run "
         "(its rate counts only what arrived)"
     )
-    ratio = medians["agent"] / medians["ThingsBoard gateway"]
-    print(f"agent / ThingsBoard gateway: {ratio:.2f} (target ≥ 4)")
-    print(f"agent / bare paho ceiling:   {medians['agent'] / medians['bare paho']:.2f}")
+    ratios = {name: medians[name] / medians["ThingsBoard gateway"] for name in agents.values()}
+    for name, ratio in ratios.items():
+        print(f"{name} / ThingsBoard gateway: {ratio:.2f} (target ≥ 4)")
+        print(f"{name} / bare paho ceiling:   {medians[name] / medians['bare paho']:.2f}")
+    ratio = ratios[agents[clients[0]]]
     if args.json:
-        document = {"rates": rates, "medians": medians, "ratio": ratio, "delivered": delivered}
+        document = {
+            "rates": rates,
+            "medians": medians,
+            "ratio": ratio,
+            "ratios": ratios,
+            "delivered": delivered,
+        }
         args.json.write_text(json.dumps(document))
     return 0
 

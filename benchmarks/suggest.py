@@ -16,6 +16,7 @@ is the latency of one request, not of a queue. Targets (issue 4): agent p99 with
 floor's p99 idle, and under 5 ms loaded.
 
     .venv/bin/python -m benchmarks.suggest [--samples 1000] [--rate 5000] [--json out.json]
+        [--clients paho,awscrt]   # the agent on each MQTT client, one after the other
 
 Not a test: figures depend on the machine and its load. Everything is bounded by count and time.
 """
@@ -222,12 +223,16 @@ def run_floor(port: int, args: argparse.Namespace) -> dict[str, Any]:
         process.join(10)
 
 
-def run_agent(port: int, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_agent(
+    port: int, workdir: Path, args: argparse.Namespace, client: str = "auto"
+) -> dict[str, Any]:
     http_port = free_port()
+    workdir = workdir / f"agent-{client}"
+    workdir.mkdir()
     config = workdir / "agent.toml"
     config.write_text(
         f'[agent]\nstore_id = "{STORE}"\ndata_dir = "{workdir / "data"}"\n'
-        f"[mqtt]\nport = {port}\n[http]\nport = {http_port}\n"
+        f'[mqtt]\nport = {port}\nclient = "{client}"\n[http]\nport = {http_port}\n'
         "[governance]\nrequire_consent = false\n"
         f'[buffer]\nsynchronous = "{args.buffer_synchronous}"\n'
     )
@@ -345,11 +350,16 @@ def main() -> None:
         help="the agent's [buffer] synchronous (full: fsync per commit, the default)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--clients", default="auto", help="comma-separated [mqtt] client values (paho,awscrt)"
+    )
     add_png_argument(parser)
     args = parser.parse_args()
+    clients = [name.strip() for name in args.clients.split(",") if name.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-suggest-") as tmp, mosquitto(Path(tmp)) as port:
         floor = run_floor(port, args)
-        agent = run_agent(port, Path(tmp), args)
+        agents = {client: run_agent(port, Path(tmp), args, client) for client in clients}
+    agent = agents[clients[0]]
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -357,7 +367,17 @@ def main() -> None:
             "platform": platform.platform(),
         },
         "floor": floor,
-        "agent": agent,
+        "agent": agent,  # the first of --clients
+        "agents": agents,
+        "idle_p99_ratio_by_client": {
+            client: round(run["idle"]["p99_ms"] / floor["idle"]["p99_ms"], 2)
+            if run["idle"].get("p99_ms") and floor["idle"].get("p99_ms")
+            else None
+            for client, run in agents.items()
+        },
+        "loaded_p99_ms_by_client": {
+            client: run["loaded"].get("p99_ms") for client, run in agents.items()
+        },
         "targets": {
             "idle_p99_within_2x_floor": agent["idle"].get("p99_ms", float("inf"))
             <= 2 * floor["idle"].get("p99_ms", 0.0),

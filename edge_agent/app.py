@@ -37,7 +37,8 @@ from edge_agent.errors import HttpPortInUseError, StorageError
 from edge_agent.governance import ConsentLedger, event_id_key
 from edge_agent.pipeline import Pipeline
 from edge_agent.sources.base import Source
-from edge_agent.sources.mqtt import MqttSource
+from edge_agent.sources.mqtt_consumer import MqttConsumer
+from edge_agent.sources.mqtt_select import make_mqtt_source
 from edge_agent.sources.supervisor import run_supervised
 from edge_agent.status import StatusBoard, StatusServer
 from firmware_bridge.serial_source import SerialPortConfig, SerialSource
@@ -68,14 +69,14 @@ def build_sources(config: Config, clock: DeviceClockJudge | None = None) -> list
     inflight = config.data_dir / "inflight"  # the dead-letter journals (deadletter.py)
     deaths = config.input.poison_max_deaths
     sources: list[Source] = [
-        MqttSource(
+        make_mqtt_source(
             config.mqtt,
             client_id,
             context,
             channels=(EVENTS_CHANNEL,),
             journal=HandlingJournal(inflight, "mqtt", deaths),
         ),
-        MqttSource(
+        make_mqtt_source(
             config.mqtt,
             f"{client_id}-telemetry",
             context,
@@ -175,7 +176,7 @@ def _ports(pipeline: Pipeline, sources: Sequence[Source], board: StatusBoard) ->
     """What the components may use: suggestions go out on the customer-event MQTT
     connection (the first), displays are the serial ports; an erased customer's consent
     record leaves the ledger with the buffer's copy."""
-    mqtt = [source for source in sources if isinstance(source, MqttSource)]
+    mqtt = [source for source in sources if isinstance(source, MqttConsumer)]
     serial = [source for source in sources if isinstance(source, SerialSource)]
     return Ports(
         pipeline.buffer,

@@ -93,6 +93,9 @@ class MqttSection:
     protocol: str = "auto"  # auto: MQTT 5 for QoS 1, 3.1.1 if the broker lacks 5 (and for QoS 0)
     receive_maximum: int = 1000
     session_expiry_s: int = 7 * 24 * 3600  # how long the broker keeps our queue while we're down
+    # auto: awscrt (C MQTT 5 client, sources/mqtt_crt.py) when installed and the protocol is
+    # not 3.1.1; paho otherwise (and for brokers without MQTT 5).
+    client: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -715,6 +718,16 @@ def _validate(config: Config) -> list[tuple[str, str]]:
             config.mqtt.protocol in ("auto", "5", "3.1.1"),
             "mqtt.protocol",
             "must be auto, 5 or 3.1.1",
+        ),
+        (
+            config.mqtt.client in ("auto", "awscrt", "paho"),
+            "mqtt.client",
+            "must be auto, awscrt or paho",
+        ),
+        (
+            not (config.mqtt.client == "awscrt" and config.mqtt.protocol == "3.1.1"),
+            "mqtt.client",
+            "awscrt speaks MQTT 5 only: use client = paho for protocol 3.1.1",
         ),
         (1 <= config.mqtt.receive_maximum <= 65535, "mqtt.receive_maximum", "must be 1..65535"),
         (config.mqtt.session_expiry_s >= 60, "mqtt.session_expiry_s", "must be at least 60"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +11,13 @@ from typing import Any
 
 import pytest
 
+from edge_agent.sources.mqtt_select import awscrt_available
 from tests.support.broker import AmqttBroker, MosquittoBroker, start_broker
+from tests.support.services import missing_service
+
+# The MQTT client the agent under test runs on (``[mqtt] client``); set by ``mqtt_client``.
+# An environment override, so agents started as processes run on it too.
+MQTT_CLIENT_ENV = "EDGE_AGENT__MQTT__CLIENT"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +41,19 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker | AmqttBroker]:
         broker.close()
     else:
         broker.stop()
+
+
+@pytest.fixture(params=["paho", "awscrt"])
+def mqtt_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per MQTT client: the existing MQTT suite is the proof of both."""
+    client = str(request.param)
+    if client == "awscrt":
+        if not awscrt_available():
+            missing_service("awscrt is not installed (pip install awscrt)")
+        if not shutil.which("mosquitto"):
+            missing_service("awscrt speaks MQTT 5 only; amqtt (no mosquitto here) speaks 3.1.1")
+    monkeypatch.setenv(MQTT_CLIENT_ENV, client)
+    return client
 
 
 @pytest.fixture
@@ -60,6 +81,8 @@ def agent_config_dict(
         },
         "http": {"host": "127.0.0.1", "port": 0},
     }
+    if client := os.environ.get(MQTT_CLIENT_ENV):  # under the mqtt_client fixture
+        document["mqtt"]["client"] = client
     for name, values in sections.items():
         document.setdefault(name, {}).update(values)
     return document

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
     AgentProcess,
@@ -37,6 +39,7 @@ def _wait_for_count(db: Path, expected: int, timeout: float) -> list[str]:
     return found
 
 
+@pytest.mark.usefixtures("mqtt_client")  # both clients: paho and awscrt
 def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
     tmp_path: Path, store_id: str, private_broker: MosquittoBroker | AmqttBroker
 ) -> None:
@@ -88,6 +91,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_stores_nothing_twice(
     assert sorted(found) == expected
 
 
+@pytest.mark.usefixtures("mqtt_client")  # both clients: paho and awscrt
 def test_sigterm_commits_and_acknowledges_in_flight_then_exits_0(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:

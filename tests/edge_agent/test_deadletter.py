@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from edge_agent.deadletter import HandlingJournal, fingerprint
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import (
@@ -92,6 +94,7 @@ def _wait_in_hand(journal: Path, fp: str, timeout: float = 20.0) -> None:
     raise TimeoutError(f"the agent never took the message in hand ({journal})")
 
 
+@pytest.mark.usefixtures("mqtt_client")  # both clients: paho and awscrt
 def test_a_message_that_kills_the_agent_is_dead_lettered_after_n_deaths(
     tmp_path: Path, store_id: str, private_broker: MosquittoBroker | AmqttBroker
 ) -> None:

@@ -14,7 +14,8 @@ from cloud_sync.envelope_schema import default_registry
 from edge_agent.config import config_from_dict
 from edge_agent.decode import EVENTS_CHANNEL, make_context
 from edge_agent.events import Event, Rejected
-from edge_agent.sources.mqtt import MAX_BURST, MqttSource
+from edge_agent.sources.mqtt_consumer import MAX_BURST
+from edge_agent.sources.mqtt_select import make_mqtt_source
 from tests.conftest import COLLECT_ONLY, agent_config_dict
 from tests.support.agent import event_topic, pickup, wait_until
 from tests.support.broker import AmqttBroker, MosquittoBroker
@@ -22,6 +23,8 @@ from tests.support.broker import AmqttBroker, MosquittoBroker
 # Beyond what the old source held before it threw the newest away (20,000 QoS 0 messages
 # in its inbox, plus four bursts in flight): on the old code this burst lost messages.
 FLOOD = 30_000
+
+pytestmark = pytest.mark.usefixtures("mqtt_client")  # both clients: paho and awscrt
 
 
 async def test_a_qos0_flood_behind_a_stalled_commit_loses_nothing(
@@ -35,7 +38,7 @@ async def test_a_qos0_flood_behind_a_stalled_commit_loses_nothing(
     config = config_from_dict(document)
     context = make_context(store_id, default_registry(), config.input, b"test-id-key")
     limit = 2 * MAX_BURST
-    source = MqttSource(
+    source = make_mqtt_source(
         config.mqtt, f"{store_id}-events", context, channels=(EVENTS_CHANNEL,), inbox_limit=limit
     )
     committed: list[str] = []

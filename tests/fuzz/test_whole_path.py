@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,7 @@ def _export(config: Path) -> dict[str, dict[str, Any]]:
     return {envelope["event_id"]: envelope for envelope in envelopes}
 
 
+@pytest.mark.usefixtures("mqtt_client")  # both clients: paho and awscrt
 def test_anything_a_device_sends_is_committed_unchanged_or_quarantined_with_a_reason(
     tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
 ) -> None:
