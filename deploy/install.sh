@@ -45,6 +45,9 @@
 #   --store-id ID   this store's id (agent.store_id); required unless the installed config
 #                   already sets one other than the example's store-001
 #   --sync-url URL  the central customer store (sync.url)
+#   --with EXTRA    also install the package's extra EXTRA (repeatable): awscrt (the faster
+#                   MQTT 5 client, 13 MB; [mqtt] client = "auto" picks it once installed)
+#                   or nats (sync.transport = "nats")
 #   --token-file FILE   this store's sync token (`customer-store token create --store ID`),
 #                   copied to /etc/edge-agent/credentials/sync-token
 #
@@ -71,6 +74,7 @@ store_id=""
 store_id_given=0
 sync_url=""
 token_file=""
+extras=()
 
 die() {
     echo "install.sh: $*" >&2
@@ -88,6 +92,8 @@ while [ $# -gt 0 ]; do
         --system-site-packages) venv_args+=(--system-site-packages); shift ;;
         --no-deps) with_deps=0; shift ;;
         --rollback) rollback=1; shift ;;
+        --with) [ $# -ge 2 ] || die "--with needs an extra (awscrt, nats)"; extras+=("$2"); shift 2 ;;
+        --with=*) extras+=("${1#--with=}"); shift ;;
         --store-id) [ $# -ge 2 ] || die "--store-id needs an id"; store_id=$2; store_id_given=1; shift 2 ;;
         --store-id=*) store_id=${1#--store-id=}; store_id_given=1; shift ;;
         --sync-url) [ $# -ge 2 ] || die "--sync-url needs a url"; sync_url=$2; shift 2 ;;
@@ -100,6 +106,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+for extra in "${extras[@]}"; do
+    [[ "$extra" =~ ^(awscrt|nats)$ ]] || die "--with $extra: the store box's extras are awscrt and nats"
+done
 root=${root%/}  # "" is the real /
 if [ -n "$root" ]; then
     [ -d "$root" ] || die "--root $root is not a directory"
@@ -300,7 +309,11 @@ say "creating $venvs_dir/$new_venv"
 "$python" -m venv "${venv_args[@]}" "$venvs_dir/$new_venv"
 pip=("$venvs_dir/$new_venv/bin/python" -m pip --quiet --disable-pip-version-check)
 if [ "$with_deps" = 1 ]; then
-    "${pip[@]}" install "$package"
+    requirement=$package
+    if [ "${#extras[@]}" -gt 0 ]; then
+        requirement="$package[$(IFS=,; echo "${extras[*]}")]"
+    fi
+    "${pip[@]}" install "$requirement"
 fi
 # Always this exact package, even when the version number is the one already installed.
 "${pip[@]}" install --no-deps --force-reinstall "$package"

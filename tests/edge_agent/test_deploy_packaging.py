@@ -23,6 +23,8 @@ EXTRA_MODULES = {
     "train": ("onnx", "matplotlib"),
     "demo": ("amqtt",),
     "store": ("psycopg", "psycopg_pool"),
+    "awscrt": ("awscrt",),  # the faster MQTT client, opt-in: picked at run time when installed
+    "dev": ("sqlite_utils",),  # the buffer's schema is its own SQL (memory, issue 11)
 }
 # What a store box runs: the service, its CLI, the serial bridge, the uploader, the model.
 RUNTIME_MODULES = (
@@ -84,11 +86,13 @@ def test_extras_are_declared_and_dev_holds_them_all() -> None:
         "demo": ("amqtt",),
         "store": ("psycopg", "nats-py"),
         "nats": ("nats-py",),  # sync.transport = "nats" on a store box
+        "awscrt": ("awscrt",),  # 13 MB: a store box's venv stays within 200 MB without it
+        "dev": ("sqlite-utils",),
     }.items():
         for name in names:
             assert name not in base
             assert name in extras[extra]
-    assert "edge-agent[train,demo,store,nats]" in project["optional-dependencies"]["dev"]
+    assert "edge-agent[train,demo,store,nats,awscrt]" in project["optional-dependencies"]["dev"]
 
 
 @pytest.mark.parametrize(

@@ -281,3 +281,18 @@ def test_under_a_root_system_commands_are_skipped_by_default(tmp_path: Path) -> 
     assert box.active.name == "20260101T000000Z.aaaa"
     assert "skipped (--no-system): systemctl try-restart edge-agent" in back.stdout
     assert box.calls() == []
+
+
+def test_an_unknown_extra_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """``--with`` takes the store box's extras only (awscrt, nats); a typo or a heavy extra
+    (train: 80 MB) stops the install before a directory or venv is made."""
+    box = Box(tmp_path)
+    for extra in ("train", "awscrt;rm", ""):
+        refused = subprocess.run(
+            ["bash", str(SCRIPT), "--root", str(box.root), "--store-id", "s-1",
+             "--with", extra, str(box.base)],
+            env=box.env, cwd=box.base, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 1, refused.stdout
+        assert f"--with {extra}: the store box's extras are awscrt and nats" in refused.stderr
+        assert os.listdir(box.root) == []
