@@ -39,8 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import MqttSection
-from edge_agent.deadletter import HandlingJournal, fingerprint
-from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.deadletter import fingerprint
 from edge_agent.sources.mqtt_consumer import INBOX_LIMIT, MAX_BURST, MqttConsumer, Received
 
 __all__ = ["INBOX_LIMIT", "MAX_BURST", "MqttSource"]
@@ -64,32 +63,11 @@ def _first_protocol(settings: MqttSection) -> MQTTProtocolVersion:
 class MqttSource(MqttConsumer):
     """The source on paho-mqtt: MQTT 3.1.1 and 5 (mqtt_consumer.MqttConsumer has the rest)."""
 
-    def __init__(
-        self,
-        settings: MqttSection,
-        client_id: str,
-        decode_context: DecodeContext,
-        *,
-        channels: tuple[str, ...] = (EVENTS_CHANNEL, TELEMETRY_CHANNEL),
-        name: str = "mqtt",
-        announce: bool = True,
-        journal: HandlingJournal | None = None,
-        inbox_limit: int = INBOX_LIMIT,
-    ) -> None:
-        super().__init__(
-            settings,
-            client_id,
-            decode_context,
-            channels=channels,
-            name=name,
-            announce=announce,
-            journal=journal,
-            inbox_limit=inbox_limit,
-        )
-        self._protocol = _first_protocol(settings)
+    def _init_client(self) -> None:
+        self._protocol = _first_protocol(self.settings)
         self._fall_back = False  # set when a broker refuses MQTT 5 and protocol is "auto"
         self._connack_seen = False
-        self._client = self._make_client(client_id)
+        self._client = self._make_client(self._client_id)
         self._network_stop = threading.Event()
         self._network_thread: threading.Thread | None = None
 

@@ -114,6 +114,12 @@ class MqttConsumer(ABC):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._channels = channels
+        self._init_client()
+
+    @abstractmethod
+    def _init_client(self) -> None:
+        """The client's own state, made once at construction (the network starts in run)."""
 
     # ---- the public surface -----------------------------------------------------------
 

@@ -32,12 +32,10 @@ from awscrt import exceptions as crt_exceptions
 from awscrt import io as crt_io
 from awscrt import mqtt5
 
-from edge_agent.config import MqttSection
-from edge_agent.deadletter import HandlingJournal, fingerprint
-from edge_agent.decode import EVENTS_CHANNEL, TELEMETRY_CHANNEL, DecodeContext
+from edge_agent.deadletter import fingerprint
 from edge_agent.sources.base import Emit
 from edge_agent.sources.mqtt import MqttSource
-from edge_agent.sources.mqtt_consumer import INBOX_LIMIT, MqttConsumer, Received
+from edge_agent.sources.mqtt_consumer import MqttConsumer, Received
 
 log = logging.getLogger(__name__)
 
@@ -52,38 +50,16 @@ _QOS: Final = {0: mqtt5.QoS.AT_MOST_ONCE, 1: mqtt5.QoS.AT_LEAST_ONCE}
 class MqttCrtSource(MqttConsumer):
     """The source on awscrt: MQTT 5 only (mqtt_consumer.MqttConsumer has the rest)."""
 
-    def __init__(
-        self,
-        settings: MqttSection,
-        client_id: str,
-        decode_context: DecodeContext,
-        *,
-        channels: tuple[str, ...] = (EVENTS_CHANNEL, TELEMETRY_CHANNEL),
-        name: str = "mqtt",
-        announce: bool = True,
-        journal: HandlingJournal | None = None,
-        inbox_limit: int = INBOX_LIMIT,
-    ) -> None:
-        super().__init__(
-            settings,
-            client_id,
-            decode_context,
-            channels=channels,
-            name=name,
-            announce=announce,
-            journal=journal,
-            inbox_limit=inbox_limit,
-        )
+    def _init_client(self) -> None:
         self._client: mqtt5.Client | None = None
         self._stopped = threading.Event()
         self._closing = threading.Event()  # set at shutdown: a waiting callback gives up
         # client = "auto" and protocol = "auto" on a broker without MQTT 5: this source
         # hands over to paho on MQTT 3.1.1 (what protocol = "auto" promises).
-        self._may_fall_back = settings.client == "auto" and settings.protocol == "auto"
+        self._may_fall_back = self.settings.client == "auto" and self.settings.protocol == "auto"
         self._fall_back = False
         self._stop_requested = False
         self._paho: MqttSource | None = None
-        self._channels = channels
 
     async def run(self, emit: Emit) -> None:
         if self._paho is None:
