@@ -21,7 +21,7 @@ from cloud_sync.heartbeat import Heartbeat
 from cloud_sync.uploader import Uploader
 from edge_agent import systemd
 from edge_agent.buffer import Buffer
-from edge_agent.component import Component, Ports
+from edge_agent.component import Component, Ports, Serving
 from edge_agent.config import Config
 from edge_agent.deadletter import HandlingJournal
 from edge_agent.decode import (
@@ -46,6 +46,7 @@ from firmware_bridge.serial_source import SerialPortConfig, SerialSource
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S: Final = 10.0
+SERVE_GRACE_S: Final = 2.0  # at stop: suggestions in flight get this long to go out
 RECOUNT_EVERY_S: Final = 60.0
 
 
@@ -225,15 +226,42 @@ async def _run_sources(
         reconcile.cancel()
         systemd.notify("STOPPING=1")
         log.info("agent.stopping")
-        for source in agent.sources:
-            source.request_stop()
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
-            for task in late:
-                log.warning("agent.stop.forced task=%s", task.get_name())
-                task.cancel()
+        # The connection that carries suggestions out stops last: a trigger another input
+        # (serial) delivered just before the stop still gets its suggestion published.
+        outlet: object = ports.suggestions  # one of the sources (app._ports)
+        first = [(s, t) for s, t in zip(agent.sources, tasks, strict=True) if s is not outlet]
+        last = [(s, t) for s, t in zip(agent.sources, tasks, strict=True) if s is outlet]
+        deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
+        await _stop_sources(first, deadline)
+        if last:
+            await _served(agent.components, min(SERVE_GRACE_S, _left(deadline)))
+            await _stop_sources(last, deadline)
         for part_task in parts:  # after the sources: what they committed is still served
             part_task.cancel()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+async def _stop_sources(running: list[tuple[Source, asyncio.Task[None]]], deadline: float) -> None:
+    for source, _ in running:
+        source.request_stop()
+    tasks = [task for _, task in running]
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=_left(deadline))
+        for task in late:
+            log.warning("agent.stop.forced task=%s", task.get_name())
+            task.cancel()
+
+
+async def _served(components: Sequence[Component], within_s: float) -> None:
+    """Wait (bounded) until no component has work of its own in flight."""
+    serving = [part for part in components if isinstance(part, Serving)]
+    for _ in range(max(1, int(within_s / 0.01))):  # polled: busy() is a plain counter
+        if not any(part.busy() for part in serving):
+            return
+        await asyncio.sleep(0.01)
 
 
 async def _watchdog(agent: RunningAgent) -> None:

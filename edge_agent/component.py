@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from edge_agent.buffer import Buffer
@@ -103,4 +103,14 @@ class Component(Protocol):
 
     async def run(self, ports: Ports) -> None:
         """Attach to the ports (taps, observers, listeners) and run until cancelled."""
+        ...
+
+
+@runtime_checkable
+class Serving(Protocol):
+    """A component with work of its own in flight (the personalizer's suggestions): at
+    stop, the suggestions' MQTT connection stays open until it is done (bounded)."""
+
+    def busy(self) -> bool:
+        """True while something it accepted has not gone out yet."""
         ...

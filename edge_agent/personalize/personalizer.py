@@ -316,6 +316,10 @@ class Personalizer:
         started = time.perf_counter_ns()
         self._executor.submit(self._serve, event, request, topic, started)
 
+    def busy(self) -> bool:
+        """Suggestions being ranked or published (component.Serving)."""
+        return self._inflight > 0
+
     # ---- the inference thread ---------------------------------------------------------
 
     def _serve(self, trigger: Event, request: Request, topic: str, started_ns: int) -> None:

@@ -20,6 +20,7 @@ keep or drop (mosquitto: ``max_queued_messages``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -60,6 +61,7 @@ class MqttCrtSource(MqttConsumer):
         self._fall_back = False
         self._stop_requested = False
         self._paho: MqttSource | None = None
+        self._last_publish: concurrent.futures.Future[Any] | None = None
 
     async def run(self, emit: Emit) -> None:
         if self._paho is None:
@@ -99,7 +101,10 @@ class MqttCrtSource(MqttConsumer):
         if client is None:
             return
         data = payload.encode() if isinstance(payload, str) else payload
-        client.publish(mqtt5.PublishPacket(topic=topic, payload=data, qos=_QOS[qos], retain=retain))
+        # Kept so a stop first lets what was published go out (publishes leave in order).
+        self._last_publish = client.publish(
+            mqtt5.PublishPacket(topic=topic, payload=data, qos=_QOS[qos], retain=retain)
+        )
 
     # ---- the event loop side ----------------------------------------------------------
 
@@ -122,6 +127,14 @@ class MqttCrtSource(MqttConsumer):
         client = self._client
         if client is None:
             return
+        last = self._last_publish
+        if last is not None and self.stats.connected:
+            # awscrt's stop drops what is still queued: a suggestion already on a display
+            # would never reach its topic.
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(last), _OFFLINE_TIMEOUT_S)
+            except (TimeoutError, crt_exceptions.AwsCrtError) as exc:
+                log.info("mqtt.publishes.not_flushed error=%r", exc)
         if self.stats.connected and self._announce:
             # The clean disconnect suppresses the last will, so say "offline" ourselves.
             packet = mqtt5.PublishPacket(
