@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks.figures import Figures, add_png_argument
+from benchmarks.profile_ceiling import OracleRanker
 from benchmarks.store import DEFAULT_PG
 from models.baselines import RankMetrics
 from models.events import format_ts, iter_envelopes, parse_ts
@@ -119,11 +120,12 @@ def merged_history(
 
 @dataclass(frozen=True, slots=True)
 class Case:
+    customer: str
     first_of_visit: bool
     trigger: Entry
     target: str
     local: list[Entry]
-    central: list[Entry]
+    central: list[Entry]  # every earlier interaction (the oracle reads them all)
 
 
 def read_customers(path: Path) -> tuple[dict[str, list[Entry]], set[str]]:
@@ -201,11 +203,12 @@ def cases(entries: dict[str, list[Entry]], profiled: set[str], cut: float) -> It
                 horizon = trigger.ts - SESSION_MAX_AGE_S
                 local = [e for e in past if e.store_id == store and e.ts >= horizon]
                 yield Case(
+                    customer=customer,
                     first_of_visit=position == start,
                     trigger=trigger,
                     target=str(target_sku),
                     local=local,
-                    central=past[-PROFILE_INTERACTIONS:],
+                    central=past,
                 )
 
 
@@ -223,11 +226,14 @@ class Scores:
     without: RankMetrics
     merged: RankMetrics  # the agent's masking: every item of the merged history
     merged_local_mask: RankMetrics
+    ceiling: RankMetrics  # the oracle that knows the simulated customer's taste
 
 
-def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> dict[str, Scores]:
+def measure(
+    model: SuggestionModel, all_cases: list[Case], merge_cap: int, oracle: OracleRanker
+) -> dict[str, Scores]:
     groups = {
-        name: Scores(*(RankMetrics(CUTOFF) for _ in range(3))) for name in ("first", "later", "all")
+        name: Scores(*(RankMetrics(CUTOFF) for _ in range(4))) for name in ("first", "later", "all")
     }
     for case in all_cases:
         trigger = case.trigger
@@ -237,7 +243,8 @@ def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> di
             trigger.device_id,
         )
         local = case.local[-merge_cap:]  # the agent's session keeps as many
-        merged = merged_history(local, case.central, trigger.store_id, merge_cap)
+        central = case.central[-PROFILE_INTERACTIONS:]  # what GET /v1/profiles returns
+        merged = merged_history(local, central, trigger.store_id, merge_cap)
         local_skus = {e.sku for e in local if e.sku is not None}
         rankings = (
             model.suggest(_history(local), context, k=CUTOFF, now=trigger.ts),
@@ -246,13 +253,23 @@ def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> di
                 merged, context, local_skus, k=CUTOFF, now=trigger.ts,
                 exclude_history=False,
             ),
+            oracle.rank(
+                case.customer,
+                trigger.ts,
+                None if case.first_of_visit else trigger.sku,
+                [e.sku for e in case.central if e.sku is not None],
+                CUTOFF,
+            ),
         )  # fmt: skip
         for name in ("first" if case.first_of_visit else "later", "all"):
             scores = groups[name]
-            for metrics, ranked in zip(
-                (scores.without, scores.merged, scores.merged_local_mask), rankings, strict=True
+            model_rankings = [[sku for sku, _ in ranked] for ranked in rankings[:3]]
+            for metrics, skus in zip(
+                (scores.without, scores.merged, scores.merged_local_mask, scores.ceiling),
+                [*model_rankings, rankings[3]],
+                strict=True,
             ):
-                metrics.add([sku for sku, _ in ranked], case.target)
+                metrics.add(skus, case.target)
     return groups
 
 
@@ -273,7 +290,9 @@ def latencies(
         )
         started = time.perf_counter_ns()
         local_entries = case.local[-merge_cap:]
-        merged = merged_history(local_entries, case.central, trigger.store_id, merge_cap)
+        merged = merged_history(
+            local_entries, case.central[-PROFILE_INTERACTIONS:], trigger.store_id, merge_cap
+        )
         found["merge"].append((time.perf_counter_ns() - started) / 1e6)
         local, far = _history(local_entries), merged
         for name, history in (("local", local), ("merged", far)):
@@ -298,14 +317,18 @@ def report(groups: dict[str, Scores], figures: Figures) -> None:
         without = scores.without.report()[key]
         merged = scores.merged.report()[key]
         local_mask = scores.merged_local_mask.report()[key]
+        ceiling = scores.ceiling.report()[key]
         print(
             f"HitRate@{CUTOFF} {labels[name]}: {scores.without.cases:,} suggestions;"
             f" without profile {without:.4f}, with {merged:.4f} ({_ratio(merged, without)}),"
-            f" with, masking local items only {local_mask:.4f} ({_ratio(local_mask, without)})"
+            f" with, masking local items only {local_mask:.4f} ({_ratio(local_mask, without)});"
+            f" ceiling (an oracle that knows the customer's simulated taste) {ceiling:.4f}"
+            f" ({_ratio(ceiling, without)})"
         )
         figures.add(f"{name}: without", without)
         figures.add(f"{name}: with", merged)
         figures.add(f"{name}: with, local mask", local_mask)
+        figures.add(f"{name}: ceiling", ceiling)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -339,7 +362,7 @@ def run(args: argparse.Namespace) -> None:
         where = "the agent's" if AGENT_MERGE is not None else "the benchmark's stand-in"
         print(f"merged history capped at {merge_cap} entries ({where} merge_history)")
         figures = Figures(f"HitRate@{CUTOFF}, history mostly elsewhere", "HitRate@10")
-        report(measure(model, all_cases, merge_cap), figures)
+        report(measure(model, all_cases, merge_cap, OracleRanker(config)), figures)
         timing = latencies(model, all_cases, merge_cap, args.latency_calls, args.latency_budget_s)
         local_p = (percentile(timing["local"], 0.5), percentile(timing["local"], 0.99))
         merged_p = (percentile(timing["merged"], 0.5), percentile(timing["merged"], 0.99))
