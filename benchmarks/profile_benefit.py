@@ -212,6 +212,10 @@ def cases(entries: dict[str, list[Entry]], profiled: set[str], cut: float) -> It
                 )
 
 
+def _skus(entries: Sequence[Entry]) -> list[str]:
+    return [e.sku for e in entries if e.sku is not None]
+
+
 def _history(entries: Sequence[Entry]) -> list[tuple[str, str, float]]:
     return [(e.sku, e.event_type, e.ts) for e in entries if e.sku is not None]
 
@@ -227,13 +231,15 @@ class Scores:
     merged: RankMetrics  # the agent's masking: every item of the merged history
     merged_local_mask: RankMetrics
     ceiling: RankMetrics  # the oracle that knows the simulated customer's taste
+    estimated_without: RankMetrics  # the oracle's structure, taste read from the local history
+    estimated_with: RankMetrics  # ... and from the merged one (the central profile's 200)
 
 
 def measure(
     model: SuggestionModel, all_cases: list[Case], merge_cap: int, oracle: OracleRanker
 ) -> dict[str, Scores]:
     groups = {
-        name: Scores(*(RankMetrics(CUTOFF) for _ in range(4))) for name in ("first", "later", "all")
+        name: Scores(*(RankMetrics(CUTOFF) for _ in range(6))) for name in ("first", "later", "all")
     }
     for case in all_cases:
         trigger = case.trigger
@@ -253,20 +259,27 @@ def measure(
                 merged, context, local_skus, k=CUTOFF, now=trigger.ts,
                 exclude_history=False,
             ),
-            oracle.rank(
-                case.customer,
-                trigger.ts,
-                None if case.first_of_visit else trigger.sku,
-                [e.sku for e in case.central if e.sku is not None],
-                CUTOFF,
-            ),
         )  # fmt: skip
+        last = None if case.first_of_visit else trigger.sku
+        everything = [e.sku for e in case.central if e.sku is not None]
+        oracle_rankings = (
+            oracle.rank(case.customer, trigger.ts, last, everything, CUTOFF),
+            oracle.rank(case.customer, trigger.ts, last, _skus(local), CUTOFF, estimate=True),
+            oracle.rank(case.customer, trigger.ts, last, _skus(central), CUTOFF, estimate=True),
+        )
+        ranked_skus = [[sku for sku, _ in ranked] for ranked in rankings] + list(oracle_rankings)
         for name in ("first" if case.first_of_visit else "later", "all"):
             scores = groups[name]
-            model_rankings = [[sku for sku, _ in ranked] for ranked in rankings[:3]]
             for metrics, skus in zip(
-                (scores.without, scores.merged, scores.merged_local_mask, scores.ceiling),
-                [*model_rankings, rankings[3]],
+                (
+                    scores.without,
+                    scores.merged,
+                    scores.merged_local_mask,
+                    scores.ceiling,
+                    scores.estimated_without,
+                    scores.estimated_with,
+                ),
+                ranked_skus,
                 strict=True,
             ):
                 metrics.add(skus, case.target)
@@ -325,10 +338,18 @@ def report(groups: dict[str, Scores], figures: Figures) -> None:
             f" ceiling (an oracle that knows the customer's simulated taste) {ceiling:.4f}"
             f" ({_ratio(ceiling, without)})"
         )
+        estimated = (scores.estimated_without.report()[key], scores.estimated_with.report()[key])
+        print(
+            f"  the oracle's structure with the taste estimated from the history: local"
+            f" {estimated[0]:.4f}, merged {estimated[1]:.4f}"
+            f" ({_ratio(estimated[1], estimated[0])})"
+        )
         figures.add(f"{name}: without", without)
         figures.add(f"{name}: with", merged)
         figures.add(f"{name}: with, local mask", local_mask)
         figures.add(f"{name}: ceiling", ceiling)
+        figures.add(f"{name}: estimated taste, local", estimated[0])
+        figures.add(f"{name}: estimated taste, merged", estimated[1])
 
 
 def run(args: argparse.Namespace) -> None:
