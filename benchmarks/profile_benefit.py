@@ -18,12 +18,17 @@ store) and whose consent allows personalization and profile sharing:
   at every store and channel before the trigger, the latest ``PROFILE_INTERACTIONS``, as
   ``GET /v1/profiles`` returns them) through the agent's ``profile_merge.merge_history``
   when installed (else a stand-in): de-duplicated by event id, in time order, capped at
-  ``--merge-cap`` (default: the model's ``history_length``, what the agent's session keeps;
-  the local history is capped the same way);
+  ``--merge-cap`` (default: the agent's limit, ``AGENT_HISTORY`` = 32 entries, as many as
+  its session keeps per customer; the local history is capped at that too);
 - the model ranks 10 items at the trigger's hour, store and device, ``now`` = the trigger's
   time, and is scored on the target. Masking: the agent's ranker masks every item of the
   history it is given; a second row masks only the local items (what the customer took at
-  this store), to show what masking the far history costs.
+  this store), to show what masking the far history costs;
+- bounds from the simulator itself (``benchmarks.profile_ceiling``): a *ceiling*, an oracle
+  ranking by the simulator's own next-take distribution with the customer's true (hidden)
+  taste, which no history can beat; and the same oracle with the taste *estimated* from the
+  local vs the merged history, what a model that knew the world's structure could make of
+  the profile.
 
 Also measured, interleaved in the same run: the model call's latency with the local and
 with the merged history (the suggestion's own cost: the fetch itself runs off the critical
@@ -56,6 +61,10 @@ from models.serving import SuggestionModel
 from models.simulator import WEB_SHOP, SimulationConfig, write_events
 
 SESSION_MAX_AGE_S: Final = 86_400.0  # edge_agent config model.session_max_age_s default
+# edge_agent.personalize.personalizer.SESSION_HISTORY: the entries the agent's session keeps
+# per customer and the limit its merge_history is given (the model reads the newest entries
+# until its history_length slots of distinct takes are full, and masks every entry's item).
+AGENT_HISTORY: Final = 32
 PROFILE_INTERACTIONS: Final = 200  # cloud_sync.store.profiles.DEFAULT_INTERACTIONS
 CUTOFF: Final = 10
 TAKE_TYPES: Final = frozenset({"product.pickup", "product.scan", "kiosk.view", "basket.add"})
@@ -248,7 +257,7 @@ def measure(
             trigger.store_id,
             trigger.device_id,
         )
-        local = case.local[-merge_cap:]  # the agent's session keeps as many
+        local = case.local[-AGENT_HISTORY:]  # the agent's session keeps as many
         central = case.central[-PROFILE_INTERACTIONS:]  # what GET /v1/profiles returns
         merged = merged_history(local, central, trigger.store_id, merge_cap)
         local_skus = {e.sku for e in local if e.sku is not None}
@@ -302,7 +311,7 @@ def latencies(
             trigger.device_id,
         )
         started = time.perf_counter_ns()
-        local_entries = case.local[-merge_cap:]
+        local_entries = case.local[-AGENT_HISTORY:]
         merged = merged_history(
             local_entries, case.central[-PROFILE_INTERACTIONS:], trigger.store_id, merge_cap
         )
@@ -376,7 +385,7 @@ def run(args: argparse.Namespace) -> None:
             f" model {model.version} trained before {format_ts(cut)}"
             f" ({time.perf_counter() - started:.1f} s)"
         )
-        merge_cap = args.merge_cap or model.feature_spec.history_length
+        merge_cap = args.merge_cap
         all_cases = list(cases(entries, profiled, cut))
         if not all_cases:
             raise SystemExit("no suggestion for a customer whose history is mostly elsewhere")
@@ -428,9 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merge-cap",
         type=int,
-        default=0,
-        help="entries kept after the merge, the newest (0: the model's history_length, as the"
-        " agent's session keeps)",
+        default=AGENT_HISTORY,
+        help="entries kept after the merge, the newest (default: the agent's limit, as many"
+        " as its session keeps)",
     )
     parser.add_argument("--latency-calls", type=int, default=3000)
     parser.add_argument("--latency-budget-s", type=float, default=60.0)
