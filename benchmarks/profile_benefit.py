@@ -18,12 +18,17 @@ store) and whose consent allows personalization and profile sharing:
   at every store and channel before the trigger, the latest ``PROFILE_INTERACTIONS``, as
   ``GET /v1/profiles`` returns them) through the agent's ``profile_merge.merge_history``
   when installed (else a stand-in): de-duplicated by event id, in time order, capped at
-  ``--merge-cap`` (default: the model's ``history_length``, what the agent's session keeps;
-  the local history is capped the same way);
+  ``--merge-cap`` (default: the agent's limit, ``AGENT_HISTORY`` = 32 entries, as many as
+  its session keeps per customer; the local history is capped at that too);
 - the model ranks 10 items at the trigger's hour, store and device, ``now`` = the trigger's
   time, and is scored on the target. Masking: the agent's ranker masks every item of the
   history it is given; a second row masks only the local items (what the customer took at
-  this store), to show what masking the far history costs.
+  this store), to show what masking the far history costs;
+- bounds from the simulator itself (``benchmarks.profile_ceiling``): a *ceiling*, an oracle
+  ranking by the simulator's own next-take distribution with the customer's true (hidden)
+  taste, which no history can beat; and the same oracle with the taste *estimated* from the
+  local vs the merged history, what a model that knew the world's structure could make of
+  the profile.
 
 Also measured, interleaved in the same run: the model call's latency with the local and
 with the merged history (the suggestion's own cost: the fetch itself runs off the critical
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks.figures import Figures, add_png_argument
+from benchmarks.profile_ceiling import OracleRanker
 from benchmarks.store import DEFAULT_PG
 from models.baselines import RankMetrics
 from models.events import format_ts, iter_envelopes, parse_ts
@@ -55,6 +61,10 @@ from models.serving import SuggestionModel
 from models.simulator import WEB_SHOP, SimulationConfig, write_events
 
 SESSION_MAX_AGE_S: Final = 86_400.0  # edge_agent config model.session_max_age_s default
+# edge_agent.personalize.personalizer.SESSION_HISTORY: the entries the agent's session keeps
+# per customer and the limit its merge_history is given (the model reads the newest entries
+# until its history_length slots of distinct takes are full, and masks every entry's item).
+AGENT_HISTORY: Final = 32
 PROFILE_INTERACTIONS: Final = 200  # cloud_sync.store.profiles.DEFAULT_INTERACTIONS
 CUTOFF: Final = 10
 TAKE_TYPES: Final = frozenset({"product.pickup", "product.scan", "kiosk.view", "basket.add"})
@@ -119,11 +129,12 @@ def merged_history(
 
 @dataclass(frozen=True, slots=True)
 class Case:
+    customer: str
     first_of_visit: bool
     trigger: Entry
     target: str
     local: list[Entry]
-    central: list[Entry]
+    central: list[Entry]  # every earlier interaction (the oracle reads them all)
 
 
 def read_customers(path: Path) -> tuple[dict[str, list[Entry]], set[str]]:
@@ -201,12 +212,17 @@ def cases(entries: dict[str, list[Entry]], profiled: set[str], cut: float) -> It
                 horizon = trigger.ts - SESSION_MAX_AGE_S
                 local = [e for e in past if e.store_id == store and e.ts >= horizon]
                 yield Case(
+                    customer=customer,
                     first_of_visit=position == start,
                     trigger=trigger,
                     target=str(target_sku),
                     local=local,
-                    central=past[-PROFILE_INTERACTIONS:],
+                    central=past,
                 )
+
+
+def _skus(entries: Sequence[Entry]) -> list[str]:
+    return [e.sku for e in entries if e.sku is not None]
 
 
 def _history(entries: Sequence[Entry]) -> list[tuple[str, str, float]]:
@@ -223,11 +239,16 @@ class Scores:
     without: RankMetrics
     merged: RankMetrics  # the agent's masking: every item of the merged history
     merged_local_mask: RankMetrics
+    ceiling: RankMetrics  # the oracle that knows the simulated customer's taste
+    estimated_without: RankMetrics  # the oracle's structure, taste read from the local history
+    estimated_with: RankMetrics  # ... and from the merged one (the central profile's 200)
 
 
-def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> dict[str, Scores]:
+def measure(
+    model: SuggestionModel, all_cases: list[Case], merge_cap: int, oracle: OracleRanker
+) -> dict[str, Scores]:
     groups = {
-        name: Scores(*(RankMetrics(CUTOFF) for _ in range(3))) for name in ("first", "later", "all")
+        name: Scores(*(RankMetrics(CUTOFF) for _ in range(6))) for name in ("first", "later", "all")
     }
     for case in all_cases:
         trigger = case.trigger
@@ -236,8 +257,9 @@ def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> di
             trigger.store_id,
             trigger.device_id,
         )
-        local = case.local[-merge_cap:]  # the agent's session keeps as many
-        merged = merged_history(local, case.central, trigger.store_id, merge_cap)
+        local = case.local[-AGENT_HISTORY:]  # the agent's session keeps as many
+        central = case.central[-PROFILE_INTERACTIONS:]  # what GET /v1/profiles returns
+        merged = merged_history(local, central, trigger.store_id, merge_cap)
         local_skus = {e.sku for e in local if e.sku is not None}
         rankings = (
             model.suggest(_history(local), context, k=CUTOFF, now=trigger.ts),
@@ -247,12 +269,29 @@ def measure(model: SuggestionModel, all_cases: list[Case], merge_cap: int) -> di
                 exclude_history=False,
             ),
         )  # fmt: skip
+        last = None if case.first_of_visit else trigger.sku
+        everything = [e.sku for e in case.central if e.sku is not None]
+        oracle_rankings = (
+            oracle.rank(case.customer, trigger.ts, last, everything, CUTOFF),
+            oracle.rank(case.customer, trigger.ts, last, _skus(local), CUTOFF, estimate=True),
+            oracle.rank(case.customer, trigger.ts, last, _skus(central), CUTOFF, estimate=True),
+        )
+        ranked_skus = [[sku for sku, _ in ranked] for ranked in rankings] + list(oracle_rankings)
         for name in ("first" if case.first_of_visit else "later", "all"):
             scores = groups[name]
-            for metrics, ranked in zip(
-                (scores.without, scores.merged, scores.merged_local_mask), rankings, strict=True
+            for metrics, skus in zip(
+                (
+                    scores.without,
+                    scores.merged,
+                    scores.merged_local_mask,
+                    scores.ceiling,
+                    scores.estimated_without,
+                    scores.estimated_with,
+                ),
+                ranked_skus,
+                strict=True,
             ):
-                metrics.add([sku for sku, _ in ranked], case.target)
+                metrics.add(skus, case.target)
     return groups
 
 
@@ -272,8 +311,10 @@ def latencies(
             trigger.device_id,
         )
         started = time.perf_counter_ns()
-        local_entries = case.local[-merge_cap:]
-        merged = merged_history(local_entries, case.central, trigger.store_id, merge_cap)
+        local_entries = case.local[-AGENT_HISTORY:]
+        merged = merged_history(
+            local_entries, case.central[-PROFILE_INTERACTIONS:], trigger.store_id, merge_cap
+        )
         found["merge"].append((time.perf_counter_ns() - started) / 1e6)
         local, far = _history(local_entries), merged
         for name, history in (("local", local), ("merged", far)):
@@ -298,14 +339,26 @@ def report(groups: dict[str, Scores], figures: Figures) -> None:
         without = scores.without.report()[key]
         merged = scores.merged.report()[key]
         local_mask = scores.merged_local_mask.report()[key]
+        ceiling = scores.ceiling.report()[key]
         print(
             f"HitRate@{CUTOFF} {labels[name]}: {scores.without.cases:,} suggestions;"
             f" without profile {without:.4f}, with {merged:.4f} ({_ratio(merged, without)}),"
-            f" with, masking local items only {local_mask:.4f} ({_ratio(local_mask, without)})"
+            f" with, masking local items only {local_mask:.4f} ({_ratio(local_mask, without)});"
+            f" ceiling (an oracle that knows the customer's simulated taste) {ceiling:.4f}"
+            f" ({_ratio(ceiling, without)})"
+        )
+        estimated = (scores.estimated_without.report()[key], scores.estimated_with.report()[key])
+        print(
+            f"  the oracle's structure with the taste estimated from the history: local"
+            f" {estimated[0]:.4f}, merged {estimated[1]:.4f}"
+            f" ({_ratio(estimated[1], estimated[0])})"
         )
         figures.add(f"{name}: without", without)
         figures.add(f"{name}: with", merged)
         figures.add(f"{name}: with, local mask", local_mask)
+        figures.add(f"{name}: ceiling", ceiling)
+        figures.add(f"{name}: estimated taste, local", estimated[0])
+        figures.add(f"{name}: estimated taste, merged", estimated[1])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -332,14 +385,14 @@ def run(args: argparse.Namespace) -> None:
             f" model {model.version} trained before {format_ts(cut)}"
             f" ({time.perf_counter() - started:.1f} s)"
         )
-        merge_cap = args.merge_cap or model.feature_spec.history_length
+        merge_cap = args.merge_cap
         all_cases = list(cases(entries, profiled, cut))
         if not all_cases:
             raise SystemExit("no suggestion for a customer whose history is mostly elsewhere")
         where = "the agent's" if AGENT_MERGE is not None else "the benchmark's stand-in"
         print(f"merged history capped at {merge_cap} entries ({where} merge_history)")
         figures = Figures(f"HitRate@{CUTOFF}, history mostly elsewhere", "HitRate@10")
-        report(measure(model, all_cases, merge_cap), figures)
+        report(measure(model, all_cases, merge_cap, OracleRanker(config)), figures)
         timing = latencies(model, all_cases, merge_cap, args.latency_calls, args.latency_budget_s)
         local_p = (percentile(timing["local"], 0.5), percentile(timing["local"], 0.99))
         merged_p = (percentile(timing["merged"], 0.5), percentile(timing["merged"], 0.99))
@@ -384,9 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merge-cap",
         type=int,
-        default=0,
-        help="entries kept after the merge, the newest (0: the model's history_length, as the"
-        " agent's session keeps)",
+        default=AGENT_HISTORY,
+        help="entries kept after the merge, the newest (default: the agent's limit, as many"
+        " as its session keeps)",
     )
     parser.add_argument("--latency-calls", type=int, default=3000)
     parser.add_argument("--latency-budget-s", type=float, default=60.0)

@@ -7,6 +7,8 @@ import re
 import pytest
 
 from benchmarks.profile_benefit import Entry, main, merge_history
+from benchmarks.profile_ceiling import OracleRanker
+from models.simulator import SimulationConfig
 
 
 def _entry(event_id: str, ts: float, store: str = "store-001") -> Entry:
@@ -45,4 +47,27 @@ def test_the_benchmark_prints_its_figures(capsys: pytest.CaptureFixture[str]) ->
     assert later > 0
     assert every == first + later
     assert all(0.0 <= float(value) <= 1.0 for row in rows for value in row[2:])
+    ceilings = re.findall(r"ceiling \(an oracle [^)]*\) ([\d.]+)", out)
+    assert len(ceilings) == 3
+    assert all(0.0 <= float(value) <= 1.0 for value in ceilings)
     assert re.search(r"model call, [\d,]+ interleaved pairs: local history p50 [\d.]+ ms", out)
+
+
+def test_the_oracle_ranks_by_the_simulators_own_distribution() -> None:
+    config = SimulationConfig(seed=3, customers=20, items=200, travellers=0.5)
+    oracle = OracleRanker(config)
+    customer = "c-000001"
+    ts = 1_762_000_000.0
+    first = oracle.distribution(customer, ts, None)
+    assert first.sum() == pytest.approx(1.0)
+    last = oracle.catalogue.skus[0]
+    after = oracle.distribution(customer, ts, last)
+    assert after.sum() == pytest.approx(1.0)
+    complements = {oracle.catalogue.skus[int(i)] for i in oracle.catalogue.complements[0]}
+    ranked = oracle.rank(customer, ts, last, [], 10)
+    assert complements <= set(ranked)
+    # what the customer took recently is never ranked: the simulator avoids it
+    recent = sorted(complements)[:2]
+    masked = oracle.rank(customer, ts, last, [last, *recent], 10)
+    assert not set(masked) & {last, *recent}
+    assert len(masked) == 10
