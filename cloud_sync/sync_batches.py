@@ -51,7 +51,7 @@ def governed_envelopes(rows: Sequence[Row], consent: ConsentLedger, key: bytes) 
 
 
 def _upload_form(row: Row, consent: ConsentLedger, key: bytes) -> str:
-    if consent.shares_profile(row.customer_id):
+    if consent.shares_profile(row.customer_id, row.seq):
         return row.envelope
     if not row.customer and row.customer_id is None:
         # Telemetry that names nobody (the buffer's columns say so): its type declares no

@@ -138,6 +138,7 @@ async def run_agent(
         # Governance: the consent in force, from the durable copy, before any input flows.
         consent = ConsentLedger(config.governance.require_consent)
         consent.load(await buffer.consent())
+        consent.load_central(await buffer.central_grants())  # after: a local record wins
         pipeline = Pipeline(buffer, consent)
         board = StatusBoard(
             buffer,

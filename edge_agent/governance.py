@@ -147,6 +147,17 @@ def consent_of(event: Event) -> ConsentRecord | None:
     return consent_update(event.type, event.customer_id, event.data, event.ts, event.event_id)
 
 
+class CentralGrant(NamedTuple):
+    """The central store's consent for a customer with no local record: a fetched profile
+    whose store-resolved consent allows personalization and profile sharing (buffer table
+    ``central_consent``). It lets the customer's events committed after ``after_seq`` leave
+    the store with the clear id; the events committed before it stay pseudonymised."""
+
+    customer_id: str
+    ts: str  # when the profile said yes (RFC 3339, UTC)
+    after_seq: int  # the newest buffered event when it was granted
+
+
 @dataclass(frozen=True, slots=True)
 class _Flags:
     ts: str
@@ -161,6 +172,7 @@ class ConsentLedger:
     def __init__(self, require_consent: bool) -> None:
         self.require_consent = require_consent
         self._latest: dict[str, _Flags] = {}
+        self._central: dict[str, CentralGrant] = {}
 
     def __len__(self) -> int:
         return len(self._latest)
@@ -178,17 +190,48 @@ class ConsentLedger:
     def forget(self, customer_id: str) -> None:
         """An erased customer: as if no consent record had ever been seen."""
         self._latest.pop(customer_id, None)
+        self._central.pop(customer_id, None)
+
+    def load_central(self, grants: Iterable[CentralGrant]) -> None:
+        for grant in grants:
+            self.grant_central(grant)
+
+    def grant_central(self, grant: CentralGrant) -> bool:
+        """Apply the central store's consent; refused (False) for a pseudonym or when a local
+        record exists (a local record, even an older one, always wins)."""
+        if grant.customer_id.startswith(PSEUDONYM_PREFIX) or grant.customer_id in self._latest:
+            return False
+        self._central[grant.customer_id] = grant
+        return True
+
+    def revoke_central(self, customer_id: str) -> bool:
+        """The central store withdrew it: in force for the next row read for upload."""
+        return self._central.pop(customer_id, None) is not None
+
+    def central_grant(self, customer_id: str) -> CentralGrant | None:
+        return self._central.get(customer_id)
+
+    @property
+    def central_grants(self) -> int:
+        return len(self._central)
 
     def allows_personalization(self, customer_id: str) -> bool:
         known = self._latest.get(customer_id)
         return not self.require_consent if known is None else known.personalization
 
-    def shares_profile(self, customer_id: str | None) -> bool:
-        """Whether a customer's id may leave the store in clear."""
+    def shares_profile(self, customer_id: str | None, seq: int | None = None) -> bool:
+        """Whether a customer's id may leave the store in clear: the local record decides;
+        without one, a central grant does for the buffered event ``seq`` committed after it
+        (no ``seq``: no central grant applies)."""
         if not self.require_consent:
             return True
-        known = self._latest.get(customer_id) if customer_id else None
-        return known is not None and known.profile_sharing
+        if not customer_id:
+            return False
+        known = self._latest.get(customer_id)
+        if known is not None:
+            return known.profile_sharing
+        grant = self._central.get(customer_id)
+        return grant is not None and seq is not None and seq > grant.after_seq
 
     def has_record(self, customer_id: str) -> bool:
         """Whether a consent update of this customer was seen here (or loaded)."""
@@ -212,6 +255,7 @@ class ConsentLedger:
         self._latest[record.customer_id] = _Flags(
             record.ts, record.personalization, record.profile_sharing
         )
+        self._central.pop(record.customer_id, None)  # a local record wins from now on
         return True
 
 

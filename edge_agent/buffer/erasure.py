@@ -69,6 +69,9 @@ def _erase(connection: sqlite3.Connection, customer_id: str) -> dict[str, int]:
     consent = connection.execute(
         "DELETE FROM consent WHERE customer_id = ?", (customer_id,)
     ).rowcount
+    consent += connection.execute(
+        "DELETE FROM central_consent WHERE customer_id = ?", (customer_id,)
+    ).rowcount
     # Raw quarantined payloads may name the customer too; whole ids only (see names_id).
     connection.create_function("names_id", 2, names_id, deterministic=True)
     quarantine = connection.execute(

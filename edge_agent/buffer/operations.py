@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
-from edge_agent.buffer import erasure, meta, reads
+from edge_agent.buffer import erasure, meta, reads, writes
 from edge_agent.buffer.counters import BufferCounters
 from edge_agent.buffer.reads import PendingRow, PopularRow, StateRow, Withdrawals
 from edge_agent.buffer.writes import persist_counters, quarantine, transaction
 from edge_agent.config import BufferSection
 from edge_agent.events import Rejected
-from edge_agent.governance import ConsentRecord
+from edge_agent.governance import CentralGrant, ConsentRecord
 
 T = TypeVar("T")
 
@@ -100,6 +100,18 @@ class BufferOperations:
 
     async def consent(self) -> list[ConsentRecord]:
         return await self._call(reads.consent)
+
+    async def central_grants(self) -> list[CentralGrant]:
+        return await self._call(reads.central_grants)
+
+    async def grant_central(self, customer_id: str, ts: str) -> CentralGrant | None:
+        """Keep the central store's consent (``writes.grant_central``)."""
+        return await self._call(
+            lambda connection: writes.grant_central(connection, customer_id, ts)
+        )
+
+    async def revoke_central(self, customer_id: str) -> bool:
+        return await self._call(lambda connection: writes.revoke_central(connection, customer_id))
 
     async def recent_customer_events(
         self, types: Collection[str], since: float, max_rows: int

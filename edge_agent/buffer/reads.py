@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Collection
 from typing import Final, NamedTuple
 
-from edge_agent.governance import ConsentRecord
+from edge_agent.governance import CentralGrant, ConsentRecord
 
 CUSTOMER: Final = 1  # the ``customer`` column: a customer interaction
 TELEMETRY: Final = 0
@@ -103,6 +103,16 @@ def consent(connection: sqlite3.Connection) -> list[ConsentRecord]:
     ]
 
 
+def central_grants(connection: sqlite3.Connection) -> list[CentralGrant]:
+    """The consents granted by the central store (``ConsentLedger.load_central`` loads them)."""
+    return [
+        CentralGrant(str(cid), str(ts), int(after_seq))
+        for cid, ts, after_seq in connection.execute(
+            "SELECT customer_id, ts, after_seq FROM central_consent"
+        )
+    ]
+
+
 def recent_customer_events(
     connection: sqlite3.Connection, types: Collection[str], since: float, max_rows: int
 ) -> list[StateRow]:
@@ -144,6 +154,7 @@ def held_customers(connection: sqlite3.Connection) -> list[str]:
         for row in connection.execute(
             "SELECT DISTINCT customer_id FROM events WHERE customer_id IS NOT NULL "
             "UNION SELECT customer_id FROM consent"
+            " UNION SELECT customer_id FROM central_consent"
         )
     ]
 

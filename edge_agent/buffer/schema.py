@@ -65,7 +65,24 @@ def _initial(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
-MIGRATIONS: Final[tuple[tuple[str, Migration], ...]] = (("0001_initial", _initial),)
+def _central_consent(connection: sqlite3.Connection) -> None:
+    # A consent the central store resolved (a fetched profile allowed sharing) for a customer
+    # with no local record: it lets the customer's events committed after ``after_seq``
+    # leave the store with the clear id (``governance.CentralGrant``). Grants only: a
+    # central withdrawal deletes the row.
+    connection.execute(
+        'CREATE TABLE "central_consent" (\n'
+        '   "customer_id" TEXT PRIMARY KEY,\n'
+        '   "ts" TEXT NOT NULL,\n'  # when the profile said yes (RFC 3339, UTC)
+        '   "after_seq" INTEGER NOT NULL\n'  # the newest event seq at the grant
+        ")"
+    )
+
+
+MIGRATIONS: Final[tuple[tuple[str, Migration], ...]] = (
+    ("0001_initial", _initial),
+    ("0002_central_consent", _central_consent),
+)
 
 
 def migrate(connection: sqlite3.Connection) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
-from edge_agent.governance import ConsentRecord, consent_of
+from edge_agent.governance import CentralGrant, ConsentRecord, consent_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,38 @@ def record_consent_rows(connection: sqlite3.Connection, updates: Sequence[Consen
             "partner_sharing=excluded.partner_sharing, "
             "ts=excluded.ts, event_id=excluded.event_id WHERE excluded.ts >= consent.ts",
             updates,
+        )
+
+
+def grant_central(connection: sqlite3.Connection, customer_id: str, ts: str) -> CentralGrant | None:
+    """Keep the central store's consent for a customer without a local record, as of the
+    newest event committed now (the owner thread commits nothing in between); a grant already
+    kept stays as it was (its ``after_seq`` too). None when a local record exists: it wins."""
+    with transaction(connection):
+        if connection.execute(
+            "SELECT 1 FROM consent WHERE customer_id = ?", (customer_id,)
+        ).fetchone():
+            return None
+        connection.execute(
+            "INSERT INTO central_consent (customer_id, ts, after_seq) "
+            "VALUES (?, ?, (SELECT coalesce(max(seq), 0) FROM events)) "
+            "ON CONFLICT (customer_id) DO NOTHING",
+            (customer_id, ts),
+        )
+        row = connection.execute(
+            "SELECT ts, after_seq FROM central_consent WHERE customer_id = ?", (customer_id,)
+        ).fetchone()
+    return CentralGrant(customer_id, str(row[0]), int(row[1]))
+
+
+def revoke_central(connection: sqlite3.Connection, customer_id: str) -> bool:
+    """Drop a central grant (the store withdrew it); whether there was one."""
+    with transaction(connection):
+        return (
+            connection.execute(
+                "DELETE FROM central_consent WHERE customer_id = ?", (customer_id,)
+            ).rowcount
+            > 0
         )
 
 

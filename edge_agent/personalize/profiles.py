@@ -30,7 +30,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
 
 from cloud_sync.sync_client import (
     ProfileTooLargeError,
@@ -50,6 +51,9 @@ from edge_agent.personalize.profile_merge import (
     parse_profile,
 )
 from edge_agent.personalize.session import TRIGGER_TYPES
+
+if TYPE_CHECKING:
+    from edge_agent.buffer import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,8 @@ class CentralProfiles:
         )
         self.evicted = 0
         self.latency = _Histogram()
+        self._buffer: Buffer | None = None  # keeps the central grants (set by ``run``)
+        self.central_consent: collections.Counter[str] = collections.Counter(granted=0, revoked=0)
 
     # ---- the port ---------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class CentralProfiles:
 
     async def run(self, ports: Ports) -> None:
         self.consent = ports.consent
+        self._buffer = ports.buffer
         ports.profiles = self
         ports.pipeline.taps.append(self._on_events)
         ports.erasure_listeners.append(self.forget)
@@ -186,6 +193,10 @@ class CentralProfiles:
                 "fetches": dict(self.fetches),
                 "rejected": dict(self.rejected),
                 "fetch_latency_histogram": self.latency.as_status(),
+                "central_consent": {
+                    "held": self.consent.central_grants,
+                    **self.central_consent,
+                },
             }
         }
 
@@ -274,6 +285,7 @@ class CentralProfiles:
         if body is None:
             self._outcome("not_found", started)
             self._store(customer_id, None, _NEGATIVE_BYTES)
+            await self._revoke_central(customer_id)  # no profile, or no consent to share it
             return
         try:  # up to max_body_bytes of JSON: parsed off the loop, which serves triggers
             profile = await asyncio.to_thread(parse_profile, body, customer_id)
@@ -288,6 +300,41 @@ class CentralProfiles:
             return
         self._outcome("found", started)
         self._store(customer_id, profile, len(body))
+        if profile.allows_personalization:
+            await self._grant_central(customer_id)
+        else:
+            await self._revoke_central(customer_id)
+
+    # ---- the store's consent, for the upload rule -------------------------------------
+
+    async def _grant_central(self, customer_id: str) -> None:
+        """The store resolved consent to share (given at another store or channel): without a
+        local record, this customer's events committed from now on leave the store with the
+        clear id (``governance.CentralGrant``), kept in the buffer across restarts."""
+        if self._buffer is None or self.consent.has_record(customer_id):
+            return
+        if self.consent.central_grant(customer_id) is not None:
+            return  # kept already, with its first ``after_seq``
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        grant = await self._buffer.grant_central(customer_id, ts)
+        if grant is None:
+            return  # a local record was committed meanwhile: it wins
+        if customer_id in self._discard or not self.may_fetch(customer_id):
+            await self._buffer.revoke_central(customer_id)  # erased or withdrawn meanwhile
+            return
+        if self.consent.grant_central(grant):
+            self.central_consent["granted"] += 1
+            log.info("profiles.central_consent.granted after_seq=%d", grant.after_seq)
+
+    async def _revoke_central(self, customer_id: str) -> None:
+        """The store no longer shares this customer: in force at once (the ledger), then in
+        the buffer."""
+        if not self.consent.revoke_central(customer_id):
+            return
+        self.central_consent["revoked"] += 1
+        log.info("profiles.central_consent.revoked")
+        if self._buffer is not None:
+            await self._buffer.revoke_central(customer_id)
 
     def _outcome(self, outcome: str, started: float) -> None:
         self.fetches[outcome] += 1

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from sync_helpers import StoreProcess, eventually, store_cli, sync_section
+from sync_helpers import StoreProcess, eventually, store_cli, store_rows, sync_section
 
 from edge_agent.app import RunningAgent
 from edge_agent.personalize.profiles import CentralProfiles
@@ -421,3 +421,90 @@ async def test_a_stalled_store_never_holds_up_a_suggestion(
         {"local": n + 1, "central": 0} for n in range(len(triggers))
     ]
     assert after["history"] == {"local": len(triggers) + 1, "central": 3}
+
+
+async def get_profile(url: str, token: str, customer: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{url}/v1/profiles/{customer}", headers={"Authorization": f"Bearer {token}"}
+        ) as response,
+    ):
+        body = await response.json() if response.status == 200 else {}
+        return response.status, body
+
+
+def stored_as(store: StoreProcess, event_id: str) -> list[str | None]:
+    """The customer ids the central store holds for the event ``event_id``."""
+    return [cid for eid, cid, _ in store_rows(store.db_url) if eid == event_id]
+
+
+async def test_consent_from_store_a_sends_store_b_events_with_the_clear_id_until_withdrawn(
+    store: StoreProcess, tmp_path: Path, mqtt_broker: Broker
+) -> None:
+    """Issue 12: B has no local record; the profile's store-resolved consent (given at A)
+    lets B's events committed after it leave with the clear id, so B's pickup joins the
+    customer's profile. A withdrawal at A (the store then answers 404) revokes it at B."""
+    suffix = uuid.uuid4().hex[:8]
+    store_a, store_b, customer = f"store-a-{suffix}", f"store-b-{suffix}", f"c-{suffix}"
+    await shop_at_a(tmp_path, mqtt_broker, store, store_a, customer)
+    token_b = store_cli(store.db_url, "token", "create", "--store", store_b)
+    document = agent_document(tmp_path, store_b, mqtt_broker, store.url, token_b, ttl_s=0.2)
+    topic = event_topic(store_b)
+    async with agent_running(document) as agent_b:
+        profiles = profiles_of(agent_b)
+        await publish(
+            mqtt_broker, topic, [event(f"{customer}-id", "customer.identified", customer)]
+        )
+        await eventually(lambda: profiles.central_consent["granted"] == 1, 20)
+        await publish(
+            mqtt_broker,
+            topic,
+            [event(f"{customer}-b1", "product.pickup", customer, sku="SKU-000031")],
+        )
+        await eventually(lambda: bool(stored_as(store, f"{customer}-b1")), 30)
+        status, profile = await get_profile(store.url, token_b, customer)
+        granted = (await agent_b.board.snapshot())["profiles"]["central_consent"]
+        # A withdrawal at A: the store's resolved consent says no, its profile is a 404.
+        token_a = store_cli(store.db_url, "token", "create", "--store", store_a)
+        document_a = agent_document(tmp_path, store_a, mqtt_broker, store.url, token_a)
+        # (personalization: a withdrawal of profile sharing leaves A under the pseudonym and
+        # reaches the store as a rewrite of A's copies, on A's downlink cycle)
+        withdraw = {**GRANT, "personalization": False}
+        async with agent_running(document_a):
+            await publish(
+                mqtt_broker,
+                event_topic(store_a),
+                [event(f"{customer}-withdraw", "consent.update", customer, **withdraw)],
+            )
+            await eventually(
+                lambda: any(row[0] == f"{customer}-withdraw" for row in store_rows(store.db_url)),
+                30,
+            )
+        # B's next trigger refreshes the stale profile (ttl 0.2 s): the 404 revokes the grant.
+        await asyncio.sleep(0.3)
+        await publish(
+            mqtt_broker,
+            topic,
+            [event(f"{customer}-b2", "product.pickup", customer, sku="SKU-000032")],
+        )
+        await eventually(lambda: profiles.central_consent["revoked"] == 1, 20)
+        await publish(
+            mqtt_broker,
+            topic,
+            [event(f"{customer}-b3", "product.pickup", customer, sku="SKU-000033")],
+        )
+        await eventually(lambda: bool(stored_as(store, f"{customer}-b3")), 30)
+    assert granted == {"held": 1, "granted": 1, "revoked": 0}
+    assert status == 200
+    from_b = [i for i in profile["interactions"] if i["store_id"] == store_b]
+    assert [i.get("sku") for i in from_b if i["type"] == "product.pickup"] == ["SKU-000031"]
+    assert stored_as(store, f"{customer}-b1") == [customer]
+    # The identification was committed before the grant: it stays pseudonymised.
+    [identified] = stored_as(store, f"{customer}-id")
+    assert identified is not None
+    assert identified.startswith("ps-")
+    # After the revocation, B's next pickup leaves under the pseudonym only.
+    [after] = stored_as(store, f"{customer}-b3")
+    assert after is not None
+    assert after.startswith("ps-")

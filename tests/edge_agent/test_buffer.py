@@ -82,7 +82,7 @@ async def test_migrations_are_recorded_once(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:
         rows = connection.execute("SELECT version, name FROM _migrations").fetchall()
         mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-    assert rows == [(1, "0001_initial")]
+    assert rows == [(1, "0001_initial"), (2, "0002_central_consent")]
     assert mode == "wal"
 
 

@@ -65,6 +65,12 @@ def _declared_by_sqlite_utils(db: sqlite_utils.Database) -> None:
         pk="customer_id",
     )
     db.table("meta").create({"key": str, "value": str}, pk="key")
+    # 0002: the central store's consent grants
+    db.table("central_consent").create(
+        {"customer_id": str, "ts": str, "after_seq": int},
+        pk="customer_id",
+        not_null={"ts", "after_seq"},
+    )
 
 
 def _schema(path: Path) -> list[tuple[str, str, str | None]]:
@@ -86,11 +92,11 @@ def _columns(path: Path, table: str) -> list[tuple[object, ...]]:
 def test_frozen_sql_matches_sqlite_utils(tmp_path: Path) -> None:
     frozen, library = tmp_path / "frozen.db", tmp_path / "library.db"
     connection = sqlite3.connect(frozen)
-    assert migrate(connection) == 1
+    assert migrate(connection) == 2
     connection.close()
     _declared_by_sqlite_utils(sqlite_utils.Database(library))
     assert _schema(frozen) == _schema(library)
-    for table in ("events", "quarantine", "counters", "consent", "meta"):
+    for table in ("events", "quarantine", "counters", "consent", "meta", "central_consent"):
         assert _columns(frozen, table) == _columns(library, table)
 
 
@@ -98,10 +104,10 @@ def test_migration_is_applied_once(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
     for _ in range(2):
         connection = sqlite3.connect(path)
-        assert migrate(connection) == 1
+        assert migrate(connection) == 2
         connection.close()
     with sqlite3.connect(path) as connection:
-        assert connection.execute("SELECT count(*) FROM _migrations").fetchone() == (1,)
+        assert connection.execute("SELECT count(*) FROM _migrations").fetchone() == (2,)
     connection.close()
 
 
