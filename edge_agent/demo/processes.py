@@ -24,6 +24,11 @@ async def run_command(*args: str) -> str:
         process.kill()
         await process.wait()
         raise DemoError(f"{' '.join(args[:4])} did not finish within 60 s") from exc
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM during start-up: leave nothing behind
+        if process.returncode is None:
+            process.kill()
+            await asyncio.shield(process.wait())
+        raise
     if process.returncode != 0:
         raise DemoError(f"{' '.join(args[:4])} failed: {err.decode(errors='replace')[-500:]}")
     return out.decode()
