@@ -244,19 +244,7 @@ class MqttSource(MqttConsumer):
                 return
             log.error("mqtt.connect.refused reason=%s", reason)
             return
-        self._generation += 1
-        if self._connected_before and not flags.session_present and self.settings.qos > 0:
-            # The broker forgot us (restarted without persistence, session expired, another
-            # client took our id): whatever it had queued for the agent is gone.
-            log.warning(
-                "mqtt.session.lost host=%s port=%d client_id=%s (messages queued for the "
-                "agent while it was away are gone)",
-                self.settings.host,
-                self.settings.port,
-                self._client_id,
-            )
-            self._call_on_loop(self._count_session_lost)
-        self._connected_before = True
+        self._connected(bool(flags.session_present))
         # Subscribe on every connect: a broker that lost our session forgets subscriptions.
         client.subscribe([(topic, self.settings.qos) for topic in self._topics])
         if self._other_topics:

@@ -266,6 +266,23 @@ class MqttConsumer(ABC):
             self._wake_pending = True
         self._call_on_loop(self._wake.set)
 
+    def _connected(self, session_present: bool) -> None:
+        """A new connection (client's thread): a new generation of PUBACK handles, and a
+        warning and a count when the broker forgot the agent's session."""
+        self._generation += 1
+        if self._connected_before and not session_present and self.settings.qos > 0:
+            # The broker forgot us (restarted without persistence, session expired, another
+            # client took our id): whatever it had queued for the agent is gone.
+            log.warning(
+                "mqtt.session.lost host=%s port=%d client_id=%s (messages queued for the "
+                "agent while it was away are gone)",
+                self.settings.host,
+                self.settings.port,
+                self._client_id,
+            )
+            self._call_on_loop(self._count_session_lost)
+        self._connected_before = True
+
     def _inbox_full(self) -> bool:
         with self._wake_lock:
             if len(self._inbox) < self._inbox_limit:

@@ -222,21 +222,9 @@ class MqttCrtSource(MqttConsumer):
         self._enqueue(Received(topic, payload, ack, qos, self._generation, fp))
 
     def _on_connection_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
-        self._generation += 1
         client = self._client
         session_present = bool(data.connack_packet and data.connack_packet.session_present)
-        if self._connected_before and not session_present and self.settings.qos > 0:
-            # The broker forgot us (restarted without persistence, session expired, another
-            # client took our id): whatever it had queued for the agent is gone.
-            log.warning(
-                "mqtt.session.lost host=%s port=%d client_id=%s (messages queued for the "
-                "agent while it was away are gone)",
-                self.settings.host,
-                self.settings.port,
-                self._client_id,
-            )
-            self._call_on_loop(self._count_session_lost)
-        self._connected_before = True
+        self._connected(session_present)
         _no_delay_to(self.settings.port)
         if client is not None:
             # Subscribe on every connect: a broker that lost our session forgets them.
