@@ -221,7 +221,7 @@ def _event(message: _Message, index: int, item: Any, single: bool) -> Event | Re
 
 
 def _telemetry(message: _Message, document: Any) -> Event | Rejected:
-    context, topic, source = message.context, message.topic, message.source
+    context, source = message.context, message.source
     payload, received_at = message.payload, message.received_at
     if not isinstance(document, dict):
         return Rejected(source, "wrong_type", payload, "telemetry is not an object", received_at)
@@ -238,18 +238,8 @@ def _telemetry(message: _Message, document: Any) -> Event | Rejected:
     ts = _event_time(document.get("ts"), message)
     if isinstance(ts, Rejected):
         return Rejected(source, ts.reason, payload, ts.detail, received_at)
-    return Event(
-        event_id=derive_event_id(context.id_key, source, payload),
-        type="telemetry",
-        ts=ts,
-        store_id=context.store_id,
-        device_id=topic.device_id,
-        customer_id=None,
-        source=source,
-        data=declared.data,
-        received_at=received_at,
-        customer=False,
-    )
+    event_id = derive_event_id(context.id_key, source, payload)
+    return _telemetry_event(message, event_id, ts, declared.data)
 
 
 def _telemetry_value(message: _Message, value: Any) -> Event | Rejected:
@@ -273,16 +263,21 @@ def _telemetry_value(message: _Message, value: Any) -> Event | Rejected:
             return Rejected(source, "bad_topic", payload, detail, received_at)
     if isinstance(cleaned, str):
         return Rejected(source, cleaned, payload, f"values.{topic.field}", received_at)
+    event_id = derive_event_id(context.id_key, source, f"{received_at}\0".encode() + payload)
+    return _telemetry_event(message, event_id, received_at, cleaned.data)
+
+
+def _telemetry_event(message: _Message, event_id: str, ts: str, data: dict[str, Any]) -> Event:
     return Event(
-        event_id=derive_event_id(context.id_key, source, f"{received_at}\0".encode() + payload),
+        event_id=event_id,
         type="telemetry",
-        ts=received_at,
-        store_id=context.store_id,
-        device_id=topic.device_id,
+        ts=ts,
+        store_id=message.context.store_id,
+        device_id=message.topic.device_id,
         customer_id=None,
-        source=source,
-        data=cleaned.data,
-        received_at=received_at,
+        source=message.source,
+        data=data,
+        received_at=message.received_at,
         customer=False,
     )
 
