@@ -9,6 +9,7 @@ background and B's next suggestions are the model's, with ``history.central > 0`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -133,8 +134,7 @@ async def test_a_customer_from_store_a_and_the_web_shop_is_known_at_store_b(
     )
     token_b = store_cli(store.db_url, "token", "create", "--store", store_b)
     document = agent_document(tmp_path, store_b, mqtt_broker, store.url, token_b)
-    suggestions = Suggestions(mqtt_broker, store_b)
-    try:
+    with contextlib.closing(Suggestions(mqtt_broker, store_b)) as suggestions:
         async with agent_running(document) as agent_b:
             profiles = profiles_of(agent_b)
             topic = event_topic(store_b)
@@ -156,8 +156,6 @@ async def test_a_customer_from_store_a_and_the_web_shop_is_known_at_store_b(
 
             await eventually(recorded, 10)
             status = await agent_b.board.snapshot()
-    finally:
-        suggestions.close()
     # No consent record at B: the store's resolved consent (given at A) personalizes here.
     assert answer["source"] == "model"
     assert answer["history"] == {"local": 1, "central": len(A_SKUS) + len(WEB_SKUS)}
@@ -187,9 +185,8 @@ async def test_withdrawal_drops_the_profile_and_a_down_store_leaves_local_state(
     await shop_at_a(tmp_path, mqtt_broker, store, store_a, customer)
     token_b = store_cli(store.db_url, "token", "create", "--store", store_b)
     document = agent_document(tmp_path, store_b, mqtt_broker, store.url, token_b)
-    suggestions = Suggestions(mqtt_broker, store_b)
     topic = event_topic(store_b)
-    try:
+    with contextlib.closing(Suggestions(mqtt_broker, store_b)) as suggestions:
         async with agent_running(document) as agent_b:
             profiles = profiles_of(agent_b)
             await publish(
@@ -209,8 +206,6 @@ async def test_withdrawal_drops_the_profile_and_a_down_store_leaves_local_state(
             answer = await suggestions.wait_for(f"{customer}-b2")
             cached = (await agent_b.board.snapshot())["profiles"]["cached"]
             refetched = profiles.fetches["found"]
-    finally:
-        suggestions.close()
     assert answer["source"] != "model"
     assert answer["history"] == {"local": 0, "central": 0}
     assert cached == 0
@@ -248,9 +243,8 @@ async def test_store_down_suggestions_flow_from_local_state(
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     document = agent_document(tmp_path, store_id, mqtt_broker, url, "cst_agent_unused")
-    suggestions = Suggestions(mqtt_broker, store_id)
     triggers = [f"t-{n}" for n in range(6)]
-    try:
+    with contextlib.closing(Suggestions(mqtt_broker, store_id)) as suggestions:
         async with agent_running(document) as agent:
             grant = event("c-down-consent", "consent.update", "c-down", **GRANT)
             pickups = [
@@ -261,8 +255,6 @@ async def test_store_down_suggestions_flow_from_local_state(
             answers = [await suggestions.wait_for(t) for t in triggers]
             await eventually(lambda: profiles_of(agent).fetches["unavailable"] >= 1, 20)
             status = await agent.board.snapshot()
-    finally:
-        suggestions.close()
     assert all(a["history"]["central"] == 0 for a in answers)
     assert all(a["source"] == "model" for a in answers)
     assert answers[-1]["history"]["local"] == len(triggers)
@@ -341,8 +333,7 @@ async def test_hostile_profile_bodies_are_refused_counted_and_suggestions_go_on(
     tmp_path: Path, mqtt_broker: Broker, store_id: str
 ) -> None:
     kinds = ("huge", "types", "other", "deep")
-    suggestions = Suggestions(mqtt_broker, store_id)
-    try:
+    with contextlib.closing(Suggestions(mqtt_broker, store_id)) as suggestions:
         async with FakeStore() as fake:
             url = f"http://127.0.0.1:{fake.port}"
             document = agent_document(
@@ -365,8 +356,6 @@ async def test_hostile_profile_bodies_are_refused_counted_and_suggestions_go_on(
                 )
                 again = [await suggestions.wait_for(f"{kind}-2") for kind in kinds]
                 status = await agent.board.snapshot()
-    finally:
-        suggestions.close()
     section = status["profiles"]
     assert section["fetches"]["too_large"] == 1
     assert section["fetches"]["rejected"] == 3
@@ -390,8 +379,7 @@ async def test_a_stalled_store_never_holds_up_a_suggestion(
     check: the fetch is still in flight after all of them); once released, the profile
     shapes the next one."""
     triggers = [f"stall-{n}" for n in range(8)]
-    suggestions = Suggestions(mqtt_broker, store_id)
-    try:
+    with contextlib.closing(Suggestions(mqtt_broker, store_id)) as suggestions:
         async with FakeStore() as fake:
             url = f"http://127.0.0.1:{fake.port}"
             document = agent_document(
@@ -412,8 +400,6 @@ async def test_a_stalled_store_never_holds_up_a_suggestion(
                     [event("after", "product.pickup", "c-stall", sku="SKU-000098")],
                 )
                 after = await suggestions.wait_for("after")
-    finally:
-        suggestions.close()
     assert fake.asked == ["c-stall"]  # single flight: eight triggers, one request
     assert in_flight == 1
     assert outcomes_before == 0
