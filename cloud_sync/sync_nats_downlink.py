@@ -74,7 +74,7 @@ class NatsDownlink:
         self.settings = settings
         self.store_id = store_id
         self.key = downlink.client.blinding_key
-        self.connected = False
+        self._nc: Client | None = None
         self.notices = 0  # authenticated messages handled
         self.refused: Counter[str] = Counter()
         self.gaps = 0
@@ -86,6 +86,10 @@ class NatsDownlink:
         self._model_retry_at = 0.0
         first = min(settings.backoff_initial_s, settings.backoff_max_s)
         self._backoff = Backoff(first, settings.backoff_max_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
 
     def status(self) -> dict[str, object]:
         return {
@@ -104,7 +108,6 @@ class NatsDownlink:
             try:
                 await self._session(erasure_listeners, model_listeners)
             except (nats.errors.Error, TimeoutError, OSError, SyncError) as exc:
-                self.connected = False
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 wait = self._backoff.next_delay()
                 log.warning(
@@ -115,7 +118,7 @@ class NatsDownlink:
     async def _session(
         self, erasure_listeners: Sequence[ErasureListener], model_listeners: Sequence[ModelListener]
     ) -> None:
-        nc = Client()
+        nc = self._nc = Client()
         options = connect_options(self.settings)
         options["name"] = "edge-agent-downlink"
         options["inbox_prefix"] = inbox_prefix(self.store_id)
@@ -124,20 +127,25 @@ class NatsDownlink:
             domain = self.settings.nats_domain or None
             js = nc.jetstream(timeout=self.settings.timeout_s, domain=domain)
             subscription = await self._subscribe(js)
-            self.connected = True
             self._backoff.reset()
             log.info("sync.nats_downlink.connected server=%s", nc.connected_url)
+            reconnects = nc.stats["reconnects"]
             while True:
                 try:
                     messages = await subscription.fetch(
                         _FETCH_BATCH, timeout=self.settings.interval_s
                     )
                 except (nats.errors.TimeoutError, TimeoutError):
-                    messages = []  # nothing new
+                    messages = []  # nothing new, or the client is reconnecting meanwhile
+                if nc.stats["reconnects"] != reconnects:
+                    # The server may have lost the consumer (restarted, another node): a new
+                    # one from the kept sequence, on a new connection.
+                    log.info("sync.nats_downlink.resubscribe reason=reconnected")
+                    return
                 await self._handle(messages, erasure_listeners)
                 await self._retry_model(model_listeners)
         finally:
-            self.connected = False
+            self._nc = None
             await nc.close()
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
