@@ -58,7 +58,10 @@ def store_user(store_id: str) -> str:
 def accounts_config() -> str:
     users = ",\n".join(
         [
-            "{user: announcer, password: pw-announcer}",  # the hub's own services
+            # customer-store announce, with the permissions docs/scaling.md gives it
+            "{user: announcer, password: pw-announcer, permissions: {"
+            ' publish: ["$JS.API.>", "edge.downlink.>", "$KV.EDGE_DOWNLINK_STATE.>"],'
+            ' subscribe: ["_INBOX.>"]}}',
             store_user(STORE_A),
             store_user(STORE_B),
         ]
