@@ -35,6 +35,7 @@ from cloud_sync.store.backend import Backend
 from cloud_sync.store.model_publish import read_model_dir
 from cloud_sync.sync_downlink import ERASURE_CURSOR_KEY, MODEL_ETAG_KEY
 from cloud_sync.sync_nats_downlink import SEQ_KEY
+from edge_agent.config import ConfigError, config_from_dict
 from edge_agent.events import Event
 from tests.support.nats import NatsNode, nats_server, wait_jetstream_ready
 
@@ -391,3 +392,41 @@ async def _offered(side: Any, count: int) -> bool:
 async def _model_error(side: Any, text: str) -> bool:
     error = side.downlink.last_model_error
     return error is not None and text in error
+
+
+# ---- the agent's keys --------------------------------------------------------------------
+
+
+def test_config_nats_downlink_needs_nats_a_downlink_url_and_a_subject_safe_store_id(
+    tmp_path: Path,
+) -> None:
+    base = {"agent": {"store_id": STORE, "data_dir": str(tmp_path)}}
+    nats_sync = {"transport": "nats", "url": "nats://127.0.0.1:4222", "token": "t"}
+    ok = config_from_dict(
+        {
+            **base,
+            "sync": {**nats_sync, "downlink_url": "http://127.0.0.1:8700", "nats_downlink": True},
+        }
+    )
+    assert ok.sync.nats_downlink
+    assert not config_from_dict({**base, "sync": nats_sync}).sync.nats_downlink  # default off
+    with pytest.raises(ConfigError, match=r"sync\.nats_downlink"):  # no HTTP for model bytes
+        config_from_dict({**base, "sync": {**nats_sync, "nats_downlink": True}})
+    with pytest.raises(ConfigError, match=r"sync\.nats_downlink"):  # over HTTP: nothing to read
+        config_from_dict(
+            {
+                **base,
+                "sync": {"url": "http://127.0.0.1:8700", "token": "t", "nats_downlink": True},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"agent\.store_id"):  # a.b would be two tokens
+        config_from_dict(
+            {
+                "agent": {"store_id": "store.a", "data_dir": str(tmp_path)},
+                "sync": {
+                    **nats_sync,
+                    "downlink_url": "http://127.0.0.1:8700",
+                    "nats_downlink": True,
+                },
+            }
+        )
