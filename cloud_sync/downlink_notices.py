@@ -32,7 +32,9 @@ STREAM: Final = "EDGE_DOWNLINK"
 SUBJECT_PREFIX: Final = "edge.downlink"
 ERASURE: Final = "erasure"
 MODEL: Final = "model"
-MAX_NOTICE_BYTES: Final = 64 * 1024  # a notice names one id or one manifest
+# A notice names one id or carries one manifest (the bundled model's is 40 KB); below NATS's
+# default max_payload of 1 MiB. A larger manifest is announced without it (``model_notice``).
+MAX_NOTICE_BYTES: Final = 512 * 1024
 MAX_KEYS_PER_STORE: Final = 16  # a store has one or two valid tokens; more is a bug
 _AUTH_LABEL: Final = b"edge.downlink.auth"
 _STORE_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -59,7 +61,7 @@ class ErasureMessage:
 @dataclass(frozen=True, slots=True)
 class ModelMessage:
     etag: str  # as GET /v1/models/latest would send it
-    manifest: dict[str, Any]  # its body
+    manifest: dict[str, Any] | None  # its body; None: too large for a message, ask over HTTP
 
 
 def subject_store_id(store_id: str) -> bool:
@@ -124,9 +126,13 @@ def erasure_notice(
 def model_notice(
     subject_name: str, etag: str, manifest: dict[str, Any], keys: list[bytes]
 ) -> bytes:
-    """What ``GET /v1/models/latest`` answers this store: the manifest and its ETag."""
+    """What ``GET /v1/models/latest`` answers this store: the manifest and its ETag; only
+    the ETag (``manifest`` null) when the manifest would not fit in ``MAX_NOTICE_BYTES``."""
     body: dict[str, Any] = {"kind": MODEL, "etag": etag, "manifest": manifest}
-    return _sealed(subject_name, body, keys)
+    sealed = _sealed(subject_name, body, keys)
+    if len(sealed) <= MAX_NOTICE_BYTES:
+        return sealed
+    return _sealed(subject_name, {"kind": MODEL, "etag": etag, "manifest": None}, keys)
 
 
 def read_notice(subject_name: str, data: bytes, blinding: bytes) -> ErasureMessage | ModelMessage:
@@ -183,6 +189,6 @@ def _model(body: dict[str, Any]) -> ModelMessage:
     etag, manifest = body.get("etag"), body.get("manifest")
     if not isinstance(etag, str) or not 0 < len(etag) <= 256:
         raise NoticeRefusedError("bad_shape", "etag must be a short string")
-    if not isinstance(manifest, dict):
-        raise NoticeRefusedError("bad_shape", "manifest must be an object")
+    if manifest is not None and not isinstance(manifest, dict):
+        raise NoticeRefusedError("bad_shape", "manifest must be an object or null")
     return ModelMessage(etag, manifest)

@@ -177,7 +177,10 @@ class NatsDownlink:
             if isinstance(notice, notices.ErasureMessage):
                 erased += await self._apply_erasure(notice, listeners)
             elif isinstance(notice, notices.ModelMessage):
-                self._pending_model = PublishedModel(notice.manifest, notice.etag)
+                if notice.manifest is None:  # too large to announce: ask over HTTP
+                    self._pending_model, self._http_model_check = None, True
+                else:
+                    self._pending_model = PublishedModel(notice.manifest, notice.etag)
                 self._model_retry_at = 0.0
             await self.downlink.buffer.write_meta(SEQ_KEY, str(message.metadata.sequence.stream))
             await message.ack()

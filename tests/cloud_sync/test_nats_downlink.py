@@ -430,3 +430,27 @@ def test_config_nats_downlink_needs_nats_a_downlink_url_and_a_subject_safe_store
                 },
             }
         )
+
+
+async def test_a_manifest_too_large_to_announce_is_fetched_over_http(
+    store: StoreSide, client: Client, tokens: Tokens, backend: Backend, tmp_path: Path
+) -> None:
+    agent = await tokens.agent(STORE)
+    url = str(client.make_url("")).rstrip("/")
+    config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
+    directory = model_dir(tmp_path / "models", "3.0.0", b"model three" * 100)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["notes"] = "n" * (notices.MAX_NOTICE_BYTES + 1)  # a big evaluation report, say
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    async with agent_side(config) as side, side.running() as reader:
+        await eventually(lambda: _connected(reader, True))
+        await asyncio.sleep(1.0)  # its start-up look over HTTP found no model yet
+        await publish(backend, directory)
+        await store.round()  # only the announcement can make it look again
+        sent = await stream_messages(store.nats_url, notices.subject(STORE, "model"))
+        latest = await client.get("/v1/models/latest", headers=agent)
+        assert [(m["etag"], m["manifest"]) for m in sent] == [(latest.headers["ETag"], None)]
+        await eventually(lambda: _offered(side, 1))
+        assert side.offered[0].name == "3.0.0"
+        assert await side.buffer.read_meta(MODEL_ETAG_KEY) == latest.headers["ETag"]
+        assert reader.refused == {}
