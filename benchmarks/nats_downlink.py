@@ -7,8 +7,8 @@ Not a test. One SQLite store (its real HTTP app on loopback), one nats-server, o
 buffer file per mode. For each erasure: a customer's event is committed to the agent's
 buffer, the store records the erasure (``Backend.erase``, as ``DELETE /v1/customers/{id}``
 does), and the time until the customer is gone from the buffer is measured (the buffer is
-looked at every 10 ms). Erasures are spaced by a random 0-1 s so that they fall anywhere in
-the poll cycles.
+looked at every 10 ms). Before each erasure a random 0 to max(1 s, the mode's interval) passes,
+so that erasures fall anywhere in the poll cycle rather than just after a poll.
 
 Modes: ``nats`` (``customer-store announce``'s loop at ``--announce-interval-s`` and the
 agent's ``NatsDownlink``), and the baseline ``http`` (the uploader's downlink loop:
@@ -95,13 +95,18 @@ def config(data_dir: Path, nats_url: str, http_url: str, token: str, interval_s:
 
 
 async def measure(
-    backend: Backend, buffer: Buffer, erasures: int, prefix: str, rng: random.Random
+    backend: Backend,
+    buffer: Buffer,
+    erasures: int,
+    prefix: str,
+    rng: random.Random,
+    spacing_s: float,
 ) -> list[float]:
     latencies = []
     for number in range(erasures):
         customer = f"{prefix}-{number}"
         await buffer.commit([pickup(customer)])
-        await asyncio.sleep(rng.uniform(0.0, 1.0))
+        await asyncio.sleep(rng.uniform(0.0, spacing_s))
         started = time.monotonic()
         await backend.erase([customer], "benchmark", datetime.now(UTC))
         while customer in await buffer.held_customers():
@@ -126,7 +131,8 @@ async def run_mode(
             downlink = Downlink(client, buffer, cfg, b"k" * 32)
             task = asyncio.create_task(background(downlink), name=f"bench:{prefix}")
             try:
-                return await measure(backend, buffer, erasures, prefix, rng)
+                spacing = max(cfg.sync.interval_s, 1.0)  # anywhere in a poll cycle
+                return await measure(backend, buffer, erasures, prefix, rng, spacing)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SEQ_KEY: Final = "sync.nats_downlink_seq"
 _FETCH_BATCH: Final = 100
+_FOLLOW_UP_S: Final = 0.05  # the wait for more after a first message: its added latency
 _INACTIVE_S: Final = 300.0  # a consumer left by a dead agent goes away by itself
 _GAP_CATCH_UP_ROUNDS: Final = 50  # each reads up to 20 pages of the HTTP feed
 
@@ -131,12 +132,7 @@ class NatsDownlink:
             log.info("sync.nats_downlink.connected server=%s", nc.connected_url)
             reconnects = nc.stats["reconnects"]
             while True:
-                try:
-                    messages = await subscription.fetch(
-                        _FETCH_BATCH, timeout=self.settings.interval_s
-                    )
-                except (nats.errors.TimeoutError, TimeoutError):
-                    messages = []  # nothing new, or the client is reconnecting meanwhile
+                messages = await self._fetch(subscription)
                 if nc.stats["reconnects"] != reconnects:
                     # The server may have lost the consumer (restarted, another node): a new
                     # one from the kept sequence, on a new connection.
@@ -147,6 +143,18 @@ class NatsDownlink:
         finally:
             self._nc = None
             await nc.close()
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+        """The next messages, as soon as there is one. nats-py's fetch of a batch waits out
+        its timeout once a first message came, so: one message (waiting up to interval_s),
+        then whatever else is already there (a burst, a catch-up) with a short wait."""
+        try:
+            messages = await subscription.fetch(1, timeout=self.settings.interval_s)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []  # nothing new, or the client is reconnecting meanwhile
+        with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+            messages += await subscription.fetch(_FETCH_BATCH - 1, timeout=_FOLLOW_UP_S)
+        return messages
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """The store's consumer, created anew from the sequence after the one kept in meta."""
