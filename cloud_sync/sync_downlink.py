@@ -1,5 +1,10 @@
 """The way back to the store: erasure requests and model updates, once per sync cycle.
 
+With ``[sync] nats_downlink`` the two arrive over NATS instead (``sync_nats_downlink``),
+which applies them through this module's own steps: ``apply_erasure_page`` for an erasure
+notice and ``offer_model`` for a model announcement, so the checks, the report to the store,
+the cursor and the listeners are one code for both transports.
+
 Erasures: ``GET /v1/erasures?after=CURSOR`` page by page. Each entry names an erased id
 blinded with this agent's own key (``cloud_sync.erasure_blinding``); the agent blinds the ids
 it holds (each clear id and its pseudonym) and matches. For the customers found it first tells
