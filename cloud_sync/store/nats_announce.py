@@ -166,8 +166,7 @@ class Announcer:
         self._announced: dict[str, tuple[str, tuple[bytes, ...]]] = {}
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        nc = Client()
-        await nc.connect(**connect_options(self.settings))
+        nc = await self._connect()
         try:
             js = nc.jetstream(timeout=self.settings.timeout_s)
             replicas = await ensure_stream(js, self.settings)
@@ -188,6 +187,22 @@ class Announcer:
                 await asyncio.sleep(wait)
         finally:
             await nc.close()
+
+    async def _connect(self) -> Client:
+        """Connected once (nats-py reconnects by itself after that); a hub that is not up
+        yet is waited for, with a capped backoff, rather than ending the service."""
+        wait = self.settings.interval_s
+        while True:
+            nc = Client()
+            try:
+                await nc.connect(**connect_options(self.settings))
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                await nc.close()
+                wait = min(wait * 2, _BACKOFF_MAX_S)
+                log.warning("announce.connect.failed retry_s=%.1f detail=%s", wait, exc)
+                await asyncio.sleep(wait)
+            else:
+                return nc
 
     async def round(self, js: JetStreamContext, state: KeyValue) -> None:
         keys = store_keys(await self.backend.agent_keys())
