@@ -1,6 +1,7 @@
 """The NATS downlink with every part a real process: ``edge-agent run`` (``transport = "nats"``,
 ``nats_downlink = true``), ``customer-store serve``, ``customer-store announce``,
-``customer-store ingest``, nats-server and mosquitto, all on loopback.
+``customer-store ingest``, nats-server and mosquitto, all on loopback; the store on SQLite and
+on PostgreSQL.
 
 An admin erases a customer over HTTP: the notice reaches the agent over NATS and its buffered
 rows of that customer are gone. The agent is killed with -9, another customer is erased, the
@@ -115,9 +116,8 @@ def erase(store_url: str, admin: str, customer_id: str) -> None:
 
 
 def test_real_agent_erased_over_nats_through_kills_and_restarts(
-    tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker
+    tmp_path: Path, store_id: str, mqtt_broker: MosquittoBroker | AmqttBroker, db_url: str
 ) -> None:
-    db_url = f"sqlite://{tmp_path / 'store.db'}"
     token = store_cli(db_url, "token", "create", "--store", store_id)
     admin = store_cli(db_url, "admin", "create")
     store = StoreProcess(db_url, tmp_path / "store.log")
