@@ -256,6 +256,7 @@ def split_plans(
             rate=args.rate,
             seconds=args.seconds,
             deadline_s=args.seconds + args.wait_s,
+            sync_timeout_s=args.sync_timeout_s,
             tokens={store: tokens[store] for store in share} if tokens else {},
         )
         for number, share in enumerate(shares)
@@ -373,7 +374,8 @@ def main_sync(args: argparse.Namespace) -> None:
         results = []
         print(
             f"fleet: {args.stores} stores x {args.rate} ev/s for {args.seconds} s, "
-            f"{args.drivers} drivers, {args.workers} workers; load {load_average()}",
+            f"{args.drivers} drivers, {args.workers} workers, sync.timeout_s "
+            f"{args.sync_timeout_s}; load {load_average()}",
             file=sys.stderr,
             flush=True,
         )
@@ -459,6 +461,9 @@ def main() -> None:
     parser.add_argument("--outage-at-s", type=float, default=20.0)
     parser.add_argument("--outage-s", type=float, default=60.0)
     parser.add_argument("--phases", default=",".join(PHASES), help="of nats,http,outage")
+    parser.add_argument(
+        "--sync-timeout-s", type=float, default=30.0, help="the stores' sync.timeout_s"
+    )
     parser.add_argument("--pg-url", default=DEFAULT_PG)
     parser.add_argument("--wait-s", type=float, default=120.0, help="bound on each drain")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")

@@ -70,6 +70,7 @@ class Plan:
     seconds: float  # how long events are made
     deadline_s: float  # from go: every store stops here, acknowledged or not
     tick_s: float = 1.0
+    sync_timeout_s: float = 30.0  # the agent's default
     tokens: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -200,8 +201,8 @@ async def pause(sink: Sink, delay: float, stop_at: float) -> None:
 
 
 async def drive(plan: Plan) -> dict[str, Any]:
-    # The agent's defaults (timeout 30 s, batch 500, backoff 0.5 s doubling to 60 s).
-    settings = SyncSection(transport=plan.transport, url=plan.url)
+    # The agent's defaults (batch 500, backoff 0.5 s doubling to 60 s), the plan's timeout.
+    settings = SyncSection(transport=plan.transport, url=plan.url, timeout_s=plan.sync_timeout_s)
     sinks = {store_id: make_sink(plan, store_id, settings) for store_id in plan.stores}
     gate = asyncio.Semaphore(_CONNECT_AT_ONCE)
 
