@@ -1,29 +1,29 @@
 """A simulated fleet through a 3-node NATS cluster into PostgreSQL, beside HTTP (prints figures).
 
-    .venv/bin/python -m benchmarks.fleet [--stores 50] [--rate 20] [--seconds 20]
-        [--workers 2] [--outage-s 10]
+    .venv/bin/python -m benchmarks.fleet [--stores 1000] [--rate 2] [--seconds 60]
+        [--drivers 2] [--workers 2] [--outage-s 60] [--phases nats,http,outage]
 
 Not a test. On this machine everything shares the cores: the cluster, the workers, the
-HTTP store, PostgreSQL and the simulated stores.
+HTTP store, PostgreSQL and the simulated stores; each figure comes with the CPU the parts
+spent, the drivers' own included, and the load average at the start and the end.
 
-1. nats: ``--stores`` asyncio tasks, each with its own connection and the real sink
-   (``cloud_sync.sync_nats.NatsEvents.post_rows``: governance, Nats-Msg-Id, PubAck), each
-   offering ``--rate`` events/s in one batch a second for ``--seconds``, into a private
-   three-node cluster (R3) drained by ``--workers`` ``customer-store ingest`` processes into
-   a scratch PostgreSQL schema;
-2. http: the same fleet through the real HTTP transport (``cloud_sync.uploader.HttpEvents``:
-   gzip batches to ``customer-store serve``) into another schema, in the same run;
-3. outage: the nats run again with the whole cluster down (-9) for ``--outage-s`` in the
-   middle; each store keeps what was not acknowledged and resends it (as the uploader does):
-   the catch-up time is from the cluster's restart until every event is stored.
+The stores are ``--drivers`` processes (``benchmarks/fleet_driver.py``), each running its
+share of the ``--stores`` as asyncio tasks with the real sink and the uploader's loop (one
+connection per store, batches of 500, backoff with a readiness probe), each store offering
+``--rate`` events/s for ``--seconds``. Phases, each into its own scratch PostgreSQL schema:
 
-Per run: events/s stored (from the first send to the last row committed), p50/p99 of
-device-to-store lag (``ingested_at - ts``), and CPU seconds of the workers (or the HTTP
-store), the NATS servers and PostgreSQL (every ``postgres`` process on this machine:
-another user of the same server shows up here too) per 1,000 events.
+1. nats: through a private three-node cluster (stream R3) drained by ``--workers``
+   ``customer-store ingest`` processes;
+2. http: the same fleet through ``cloud_sync.uploader.HttpEvents`` to one
+   ``customer-store serve`` (gzip batches, one token per store);
+3. outage: the nats phase with the whole cluster killed (-9) ``--outage-at-s`` after the
+   start and restarted ``--outage-s`` later; the stores keep making events meanwhile.
+   Catch-up: from the restart until the last event made before it was stored.
 
-The stores' send loop is a simplification of the uploader's (a pending list, one batch a
-tick, resend on failure); the sink is the real one.
+Per phase: events made / stored, events/s stored (first ``ts`` to last commit), p50/p99 of
+device-to-store lag (``ingested_at - ts``, one clock), CPU seconds per 1,000 events of the
+drivers, the ingest workers (or the HTTP store), the NATS servers, the PostgreSQL backends of
+this run's database, and every ``postgres`` process of the machine (other users included).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import select
 import signal
@@ -38,28 +39,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats
 import psycopg
 
+from benchmarks.fleet_driver import Plan, envelope_row
 from benchmarks.store import DEFAULT_PG, make_tokens, new_schema, percentile, scratch_database
-from cloud_sync.sync_batches import Row
-from cloud_sync.sync_client import StoreClient
+from cloud_sync.store.nats_ingest import STREAM
 from cloud_sync.sync_nats import NatsEvents
-from cloud_sync.uploader import EventTransport, HttpEvents
-from edge_agent.buffer.reads import PendingRow
 from edge_agent.config import SyncSection
-from edge_agent.errors import SyncError
 from edge_agent.governance import ConsentLedger
 from tests.support.nats import NatsCluster, jetstream_ready
 
-KEY = b"k" * 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PHASES = ("nats", "http", "outage")
 
 
 def cpu_of(pids: Sequence[int]) -> dict[int, float]:
@@ -92,66 +90,40 @@ def postgres_pids() -> list[int]:
     return pids
 
 
-def envelope_row(store_id: str, seq: int) -> Row:
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    event_id = f"{store_id}-{seq:07d}-{uuid.uuid4().hex[:6]}"
-    text = (
-        f'{{"event_id":"{event_id}","type":"product.pickup","ts":"{now}",'
-        f'"store_id":"{store_id}","device_id":"shelf-1","customer_id":"c-{seq % 500}",'
-        f'"source":"mqtt:edge/{store_id}/devices/shelf-1/events","schema":1,'
-        f'"data":{{"sku":"SKU-{seq % 97}"}}}}'
-    )
-    return PendingRow(seq, text, True, f"c-{seq % 500}")
+def backend_pids(db_url: str) -> list[int]:
+    """The PostgreSQL backends serving this run's database (the workers' or store's pools)."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [int(row[0]) for row in rows]
 
 
-@dataclass
-class StoreSim:
-    store_id: str
-    transport: EventTransport
-    sent: int = 0
-    failures: int = 0
-
-
-async def run_store(sim: StoreSim, rate: int, seconds: float, stop_at: float) -> None:
-    """Offer ``rate`` events a second; send the pending ones in one batch a tick."""
-    consent = ConsentLedger(require_consent=False)
-    pending: list[Row] = []
-    seq = 0
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    tick = 0
-    while True:
-        now = loop.time()
-        if now - start < seconds:
-            for _ in range(rate):
-                pending.append(envelope_row(sim.store_id, seq))
-                seq += 1
-        elif not pending or now > stop_at:
-            return
-        if pending:
-            batch = pending[:2000]
-            try:
-                await sim.transport.post_rows(batch, consent, KEY, True)
-            except SyncError:
-                sim.failures += 1
-            else:
-                del pending[: len(batch)]
-                sim.sent += len(batch)
-        tick += 1
-        await asyncio.sleep(max(0.0, start + tick - loop.time()))
-
-
-def lag_figures(db_url: str, since: datetime) -> tuple[int, float, float, float]:
-    """(rows, seconds first ts to last ingest, p50 lag s, p99 lag s)."""
+def lag_figures(db_url: str, restart_epoch: float | None) -> dict[str, Any]:
+    """Rows, events/s (first ts to last commit), lag p50/p99; with an outage, catch-up."""
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM ingested_at - ts), extract(epoch FROM ts),"
-            " extract(epoch FROM ingested_at) FROM events WHERE ts >= %s",
-            (since,),
+            " extract(epoch FROM ingested_at) FROM events"
         ).fetchall()
+    if not rows:
+        return {"stored": 0}
     lags = [float(r[0]) for r in rows]
-    span = max(float(r[2]) for r in rows) - min(float(r[1]) for r in rows) if rows else 0.0
-    return len(rows), span, percentile(lags, 0.5), percentile(lags, 0.99)
+    first_ts = min(float(r[1]) for r in rows)
+    last_in = max(float(r[2]) for r in rows)
+    found: dict[str, Any] = {
+        "stored": len(rows),
+        "events_per_s": round(len(rows) / (last_in - first_ts), 1),
+        "lag_p50_s": round(percentile(lags, 0.5), 3),
+        "lag_p99_s": round(percentile(lags, 0.99), 3),
+    }
+    if restart_epoch is not None:
+        before = [float(r[2]) for r in rows if float(r[1]) < restart_epoch]
+        found["catch_up_s"] = round(max(before) - restart_epoch, 1) if before else None
+        # Until the last event (made before or after the restart) was stored.
+        found["drained_after_restart_s"] = round(last_in - restart_epoch, 1)
+    return found
 
 
 def wait_rows(db_url: str, count: int, within: float) -> int:
@@ -165,6 +137,10 @@ def wait_rows(db_url: str, count: int, within: float) -> int:
             return seen
         time.sleep(0.5)
     return seen
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def start_child(command: list[str], log: Path, ready: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -200,165 +176,300 @@ def children(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
             stop_child(proc)
 
 
-async def fleet_run(
+def start_drivers(plans: Sequence[Plan], work: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    """Start one driver per plan; return once every one printed ``ready`` (bounded)."""
+    drivers = []
+    for number, plan in enumerate(plans):
+        plan_file = work / f"plan-{label}-{number}.json"
+        plan_file.write_text(json.dumps(asdict(plan)))
+        with (work / f"driver-{label}-{number}.log").open("ab") as log:
+            drivers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.fleet_driver", str(plan_file)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                )
+            )
+    for number, driver in enumerate(drivers):
+        assert driver.stdout is not None
+        found, _, _ = select.select([driver.stdout], [], [], 180)
+        line = driver.stdout.readline().decode() if found else ""
+        if not line.startswith("ready"):
+            for other in drivers:
+                other.kill()
+                other.wait(10)
+            log_text = (work / f"driver-{label}-{number}.log").read_text()[-2000:]
+            raise SystemExit(f"driver {number} not ready: {line!r} {log_text}")
+        print(f"{label}: driver {number} {line.strip()}", file=sys.stderr, flush=True)
+    return drivers
+
+
+def driver_results(drivers: Sequence[subprocess.Popen[bytes]], within: float) -> list[Any]:
+    results = []
+    deadline = time.monotonic() + within
+    for driver in drivers:
+        assert driver.stdout is not None
+        found, _, _ = select.select([driver.stdout], [], [], max(1.0, deadline - time.monotonic()))
+        line = driver.stdout.readline().decode() if found else ""
+        results.append(json.loads(line) if line.startswith("{") else {"error": "no result"})
+        stop_child(driver)
+    return results
+
+
+class CpuMeter:
+    """CPU seconds of groups of processes between ``start`` and ``stop``, including those
+    that ended meanwhile if ``bank`` was called before they did (the killed NATS nodes)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, dict[int, float]] = {}
+        self.banked: dict[str, float] = {}
+
+    def start(self, groups: dict[str, Sequence[int]]) -> None:
+        self.before = {name: cpu_of(pids) for name, pids in groups.items()}
+        self.banked = dict.fromkeys(groups, 0.0)
+
+    def bank(self, name: str, pids: Sequence[int]) -> None:
+        """Add what ``pids`` spent so far, and count them from zero again (restarted)."""
+        self.banked[name] += cpu_spent(self.before.get(name, {}), cpu_of(pids))
+        self.before[name] = {}
+
+    def stop(self, groups: dict[str, Sequence[int]]) -> dict[str, float]:
+        return {
+            name: self.banked.get(name, 0.0) + cpu_spent(self.before.get(name, {}), cpu_of(pids))
+            for name, pids in groups.items()
+        }
+
+
+def split_plans(
+    args: argparse.Namespace, transport: str, url: str, tokens: dict[str, str]
+) -> list[Plan]:
+    stores = [f"fs-{n:05d}" for n in range(args.stores)]
+    shares = [stores[n :: args.drivers] for n in range(args.drivers)]
+    return [
+        Plan(
+            transport=transport,
+            url=url,
+            stores=share,
+            index_offset=number,
+            fleet_size=len(stores),
+            rate=args.rate,
+            seconds=args.seconds,
+            deadline_s=args.seconds + args.wait_s,
+            sync_timeout_s=args.sync_timeout_s,
+            tokens={store: tokens[store] for store in share} if tokens else {},
+        )
+        for number, share in enumerate(shares)
+        if share
+    ]
+
+
+def run_phase(
     label: str,
-    make: Any,
-    stores: Sequence[str],
     args: argparse.Namespace,
-    db_url: str,
-    server_pids: Sequence[int],
-    cluster: NatsCluster | None = None,
-    outage: bool = False,
+    plans: Sequence[Plan],
+    work: Path,
+    schema: str,
+    sink_pids: Sequence[int],
+    cluster: NatsCluster | None,
 ) -> dict[str, Any]:
-    sims = [StoreSim(store_id, await make(store_id)) for store_id in stores]
-    total = len(stores) * args.rate * args.seconds
-    since = datetime.now(UTC).replace(microsecond=0)
-    pg_before, srv_before = cpu_of(postgres_pids()), cpu_seconds(server_pids)
-    nats_pids = cluster.pids() if cluster is not None else []
-    nats_before = cpu_seconds(nats_pids)
-    stop_at = asyncio.get_running_loop().time() + args.seconds + args.wait_s
-    tasks = [asyncio.create_task(run_store(sim, args.rate, args.seconds, stop_at)) for sim in sims]
-    restarted = None
-    if outage and cluster is not None:
-        await asyncio.sleep(args.seconds / 3)
+    load_start = load_average()
+    drivers = start_drivers(plans, work, label)
+    groups: dict[str, Sequence[int]] = {
+        "drivers": [d.pid for d in drivers],
+        "ingest" if cluster is not None else "http_store": sink_pids,
+        "pg_backends": backend_pids(schema),
+        "pg_all": postgres_pids(),
+    }
+    if cluster is not None:
+        groups["nats"] = cluster.pids()
+    meter = CpuMeter()
+    meter.start(groups)
+    go = time.time() + 1.0
+    for driver in drivers:
+        assert driver.stdin is not None
+        driver.stdin.write(f"go {go}\n".encode())
+        driver.stdin.flush()
+    restart_epoch = None
+    if label == "outage" and cluster is not None:
+        time.sleep(max(0.0, go + args.outage_at_s - time.time()))
+        meter.bank("nats", cluster.pids())
         for node in cluster.nodes:
             node.kill()
-        await asyncio.sleep(args.outage_s)
+        print(f"{label}: cluster killed (-9)", file=sys.stderr, flush=True)
+        time.sleep(args.outage_s)
         for node in cluster.nodes:
             node.start(wait=False)
-        restarted = time.monotonic()
-    await asyncio.gather(*tasks)
-    print(f"{label}: sent {sum(s.sent for s in sims)} of {total}", file=sys.stderr, flush=True)
-    stored = await asyncio.to_thread(wait_rows, db_url, total, args.wait_s)
-    done = time.monotonic()
-    for sim in sims:
-        with contextlib.suppress(Exception):
-            await sim.transport.__aexit__(None, None, None)  # type: ignore[attr-defined]
-    rows, span, p50, p99 = lag_figures(db_url, since)
-    per_k = 1000.0 / max(rows, 1)
-    result = {
-        "run": label,
-        "stores": len(stores),
-        "offered_per_s": len(stores) * args.rate,
-        "events": total,
-        "stored": stored,
-        "events_per_s": round(rows / span, 1) if span else None,
-        "lag_p50_s": round(p50, 3),
-        "lag_p99_s": round(p99, 3),
-        "cpu_s_per_1k_ingest": round((cpu_seconds(server_pids) - srv_before) * per_k, 3),
-        # Every postgres process of this machine: other users of the server count too.
-        "cpu_s_per_1k_postgres": round(cpu_spent(pg_before, cpu_of(postgres_pids())) * per_k, 3),
-        "send_failures": sum(sim.failures for sim in sims),
+        restart_epoch = time.time()
+        groups["nats"] = cluster.pids()
+        print(f"{label}: cluster restarted", file=sys.stderr, flush=True)
+    results = driver_results(drivers, args.seconds + args.wait_s + 60)
+    made = sum(r.get("made", 0) for r in results)
+    stored = wait_rows(schema, made, args.wait_s)
+    groups["pg_backends"] = backend_pids(schema)
+    spent = meter.stop(groups)
+    spent["drivers"] = sum(r.get("cpu_s", 0.0) for r in results)  # their own, to the end
+    figures = lag_figures(schema, restart_epoch)
+    per_k = 1000.0 / max(figures.get("stored", 0), 1)
+    return {
+        "phase": label,
+        "stores": args.stores,
+        "offered_per_s": round(args.stores * args.rate, 1),
+        "made": made,
+        "acknowledged": sum(r.get("acknowledged", 0) for r in results),
+        "stored_count": stored,
+        **figures,
+        "cpu_s_per_1k": {name: round(cpu * per_k, 3) for name, cpu in spent.items()},
+        "cpu_s": {name: round(cpu, 1) for name, cpu in spent.items()},
+        "send_failures": sum(r.get("failure_count", 0) for r in results),
+        "failure_kinds": _merge_failures(results),
+        "load_start_end": [load_start, load_average()],
+        "utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
     }
-    if cluster is not None and not outage:  # (an outage restarts the servers: new pids)
-        result["cpu_s_per_1k_nats"] = round((cpu_seconds(nats_pids) - nats_before) * per_k, 3)
-    if restarted is not None:
-        result["catch_up_s"] = round(done - restarted, 1)
-    return result
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    stores = [f"fs-{n:04d}" for n in range(args.stores)]
-    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp, scratch_database(args.pg_url) as db:
-        work = Path(tmp)
-        cluster = NatsCluster(work / "cluster")
-        cluster.start()
-        try:
-            await jetstream_ready(cluster.url, 60)
-            results = []
-            for label, outage in (("nats", False), ("http", None), ("nats+outage", True)):
-                schema = new_schema(db, f"fleet_{label.replace('+', '_')}")
-                if label == "http":
-                    tokens = dict(zip(stores, await make_tokens(schema, stores), strict=True))
-                    serve, line = start_child(
-                        [
-                            sys.executable,
-                            "-m",
-                            "cloud_sync.store",
-                            "serve",
-                            "--db",
-                            schema,
-                            "--port",
-                            "0",
-                            "--pool-size",
-                            "4",
-                        ],
-                        work / "serve.log",
-                        "listening http://",
-                    )
-                    with children([serve]):
-                        url = line.removeprefix("listening ")
+def _merge_failures(results: Sequence[Any]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for result in results:
+        for kind, count in result.get("failures", {}).items():
+            merged[kind] = merged.get(kind, 0) + count
+    return dict(sorted(merged.items(), key=lambda item: -item[1])[:4])
 
-                        async def make(
-                            store_id: str, url: str = url, tokens: dict[str, str] = tokens
-                        ) -> EventTransport:
-                            client = StoreClient(url, tokens[store_id], 30.0, 2)
-                            return _ClosingHttp(client)
 
+def start_workers(
+    args: argparse.Namespace, url: str, schema: str, work: Path, label: str
+) -> list[subprocess.Popen[bytes]]:
+    return [
+        start_child(
+            [
+                sys.executable,
+                "-m",
+                "cloud_sync.store",
+                "ingest",
+                "--from",
+                url,
+                "--db",
+                schema,
+                "--pool-size",
+                "2",
+            ],
+            work / f"ingest-{label}-{n}.log",
+            "ingesting",
+        )[0]
+        for n in range(args.workers)
+    ]
+
+
+def main_sync(args: argparse.Namespace) -> None:
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"unknown phases {sorted(unknown)}; known: {PHASES}")
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
+        if args.keep_logs:
+            work = Path(tempfile.mkdtemp(prefix="fleet-logs-"))
+            print(f"logs in {work}", file=sys.stderr)
+        db = stack.enter_context(scratch_database(args.pg_url))
+        results = []
+        print(
+            f"fleet: {args.stores} stores x {args.rate} ev/s for {args.seconds} s, "
+            f"{args.drivers} drivers, {args.workers} workers, sync.timeout_s "
+            f"{args.sync_timeout_s}; load {load_average()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        for label in phases:
+            schema = new_schema(db, f"fleet_{label}")
+            if label == "http":
+                stores = [f"fs-{n:05d}" for n in range(args.stores)]
+                tokens = dict(zip(stores, asyncio.run(make_tokens(schema, stores)), strict=True))
+                serve, line = start_child(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cloud_sync.store",
+                        "serve",
+                        "--db",
+                        schema,
+                        "--port",
+                        "0",
+                        "--pool-size",
+                        "4",
+                    ],
+                    work / "serve.log",
+                    "listening http://",
+                )
+                with children([serve]):
+                    url = line.removeprefix("listening ")
+                    plans = split_plans(args, "http", url, tokens)
+                    results.append(run_phase(label, args, plans, work, schema, [serve.pid], None))
+            else:
+                cluster = NatsCluster(work / f"cluster-{label}")
+                cluster.start()
+                try:
+                    asyncio.run(jetstream_ready(cluster.url, 60))
+                    workers = start_workers(args, cluster.url, schema, work, label)
+                    with children(workers):
+                        plans = split_plans(args, "nats", cluster.url, {})
                         results.append(
-                            await fleet_run(label, make, stores, args, schema, [serve.pid])
+                            run_phase(
+                                label, args, plans, work, schema, [w.pid for w in workers], cluster
+                            )
                         )
-                    continue
-                workers = [
-                    start_child(
-                        [
-                            sys.executable,
-                            "-m",
-                            "cloud_sync.store",
-                            "ingest",
-                            "--from",
-                            cluster.url,
-                            "--db",
-                            schema,
-                            "--pool-size",
-                            "2",
-                        ],
-                        work / f"ingest-{label}-{n}.log",
-                        "ingesting",
-                    )[0]
-                    for n in range(args.workers)
-                ]
-                with children(workers):
-
-                    async def make(store_id: str) -> EventTransport:
-                        sync = SyncSection(transport="nats", url=cluster.url, timeout_s=5.0)
-                        return NatsEvents(sync, store_id)
-
-                    results.append(
-                        await fleet_run(
-                            label,
-                            make,
-                            stores,
-                            args,
-                            schema,
-                            [w.pid for w in workers],
-                            cluster=cluster,
-                            outage=bool(outage),
+                    if label == "nats":  # the workers are gone: what a backlog costs on disk
+                        results[-1]["stream_bytes_per_event"] = asyncio.run(
+                            stream_bytes_per_event(cluster.url, 5000)
                         )
-                    )
-            for result in results:
-                print(result, flush=True)
-        finally:
-            cluster.stop()
+                finally:
+                    cluster.stop()
+            print(json.dumps(results[-1]), flush=True)
 
 
-class _ClosingHttp(HttpEvents):
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.client.__aexit__(*exc_info)
+async def stream_bytes_per_event(url: str, count: int) -> float:
+    """Bytes the R3 stream holds per waiting event (on each replica), sent by the real sink
+    with no worker draining: what a worker or database outage costs the hub's disks."""
+    before = await _stream_state(url)
+    settings = SyncSection(transport="nats", url=url)
+    async with NatsEvents(settings, "fs-backlog") as sink:
+        consent = ConsentLedger(require_consent=False)
+        for start in range(0, count, settings.batch_size):
+            rows = [
+                envelope_row("fs-backlog", n) for n in range(start, start + settings.batch_size)
+            ]
+            await sink.post_rows(rows, consent, b"k" * 32, False)
+    after = await _stream_state(url)
+    return round((after[1] - before[1]) / max(after[0] - before[0], 1), 1)
+
+
+async def _stream_state(url: str) -> tuple[int, int]:
+    nc = await nats.connect(url.split(","), connect_timeout=2)
+    try:
+        state = (await nc.jetstream(timeout=10).stream_info(STREAM)).state
+    finally:
+        await nc.close()
+    return int(state.messages), int(state.bytes)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stores", type=int, default=50)
-    parser.add_argument("--rate", type=int, default=20, help="events/s offered per store")
-    parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--outage-s", type=float, default=10.0)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--stores", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=2.0, help="events/s offered per store")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long events are made")
+    parser.add_argument("--drivers", type=int, default=2, help="processes simulating stores")
+    parser.add_argument("--workers", type=int, default=2, help="ingest worker processes")
+    parser.add_argument("--outage-at-s", type=float, default=20.0)
+    parser.add_argument("--outage-s", type=float, default=60.0)
+    parser.add_argument("--phases", default=",".join(PHASES), help="of nats,http,outage")
+    parser.add_argument(
+        "--sync-timeout-s", type=float, default=30.0, help="the stores' sync.timeout_s"
+    )
     parser.add_argument("--pg-url", default=DEFAULT_PG)
     parser.add_argument("--wait-s", type=float, default=120.0, help="bound on each drain")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     # SIGTERM (timeout, a person) unwinds like Ctrl-C: the cluster and workers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    asyncio.run(main_async(parser.parse_args()))
+    main_sync(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ duplicate window is dropped by JetStream (the PubAck says ``duplicate``); one af
 dropped by the central store's ``(store_id, event_id)`` key. The messages of one batch are
 written to the one connection in order, so the stream keeps the buffer's order.
 
+The messages of a batch are pipelined: all are written, then their PubAcks are gathered,
+within one deadline of ``sync.timeout_s`` for the whole batch (one timer per batch, not one
+per message). A connection lost meanwhile fails the batch at once instead of at the
+deadline: the PubAcks of messages written to the old connection can never come, and the
+resend after the reconnect is a duplicate that JetStream drops (``benchmarks/fleet.py``: an
+agent back from a hub outage resumes after the reconnect, not after ``sync.timeout_s``).
+
 nats-py's errors end here: a server that is away, a stream that does not answer, a
 timeout become ``StoreUnavailableError`` (the uploader backs off and retries the same
 rows); a refused authorisation becomes ``StoreForbiddenError``.
@@ -100,6 +107,9 @@ class NatsEvents:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connect_lock = asyncio.Lock()
+        # Resolved when the connection drops, then replaced: a batch waiting for PubAcks
+        # on the old connection stops waiting.
+        self._connection_lost: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> NatsEvents:
         return self
@@ -122,25 +132,24 @@ class NatsEvents:
         """
         del compress
         js = await self._jetstream()
+        lost = self._lost_future()
         envelopes = await asyncio.to_thread(governed_envelopes, rows, consent, key)
         limit = self._nc.max_payload if self._nc is not None else 1024 * 1024
         pending: list[asyncio.Future[Any]] = []
         rejected: list[dict[str, Any]] = []
         try:
-            # One after the other on one connection: the stream keeps the buffer's order.
-            for index, envelope in enumerate(envelopes):
-                payload = envelope.encode("utf-8")
-                if len(payload) > limit:
-                    # Settled like an event the store refused: it can never be published.
-                    rejected.append({"index": index, "reason": _TOO_LARGE})
-                    continue
-                headers = {MSG_ID_HEADER: message_id(self.store_id, _event_id(envelope))}
-                pending.append(
-                    await js.publish_async(
-                        self.subject, payload, wait_stall=self.settings.timeout_s, headers=headers
-                    )
-                )
-            acks = await asyncio.wait_for(asyncio.gather(*pending), self.settings.timeout_s)
+            async with asyncio.timeout(self.settings.timeout_s):
+                # One after the other on one connection: the stream keeps the buffer's order.
+                for index, envelope in enumerate(envelopes):
+                    payload = envelope.encode("utf-8")
+                    if len(payload) > limit:
+                        # Settled like an event the store refused: it can never be published.
+                        rejected.append({"index": index, "reason": _TOO_LARGE})
+                        continue
+                    headers = {MSG_ID_HEADER: message_id(self.store_id, _event_id(envelope))}
+                    # The batch's deadline bounds a stall; no timer per message.
+                    pending.append(await js.publish_async(self.subject, payload, headers=headers))
+                acks = await _acks_unless_lost(pending, lost)
         except nats.js.errors.APIError as exc:
             raise _translate(self.subject, exc) from exc
         except (nats.errors.Error, TimeoutError, OSError) as exc:
@@ -169,7 +178,13 @@ class NatsEvents:
             try:
                 # Reconnects never give up once connected; the first connect is bounded here.
                 await asyncio.wait_for(
-                    nc.connect(**connect_options(self.settings)), self.settings.timeout_s
+                    nc.connect(
+                        **{
+                            **connect_options(self.settings),
+                            "disconnected_cb": self._on_disconnected,
+                        }
+                    ),
+                    self.settings.timeout_s,
                 )
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 await nc.close()
@@ -183,6 +198,43 @@ class NatsEvents:
             domain = self.settings.nats_domain or None  # through a leaf node: the hub's
             self._nc, self._js = nc, nc.jetstream(timeout=self.settings.timeout_s, domain=domain)
             return self._js
+
+    def _lost_future(self) -> asyncio.Future[None]:
+        if self._connection_lost is None or self._connection_lost.done():
+            self._connection_lost = asyncio.get_running_loop().create_future()
+        return self._connection_lost
+
+    async def _on_disconnected(self) -> None:
+        await _log_disconnected()
+        if self._connection_lost is not None and not self._connection_lost.done():
+            self._connection_lost.set_result(None)
+
+
+async def _acks_unless_lost(
+    pending: Sequence[asyncio.Future[Any]], lost: asyncio.Future[None]
+) -> list[Any]:
+    """Every PubAck, in order; ``ConnectionLostError`` as soon as the connection drops."""
+    if not pending:
+        return []
+    acks = asyncio.gather(*pending)
+    try:
+        await asyncio.wait((acks, lost), return_when=asyncio.FIRST_COMPLETED)
+        if acks.done():
+            return acks.result()
+        raise ConnectionLostError(f"connection lost with {len(pending)} PubAcks due")
+    finally:
+        if not acks.done():  # lost, the deadline, or the uploader cancelled
+            acks.add_done_callback(_retrieved)  # its cancellation is not an unread error
+            acks.cancel()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class ConnectionLostError(nats.errors.Error):
+    """The connection dropped while PubAcks were due: they will not come on a new one."""
 
 
 async def _log_error(exc: Exception) -> None:

@@ -53,7 +53,8 @@ def row(seq: int, customer_id: str | None = "c-1") -> PendingRow:
 
 
 def settings(url: str, **overrides: object) -> SyncSection:
-    return SyncSection(transport="nats", url=url, timeout_s=2.0, **overrides)  # type: ignore[arg-type]
+    options: dict[str, object] = {"timeout_s": 2.0, **overrides}
+    return SyncSection(transport="nats", url=url, **options)  # type: ignore[arg-type]
 
 
 async def test_published_governed_with_msg_id_and_a_resend_is_a_duplicate(
@@ -101,6 +102,93 @@ async def test_hub_absent_is_unavailable_within_the_timeout_then_ready(
             assert await sink.ready(2.0)
         finally:
             node.stop()
+
+
+async def _listener(url: str, subject: str, count: int) -> tuple[nats.NATS, asyncio.Event]:
+    """A plain subscriber on ``subject`` (no stream): messages arrive, PubAcks never come,
+    and there is a responder, so the publishes are not refused with "no responders"."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    arrived = asyncio.Event()
+    seen = 0
+
+    async def on_message(_msg: object) -> None:
+        nonlocal seen
+        seen += 1
+        if seen >= count:
+            arrived.set()
+
+    await nc.subscribe(subject, cb=on_message)
+    await nc.flush()
+    return nc, arrived
+
+
+async def test_connection_lost_with_pubacks_due_fails_the_batch_at_once_then_resends(
+    tmp_path: Path,
+) -> None:
+    """The server killed (-9) while a batch waits for its PubAcks: the batch fails because
+    the connection dropped, not at its 30 s deadline; after the restart the same sink
+    reconnects and the resend is stored, each event once."""
+    node = NatsNode(tmp_path / "node", "node")
+    node.start()
+    try:
+        await jetstream_ready(node.url)
+        listener, arrived = await _listener(node.url, event_subject("edge.events", STORE), 20)
+        rows = [row(n) for n in range(20)]
+        async with NatsEvents(settings(node.url, timeout_s=30.0), STORE) as sink:
+            send = asyncio.create_task(sink.post_rows(rows, ConsentLedger(False), b"k" * 32, False))
+            await asyncio.wait_for(arrived.wait(), 10)  # all 20 written, their PubAcks due
+            assert not send.done()
+            await listener.close()
+            node.kill()
+            with pytest.raises(StoreUnavailableError, match="connection lost with 20 PubAcks"):
+                await asyncio.wait_for(send, 25)  # (the test's guard, below the deadline)
+            node.start()
+            await jetstream_ready(node.url)
+            nc = await nats.connect(node.url)
+            try:
+                await ensure_stream(nc.jetstream(), IngestSettings(url=node.url))
+                result = None
+                for _ in range(50):  # until the sink's own reconnect is through (bounded)
+                    try:
+                        result = await sink.post_rows(rows, ConsentLedger(False), b"k" * 32, False)
+                        break
+                    except StoreUnavailableError:
+                        await asyncio.sleep(0.2)
+                assert result is not None
+                again = await sink.post_rows(rows, ConsentLedger(False), b"k" * 32, False)
+                info = await nc.jetstream().stream_info(STREAM)
+            finally:
+                await nc.close()
+        assert (result.accepted, result.duplicates) == (20, 0)
+        assert (again.accepted, again.duplicates) == (0, 20)
+        assert info.state.messages == 20
+    finally:
+        node.stop()
+
+
+async def test_pubacks_that_never_come_end_at_the_batch_deadline(server: NatsNode) -> None:
+    """No stream behind the subject and no disconnect: the batch ends at ``timeout_s``,
+    unacknowledged, so the uploader keeps its rows; the sink still works afterwards."""
+    listener, arrived = await _listener(server.url, event_subject("edge.events", STORE), 5)
+    try:
+        rows = [row(n) for n in range(5)]
+        async with NatsEvents(settings(server.url, timeout_s=1.0), STORE) as sink:
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                await asyncio.wait_for(
+                    sink.post_rows(rows, ConsentLedger(False), b"k" * 32, False), 20
+                )
+            assert arrived.is_set()
+            await listener.close()
+            nc = await nats.connect(server.url)
+            try:
+                await ensure_stream(nc.jetstream(), IngestSettings(url=server.url))
+            finally:
+                await nc.close()
+            result = await sink.post_rows(rows, ConsentLedger(False), b"k" * 32, False)
+        assert (result.accepted, result.duplicates) == (5, 0)
+    finally:
+        if not listener.is_closed:
+            await listener.close()
 
 
 def test_config_nats_transport_keys(tmp_path: Path) -> None:
