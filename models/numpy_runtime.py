@@ -151,7 +151,10 @@ def _reshape(node: Node, table: _Compiler) -> Step:
     out = table.define(node.outputs[0], table.dtypes[node.inputs[0]], where)
     constant = table.constants.get(node.inputs[1])
     if constant is not None and constant.ndim == 1 and (allowzero or 0 not in constant):
-        fixed = tuple(reshape_target(constant.tolist(), (), allowzero))
+        try:
+            fixed = tuple(reshape_target(constant.tolist(), (), allowzero))
+        except ValueError as exc:
+            raise ModelFormatError(f"{where}: {exc}") from exc
 
         def reshape_fixed(values: Values) -> None:
             values[out] = np.reshape(values[data], fixed)
@@ -383,6 +386,10 @@ class NumpySession:
             raise ModelFormatError("the graph has no outputs")
         self._steps = tuple(steps)
         self._template = template
+
+    def inputs(self) -> tuple[ValueInfo, ...]:
+        """The graph inputs a run must feed (initializers excluded), with types and shapes."""
+        return tuple(info for info, _ in self._inputs)
 
     def input_shapes(self) -> dict[str, list[int | str | None] | None]:
         return {

@@ -470,7 +470,10 @@ def _tensor(tensor: _Message) -> tuple[str, npt.NDArray[np.generic]]:
         flat = _typed_ints(tensor, typed, elem_type, count, where)
     if flat.size != count:
         raise ModelFormatError(f"{where}: holds {flat.size} values, shape {dims} needs {count}")
-    array = flat.astype(dtype.newbyteorder("="), copy=True).reshape(dims)  # own, aligned memory
+    try:  # own, aligned, native-order memory
+        array = flat.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
+    except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
+        raise ModelFormatError(f"{where}: shape {dims}: {exc}") from exc
     array.flags.writeable = False  # shared by every run: no op may write into it
     return name, array
 
