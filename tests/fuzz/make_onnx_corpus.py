@@ -175,11 +175,11 @@ def seeds() -> dict[str, bytes]:
                 + _field(8, b"t")
                 + _field(9, b"\x00" * 8),
             ),
-        ),  # fmt: skip
+        ),
         "negative_dim": _field(
             7,
             _field(5, _key(1, 0) + _varint((1 << 64) - 1) + _key(2, 0) + b"\x01" + _field(8, b"t")),
-        ),  # fmt: skip
+        ),
         "rank_40": _field(
             7,
             _field(
@@ -190,7 +190,7 @@ def seeds() -> dict[str, bytes]:
                 + _field(8, b"t")
                 + _field(9, b"\x00" * 4),
             ),
-        ),  # fmt: skip
+        ),
         "bad_utf8_name": _field(7, _field(2, b"\xff\xfe")),
         "many_empty_fields": _key(6, 2) + b"\x00" + (_key(15, 0) + b"\x00") * 1000,
     }
@@ -200,7 +200,7 @@ def seeds() -> dict[str, bytes]:
 def main() -> None:
     CORPUS.mkdir(parents=True, exist_ok=True)
     for name, data in sorted(seeds().items()):
-        assert len(data) <= 4096, (name, len(data))  # noqa: S101 - a seed beyond -max_len
+        assert len(data) <= 4096, (name, len(data))  # a seed beyond -max_len is cut
         (CORPUS / name).write_bytes(data)
         print(f"{name}: {len(data)} bytes")
 
