@@ -4,7 +4,8 @@ Sections (issue 11; target: peak PSS ≤ 80 MB summed over the agent's processes
 after 100k events from 2,000 customers):
 
 1. imports: one fresh interpreter per step, each importing one more of what ``edge-agent run``
-   loads (python, numpy, onnxruntime, aiohttp, ...): RSS, PSS and anonymous memory added;
+   loads (python, numpy, the numpy runtime, aiohttp, ..., onnxruntime last): RSS, PSS and
+   anonymous memory added;
 2. per-customer state: the personalizer's sessions and feedback book filled in-process and
    weighed with tracemalloc, for 2,000 / 10,000 / 50,000 customers (bounded by their caps);
 3. the agent (``edge-agent run``, its own process, the bundled model, fsync'd buffer, private
@@ -51,10 +52,11 @@ UNIT = Path(__file__).resolve().parents[1] / "deploy" / "edge-agent.service"
 RUN_TIMEOUT_S = 300.0
 STORE = "bench-store"
 
-# What ``edge-agent run`` loads, in the order the agent's wiring reaches it.
+# What ``edge-agent run`` loads, in the order the agent's wiring reaches it; onnxruntime
+# last: the agent loads it only on [model] runtime = "onnxruntime" (or auto's fallback).
 IMPORTS = (
     "numpy",
-    "onnxruntime",
+    "models.numpy_runtime",
     "aiohttp",
     "aiohttp.web",
     "prometheus_client",
@@ -66,6 +68,7 @@ IMPORTS = (
     "cloud_sync.uploader",
     "edge_agent.app",
     "edge_agent.personalize",
+    "onnxruntime",
 )
 
 _PROBE = r"""

@@ -99,7 +99,7 @@ def _gather(node: Node, table: _Compiler) -> Step:
 
     def gather(values: Values) -> None:
         # np.take: negative indices count from the end, out of range raises: as ONNX Gather
-        values[out] = np.take(values[data], values[indices], axis=axis)
+        values[out] = np.asarray(values[data]).take(values[indices], axis=axis)
 
     return gather
 
@@ -157,7 +157,7 @@ def _reshape(node: Node, table: _Compiler) -> Step:
             raise ModelFormatError(f"{where}: {exc}") from exc
 
         def reshape_fixed(values: Values) -> None:
-            values[out] = np.reshape(values[data], fixed)
+            values[out] = np.asarray(values[data]).reshape(fixed)
 
         return reshape_fixed
 
@@ -180,9 +180,14 @@ def _unsqueeze(node: Node, table: _Compiler) -> Step:
     constant = table.constants.get(node.inputs[1])
     if constant is not None and constant.ndim == 1 and constant.size:
         fixed = tuple(constant.tolist())
+        by_rank: dict[int, tuple[slice | None, ...]] = {}  # input rank -> an indexing tuple
 
         def unsqueeze_fixed(values: Values) -> None:
-            values[out] = np.expand_dims(values[data], fixed)
+            source = np.asarray(values[data])
+            index = by_rank.get(source.ndim)
+            if index is None:
+                index = by_rank[source.ndim] = _new_axes(source.ndim, fixed)
+            values[out] = source[index]
 
         return unsqueeze_fixed
 
@@ -194,6 +199,15 @@ def _unsqueeze(node: Node, table: _Compiler) -> Step:
         values[out] = np.expand_dims(values[data], tuple(requested.tolist()))
 
     return unsqueeze
+
+
+def _new_axes(rank: int, axes: tuple[int, ...]) -> tuple[slice | None, ...]:
+    """The indexing tuple that inserts size-1 axes at ``axes`` of the output (negative ones
+    count from the output's end), as ONNX Unsqueeze; numpy checks range and repeats."""
+    out_rank = rank + len(axes)
+    np.expand_dims(np.empty((1,) * rank, np.int8), axes)  # raises on a bad or repeated axis
+    positions = {axis + out_rank if axis < 0 else axis for axis in axes}
+    return tuple(None if position in positions else slice(None) for position in range(out_rank))
 
 
 def _scatter_elements(node: Node, table: _Compiler) -> Step:
@@ -214,20 +228,21 @@ def _scatter_elements(node: Node, table: _Compiler) -> Step:
     out = table.define(node.outputs[0], dtype, where)
 
     def scatter_elements(values: Values) -> None:
-        target, index, update = values[data], values[indices], values[updates]
-        rank = np.ndim(target)
-        if rank < 1 or np.ndim(index) != rank or np.shape(index) != np.shape(update):
+        target = np.asarray(values[data])
+        index, update = np.asarray(values[indices]), np.asarray(values[updates])
+        rank = target.ndim
+        if rank < 1 or index.ndim != rank or index.shape != update.shape:
             raise ValueError("ScatterElements: data, indices and updates must share a rank")
         position = axis + rank if axis < 0 else axis
         if not 0 <= position < rank:
             raise ValueError(f"ScatterElements: axis {axis} out of range")
-        if any(index.shape[d] > target.shape[d] for d in range(rank) if d != position):
-            raise ValueError("ScatterElements: indices larger than data")
-        result = np.array(target, copy=True)
+        result = target.copy()
         if rank == 1:
             where_to: Any = index
+        elif any(index.shape[d] > target.shape[d] for d in range(rank) if d != position):
+            raise ValueError("ScatterElements: indices larger than data")
         else:
-            grid = np.indices(index.shape, sparse=True)
+            grid = np.indices(index.shape, sparse=True)  # the other axes' own positions
             where_to = tuple(index if d == position else grid[d] for d in range(rank))
         # Negative indices count from the end and out of range raises, as in ONNX; add.at
         # applies the updates one after another in order, as reduction="add" does.
@@ -386,6 +401,7 @@ class NumpySession:
             raise ModelFormatError("the graph has no outputs")
         self._steps = tuple(steps)
         self._template = template
+        self._feeds = tuple((info, slot, _fixed_shape(info)) for info, slot in self._inputs)
 
     def inputs(self) -> tuple[ValueInfo, ...]:
         """The graph inputs a run must feed (initializers excluded), with types and shapes."""
@@ -402,10 +418,16 @@ class NumpySession:
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Array]) -> list[Array]:
         """The named outputs (all with None) for these feeds; raises ModelRunError."""
         values = self._template.copy()
-        if len(feeds) != len(self._inputs):
-            raise ModelRunError(f"expected feeds {[i.name for i, _ in self._inputs]}")
-        for info, slot in self._inputs:
-            values[slot] = _checked_feed(info, feeds)
+        if len(feeds) != len(self._feeds):
+            raise ModelRunError(f"expected feeds {[info.name for info, *_ in self._feeds]}")
+        for info, slot, shape in self._feeds:
+            array = feeds.get(info.name)
+            # the common case in two comparisons; anything else is checked in full
+            if not (
+                isinstance(array, np.ndarray) and array.dtype == info.dtype and array.shape == shape
+            ):
+                array = _checked_feed(info, feeds)
+            values[slot] = array
         step_number = 0
         try:
             for step_number, step in enumerate(self._steps):  # noqa: B007 - named on error
@@ -417,6 +439,14 @@ class NumpySession:
             return [np.asarray(values[self._outputs[name]]) for name in names]
         except KeyError as exc:
             raise ModelRunError(f"no graph output {exc}") from exc
+
+
+def _fixed_shape(info: ValueInfo) -> tuple[int, ...] | None:
+    """The declared shape when every dimension is a number (then a feed must have exactly
+    it), else None (the full check runs)."""
+    if info.shape is None or not all(isinstance(size, int) for size in info.shape):
+        return None
+    return tuple(size for size in info.shape if isinstance(size, int))
 
 
 def _checked_feed(info: ValueInfo, feeds: Mapping[str, Array]) -> Array:
