@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.errors import ModelFormatError, ModelRunError, UnsupportedModelError
 from models.numpy_runtime import NumpySession
-from models.onnx_reader import MAX_FIELDS, read_model
+from models.onnx_reader import read_model
+from models.protobuf_wire import MAX_FIELDS
 from models.serving import DEFAULT_MODEL_DIR
 from tests.fuzz.make_onnx_corpus import _field, _key, _varint, seeds
 from tests.fuzz.targets import check_onnx
