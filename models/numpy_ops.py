@@ -266,10 +266,10 @@ def top_k_1d(scores: Array, k: int, largest: bool) -> npt.NDArray[np.int64]:
         return np.empty(0, np.int64)
     if 4 * k < size:
         kth = size - k if largest else k - 1
-        part = np.argpartition(scores, kth)
-        threshold = scores[part[kth]]
+        part = np.partition(scores, kth)  # values only: faster than argpartition
+        threshold = part[kth]
         chosen = part[kth:] if largest else part[: kth + 1]
-        if not (scores.dtype.kind == "f" and np.isnan(scores[chosen]).any()):
+        if not (scores.dtype.kind == "f" and np.isnan(chosen).any()):
             candidates = np.flatnonzero(scores >= threshold if largest else scores <= threshold)
             return candidates[stable_order(scores[candidates], largest)[:k]].astype(np.int64)
     return stable_order(scores, largest)[:k].astype(np.int64)
