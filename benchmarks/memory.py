@@ -4,14 +4,16 @@ Sections (issue 11; target: peak PSS ≤ 80 MB summed over the agent's processes
 after 100k events from 2,000 customers):
 
 1. imports: one fresh interpreter per step, each importing one more of what ``edge-agent run``
-   loads (python, numpy, onnxruntime, aiohttp, ...): RSS, PSS and anonymous memory added;
+   loads (python, numpy, the numpy runtime, aiohttp, ..., onnxruntime last): RSS, PSS and
+   anonymous memory added;
 2. per-customer state: the personalizer's sessions and feedback book filled in-process and
    weighed with tracemalloc, for 2,000 / 10,000 / 50,000 customers (bounded by their caps);
 3. the agent (``edge-agent run``, its own process, the bundled model, fsync'd buffer, private
    mosquitto) with the environment of ``deploy/edge-agent.service`` (``--plain``: without):
    PSS summed over its processes when imported, ready with the model loaded, then the peak
    during and the figure after 20k and 100k trigger events (``product.pickup``, QoS 1) from
-   --customers customers;
+   --customers customers; once per model runtime (``--runtime both``, the default: the
+   numpy runtime, then onnxruntime, back to back on the same broker);
 4. a process-split prototype: a collect-only agent (``[model] enabled = false``: no
    onnxruntime, no numpy) plus an inference process (model, sessions of --customers
    customers, paho): their PSS summed while both run.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import gc
 import json
 import os
@@ -49,10 +52,11 @@ UNIT = Path(__file__).resolve().parents[1] / "deploy" / "edge-agent.service"
 RUN_TIMEOUT_S = 300.0
 STORE = "bench-store"
 
-# What ``edge-agent run`` loads, in the order the agent's wiring reaches it.
+# What ``edge-agent run`` loads, in the order the agent's wiring reaches it; onnxruntime
+# last: the agent loads it only on [model] runtime = "onnxruntime" (or auto's fallback).
 IMPORTS = (
     "numpy",
-    "onnxruntime",
+    "models.numpy_runtime",
     "aiohttp",
     "aiohttp.web",
     "prometheus_client",
@@ -64,6 +68,7 @@ IMPORTS = (
     "cloud_sync.uploader",
     "edge_agent.app",
     "edge_agent.personalize",
+    "onnxruntime",
 )
 
 _PROBE = r"""
@@ -195,7 +200,7 @@ def unit_environment() -> dict[str, str]:
 
 @contextmanager
 def agent_process(
-    port: int, workdir: Path, env_extra: dict[str, str], model: bool
+    port: int, workdir: Path, env_extra: dict[str, str], model: bool, runtime: str = "auto"
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     http_port = free_port()
     config = workdir / "agent.toml"
@@ -204,7 +209,7 @@ def agent_process(
         f'[mqtt]\nport = {port}\nqos = 1\nclient_id = "mem-{uuid.uuid4().hex[:8]}"\n'
         f"[http]\nport = {http_port}\n"
         "[governance]\nrequire_consent = false\n"
-        f"[model]\nenabled = {'true' if model else 'false'}\n"
+        f'[model]\nenabled = {"true" if model else "false"}\nruntime = "{runtime}"\n'
     )
     env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING", **env_extra}
     agent = subprocess.Popen(
@@ -319,9 +324,10 @@ def triggers_committed(db: Path) -> int:
 
 
 def agent_section(
-    port: int, events: int, customers: int, env_extra: dict[str, str]
+    port: int, events: int, customers: int, env_extra: dict[str, str], runtime: str
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    FEED_RSS.clear()
     try:
         imported, heavy = probe(["edge_agent.app", "edge_agent.personalize", "models.serving"])
         result: dict[str, Any] = {
@@ -329,7 +335,9 @@ def agent_section(
             "imported_pss": round(imported["Pss"], 1),
             "imported_packages": heavy,
         }
-        with agent_process(port, workdir, env_extra, model=True) as (agent, http_port):
+        with agent_process(port, workdir, env_extra, True, runtime) as (agent, http_port):
+            result["runtime"] = status_of(http_port).get("model", {}).get("runtime")
+            result["load_average_start"] = os.getloadavg()
             result["ready_pss"] = round(pss_mb(process_tree(agent.pid)), 1)
             result["ready_rss"] = round(rss_mb(process_tree(agent.pid)), 1)
             first = min(20_000, events)
@@ -347,6 +355,7 @@ def agent_section(
             result["sessions"] = suggestions.get("sessions")
             result["shown"] = suggestions.get("shown")
             result["dropped"] = suggestions.get("dropped")
+            result["load_average_end"] = os.getloadavg()
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -444,7 +453,14 @@ def main() -> int:
         "--skip", default="", help="comma-separated sections to skip: imports,state,agent,split"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--runtime",
+        choices=("both", "numpy", "onnxruntime", "auto"),
+        default="both",
+        help="[model] runtime of the agent section; both: numpy, then onnxruntime",
+    )
     args = parser.parse_args()
+    runtimes = ("numpy", "onnxruntime") if args.runtime == "both" else (args.runtime,)
     skip = set(filter(None, args.skip.split(",")))
     env_extra = {} if args.plain else unit_environment()
     env_extra.update(item.split("=", 1) for item in args.env)
@@ -458,9 +474,15 @@ def main() -> int:
     try:
         with mosquitto(workdir, "max_inflight_messages 100\nset_tcp_nodelay true\n") as port:
             if "agent" not in skip:
-                sections.append(
-                    ("agent", lambda: agent_section(port, args.events, args.customers, env_extra))
-                )
+                sections += [
+                    (
+                        f"agent_{runtime}",
+                        functools.partial(
+                            agent_section, port, args.events, args.customers, env_extra, runtime
+                        ),
+                    )
+                    for runtime in runtimes
+                ]
             if "split" not in skip:
                 sections.append(
                     ("split", lambda: split_section(port, args.events, args.customers, env_extra))

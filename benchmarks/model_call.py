@@ -1,8 +1,10 @@
 """Benchmark: the suggestion model call alone, and the offline quality target.
 
 For a 1k and a 5k item catalogue: simulate shoppers, train with --holdout-last, then
-- time one onnxruntime call (``SuggestionModel.run_feeds``) on the holdout's requests,
-  p50/p99, and the whole ``suggest()`` (features + call + decoding) for comparison;
+- time one model call (``SuggestionModel.run_feeds``) on the holdout's requests, p50/p99,
+  on each runtime (``--runtime both``: the numpy runtime and onnxruntime, interleaved call
+  by call so that both see the same load), and the whole ``suggest()`` (features + call +
+  decoding) for comparison;
 - report HitRate@10 of the model against global and session popularity on that holdout.
 Targets (issue 4): model call p99 < 0.2 ms for 5k items; HitRate@10 >= 3x global popularity.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime as ort  # its version goes into the report; the baseline runtime
 
 from benchmarks.figures import Figures, add_png_argument
 from models.errors import ModelError
@@ -60,35 +62,49 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
-def _time_calls(model: SuggestionModel, cases: list[EvaluationCase], args: Any) -> dict[str, Any]:
-    """Feeds are built beforehand (copies), so only the onnxruntime call is timed."""
+def _time_calls(
+    models: dict[str, SuggestionModel], cases: list[EvaluationCase], args: Any
+) -> dict[str, dict[str, Any]]:
+    """Feeds are built beforehand (copies), so only the model call is timed; the runtimes
+    take turns on each request, the first of them alternating, so they share the load."""
+    first = next(iter(models.values()))
     prepared = []
     for case in cases[: args.requests]:
-        feeds = model.build_feeds(case.history, case.suggestion_context, case.taken, k=10)
+        feeds = first.build_feeds(case.history, case.suggestion_context, case.taken, k=10)
         prepared.append({name: array.copy() for name, array in feeds.items()})
-    for feeds in prepared[: args.warmup]:
-        model.run_feeds(feeds)
-    call_ns: list[int] = []
-    call_cpu_ns: list[int] = []  # this thread's CPU time: what the call costs without preemption
-    suggest_ns: list[int] = []
-    deadline = time.monotonic() + args.max_seconds
-    gc.collect()
-    while len(call_ns) < args.iterations and time.monotonic() < deadline:
-        for feeds, case in zip(prepared, cases, strict=False):
-            cpu_start, start = time.thread_time_ns(), time.perf_counter_ns()
+    for model in models.values():
+        for feeds in prepared[: args.warmup]:
             model.run_feeds(feeds)
-            call_ns.append(time.perf_counter_ns() - start)
-            call_cpu_ns.append(time.thread_time_ns() - cpu_start)
-            history = case.history[-30:]  # the agent keeps a bounded session history
-            start = time.perf_counter_ns()
-            model.suggest(history, case.suggestion_context, ())
-            suggest_ns.append(time.perf_counter_ns() - start)
-            if len(call_ns) >= args.iterations:
+    call_ns: dict[str, list[int]] = {name: [] for name in models}
+    call_cpu_ns: dict[str, list[int]] = {name: [] for name in models}  # without preemption
+    suggest_ns: dict[str, list[int]] = {name: [] for name in models}
+    order = list(models)
+    deadline = time.monotonic() + args.max_seconds * len(models)
+    gc.collect()
+    done = 0
+    while done < args.iterations and time.monotonic() < deadline:
+        for feeds, case in zip(prepared, cases, strict=False):
+            order.reverse()
+            for name in order:
+                model = models[name]
+                cpu_start, start = time.thread_time_ns(), time.perf_counter_ns()
+                model.run_feeds(feeds)
+                call_ns[name].append(time.perf_counter_ns() - start)
+                call_cpu_ns[name].append(time.thread_time_ns() - cpu_start)
+                history = case.history[-30:]  # the agent keeps a bounded session history
+                start = time.perf_counter_ns()
+                model.suggest(history, case.suggestion_context, ())
+                suggest_ns[name].append(time.perf_counter_ns() - start)
+            done += 1
+            if done >= args.iterations:
                 break
     return {
-        "model_call": _percentiles(call_ns),
-        "model_call_cpu": _percentiles(call_cpu_ns),
-        "suggest": _percentiles(suggest_ns),
+        name: {
+            "model_call": _percentiles(call_ns[name]),
+            "model_call_cpu": _percentiles(call_cpu_ns[name]),
+            "suggest": _percentiles(suggest_ns[name]),
+        }
+        for name in models
     }
 
 
@@ -105,13 +121,15 @@ def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]
         model = SuggestionModel.load(model_dir)
     except ModelError:  # none yet, or made by other code: train afresh
         model, _ = train_to_dir(events, model_dir, holdout_last=True, progress=False)
+    runtimes = ("numpy", "onnxruntime") if args.runtime == "both" else (args.runtime,)
+    models = {name: SuggestionModel.load(model_dir, runtime=name) for name in runtimes}
     with events.open(encoding="utf-8") as handle:
         count = sum(1 for _ in handle)
     prepared_s = time.monotonic() - started
     log = load_event_log(events)
     quality = evaluate(model, log, progress=False)
     cases = list(evaluation_cases(log))
-    timing = _time_calls(model, cases, args)
+    timing = _time_calls(models, cases, args)
     model_hr = quality["model"]["hit_rate@10"]
     popularity_hr = quality["popularity"]["hit_rate@10"]
     return {
@@ -120,7 +138,7 @@ def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]
         "events": count,
         "model_bytes": (model_dir / "model.onnx").stat().st_size,
         "setup_s": round(prepared_s, 1),
-        **timing,
+        "runtimes": timing,
         "quality": quality,
         "hit_rate_ratio_vs_popularity": round(model_hr / popularity_hr, 2)
         if popularity_hr
@@ -129,26 +147,29 @@ def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
-    columns = ("items", "call p50", "call p99", "cpu p50", "cpu p99", "suggest p50", "suggest p99")
-    columns += ("HR@10 model", "HR@10 pop", "HR@10 sess", "ratio", "MB")
+    columns = ("items", "runtime", "call p50", "call p99", "cpu p50", "cpu p99")
+    columns += ("suggest p50", "suggest p99", "HR@10 model", "HR@10 pop", "HR@10 sess")
+    columns += ("ratio", "MB")
     print(" ".join(f"{column:>11}" for column in columns))
     for row in results:
         quality = row["quality"]
-        cells = (
-            row["model_items"],
-            row["model_call"]["p50_ms"],
-            row["model_call"]["p99_ms"],
-            row["model_call_cpu"]["p50_ms"],
-            row["model_call_cpu"]["p99_ms"],
-            row["suggest"]["p50_ms"],
-            row["suggest"]["p99_ms"],
-            quality["model"]["hit_rate@10"],
-            quality["popularity"]["hit_rate@10"],
-            quality["session_popularity"]["hit_rate@10"],
-            row["hit_rate_ratio_vs_popularity"],
-            round(row["model_bytes"] / 1e6, 2),
-        )
-        print(" ".join(f"{cell:>11}" for cell in cells))
+        for runtime, timing in row["runtimes"].items():
+            cells = (
+                row["model_items"],
+                runtime,
+                timing["model_call"]["p50_ms"],
+                timing["model_call"]["p99_ms"],
+                timing["model_call_cpu"]["p50_ms"],
+                timing["model_call_cpu"]["p99_ms"],
+                timing["suggest"]["p50_ms"],
+                timing["suggest"]["p99_ms"],
+                quality["model"]["hit_rate@10"],
+                quality["popularity"]["hit_rate@10"],
+                quality["session_popularity"]["hit_rate@10"],
+                row["hit_rate_ratio_vs_popularity"],
+                round(row["model_bytes"] / 1e6, 2),
+            )
+            print(" ".join(f"{cell:>11}" for cell in cells))
     print("times in ms (call: wall clock; cpu: the thread's CPU time, i.e. without preemption)")
     print("targets: model call p99 < 0.2 ms at 5k items; HR@10 >= 3x global popularity")
 
@@ -165,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=10.0, help="per catalogue size")
     parser.add_argument("--requests", type=int, default=2000, help="distinct holdout requests")
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--runtime",
+        choices=("both", "numpy", "onnxruntime"),
+        default="both",
+        help="which runtime(s) to time; both: interleaved, the same requests",
+    )
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-model-call-") as scratch:
@@ -183,9 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
         "targets": {
-            "model_call_p99_ms_5k": five_k["model_call"]["p99_ms"],
-            "model_call_p99_met": five_k["model_call"]["p99_ms"] < P99_TARGET_MS,
-            "model_call_cpu_p99_ms_5k": five_k["model_call_cpu"]["p99_ms"],
+            **{
+                f"model_call_p99_ms_5k_{name}": timing["model_call"]["p99_ms"]
+                for name, timing in five_k["runtimes"].items()
+            },
+            **{
+                f"model_call_p99_met_{name}": timing["model_call"]["p99_ms"] < P99_TARGET_MS
+                for name, timing in five_k["runtimes"].items()
+            },
+            **{
+                f"model_call_cpu_p99_ms_5k_{name}": timing["model_call_cpu"]["p99_ms"]
+                for name, timing in five_k["runtimes"].items()
+            },
             "load_average_1m": round(os.getloadavg()[0], 2),
             "quality_ratio_5k": five_k["hit_rate_ratio_vs_popularity"],
             "quality_met": all(
@@ -200,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         figures = Figures("Model call alone (target p99 < 0.2 ms at 5k items)", "milliseconds")
         for row in results:
-            for stat in ("p50_ms", "p99_ms"):
-                label = f"{row['model_items']} items, {stat.removesuffix('_ms')}"
-                figures.add(label, row["model_call"][stat])
+            for runtime, timing in row["runtimes"].items():
+                for stat in ("p50_ms", "p99_ms"):
+                    label = f"{row['model_items']} items, {runtime}, {stat.removesuffix('_ms')}"
+                    figures.add(label, timing["model_call"][stat])
         figures.write_png(args.png)
     return 0
 

@@ -136,6 +136,9 @@ class BufferSection:
 class ModelSection:
     path: str = ""  # a model directory; default: the bundled model
     top_k: int = 5
+    # auto: the numpy runtime (models/numpy_runtime.py, ~30 MB less resident memory) when it
+    # runs every op of the model's graph, else onnxruntime; or name one of them
+    runtime: str = "auto"
     # The personalizer (edge_agent/personalize/README.md explains each key).
     enabled: bool = True  # false: no suggestions at all (a collect-only agent)
     session_cap: int = 10_000  # customers whose recent history is kept in memory (LRU)
@@ -770,6 +773,11 @@ def _validate(config: Config) -> list[tuple[str, str]]:
         (config.buffer.quarantine_raw_bytes >= 64, "buffer.quarantine_raw_bytes", "must be >= 64"),
         (config.buffer.retention_days >= 0, "buffer.retention_days", "must be >= 0"),
         (1 <= config.model.top_k <= 50, "model.top_k", "must be 1..50"),
+        (
+            config.model.runtime in ("auto", "numpy", "onnxruntime"),
+            "model.runtime",
+            "must be auto, numpy or onnxruntime",
+        ),
         (config.model.session_cap >= 1, "model.session_cap", "must be >= 1"),
         (config.model.session_max_age_s > 0, "model.session_max_age_s", "must be positive"),
         (config.profiles.ttl_s > 0, "profiles.ttl_s", "must be positive"),

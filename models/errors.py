@@ -11,6 +11,16 @@ class ModelFormatError(ModelError):
     """A manifest or model file that is missing, unreadable or not in the expected format."""
 
 
+class UnsupportedModelError(ModelFormatError):
+    """A well-formed model that uses an op, attribute, data type or feature the numpy runtime
+    does not carry; the message names it. The ``auto`` runtime falls back to onnxruntime."""
+
+
+class ModelRunError(ModelError):
+    """The numpy runtime could not run the graph on these inputs (a wrong feed, an index out
+    of range); onnxruntime fails on the same inputs."""
+
+
 class ModelIntegrityError(ModelError):
     """The model file's sha256 does not match the one its manifest declares."""
 

@@ -1,7 +1,8 @@
 """Writing a model directory (model.onnx + manifest.json) and verifying or copying one.
 
 The directory is assembled in a hidden sibling folder, checked by loading it exactly the
-way the agent will (sha256, onnxruntime, golden requests), and only then moved into place.
+way the agent will (sha256, onnxruntime and the numpy runtime, golden requests), and only
+then moved into place.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def write_model_dir(
             "golden_requests": [],
         }
         write_json_atomically(staging / MANIFEST_NAME, document)
-        draft = SuggestionModel.load(staging, check_golden=False)
+        # the golden answers come from onnxruntime, the reference; every load re-checks them
+        draft = SuggestionModel.load(staging, check_golden=False, runtime="onnxruntime")
         golden = [
             GoldenRequest(
                 entry.history,
@@ -113,7 +115,8 @@ def write_model_dir(
         ]
         document["golden_requests"] = [request.to_json() for request in golden]
         write_json_atomically(staging / MANIFEST_NAME, document)
-        SuggestionModel.load(staging)  # the check the agent's hot swap will make
+        for runtime in ("onnxruntime", "auto"):  # the check the agent's hot swap will make
+            SuggestionModel.load(staging, runtime=runtime)
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

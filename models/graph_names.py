@@ -1,6 +1,6 @@
 """The model graph's names and versions: what serving needs, without the onnx package.
 
-The agent loads models with onnxruntime only; ``onnx`` (the graph builder) is in the
+The agent loads models with the numpy runtime or onnxruntime; ``onnx`` (the graph builder) is in the
 ``[train]`` extra, so the names both sides agree on live here.
 """
 

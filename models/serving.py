@@ -9,6 +9,7 @@ a lock because the feed arrays are allocated once and reused.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import threading
@@ -18,9 +19,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
-from models.errors import ModelFormatError, ModelVerificationError
+from models.errors import ModelFormatError, ModelIntegrityError, ModelVerificationError
 from models.features import (
     MASK_PENALTY,
     FeatureEncoder,
@@ -29,32 +29,26 @@ from models.features import (
     SuggestionContext,
 )
 from models.graph_names import INPUT_NAMES, OUTPUT_NAMES
-from models.manifest import Manifest, read_manifest, verify_model_file
+from models.manifest import Manifest, read_manifest
+from models.sessions import RUNTIMES, InferenceSession, Runtime, open_session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL_DIR", "SuggestionContext", "SuggestionModel"]
+__all__ = ["DEFAULT_MODEL_DIR", "RUNTIMES", "Runtime", "SuggestionContext", "SuggestionModel"]
 
 # The model that ships in the package: what the agent uses when [model] path is empty.
 DEFAULT_MODEL_DIR: Final = Path(__file__).resolve().parent / "default_model"
 
 # Scores are float32 with values up to about 1: a relative tolerance far above rounding noise.
 GOLDEN_SCORE_TOLERANCE = 1e-5
-
-
-def _session_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # one core for one tiny model: no thread hand-offs
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return options
+# A model file is read whole into memory to be checked and parsed: beyond this it is refused.
+MAX_MODEL_FILE_BYTES: Final = 512 * 1024 * 1024
 
 
 class SuggestionModel:
     """A loaded, verified suggestion model. Use ``SuggestionModel.load(model_dir)``."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+    def __init__(self, model_dir: Path, manifest: Manifest, session: InferenceSession) -> None:
         self.model_dir = model_dir
         self.manifest = manifest
         self.version: str = manifest.version
@@ -62,32 +56,39 @@ class SuggestionModel:
         self.top_k: int = manifest.top_k
         self.feature_spec: FeatureSpec = manifest.feature_spec
         self._session = session
+        self.runtime: str = session.runtime  # "numpy" or "onnxruntime"
         self._encoder = FeatureEncoder(manifest.feature_spec, manifest.items)
         self._lock = threading.Lock()
         self._check_signature()
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, check_golden: bool = True) -> SuggestionModel:
-        """Verify the sha256, open a single-threaded session and (by default) run the golden
-        requests. Raises ModelFormatError, ModelIntegrityError or ModelVerificationError."""
+    def load(
+        cls, model_dir: str | Path, *, check_golden: bool = True, runtime: Runtime = "auto"
+    ) -> SuggestionModel:
+        """Verify the sha256, open a session (``runtime``: "numpy", "onnxruntime", or "auto":
+        numpy when it runs every op of the graph) and (by default) run the golden requests.
+        Raises ModelFormatError, ModelIntegrityError or ModelVerificationError."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         directory = Path(model_dir)
         manifest = read_manifest(directory)
-        model_path = verify_model_file(directory, manifest)
-        try:
-            session = ort.InferenceSession(
-                str(model_path), _session_options(), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors: translate once
-            raise ModelFormatError(f"onnxruntime cannot load {model_path}: {exc}") from exc
-        model = cls(directory, manifest, session)
+        model_path = directory / manifest.model_file
+        data = _read_verified(model_path, manifest.sha256)
+        model = cls(directory, manifest, open_session(data, runtime, str(model_path)))
+        del data  # the session holds what it needs; the file's bytes go now
         if check_golden:
             model.check_golden_requests()
-        logger.info("model.loaded version=%s items=%d", model.version, len(model.items))
+        logger.info(
+            "model.loaded version=%s items=%d runtime=%s",
+            model.version,
+            len(model.items),
+            model.runtime,
+        )
         return model
 
     def _check_signature(self) -> None:
-        inputs = {node.name: node.shape for node in self._session.get_inputs()}
-        outputs = [node.name for node in self._session.get_outputs()]
+        inputs = self._session.input_shapes()
+        outputs = self._session.output_names()
         if set(inputs) != set(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
             raise ModelFormatError(f"{self.model_dir}: unexpected model inputs/outputs")
         if inputs["penalty"] != [len(self.items)]:
@@ -120,7 +121,7 @@ class SuggestionModel:
     def run_feeds(
         self, feeds: dict[str, npt.NDArray[Any]]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """One onnxruntime call: (top scores, top item indices), best first."""
+        """One model call: (top scores, top item indices), best first."""
         scores, indices = self._session.run(OUTPUT_NAMES, feeds)
         return scores, indices
 
@@ -153,7 +154,9 @@ class SuggestionModel:
     ) -> list[tuple[str, float]]:
         try:
             return run()
-        except Exception as exc:  # onnxruntime's untyped errors, or values no request can hold
+        except (
+            Exception
+        ) as exc:  # ModelRunError, onnxruntime's untyped errors, values no request can hold
             raise ModelVerificationError(f"{self.model_dir}: {what} failed: {exc!r}"[:500]) from exc
 
     def check_golden_requests(self) -> None:
@@ -188,3 +191,18 @@ class SuggestionModel:
                     f"{self.model_dir}: golden request {number} answered {answer[:3]}..., "
                     f"expected {expected[:3]}..."
                 )
+
+
+def _read_verified(path: Path, sha256: str) -> bytes:
+    """The model file's bytes once their sha256 matches the manifest's: the session is built
+    from the very bytes that were checked, not from a second read of the file."""
+    if not path.is_file():
+        raise ModelFormatError(f"model file missing: {path}")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_MODEL_FILE_BYTES + 1)
+    if len(data) > MAX_MODEL_FILE_BYTES:
+        raise ModelFormatError(f"{path}: larger than {MAX_MODEL_FILE_BYTES} bytes")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ModelIntegrityError(f"{path}: sha256 {actual} does not match the manifest's {sha256}")
+    return data

@@ -5,7 +5,8 @@ A candidate (dropped in ``models/incoming/``, offered by the uploader, or named 
 inference thread, so suggestions keep flowing meanwhile. A model that arrives (offered by
 the uploader or dropped in ``incoming/``) must first carry a valid ed25519 signature by a key
 of ``[model] public_key`` when one is configured (``cloud_sync.model_signature``); then
-``SuggestionModel.load`` checks the manifest, the sha256 and the golden requests. Installed
+``SuggestionModel.load`` checks the manifest, the sha256 and the golden requests, on the
+runtime ``[model] runtime`` asks for (numpy, onnxruntime, or auto). Installed
 models were checked on arrival; the bundled one and ``[model] path`` are the operator's.
 Only then does ``current`` change, by one reference assignment that the inference thread
 reads once per request: a request runs entirely on the old model or entirely on the new
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import time
@@ -30,6 +32,7 @@ from edge_agent.component import ModelAnswer
 from edge_agent.personalize.exploration import Catalogue
 from edge_agent.personalize.model_store import ModelStore
 from models import DEFAULT_MODEL_DIR, ModelError, SuggestionModel
+from models.serving import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,12 @@ class LoadedModel:
 
 
 class ModelSlot:
-    def __init__(self, store: ModelStore, public_keys: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self, store: ModelStore, public_keys: Sequence[bytes] = (), *, runtime: Runtime = "auto"
+    ) -> None:
         self.store = store
         self.public_keys = tuple(public_keys)
+        self.runtime: Runtime = runtime  # asked for; each loaded model says what it runs on
         self.current: LoadedModel | None = None  # read by the inference thread
         self.previous: LoadedModel | None = None
         self.refused = 0
@@ -145,6 +151,7 @@ class ModelSlot:
             "path": str(current.directory) if current else None,
             "origin": current.origin if current else None,
             "loaded_at": round(current.loaded_at, 3) if current else None,
+            "runtime": current.model.runtime if current else None,  # "numpy" | "onnxruntime"
             "previous_version": previous.model.version if previous else None,
             "swaps": self.swaps,
             "refused": self.refused,
@@ -190,7 +197,10 @@ class ModelSlot:
     async def _load(self, directory: Path, origin: str) -> LoadedModel | None:
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(self._loader, SuggestionModel.load, directory)
+            model = await loop.run_in_executor(
+                self._loader,
+                functools.partial(SuggestionModel.load, directory, runtime=self.runtime),
+            )
         except ModelError as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("model.load.failed path=%s error=%s", directory, self.last_error)  # noqa: TRY400

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from edge_agent.buffer import Buffer
 from edge_agent.component import DisplaySink, ModelAnswer, Ports, SuggestionPublisher
@@ -54,6 +54,7 @@ from edge_agent.personalize.session import (
 )
 from edge_agent.personalize.stats import SuggestionStats
 from models import DEFAULT_MODEL_DIR, SuggestionContext
+from models.serving import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class Personalizer:
         self.settings = settings
         self._topic_template = _check_topic(settings.suggestion_topic, config)
         configured = Path(settings.path) if settings.path else DEFAULT_MODEL_DIR
-        self.slot = ModelSlot(ModelStore(config.data_dir, configured), public_keys(settings))
+        self.slot = ModelSlot(
+            ModelStore(config.data_dir, configured),
+            public_keys(settings),
+            runtime=cast("Runtime", settings.runtime),  # checked by the config's validation
+        )
         self.sessions = SessionStore(
             settings.session_cap, SESSION_HISTORY, settings.session_max_age_s
         )

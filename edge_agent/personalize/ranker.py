@@ -97,7 +97,9 @@ class Ranker:
                 greedy = loaded.model.suggest(
                     request.history, request.context, request.masked, k=self.k, now=request.now
                 )
-            except Exception as exc:  # onnxruntime raises untyped errors; fall back, count
+            except (
+                Exception
+            ) as exc:  # ModelRunError, onnxruntime's untyped errors: fall back, count
                 self.model_errors += 1
                 error = f"{type(exc).__name__}: {exc}"
                 if self.model_errors == 1 or self.model_errors % 1000 == 0:

@@ -57,7 +57,8 @@ def test_the_runtime_imports_none_of_the_extras() -> None:
     listed = _python(imports + "import json; print(json.dumps(sorted(sys.modules)))")
     assert listed.returncode == 0, listed.stderr
     loaded = set(json.loads(listed.stdout))
-    assert "onnxruntime" in loaded  # the model runtime is the agent's own
+    assert "models.numpy_runtime" in loaded  # the model runtime is the agent's own
+    assert "onnxruntime" not in loaded  # a base dependency, imported only when a model needs it
     for extra, modules in EXTRA_MODULES.items():
         for module in modules:
             found = sorted(m for m in loaded if m == module or m.startswith(module + "."))

@@ -2,7 +2,7 @@
 
     python tests/fuzz/run.py TARGET [libFuzzer options] [NEW_CORPUS_DIR] tests/fuzz/corpus/TARGET
 
-TARGET is mqtt, serial or config (tests/fuzz/targets.py). Only the project's packages are
+TARGET is mqtt, serial, config or onnx (tests/fuzz/targets.py). Only the project's packages are
 instrumented, so "cov" in libFuzzer's lines counts edges of our code. A crash writes
 ``crash-<sha1>`` (see -artifact_prefix) and exits non-zero; add that file to the corpus.
 """
@@ -17,7 +17,7 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-with atheris.instrument_imports(include=["edge_agent", "firmware_bridge", "cloud_sync"]):
+with atheris.instrument_imports(include=["edge_agent", "firmware_bridge", "cloud_sync", "models"]):
     from tests.fuzz.targets import TARGETS
 
 

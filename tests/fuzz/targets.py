@@ -14,6 +14,9 @@ Input layouts, so that a hand-written corpus file reads as what it tests:
   type after a HELLO, so noise that forms valid frames reaches the link; anything else is
   raw noise fed to the frame decoder in two chunks split at the first byte's value.
 - ``config``: TOML text; a line ``#ENV NAME=VALUE`` also sets an environment override.
+- ``onnx``: the bytes of a ``model.onnx`` (``make_onnx_corpus.py`` writes the seeds): read,
+  checked as a graph, and run on zero-filled feeds of the declared types and shapes. The
+  promise: a ``ModelFormatError`` (or ``ModelRunError`` from a run) with a reason, nothing else.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 import math
 from datetime import UTC, datetime
 from typing import Any, Final
+
+import numpy as np
 
 from cloud_sync.envelope_schema import MAX_ID_LENGTH, default_registry
 from edge_agent.config import InputSection, config_from_toml
@@ -39,11 +44,15 @@ from firmware_bridge import codec
 from firmware_bridge.codec import Frame, FrameDecoder, MessageType
 from firmware_bridge.link import DeviceLink
 from firmware_bridge.messages import Hello
+from models.errors import ModelFormatError, ModelRunError
+from models.numpy_runtime import NumpySession
+from models.onnx_reader import read_model
 
 NOW: Final = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 STORE: Final = "store-001"
 _CONTEXT: Final = make_context(STORE, default_registry(), InputSection(), b"fuzz-id-key")
 _INT64: Final = 2**63
+_MAX_FEED_ELEMENTS: Final = 4096  # a declared input larger than this is not fed
 
 
 def check_mqtt(data: bytes) -> None:
@@ -109,6 +118,31 @@ def check_config(data: bytes) -> None:
     assert problem is None or problem.key, "a ConfigError must name the key"
 
 
+def check_onnx(data: bytes) -> None:
+    try:
+        session = NumpySession(read_model(data))
+    except ModelFormatError as exc:
+        refusal = str(exc)
+        assert refusal, "a refusal needs a reason"
+        return
+    feeds = {}
+    for info in session.inputs():
+        if info.shape is None or not all(isinstance(size, int) for size in info.shape):
+            return  # no fixed shape to feed
+        shape = tuple(size for size in info.shape if isinstance(size, int))
+        if math.prod(shape) > _MAX_FEED_ELEMENTS:
+            return
+        feeds[info.name] = np.zeros(shape, info.dtype)
+    try:
+        outputs = session.run(None, feeds)
+    except ModelRunError as exc:
+        failure = str(exc)
+        assert failure, "a failed run needs a reason"
+        return
+    assert len(outputs) == len(session.output_names())
+    assert all(isinstance(output, np.ndarray) for output in outputs)
+
+
 def _check_item(item: Event | Rejected) -> None:
     if isinstance(item, Rejected):
         assert item.reason, "a rejection needs a reason"
@@ -155,4 +189,9 @@ def _check_numbers(node: Any) -> None:
             assert -_INT64 <= value < _INT64
 
 
-TARGETS: Final = {"mqtt": check_mqtt, "serial": check_serial, "config": check_config}
+TARGETS: Final = {
+    "mqtt": check_mqtt,
+    "serial": check_serial,
+    "config": check_config,
+    "onnx": check_onnx,
+}

@@ -20,7 +20,7 @@ from models.errors import (
 )
 from models.events import parse_ts
 from models.manifest import sha256_of
-from models.serving import SuggestionContext, SuggestionModel
+from models.serving import Runtime, SuggestionContext, SuggestionModel
 
 EVENT_TYPES = ["product.pickup", "basket.add", "kiosk.view", "product.scan", "product.putback"]
 
@@ -58,12 +58,18 @@ def test_a_manifest_with_another_sha256_is_refused(model_copy: Path) -> None:
         SuggestionModel.load(model_copy)
 
 
-def test_a_truncated_model_with_a_matching_sha256_is_refused(model_copy: Path) -> None:
+@pytest.mark.parametrize(
+    ("runtime", "reason"),
+    [("onnxruntime", "onnxruntime cannot load"), ("numpy", "claims"), ("auto", "claims")],
+)
+def test_a_truncated_model_with_a_matching_sha256_is_refused(
+    model_copy: Path, runtime: Runtime, reason: str
+) -> None:
     model_file = model_copy / "model.onnx"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     _edit_manifest(model_copy, sha256=sha256_of(model_file))
-    with pytest.raises(ModelFormatError, match="onnxruntime"):
-        SuggestionModel.load(model_copy)
+    with pytest.raises(ModelFormatError, match=reason):
+        SuggestionModel.load(model_copy, runtime=runtime)
 
 
 @pytest.mark.parametrize(
