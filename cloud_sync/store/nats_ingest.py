@@ -47,7 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
-from cloud_sync.store.errors import BadRequestError
+from cloud_sync.store.errors import BadRequestError, StoreError
 from cloud_sync.store.ingest import Limits, Piece, check_batch, decode_body
 from cloud_sync.store.nats_shards import (
     DEFAULT_SHARDS,
@@ -402,7 +402,7 @@ async def run_ingest(
             for task in tasks:
                 task.cancel()
     except BaseExceptionGroup as group:
-        refused = group.subgroup(ShardLayoutError)
+        refused = group.subgroup(ShardLayoutError) or group.subgroup(StoreError)
         if refused is None:
             raise
         raise _first(refused) from None  # one clear message, not a traceback per worker
@@ -428,9 +428,9 @@ async def run_ingest(
     return total
 
 
-def _first(group: BaseExceptionGroup[ShardLayoutError]) -> ShardLayoutError:
+def _first(group: BaseExceptionGroup[StoreError]) -> StoreError:
     leaf: BaseException = group
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
-    assert isinstance(leaf, ShardLayoutError)
+    assert isinstance(leaf, StoreError)
     return leaf

@@ -29,10 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import nats.errors
+import nats.js.api
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -58,10 +61,37 @@ DUPLICATE_WINDOW_S: Final = 600.0
 _NOT_CLUSTERED: Final = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 _NAME_IN_USE: Final = 10058  # "stream name already in use with a different configuration"
 _PROBE_TIMEOUT_S: Final = 5.0
+_SETTLE_S: Final = 15.0
+# A cluster that just started (or lost a node) answers the JetStream API slowly while it
+# elects leaders: retry that long before giving up (then systemd restarts the worker).
+_START_WITHIN_S: Final = 90.0
+
+T = TypeVar("T")
 
 
 class ShardLayoutError(StoreError):
     """The workers' shard count and the hub's streams or subject mapping disagree."""
+
+
+class HubUnavailableError(StoreError):
+    """The hub's JetStream API did not answer in time (a transient fault: start again)."""
+
+
+async def _patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with backoff while JetStream times out or is unavailable."""
+    deadline = time.monotonic() + _START_WITHIN_S
+    delay = 0.5
+    while True:
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise HubUnavailableError(
+                    f"{what}: no answer within {_START_WITHIN_S:.0f}s: {exc}"
+                ) from exc
+            log.warning("ingest.start.retry what=%s detail=%s", what, type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @dataclass(frozen=True)
@@ -133,7 +163,7 @@ async def _ensure_one(
     js: JetStreamContext, name: str, subject: str, description: str, replicas: int
 ) -> int:
     try:
-        info = await js.stream_info(name)
+        info = await _patiently(f"stream info {name}", lambda: js.stream_info(name))
     except nats.js.errors.NotFoundError:
         pass
     else:
@@ -149,12 +179,12 @@ async def _ensure_one(
             duplicate_window=DUPLICATE_WINDOW_S,
         )
         try:
-            await js.add_stream(config)
+            await _patiently(f"create stream {name}", lambda: js.add_stream(config))  # noqa: B023
         except nats.js.errors.APIError as exc:
             if exc.err_code == _NOT_CLUSTERED and count > 1 and not replicas:
                 continue  # a single server: R1
             if exc.err_code == _NAME_IN_USE:  # another worker created it first
-                info = await js.stream_info(name)
+                info = await _patiently(f"stream info {name}", lambda: js.stream_info(name))
                 return int(info.config.num_replicas or 1)
             raise
         log.info("ingest.stream.created stream=%s subject=%s replicas=%d", name, subject, count)
@@ -171,29 +201,50 @@ async def check_layout(js: JetStreamContext, *, base: str, prefix: str, shards: 
         )
         for index in range(PROBES)
     }
-    sends = [
-        asyncio.ensure_future(js.publish(f"{prefix}.{probe}", b"", timeout=_PROBE_TIMEOUT_S))
-        for probe in expected
-    ]
-    results = await asyncio.gather(*sends, return_exceptions=True)
+
     mode = f"--shards {shards}" if shards else "--shards 0 (one stream, no mapping)"
-    for (probe, stream), result in zip(expected.items(), results, strict=True):
-        if isinstance(result, BaseException):
-            if not isinstance(result, nats.errors.Error | TimeoutError):
-                raise result
+    # A stream created a moment ago on a cluster may not take messages on every node yet:
+    # "no stream" is trusted only after _SETTLE_S; a wrong stream is final at once.
+    deadline = time.monotonic() + _SETTLE_S
+    pending = dict(expected)
+    while True:
+        results = await _patiently("layout probe", lambda: _publish_probes(js, prefix, pending))
+        for (probe, stream), result in zip(list(pending.items()), results, strict=True):
+            if isinstance(result, nats.js.api.PubAck):
+                if result.stream != stream:
+                    raise ShardLayoutError(
+                        f"this worker runs {mode}, but the hub put {prefix}.{probe} into "
+                        f"stream {result.stream}, not {stream}: the hub's subject mapping and "
+                        '--shards disagree (docs/scaling.md, "Resharding")'
+                    )
+                del pending[probe]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
             raise ShardLayoutError(
-                f"this worker runs {mode}, but no stream took {prefix}.{probe} "
-                f"({type(result).__name__}: {result}): the hub maps {prefix}.* to more "
-                f"shards than that, or to none, or this user may not publish {prefix}.*; "
-                "every hub server needs the same mapping as the workers (docs/scaling.md, "
-                '"Sharded streams and workers")'
-            ) from result
-        if result.stream != stream:
-            raise ShardLayoutError(
-                f"this worker runs {mode}, but the hub put {prefix}.{probe} into stream "
-                f"{result.stream}, not {stream}: the hub's subject mapping and --shards "
-                'disagree (docs/scaling.md, "Resharding")'
+                f"this worker runs {mode}, but no stream took {prefix}.{next(iter(pending))}: "
+                f"the hub maps {prefix}.* to more shards than that, or to none; every hub "
+                'server needs the same mapping as the workers (docs/scaling.md, "Sharded '
+                'streams and workers")'
             )
+        await asyncio.sleep(0.5)
+
+
+async def _publish_probes(
+    js: JetStreamContext, prefix: str, probes: dict[str, str]
+) -> list[nats.js.api.PubAck | None]:
+    """One PubAck per probe, or None where no stream took it; a timeout is raised (retried)."""
+    sends = [js.publish(f"{prefix}.{probe}", b"", timeout=_PROBE_TIMEOUT_S) for probe in probes]
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    found: list[nats.js.api.PubAck | None] = []
+    for result in results:
+        if isinstance(result, nats.js.errors.NoStreamResponseError):
+            found.append(None)
+        elif isinstance(result, BaseException):
+            raise result  # a timeout says nothing yet (retried); anything else is a bug
+        else:
+            found.append(result)
+    return found
 
 
 async def leftover_streams(
