@@ -61,6 +61,7 @@ from cloud_sync.store.nats_shards import (
     ensure_streams,
     is_probe,
     leftover_streams,
+    patiently,
     shard_stream,
     shard_subjects,
 )
@@ -207,7 +208,10 @@ async def subscribe(
         max_deliver=MAX_DELIVER,
         max_ack_pending=max(1000, settings.batch * 8),
     )
-    return await js.pull_subscribe(ref.subject, settings.durable, stream=ref.name, config=config)
+    return await patiently(
+        f"consumer {ref.name}/{settings.durable}",
+        lambda: js.pull_subscribe(ref.subject, settings.durable, stream=ref.name, config=config),
+    )
 
 
 class IngestWorker:

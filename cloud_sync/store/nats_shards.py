@@ -77,7 +77,7 @@ class HubUnavailableError(StoreError):
     """The hub's JetStream API did not answer in time (a transient fault: start again)."""
 
 
-async def _patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+async def patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """``call()``, retried with backoff while JetStream times out or is unavailable."""
     deadline = time.monotonic() + _START_WITHIN_S
     delay = 0.5
@@ -163,7 +163,7 @@ async def _ensure_one(
     js: JetStreamContext, name: str, subject: str, description: str, replicas: int
 ) -> int:
     try:
-        info = await _patiently(f"stream info {name}", lambda: js.stream_info(name))
+        info = await patiently(f"stream info {name}", lambda: js.stream_info(name))
     except nats.js.errors.NotFoundError:
         pass
     else:
@@ -179,12 +179,12 @@ async def _ensure_one(
             duplicate_window=DUPLICATE_WINDOW_S,
         )
         try:
-            await _patiently(f"create stream {name}", lambda: js.add_stream(config))  # noqa: B023
+            await patiently(f"create stream {name}", lambda: js.add_stream(config))  # noqa: B023
         except nats.js.errors.APIError as exc:
             if exc.err_code == _NOT_CLUSTERED and count > 1 and not replicas:
                 continue  # a single server: R1
             if exc.err_code == _NAME_IN_USE:  # another worker created it first
-                info = await _patiently(f"stream info {name}", lambda: js.stream_info(name))
+                info = await patiently(f"stream info {name}", lambda: js.stream_info(name))
                 return int(info.config.num_replicas or 1)
             raise
         log.info("ingest.stream.created stream=%s subject=%s replicas=%d", name, subject, count)
@@ -208,7 +208,7 @@ async def check_layout(js: JetStreamContext, *, base: str, prefix: str, shards: 
     deadline = time.monotonic() + _SETTLE_S
     pending = dict(expected)
     while True:
-        results = await _patiently("layout probe", lambda: _publish_probes(js, prefix, pending))
+        results = await patiently("layout probe", lambda: _publish_probes(js, prefix, pending))
         for (probe, stream), result in zip(list(pending.items()), results, strict=True):
             if isinstance(result, nats.js.api.PubAck):
                 if result.stream != stream:
