@@ -194,7 +194,8 @@ async def _ensure_one(
 
 async def check_layout(js: JetStreamContext, *, base: str, prefix: str, shards: int) -> None:
     """Publish ``PROBES`` probe messages; refuse a hub that routes them elsewhere than
-    ``shard_of`` says (another N in its mapping, no mapping, or a mapping without N=0)."""
+    ``shard_of`` says: another N in its mapping, no mapping, or a mapping where --shards 0
+    expects none."""
     expected = {
         f"{PROBE_PREFIX}{index}": (
             shard_stream(base, shard_of(f"{PROBE_PREFIX}{index}", shards)) if shards else base

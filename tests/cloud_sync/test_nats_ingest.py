@@ -21,10 +21,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 from cstore_helpers import envelope
 from sync_helpers import store_event_ids
 
+from benchmarks.local_broker import free_port
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.nats_ingest import (
     DURABLE,
@@ -34,7 +36,7 @@ from cloud_sync.store.nats_ingest import (
     ShardLayoutError,
     prepare,
 )
-from cloud_sync.store.nats_shards import PROBES, shard_of, shard_stream
+from cloud_sync.store.nats_shards import PROBES, server_mapping, shard_of, shard_stream
 from tests.support.nats import (
     NatsNode,
     jetstream_ready,
@@ -333,3 +335,77 @@ async def test_from_one_stream_to_4_shards_to_2_events_waiting_in_old_streams_ke
         assert worker.stats.accepted == len(expected)
     finally:
         node.stop()
+
+
+async def test_a_store_leaf_node_needs_no_mapping_and_stays_confined(
+    tmp_path: Path, backend: Backend, db_url: str
+) -> None:
+    """The mapping lives on the hub only: a leaf node without JetStream or mapping forwards
+    edge.events.store-001 and the hub maps it into store-001's shard; the leaf's user may not
+    bring in another store's events, before or after the mapping."""
+    leaf_port = free_port()
+    store_only = '["edge.events.store-001", "edge.shard.*.store-001", "$JS.hub.API.>", "_INBOX.>"]'
+    hub = NatsNode(
+        tmp_path / "hub",
+        "hub",
+        domain="hub",
+        extra=(
+            f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n"
+            "accounts {\n  EDGE {\n    jetstream: enabled\n"
+            + server_mapping(SHARDS)
+            + "    users: [\n      { user: ingest, password: ig }\n"
+            "      { user: leaf-001, password: l1, permissions: {\n"
+            f"          publish: {store_only}\n"
+            '          subscribe: ["_INBOX.>", "$JS.hub.API.>"] } }\n    ]\n  }\n}\n'
+        ),
+    )
+    leaf = NatsNode(
+        tmp_path / "leaf",
+        "leaf",
+        jetstream=False,
+        extra=(
+            "leafnodes {\n  remotes = [ { urls: "
+            f'["nats://leaf-001:l1@127.0.0.1:{leaf_port}"] }} ]\n}}\n'
+        ),
+    )
+    hub.start()
+    task: asyncio.Task[None] | None = None
+    try:
+        hub_url = f"nats://ingest:ig@127.0.0.1:{hub.port}"
+        await jetstream_ready(hub_url)
+        leaf.start()
+        worker = IngestWorker(
+            IngestSettings(url=hub.url, user="ingest", password="ig", fetch_timeout_s=0.3),
+            backend,
+        )
+        ready = asyncio.Event()
+        task = asyncio.create_task(worker.run(ready))
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        nc = await nats.connect(leaf.url)  # a store-side client: no credentials at the leaf
+        try:
+            js = nc.jetstream(domain="hub", timeout=2)
+            item = envelope(store_id="store-001", event_id="via-leaf")
+            deadline = time.monotonic() + BOUND_S
+            while True:  # until the leaf connection is up (bounded)
+                try:
+                    ack = await js.publish("edge.events.store-001", json.dumps(item).encode())
+                    break
+                except nats.errors.Error:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert ack.stream == stream_of("store-001")
+            forged = json.dumps(envelope(store_id="store-002", event_id="forged")).encode()
+            for subject in ("edge.events.store-002", "edge.shard.1.store-002"):
+                with pytest.raises(nats.errors.Error):
+                    await js.publish(subject, forged)
+        finally:
+            await nc.close()
+        await until(lambda: worker.stats.accepted >= 1)
+        await asyncio.sleep(1.0)  # room for a forged event, were it let through
+    finally:
+        if task is not None:
+            await stop(task)
+        leaf.stop()
+        hub.stop()
+    assert store_event_ids(db_url) == ["via-leaf"]
