@@ -134,6 +134,8 @@ def test_the_units_command_parses_and_pins_its_instance_shard() -> None:
 def test_the_hub_configs_mapping_is_the_one_workers_check() -> None:
     mapping = server_mapping(DEFAULT_SHARDS).splitlines()[1].strip()
     assert mapping in HUB.read_text()
+    # The CLI spells the default out (nats-py is an extra): the same N.
+    assert build_parser().parse_args(["ingest", "--from", "nats://h:1"]).shards == DEFAULT_SHARDS
 
 
 class HubCluster:
