@@ -15,6 +15,10 @@ layout has, so the drain comparison is not just more loops) and ``N shards`` (th
    batch, the store's own clock; slightly optimistic by one batch's time, alike for every
    layout), every event exactly once (checked).
 
+3. recovery (``--restart-repeats``): the whole cluster killed with -9 and started again;
+   seconds from the restart until every one of 40 stores' publishes is PubAcked (each
+   store's shard has its stream leader back), beside the same for one stream.
+
 Prints one JSON object per run, then medians and the N-shard / one-stream ratios, with the
 load average before and after. On a shared 2-core machine every process competes for the
 same cores: read the ratios, not the absolute rates.
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import psycopg
 
 from benchmarks.store import DEFAULT_PG, new_schema, scratch_database
@@ -194,6 +199,67 @@ def one_run(
         cluster.stop()
 
 
+async def acked_everywhere(url: str, stores: list[str], within: float) -> float:
+    """Seconds until one publish of every store is PubAcked (retrying each every 0.2 s)."""
+    started = time.perf_counter()
+    nc = await nats.connect(
+        url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet
+    )
+    try:
+        js = nc.jetstream(timeout=2)
+        for store in stores:
+            while True:
+                try:
+                    await js.publish(f"edge.events.{store}", envelope(store, 0))
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    if time.perf_counter() - started > within:
+                        raise SystemExit(f"{store}: no PubAck within {within}s") from None
+                    await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    return time.perf_counter() - started
+
+
+async def _quiet(exc: Exception) -> None:
+    """Refused connections while the nodes restart are expected: no traceback per retry."""
+    del exc
+
+
+def restart_run(work: Path, shards: int, index: int) -> dict[str, Any]:
+    label = f"restart{shards}-{index}"
+    cluster = NatsCluster(work / label, shards=shards)
+    cluster.start()
+    stores = [f"store-{n:04d}" for n in range(40)]
+    try:
+        asyncio.run(jetstream_ready(cluster.url, within=60))
+
+        async def setup() -> None:
+            nc = await nats.connect(cluster.url.split(","))
+            try:
+                settings = IngestSettings(url=cluster.url, shards=shards)
+                await prepare(nc.jetstream(timeout=30), settings)
+            finally:
+                await nc.close()
+
+        asyncio.run(setup())
+        asyncio.run(acked_everywhere(cluster.url, stores, 60))
+        load_before = os.getloadavg()[0]
+        for node in cluster.nodes:
+            node.kill()
+        for node in cluster.nodes:
+            node.start(wait=False)
+        seconds = asyncio.run(acked_everywhere(cluster.url, stores, 300))
+        return {
+            "layout": "one stream" if shards == 0 else f"{shards} shards",
+            "run": index,
+            "restart_to_all_acked_s": round(seconds, 2),
+            "load_before": round(load_before, 2),
+        }
+    finally:
+        cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=4)
@@ -203,9 +269,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--pg-url", default=DEFAULT_PG)
+    parser.add_argument("--restart-repeats", type=int, default=0)
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} cpus={os.cpu_count()}")
     n = args.shards
+    if args.restart_repeats:
+        with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
+            for index in range(args.restart_repeats):
+                for shards in (0, n):
+                    print(json.dumps(restart_run(Path(tmp), shards, index)), flush=True)
+        if not args.repeats:
+            return
     layouts = [("one stream", 0, 1), (f"one stream x{n} loops", 0, n), (f"{n} shards", n, 1)]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="shards-") as tmp, scratch_database(args.pg_url) as db:
