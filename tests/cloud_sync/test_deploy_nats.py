@@ -34,7 +34,12 @@ from cloud_sync.store.backend import open_backend
 from cloud_sync.store.cli import build_parser
 from cloud_sync.store.nats_ingest import STREAM, IngestSettings, IngestWorker
 from cloud_sync.store.nats_shards import DEFAULT_SHARDS, server_mapping, shard_of, shard_stream
-from tests.support.nats import jetstream_ready, nats_server_binary
+from tests.support.nats import (
+    jetstream_ready,
+    nats_server,
+    nats_server_binary,
+    wait_jetstream_ready,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "customer-store-ingest@.service"
@@ -256,3 +261,47 @@ async def test_the_hub_config_as_a_cluster_shards_and_confines_each_store(
             assert info.config.subjects == [f"edge.shard.{shard}.*"]
     finally:
         await manager.close()
+
+
+def test_the_worker_takes_its_database_from_the_units_credential(tmp_path: Path) -> None:
+    """Under the unit, --db is absent: the db-url credential names the database."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    db_path = tmp_path / "from-credential.db"
+    (credentials / "db-url").write_text(f"sqlite:///{db_path}\n")
+    for unused in ("nats-password", "nats-creds"):  # present and empty: not used
+        (credentials / unused).write_text("")
+    environment = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+    environment.pop("CUSTOMER_STORE_DB", None)
+    with nats_server(tmp_path / "nats", shards=DEFAULT_SHARDS) as node:
+        wait_jetstream_ready(node.url)
+        command = [sys.executable, "-m", "cloud_sync.store", "ingest", "--from", node.url]
+        with (tmp_path / "worker.log").open("ab") as log:
+            proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, env=environment, cwd=tmp_path
+            )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().decode().strip() == "ingesting"
+
+            async def send() -> None:
+                nc = await nats.connect(node.url)
+                try:
+                    item = envelope(store_id="store-001", event_id="cred-1")
+                    await nc.jetstream().publish("edge.events.store-001", json.dumps(item).encode())
+                finally:
+                    await nc.close()
+
+            asyncio.run(send())
+            deadline = time.monotonic() + 30
+            while not (db_path.exists() and store_event_ids(f"sqlite://{db_path}")):
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+    assert store_event_ids(f"sqlite://{db_path}") == ["cred-1"]
+    assert proc.returncode == 0
+    assert not (tmp_path / "customer-store.db").exists()  # not the default database
