@@ -1,5 +1,10 @@
 """The way back to the store: erasure requests and model updates, once per sync cycle.
 
+With ``[sync] nats_downlink`` the two arrive over NATS instead (``sync_nats_downlink``),
+which applies them through this module's own steps: ``apply_erasure_page`` for an erasure
+notice and ``offer_model`` for a model announcement, so the checks, the report to the store,
+the cursor and the listeners are one code for both transports.
+
 Erasures: ``GET /v1/erasures?after=CURSOR`` page by page. Each entry names an erased id
 blinded with this agent's own key (``cloud_sync.erasure_blinding``); the agent blinds the ids
 it holds (each clear id and its pseudonym) and matches. For the customers found it first tells
@@ -143,36 +148,49 @@ class Downlink:
         Each listener is told each erased clear id, for state outside the
         buffer (the personalizer's sessions).
         """
-        cursor = await self.buffer.read_meta(ERASURE_CURSOR_KEY) or "0"
+        cursor = str(await self.erasure_cursor())
         applied = 0
         for _ in range(_MAX_PAGES_PER_CYCLE):  # bounded: the rest waits for the next cycle
             page, next_after = await self.client.erasures(cursor)
             if not page:
                 break
-            held = await self.buffer.held_customers()
-            targets = await asyncio.to_thread(
-                erasure_targets, held, page, self.key, self.client.blinding_key
-            )
-            if targets:  # before the local erase: a failed report retries the whole page
-                pseudonyms = sorted({pseudonymise(cid, self.key) for cid in targets})
-                await self.client.report_erased_pseudonyms(next_after, pseudonyms)
-            totals = await self.buffer.erase(targets, (ERASURE_CURSOR_KEY, next_after))
-            applied += len(page)
-            self.erasures_applied += len(page)
-            for forget in listeners:
-                for customer_id in targets:
-                    forget(customer_id)
-            log.info(
-                "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
-                len(page),
-                len(targets),
-                totals["events"],
-                next_after,
-            )
+            applied += await self.apply_erasure_page(page, next_after, listeners)
             cursor = next_after
         if applied:
             await self.buffer.recount()  # erased rows left the counters behind
         return applied
+
+    async def erasure_cursor(self) -> int:
+        """The cursor of the last erasure applied, from the HTTP feed or the NATS downlink."""
+        kept = await self.buffer.read_meta(ERASURE_CURSOR_KEY) or "0"
+        return int(kept) if kept.isdigit() else 0
+
+    async def apply_erasure_page(
+        self, page: Sequence[ErasureNotice], next_after: str, listeners: Sequence[ErasureListener]
+    ) -> int:
+        """Apply one page of erasures (the HTTP feed's or one NATS notice) and keep
+        ``next_after`` as the cursor, in the buffer's erase transaction; returns the
+        requests applied. The caller recounts the buffer once it is done."""
+        held = await self.buffer.held_customers()
+        targets = await asyncio.to_thread(
+            erasure_targets, held, page, self.key, self.client.blinding_key
+        )
+        if targets:  # before the local erase: a failed report retries the whole page
+            pseudonyms = sorted({pseudonymise(cid, self.key) for cid in targets})
+            await self.client.report_erased_pseudonyms(next_after, pseudonyms)
+        totals = await self.buffer.erase(targets, (ERASURE_CURSOR_KEY, next_after))
+        self.erasures_applied += len(page)
+        for forget in listeners:
+            for customer_id in targets:
+                forget(customer_id)
+        log.info(
+            "sync.erasures.applied requests=%d customers=%d events=%d cursor=%s",
+            len(page),
+            len(targets),
+            totals["events"],
+            next_after,
+        )
+        return len(page)
 
     async def announce_withdrawals(self) -> int:
         """Send the store the pseudonyms of customers who withdrew profile sharing since the
@@ -207,6 +225,14 @@ class Downlink:
         model = await self.client.latest_model(etag)
         if model is None:
             return None
+        return await self.offer_model(model, listeners)
+
+    async def offer_model(
+        self, model: PublishedModel, listeners: Sequence[ModelListener] = ()
+    ) -> str | None:
+        """Check, download, verify and offer ``model`` (from ``GET /v1/models/latest`` or a
+        NATS announcement of the same answer); return its version when it was handled.
+        A refused model is remembered by its ETag; a failed download raises SyncError."""
         try:
             self._check_offer(model)
             directory = self.incoming / model.version

@@ -29,7 +29,9 @@ claims, lanes, backoff and upload rule are the same for both.
   clock once, at start, for what the buffer held from before.
 - New customer events wake the loop early (a pipeline observer); telemetry waits for
   ``sync.interval_s``. Erasures and model updates are fetched every ``sync.interval_s`` by
-  their own task, also while a long drain runs.
+  their own task, also while a long drain runs; with ``sync.nats_downlink`` they arrive on
+  the store's NATS subjects instead (``cloud_sync.sync_nats_downlink``), and that task keeps
+  only the withdrawal announcements (HTTP either way).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from tqdm import tqdm
 
@@ -65,6 +67,9 @@ from edge_agent.config import Config
 from edge_agent.errors import SyncError
 from edge_agent.events import Event, Rejected, format_ts
 from edge_agent.governance import ConsentLedger, pseudonym_key
+
+if TYPE_CHECKING:
+    from cloud_sync.sync_nats_downlink import NatsDownlink
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +169,7 @@ class Uploader:
         self.settings = config.sync
         self.stats = SyncStats()
         self.downlink: Downlink | None = None
+        self.nats_downlink: NatsDownlink | None = None
         self._buffer: Buffer | None = None
         self._wake = asyncio.Event()
         self._key = b""
@@ -204,6 +210,7 @@ class Uploader:
                 "model_version": self.downlink.model_version if self.downlink else None,
                 "models_refused": self.downlink.models_refused if self.downlink else 0,
                 "model_last_error": self.downlink.last_model_error if self.downlink else None,
+                "nats_downlink": self.nats_downlink.status() if self.nats_downlink else None,
             }
         }
 
@@ -246,6 +253,10 @@ class Uploader:
             )
             assert self._buffer is not None
             self.downlink = Downlink(client, self._buffer, self.config, self._key)
+        if settings.nats_downlink and self.downlink is not None:
+            from cloud_sync.sync_nats_downlink import NatsDownlink  # the [nats] extra
+
+            self.nats_downlink = NatsDownlink(self.downlink, settings, self.config.agent.store_id)
         if settings.transport == "nats":
             from cloud_sync.sync_nats import NatsEvents  # nats-py: the [nats] extra
 
@@ -262,6 +273,11 @@ class Uploader:
     async def _loop(self, client: EventTransport, ports: Ports) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._downlink_loop(ports), name="sync:downlink")
+            if self.nats_downlink is not None:
+                group.create_task(
+                    self.nats_downlink.run(ports.erasure_listeners, ports.model_listeners),
+                    name="sync:nats-downlink",
+                )
             while True:
                 self._wake.clear()  # events committed from here on wake the next wait
                 await self._drain(client, ports.buffer)
@@ -283,8 +299,9 @@ class Uploader:
         if self.downlink is None:
             return
         try:
-            await self.downlink.apply_erasures(ports.erasure_listeners)
-            await self.downlink.fetch_model(ports.model_listeners)
+            if self.nats_downlink is None:  # else they arrive over NATS
+                await self.downlink.apply_erasures(ports.erasure_listeners)
+                await self.downlink.fetch_model(ports.model_listeners)
             await self.downlink.announce_withdrawals()
         except SyncError as exc:  # the uplink goes on; the downlink retries next cycle
             self._record_error(exc, self.settings.interval_s)

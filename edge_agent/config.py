@@ -187,6 +187,10 @@ class SyncSection:
     # With transport "nats": the store's HTTP URL for erasures, models and heartbeats
     # (empty: none of the three; events still flow).
     downlink_url: str = ""
+    # With transport "nats": erasures and model announcements arrive on the store's NATS
+    # subjects (edge.downlink.<store_id>.>) instead of being polled from downlink_url, which
+    # still serves the model bytes and the reports (cloud_sync/sync_nats_downlink.py).
+    nats_downlink: bool = False
 
     @property
     def http_url(self) -> str:
@@ -638,6 +642,11 @@ def public_keys(model: ModelSection) -> tuple[bytes, ...]:
 _URL_SCHEMES: Final = {"http": ("http://", "https://"), "nats": ("nats://", "tls://")}
 
 
+def _subject_token(store_id: str) -> bool:
+    """A store id that is one NATS subject token and part of a consumer name."""
+    return re.fullmatch(r"[A-Za-z0-9_-]{1,64}", store_id) is not None
+
+
 def _nats_secure(sync: SyncSection) -> bool:
     """Every NATS server of ``sync.url`` is reached over TLS, on loopback, or allowed plain."""
     if sync.allow_insecure_http or sync.nats_tls_ca:
@@ -802,6 +811,18 @@ def _validate(config: Config) -> list[tuple[str, str]]:
             "must be tls:// or have sync.nats_tls_ca (customer data crosses the network);"
             " plain nats:// is allowed only to a loopback host or with"
             " sync.allow_insecure_http = true",
+        ),
+        (
+            not config.sync.nats_downlink
+            or (config.sync.transport == "nats" and bool(config.sync.downlink_url)),
+            "sync.nats_downlink",
+            'needs sync.transport = "nats" and sync.downlink_url (model bytes and erasure'
+            " reports stay on HTTP)",
+        ),
+        (
+            not config.sync.nats_downlink or _subject_token(config.agent.store_id),
+            "agent.store_id",
+            "must be letters, digits, - and _ (at most 64) for sync.nats_downlink",
         ),
         (
             not config.sync.downlink_url

@@ -464,8 +464,7 @@ async def _get_latest_model(request: web.Request) -> web.Response:
     record = None if version is None else await backend.model_record(version)
     if record is None:
         return _error(404, "not_found", "no model published yet")
-    # Two versions may share an artifact (re-signed, re-labelled): the tag names both.
-    etag = f'"{record.sha256}.{record.version}"'
+    etag = record.etag
     headers = {"ETag": etag, "X-Model-Version": record.version}
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)

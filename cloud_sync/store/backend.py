@@ -95,6 +95,11 @@ class Backend(Protocol):
 
     async def credentials(self, kind: Kind) -> list[Credential]: ...
 
+    async def agent_keys(self) -> list[tuple[str, str]]:
+        """``(store_id, token_hash)`` of every agent credential valid now (a rotation's old
+        token included until its grace ends): the keys erasure notices are blinded with."""
+        ...
+
     async def credential(self, kind: Kind, credential_id: int) -> Credential | None: ...
 
     async def revoke_credential(self, kind: Kind, credential_id: int, at: datetime) -> bool:

@@ -22,6 +22,7 @@ from cloud_sync.model_signature import ModelSignatureError, load_private_key, wr
 from cloud_sync.store import auth, fleet
 from cloud_sync.store.acceptance import DEFAULT_MIN_SHOWN
 from cloud_sync.store.backend import Backend, open_backend
+from cloud_sync.store.cli_announce import announce_parser, run_announce_command
 from cloud_sync.store.cli_models import model_command, model_parsers
 from cloud_sync.store.cli_partitions import partition_command, partition_parsers
 from cloud_sync.store.errors import StoreError
@@ -201,6 +202,7 @@ def _extra_parsers(
     """The command groups kept in their own modules."""
     model_parsers(commands, with_db)
     partition_parsers(commands, with_db)
+    announce_parser(commands, with_db)
 
 
 def _ingest_command(
@@ -476,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ingest":
             return _ingest(args)
+        if args.command == "announce":
+            run_announce_command(args)
+            return 0
         output = asyncio.run(_with_backend(args.db, _command(args)))
     except (StoreError, auth.CredentialError, ModelSignatureError) as exc:
         print(f"customer-store: error: {exc}", file=sys.stderr)

@@ -521,6 +521,15 @@ class PostgresBackend:
         )
         return [sql_shared.credential(r, r[5], r[6]) for r in rows]
 
+    async def agent_keys(self) -> list[tuple[str, str]]:
+        rows = await self._fetch(
+            "agent_keys",
+            "SELECT store_id, token_hash FROM credentials WHERE kind = 'agent'"
+            " AND store_id IS NOT NULL AND (revoked_at IS NULL OR revoked_at > now())"
+            " ORDER BY id",
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def credential(self, kind: Kind, credential_id: int) -> Credential | None:
         rows = await self._fetch(
             "credential",

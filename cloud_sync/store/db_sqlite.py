@@ -333,6 +333,18 @@ class SqliteBackend:
         )
         return [_credential(r) for r in rows]
 
+    async def agent_keys(self) -> list[tuple[str, str]]:
+        rows = await self._run(
+            "agent_keys",
+            lambda c: c.execute(
+                "SELECT store_id, token_hash FROM credentials WHERE kind = 'agent'"
+                " AND store_id IS NOT NULL AND (revoked_at IS NULL OR revoked_at > ?)"
+                " ORDER BY id",
+                (_now(),),
+            ).fetchall(),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def credential(self, kind: Kind, credential_id: int) -> Credential | None:
         row = await self._run(
             "credential",

@@ -175,6 +175,12 @@ class ModelRecord:
     manifest: dict[str, Any]
     published_at: datetime | None = None
 
+    @property
+    def etag(self) -> str:
+        """The ETag of ``GET /v1/models/latest``; two versions may share an artifact
+        (re-signed, re-labelled), so it names both."""
+        return f'"{self.sha256}.{self.version}"'
+
 
 @dataclass(frozen=True, slots=True)
 class AggregateRow:

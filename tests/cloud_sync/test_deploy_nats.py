@@ -49,6 +49,7 @@ PASSWORDS = {
     "NATS_INGEST_PASSWORD": "ingest-pw",
     "NATS_STORE_001_PASSWORD": "s1-pw",
     "NATS_STORE_002_PASSWORD": "s2-pw",
+    "NATS_ANNOUNCER_PASSWORD": "an-pw",
 }
 
 
