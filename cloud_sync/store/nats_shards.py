@@ -254,7 +254,7 @@ async def leftover_streams(
     """Streams of an earlier layout that may still hold events: drained, never deleted."""
     pattern = re.compile(rf"^{re.escape(base)}_(\d+)$")
     found = []
-    for info in await js.streams_info():
+    for info in await patiently("stream list", js.streams_info):
         name = info.config.name or ""
         match = pattern.match(name)
         if name == base and shards:
