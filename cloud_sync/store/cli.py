@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final
 
 from cloud_sync.model_signature import ModelSignatureError, load_private_key, write_new_key
@@ -215,8 +216,24 @@ def _ingest_command(
     ingest.add_argument(
         "--from", dest="nats_url", required=True, help="nats://HOST:PORT[,nats://...]"
     )
-    ingest.add_argument("--creds", default="", help="a NATS .creds file")
+    ingest.add_argument(
+        "--creds", default="", help="a NATS .creds file (default: the nats-creds credential)"
+    )
     ingest.add_argument("--user", default="", help="NATS user ($CUSTOMER_STORE_NATS_PASSWORD)")
+    ingest.add_argument(
+        "--shards",
+        type=int,
+        default=4,  # nats_shards.DEFAULT_SHARDS (not imported: nats-py is the [store] extra's)
+        help="shard streams EDGE_EVENTS_<k>; the hub's mapping must say the same "
+        "(0: one stream EDGE_EVENTS, no mapping; default %(default)s)",
+    )
+    ingest.add_argument(
+        "--shard",
+        type=int,
+        action="append",
+        default=[],
+        help="drain only this shard (repeatable; default: every shard)",
+    )
     ingest.add_argument("--tls-ca", default="", help="CA bundle for tls:// servers")
     ingest.add_argument("--workers", type=int, default=1, help="pull loops in this process")
     ingest.add_argument("--batch", type=int, default=500, help="messages per fetch")
@@ -228,6 +245,54 @@ def _ingest_command(
     )
     ingest.add_argument("--ack-wait-s", type=float, default=30.0)
     ingest.add_argument("--pool-size", type=int, default=4, help="PostgreSQL connections")
+
+
+def _credential(name: str) -> str:
+    """A systemd credential (``LoadCredential=NAME:PATH``); absent or empty: ""."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return ""
+    try:
+        return (Path(directory) / name).read_text("utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """``customer-store ingest``; exit 2 when the hub's shard layout disagrees (a restart
+    would not help: systemd's unit stops on 2)."""
+    from cloud_sync.store.nats_ingest import IngestSettings, ShardLayoutError, run_ingest
+
+    # Secrets from the unit's LoadCredential= first, so they stay off the command line.
+    db = _credential("db-url") if args.db == _default_db() else args.db
+    creds_path = Path(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent")) / "nats-creds"
+    creds = args.creds or (str(creds_path) if _credential("nats-creds") else "")
+    try:
+        settings = IngestSettings(
+            url=args.nats_url,
+            creds=creds,
+            user=args.user,
+            password=_credential("nats-password")
+            or os.environ.get("CUSTOMER_STORE_NATS_PASSWORD", ""),
+            token=_credential("nats-token") or os.environ.get("CUSTOMER_STORE_NATS_TOKEN", ""),
+            tls_ca=args.tls_ca,
+            shards=args.shards,
+            pinned=tuple(args.shard),
+            replicas=args.replicas,
+            batch=args.batch,
+            ack_wait_s=args.ack_wait_s,
+        )
+        asyncio.run(
+            run_ingest(db or args.db, settings, pool_size=args.pool_size, workers=args.workers)
+        )
+    except ShardLayoutError as exc:
+        print(f"customer-store: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _default_db() -> str:
+    return os.environ.get("CUSTOMER_STORE_DB", DEFAULT_DB)
 
 
 def _fleet_command(
@@ -412,23 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "ingest":
-            from cloud_sync.store.nats_ingest import IngestSettings, run_ingest  # [store] extra
-
-            settings = IngestSettings(
-                url=args.nats_url,
-                creds=args.creds,
-                user=args.user,
-                password=os.environ.get("CUSTOMER_STORE_NATS_PASSWORD", ""),
-                token=os.environ.get("CUSTOMER_STORE_NATS_TOKEN", ""),
-                tls_ca=args.tls_ca,
-                replicas=args.replicas,
-                batch=args.batch,
-                ack_wait_s=args.ack_wait_s,
-            )
-            asyncio.run(
-                run_ingest(args.db, settings, pool_size=args.pool_size, workers=args.workers)
-            )
-            return 0
+            return _ingest(args)
         if args.command == "announce":
             run_announce_command(args)
             return 0

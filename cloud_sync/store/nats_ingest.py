@@ -1,20 +1,23 @@
 """Central ingest workers: JetStream to the store's database (``customer-store ingest``).
 
 Agents with ``[sync] transport = "nats"`` publish one envelope per message to
-``edge.events.<store_id>`` (docs/contracts.md). Each worker is a durable pull consumer on the
-stream ``EDGE_EVENTS``; any number of worker processes share the one consumer (``ingest``):
+``edge.events.<store_id>`` (docs/contracts.md). The hub maps that subject to one of N shard
+streams ``EDGE_EVENTS_<k>`` by a hash of the store id (``nats_shards``). Each worker runs one
+pull loop per shard it drains (all N, or the one ``--shard`` pins it to) on the durable pull
+consumer ``ingest`` of that stream; any number of worker processes share each consumer:
 JetStream hands each message to one of them at a time.
 
-A worker fetches up to ``batch`` messages, judges every envelope exactly as the HTTP ingest
+A loop fetches up to ``batch`` messages, judges every envelope exactly as the HTTP ingest
 does (``ingest.decode_body`` and ``ingest.check_batch``: limits, schema, storable values),
-writes the valid ones with the backend's idempotent ``ingest`` in one transaction, and only
-after the commit acknowledges them. A worker killed before its acknowledgements leaves the
-messages to be redelivered (after ``ack_wait``) to another worker; the store counts those as
-duplicates by ``(store_id, event_id)``, so nothing is lost and nothing is stored twice.
+writes the valid ones with the backend's idempotent ``ingest`` in one transaction (COPY into
+staging on PostgreSQL), and only after the commit acknowledges them. A worker killed before
+its acknowledgements leaves the messages to be redelivered (after ``ack_wait``) to another
+worker; the store counts those as duplicates by ``(store_id, event_id)``, so nothing is lost
+and nothing is stored twice.
 
 Trust: the subject names the publishing store, and NATS enforces it (each store's
-credentials may publish only to ``edge.events.<its store_id>``; docs/operations.md). The
-worker takes the store id from the subject, never from the message, and refuses an envelope
+credentials may publish only to its own subject; deploy/nats-hub.conf). The worker takes the
+store id from the subject's last token, never from the message, and refuses an envelope
 whose ``store_id`` differs (``store_mismatch``), as the HTTP ingest does with the token's
 store.
 
@@ -40,33 +43,46 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
-from cloud_sync.store.errors import BadRequestError
+from cloud_sync.store.errors import BadRequestError, StoreError
 from cloud_sync.store.ingest import Limits, Piece, check_batch, decode_body
+from cloud_sync.store.nats_shards import (
+    DEFAULT_SHARDS,
+    MAX_SHARDS,
+    SHARD_SUBJECT_PREFIX,
+    STREAM,
+    SUBJECT_PREFIX,
+    ShardLayoutError,
+    StreamRef,
+    check_layout,
+    ensure_streams,
+    is_probe,
+    leftover_streams,
+    patiently,
+    shard_stream,
+    shard_subjects,
+)
+
+__all__ = [
+    "DURABLE",
+    "STREAM",
+    "IngestSettings",
+    "IngestWorker",
+    "ShardLayoutError",
+    "WorkerStats",
+    "ensure_stream",
+    "run_ingest",
+]
 
 log = logging.getLogger(__name__)
 
-STREAM: Final = "EDGE_EVENTS"
-SUBJECT_PREFIX: Final = "edge.events"
 DURABLE: Final = "ingest"
-# Resends inside this window are dropped by JetStream itself (Nats-Msg-Id); later ones by
-# the store's (store_id, event_id) key. Ten minutes covers an agent's retries of a batch
-# whose PubAcks were lost, and keeps the server's id index small.
-DUPLICATE_WINDOW_S: Final = 600.0
 ACK_WAIT_S: Final = 30.0  # a worker killed with -9: its batch goes to another after this
 MAX_DELIVER: Final = 20  # even a batch the database keeps failing stops coming back
 _RETRY_DELAY_S: Final = 2.0
-_NOT_CLUSTERED: Final = 10074  # JetStream: "replicas > 1 not supported in non-clustered mode"
 
 
 @dataclass(frozen=True)
@@ -77,14 +93,27 @@ class IngestSettings:
     password: str = ""
     token: str = ""
     tls_ca: str = ""
-    stream: str = STREAM
+    stream: str = STREAM  # the unsharded stream's name; shard k's is <stream>_<k>
     subject_prefix: str = SUBJECT_PREFIX
+    shard_subject_prefix: str = SHARD_SUBJECT_PREFIX
+    shards: int = DEFAULT_SHARDS  # 0: one stream on <subject_prefix>.>, no server mapping
+    pinned: tuple[int, ...] = ()  # drain only these shards (empty: all, and leftovers)
     durable: str = DURABLE
     replicas: int = 0  # 0: 3 on a cluster, 1 on a single server
     batch: int = 500
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = ACK_WAIT_S
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shards <= MAX_SHARDS:
+            raise ShardLayoutError(f"--shards {self.shards}: must be 0 to {MAX_SHARDS}")
+        wrong = [k for k in self.pinned if not 0 <= k < self.shards]
+        if wrong:
+            raise ShardLayoutError(
+                f"--shard {wrong[0]}: the hub has {self.shards} shards (0 to "
+                f"{self.shards - 1})" + (", or none with --shards 0" if not self.shards else "")
+            )
 
 
 @dataclass
@@ -94,8 +123,10 @@ class WorkerStats:
     accepted: int = 0
     duplicates: int = 0
     erased: int = 0
+    probes: int = 0  # layout probes of starting workers, acknowledged and not stored
     rejected: Counter[str] = field(default_factory=Counter)
     failures: int = 0  # batches the database did not take (redelivered)
+    by_stream: Counter[str] = field(default_factory=Counter)  # messages per stream
 
 
 def connect_options(settings: IngestSettings) -> dict[str, Any]:
@@ -120,36 +151,54 @@ def connect_options(settings: IngestSettings) -> dict[str, Any]:
 
 
 async def ensure_stream(js: JetStreamContext, settings: IngestSettings) -> int:
-    """Create the events stream unless it exists; return its replica count."""
-    try:
-        info = await js.stream_info(settings.stream)
-    except nats.js.errors.NotFoundError:
-        pass
+    """Create the unsharded stream ``settings.stream`` on ``<subject_prefix>.>`` unless it
+    exists (a single server without a mapping); return its replica count."""
+    return await ensure_streams(
+        js,
+        base=settings.stream,
+        prefix=settings.subject_prefix,
+        shard_prefix=settings.shard_subject_prefix,
+        shards=0,
+        replicas=settings.replicas,
+    )
+
+
+async def prepare(js: JetStreamContext, settings: IngestSettings) -> tuple[int, list[StreamRef]]:
+    """Create the layout's streams, check the hub's mapping agrees, and list the streams
+    this worker drains; return (replicas, streams)."""
+    replicas = await ensure_streams(
+        js,
+        base=settings.stream,
+        prefix=settings.subject_prefix,
+        shard_prefix=settings.shard_subject_prefix,
+        shards=settings.shards,
+        replicas=settings.replicas,
+    )
+    await check_layout(
+        js, base=settings.stream, prefix=settings.subject_prefix, shards=settings.shards
+    )
+    if not settings.shards:
+        refs = [StreamRef(settings.stream, f"{settings.subject_prefix}.>")]
     else:
-        return int(info.config.num_replicas or 1)
-    wanted = [settings.replicas] if settings.replicas else [3, 1]
-    for replicas in wanted:
-        config = StreamConfig(
-            name=settings.stream,
-            subjects=[f"{settings.subject_prefix}.>"],
-            retention=RetentionPolicy.WORK_QUEUE,  # a message leaves once a worker acked it
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            duplicate_window=DUPLICATE_WINDOW_S,
+        refs = [
+            StreamRef(
+                shard_stream(settings.stream, k), shard_subjects(settings.shard_subject_prefix, k)
+            )
+            for k in (settings.pinned or range(settings.shards))
+        ]
+    if not settings.pinned:
+        refs += await leftover_streams(
+            js,
+            base=settings.stream,
+            prefix=settings.subject_prefix,
+            shard_prefix=settings.shard_subject_prefix,
+            shards=settings.shards,
         )
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _NOT_CLUSTERED and replicas > 1 and not settings.replicas:
-                continue  # a single server: R1
-            raise
-        log.info("ingest.stream.created stream=%s replicas=%d", settings.stream, replicas)
-        return replicas
-    raise RuntimeError("unreachable: R1 is always tried last")
+    return replicas, refs
 
 
 async def subscribe(
-    js: JetStreamContext, settings: IngestSettings
+    js: JetStreamContext, settings: IngestSettings, ref: StreamRef
 ) -> JetStreamContext.PullSubscription:
     config = ConsumerConfig(
         durable_name=settings.durable,
@@ -159,18 +208,21 @@ async def subscribe(
         max_deliver=MAX_DELIVER,
         max_ack_pending=max(1000, settings.batch * 8),
     )
-    return await js.pull_subscribe(
-        f"{settings.subject_prefix}.>", settings.durable, stream=settings.stream, config=config
+    return await patiently(
+        f"consumer {ref.name}/{settings.durable}",
+        lambda: js.pull_subscribe(ref.subject, settings.durable, stream=ref.name, config=config),
     )
 
 
 class IngestWorker:
-    """One pull loop: fetch, judge, write, acknowledge; runs until cancelled."""
+    """One connection and a pull loop per stream it drains: fetch, judge, write,
+    acknowledge; runs until cancelled."""
 
     def __init__(self, settings: IngestSettings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
         self.stats = WorkerStats()
+        self.streams: list[str] = []  # what this worker drains, once started
         self._registry = default_registry()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -178,39 +230,51 @@ class IngestWorker:
         await nc.connect(**connect_options(self.settings))
         try:
             js = nc.jetstream(timeout=10)
-            replicas = await ensure_stream(js, self.settings)
-            sub = await subscribe(js, self.settings)
+            replicas, refs = await prepare(js, self.settings)
+            subs = [(ref, await subscribe(js, self.settings, ref)) for ref in refs]
+            self.streams = [ref.name for ref in refs]
             log.info(
-                "ingest.worker.started stream=%s durable=%s replicas=%d",
-                self.settings.stream,
+                "ingest.worker.started streams=%s durable=%s replicas=%d shards=%d",
+                ",".join(self.streams),
                 self.settings.durable,
                 replicas,
+                self.settings.shards,
             )
             if ready is not None:
                 ready.set()
-            while True:
-                try:
-                    msgs = await sub.fetch(
-                        self.settings.batch, timeout=self.settings.fetch_timeout_s
-                    )
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue  # nothing waiting
-                except nats.errors.Error as exc:  # a node gone, a reconnect under way
-                    log.warning("ingest.fetch.failed detail=%s", exc)
-                    await asyncio.sleep(_RETRY_DELAY_S / 4)
-                    continue
-                await self.handle(msgs)
+            async with asyncio.TaskGroup() as group:
+                for ref, sub in subs:
+                    group.create_task(self._drain(ref, sub), name=f"ingest:{ref.name}")
         finally:
             await nc.close()
+
+    async def _drain(self, ref: StreamRef, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(self.settings.batch, timeout=self.settings.fetch_timeout_s)
+            except (nats.errors.TimeoutError, TimeoutError):
+                _raise_if_cancelled()  # nats-py turns a cancelled fetch into a timeout
+                continue  # nothing waiting
+            except nats.errors.Error as exc:  # a node gone, a reconnect under way
+                _raise_if_cancelled()
+                log.warning("ingest.fetch.failed stream=%s detail=%s", ref.name, exc)
+                await asyncio.sleep(_RETRY_DELAY_S / 4)
+                continue
+            if msgs:
+                self.stats.by_stream[ref.name] += len(msgs)
+                await self.handle(msgs)
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Judge, write and settle one fetched batch."""
         now = datetime.now(UTC)
         by_store: dict[str, list[tuple[Msg, Piece]]] = {}
         poison: list[tuple[Msg, str]] = []
+        probes: list[Msg] = []
         for msg in msgs:
             store_id, piece = self._read(msg)
-            if store_id is None:  # refused pieces go through check_batch: same reasons
+            if store_id is not None and is_probe(store_id):
+                probes.append(msg)  # a starting worker's layout check: nothing to store
+            elif store_id is None:  # refused pieces go through check_batch: same reasons
                 poison.append((msg, "bad_subject"))
             else:
                 by_store.setdefault(store_id, []).append((msg, piece))
@@ -244,13 +308,14 @@ class IngestWorker:
                 await _settle(msg.nak(delay=_RETRY_DELAY_S))
             return
         # After the commit: acknowledged; and the poison, terminated and counted.
-        for msg in good:
+        for msg in good + probes:
             await _settle(msg.ack())
         for msg, reason in poison:
             self.stats.rejected[reason] += 1
             await _settle(msg.term())
         stats = self.stats
-        stats.messages += len(msgs)
+        stats.messages += len(msgs) - len(probes)
+        stats.probes += len(probes)
         stats.batches += 1
         stats.accepted += counts.accepted
         stats.duplicates += counts.duplicates + repeated
@@ -270,8 +335,7 @@ class IngestWorker:
 
     def _read(self, msg: Msg) -> tuple[str | None, Piece]:
         """The store id the subject names, and the message's one envelope (parsed)."""
-        prefix = self.settings.subject_prefix + "."
-        store_id = msg.subject[len(prefix) :] if msg.subject.startswith(prefix) else ""
+        store_id = store_of_subject(msg.subject, self.settings)
         if not store_id:
             return None, Piece(refused="bad_subject")
         try:
@@ -283,6 +347,22 @@ class IngestWorker:
         if len(items) != 1:
             return store_id, Piece(refused="not_one_envelope")
         return store_id, items[0]
+
+
+def store_of_subject(subject: str, settings: IngestSettings) -> str:
+    """``<shard prefix>.<k>.<store_id>`` or ``<prefix>.<store_id>``: the store id, else ""."""
+    shard_prefix = settings.shard_subject_prefix + "."
+    if subject.startswith(shard_prefix):
+        shard, _, store_id = subject[len(shard_prefix) :].partition(".")
+        return store_id if shard.isdigit() and "." not in store_id else ""
+    prefix = settings.subject_prefix + "."
+    return subject[len(prefix) :] if subject.startswith(prefix) else ""
+
+
+def _raise_if_cancelled() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _log_error(exc: Exception) -> None:
@@ -300,8 +380,9 @@ async def _settle(action: Any) -> None:
 async def run_ingest(
     db_url: str, settings: IngestSettings, *, pool_size: int = 4, workers: int = 1
 ) -> WorkerStats:
-    """``customer-store ingest``: ``workers`` pull loops in this process until SIGTERM/SIGINT;
-    prints ``ingesting`` on stdout once every loop is subscribed."""
+    """``customer-store ingest``: ``workers`` connections in this process, each with a pull
+    loop per stream it drains, until SIGTERM/SIGINT; prints ``ingesting`` on stdout once
+    every loop is subscribed. A hub whose layout disagrees raises ``ShardLayoutError``."""
     import signal
 
     from cloud_sync.store.backend import open_backend
@@ -324,6 +405,11 @@ async def run_ingest(
             await stop.wait()
             for task in tasks:
                 task.cancel()
+    except BaseExceptionGroup as group:
+        refused = group.subgroup(ShardLayoutError) or group.subgroup(StoreError)
+        if refused is None:
+            raise
+        raise _first(refused) from None  # one clear message, not a traceback per worker
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -333,7 +419,9 @@ async def run_ingest(
         total.messages += worker.stats.messages
         total.accepted += worker.stats.accepted
         total.duplicates += worker.stats.duplicates
+        total.probes += worker.stats.probes
         total.rejected.update(worker.stats.rejected)
+        total.by_stream.update(worker.stats.by_stream)
     log.info(
         "ingest.stopped messages=%d accepted=%d duplicates=%d rejected=%d",
         total.messages,
@@ -342,3 +430,11 @@ async def run_ingest(
         sum(total.rejected.values()),
     )
     return total
+
+
+def _first(group: BaseExceptionGroup[StoreError]) -> StoreError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, StoreError)
+    return leaf

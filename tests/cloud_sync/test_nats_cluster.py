@@ -1,7 +1,10 @@
-"""A real three-node NATS cluster (R3 stream) into PostgreSQL, through kills.
+"""A real three-node NATS cluster (four R3 shard streams) into PostgreSQL, through kills.
 
-Two ``customer-store ingest`` processes share the durable consumer. While events stream in,
-one NATS node and one worker are killed with -9: every event is stored exactly once. Then a
+Every node maps ``edge.events.*`` to four shard streams. Two ``customer-store ingest``
+processes start at the same moment (both create the streams), and share each shard's
+durable consumer. Events of 40 stores land in the stream their store id hashes to. While
+events stream in, one NATS node and one worker are killed with -9: every event is stored
+exactly once. Then a
 real agent (``edge-agent run``) with ``sync.transport = "nats"`` syncs through the cluster;
 with the whole hub down it keeps its rows unsynced, and catches up once the hub is back.
 """
@@ -26,6 +29,7 @@ import pytest
 from cstore_helpers import envelope
 
 from cloud_sync.store.nats_ingest import DURABLE, STREAM
+from cloud_sync.store.nats_shards import DEFAULT_SHARDS, shard_of, shard_stream
 from tests.conftest import agent_config_dict
 from tests.support.agent import (
     AgentProcess,
@@ -41,19 +45,26 @@ from tests.support.broker import AmqttBroker, MosquittoBroker, free_port
 from tests.support.nats import NatsCluster, nats_cluster, wait_jetstream_ready
 
 TOTAL = 2000
-STORES = 5
+STORES = 40
 BOUND_S = 120.0
+SHARDS = DEFAULT_SHARDS  # what NatsCluster maps and the workers use by default
 
 
 class IngestProcess:
     """``customer-store ingest`` as a child process, killed with -9 by its pid."""
 
-    def __init__(self, nats_url: str, db_url: str, log_path: Path) -> None:
+    def __init__(
+        self, nats_url: str, db_url: str, log_path: Path, *extra: str, wait: bool = True
+    ) -> None:
         command = [sys.executable, "-m", "cloud_sync.store", "ingest", "--from", nats_url]
         command += ["--db", db_url, "--batch", "50", "--ack-wait-s", "3", "--pool-size", "2"]
         with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+            self.proc = subprocess.Popen(command + list(extra), stdout=subprocess.PIPE, stderr=log)
         self.log_path = log_path
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         line = self.proc.stdout.readline().decode() if ready else ""
@@ -111,8 +122,11 @@ def wait_stored(db_url: str, count: int, within: float = BOUND_S) -> tuple[int, 
     return seen
 
 
-async def publish_until_acked(url: str, events: list[tuple[str, dict[str, object]]]) -> int:
-    """Publish each event until its PubAck arrives (as an agent does); count retries."""
+async def publish_until_acked(
+    url: str, events: list[tuple[str, dict[str, object]]], streams: list[str] | None = None
+) -> int:
+    """Publish each event until its PubAck arrives (as an agent does); count retries and
+    append the stream each PubAck names to ``streams``."""
     nc = await nats.connect(url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = nc.jetstream(timeout=2)
     retries = 0
@@ -122,7 +136,9 @@ async def publish_until_acked(url: str, events: list[tuple[str, dict[str, object
             headers = {"Nats-Msg-Id": f"{store_id}:{item['event_id']}"}
             for _attempt in range(200):
                 try:
-                    await js.publish(f"edge.events.{store_id}", payload, headers=headers)
+                    ack = await js.publish(f"edge.events.{store_id}", payload, headers=headers)
+                    if streams is not None:
+                        streams.append(ack.stream)
                     break
                 except (nats.errors.Error, TimeoutError):
                     retries += 1
@@ -134,16 +150,20 @@ async def publish_until_acked(url: str, events: list[tuple[str, dict[str, object
     return retries
 
 
-def consumer_settled(url: str) -> tuple[int, int, int]:
-    """(pending, ack pending, the stream's replicas)."""
+def consumer_settled(url: str, shards: int = SHARDS) -> list[tuple[int, int, int]]:
+    """Per shard stream: (pending, ack pending, the stream's replicas)."""
 
-    async def ask() -> tuple[int, int, int]:
+    async def ask() -> list[tuple[int, int, int]]:
         nc = await nats.connect(url.split(","))
         try:
             js = nc.jetstream(timeout=5)
-            info = await js.consumer_info(STREAM, DURABLE)
-            stream = await js.stream_info(STREAM)
-            return info.num_pending, info.num_ack_pending, int(stream.config.num_replicas or 0)
+            found = []
+            for name in (shard_stream(STREAM, k) for k in range(shards)):
+                info = await js.consumer_info(name, DURABLE)
+                stream = await js.stream_info(name)
+                replicas = int(stream.config.num_replicas or 0)
+                found.append((info.num_pending, info.num_ack_pending, replicas))
+            return found
         finally:
             await nc.close()
 
@@ -153,31 +173,57 @@ def consumer_settled(url: str) -> tuple[int, int, int]:
 def test_three_node_cluster_kill_a_node_and_a_worker_every_event_once(
     cluster: NatsCluster, pg_url: str, tmp_path: Path
 ) -> None:
-    workers = [IngestProcess(cluster.url, pg_url, tmp_path / f"worker-{n}.log") for n in range(2)]
+    assert cluster.shards == SHARDS
+    # Started together: both create the four R3 streams at once.
+    workers = [
+        IngestProcess(cluster.url, pg_url, tmp_path / f"worker-{n}.log", wait=False)
+        for n in range(2)
+    ]
     try:
+        for worker in workers:
+            worker.wait_ready()
         events = [
             (f"store-{n % STORES}", envelope(store_id=f"store-{n % STORES}", event_id=f"e{n:05d}"))
             for n in range(TOTAL)
         ]
+        streams: list[str] = []
         third = TOTAL // 3
-        asyncio.run(publish_until_acked(cluster.url, events[:third]))
+        asyncio.run(publish_until_acked(cluster.url, events[:third], streams))
         assert wait_stored(pg_url, 1, 30)[1] > 0  # the workers are taking events
         cluster.nodes[0].kill()  # a NATS node gone mid-stream (-9)
-        asyncio.run(publish_until_acked(cluster.url, events[third : 2 * third]))
+        asyncio.run(publish_until_acked(cluster.url, events[third : 2 * third], streams))
         workers[0].kill()  # a worker gone mid-batch (-9): its unacked batch is redelivered
-        asyncio.run(publish_until_acked(cluster.url, events[2 * third :]))
+        asyncio.run(publish_until_acked(cluster.url, events[2 * third :], streams))
+        # Each event's PubAck came from the shard its store hashes to; all four got some.
+        assert streams == [shard_stream(STREAM, shard_of(store, SHARDS)) for store, _ in events]
+        assert len(set(streams)) == SHARDS
         rows, distinct = wait_stored(pg_url, TOTAL)
         assert distinct == TOTAL, (distinct, workers[1].log_tail(), cluster.logs())
         assert rows == TOTAL
         # Nothing left for anyone: no redelivery pending that could add a row later.
+        settled = [(0, 0, 3)] * SHARDS  # R3 on the cluster
         deadline = time.monotonic() + 30
-        while consumer_settled(cluster.url) != (0, 0, 3) and time.monotonic() < deadline:
+        while consumer_settled(cluster.url) != settled and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert consumer_settled(cluster.url) == (0, 0, 3)  # R3 on the cluster
+        assert consumer_settled(cluster.url) == settled
         assert stored(pg_url) == (TOTAL, TOTAL)
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_worker_with_other_shards_than_the_cluster_exits_2(
+    cluster: NatsCluster, pg_url: str, tmp_path: Path
+) -> None:
+    worker = IngestProcess(cluster.url, pg_url, tmp_path / "w.log", "--shards", "3", wait=False)
+    try:
+        assert worker.proc.wait(90) == 2, worker.log_tail()
+        assert "this worker runs --shards 3, but the hub put edge.events._shardprobe-" in (
+            worker.log_tail()
+        )
+        assert stored(pg_url) == (0, 0)
+    finally:
+        worker.stop()
 
 
 def test_agent_syncs_through_the_cluster_and_catches_up_after_hub_outage(

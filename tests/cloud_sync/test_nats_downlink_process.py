@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sync_helpers import StoreProcess, store_cli
 
+from cloud_sync.store.nats_shards import DEFAULT_SHARDS
 from tests.conftest import agent_config_dict
 from tests.support.agent import (
     AgentProcess,
@@ -122,7 +123,8 @@ def test_real_agent_erased_over_nats_through_kills_and_restarts(
     admin = store_cli(db_url, "admin", "create")
     store = StoreProcess(db_url, tmp_path / "store.log")
     http_port = free_port()
-    with nats_server(tmp_path / "nats") as node:
+    # A hub that shards the events by store, as the ingest workers expect by default.
+    with nats_server(tmp_path / "nats", shards=DEFAULT_SHARDS) as node:
         wait_jetstream_ready(node.url)
         store.start()
         announce_args = ["announce", "--db", db_url, "--to", node.url, "--interval-s", "0.2"]

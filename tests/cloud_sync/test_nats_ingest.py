@@ -1,40 +1,57 @@
 """``customer-store ingest``: JetStream pull consumers into the store (a real nats-server).
 
-In-process workers against a private single server (R1), on SQLite and PostgreSQL: valid
-envelopes are stored once, poison is terminated and counted (never redelivered), an
-envelope naming another store than its subject is refused, and two workers sharing the one
-durable consumer store every event exactly once.
+In-process workers against a private single server (R1) whose config maps ``edge.events.*``
+to four shard streams, on SQLite and PostgreSQL: valid envelopes are stored once, poison is
+terminated and counted (never redelivered), an envelope naming another store than its
+subject is refused, and two workers sharing the durable consumers store every event exactly
+once. Sharding: the server's partition agrees with ``shard_of`` for many stores, a pinned
+worker drains only its shard, workers racing to create the streams all start, a hub whose
+mapping disagrees with ``--shards`` is refused (in process and by the CLI, exit 2), and a hub
+moving from one stream to shards, or from 4 shards to 2, loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 from cstore_helpers import envelope
 from sync_helpers import store_event_ids
 
+from benchmarks.local_broker import free_port
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.nats_ingest import (
     DURABLE,
     STREAM,
     IngestSettings,
     IngestWorker,
-    ensure_stream,
+    ShardLayoutError,
+    prepare,
 )
-from tests.support.nats import NatsNode, nats_server, wait_jetstream_ready
+from cloud_sync.store.nats_shards import PROBES, server_mapping, shard_of, shard_stream
+from tests.support.nats import (
+    NatsNode,
+    jetstream_ready,
+    nats_server,
+    shard_mapping,
+    wait_jetstream_ready,
+)
 
 BOUND_S = 30.0
+SHARDS = 4
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[NatsNode]:
-    with nats_server(tmp_path / "nats") as node:
+    with nats_server(tmp_path / "nats", shards=SHARDS) as node:
         wait_jetstream_ready(node.url)
         yield node
 
@@ -48,6 +65,10 @@ async def js_client(server: NatsNode) -> AsyncIterator[nats.aio.client.Client]:
         await nc.close()
 
 
+def stream_of(store_id: str, shards: int = SHARDS) -> str:
+    return shard_stream(STREAM, shard_of(store_id, shards))
+
+
 async def publish(
     nc: nats.aio.client.Client, subject: str, payload: bytes, msg_id: str | None = None
 ) -> bool:
@@ -57,95 +78,334 @@ async def publish(
     return bool(ack.duplicate)
 
 
-async def until(predicate: object, within: float = BOUND_S) -> None:
+async def publish_events(nc: nats.aio.client.Client, events: list[dict[str, str]]) -> list[str]:
+    """Publish envelopes as their stores' agents do; return the stream of each PubAck."""
+    js = nc.jetstream()
+    streams = []
+    for item in events:
+        ack = await js.publish(
+            f"edge.events.{item['store_id']}",
+            json.dumps(item).encode(),
+            headers={"Nats-Msg-Id": f"{item['store_id']}:{item['event_id']}"},
+            timeout=5,
+        )
+        streams.append(ack.stream)
+    return streams
+
+
+async def until(predicate: Callable[[], bool], within: float = BOUND_S) -> None:
     deadline = time.monotonic() + within
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"not reached within {within}s")
         await asyncio.sleep(0.05)
 
 
-async def consumer_idle(nc: nats.aio.client.Client) -> tuple[int, int]:
-    info = await nc.jetstream().consumer_info(STREAM, DURABLE)
+async def consumer_idle(nc: nats.aio.client.Client, stream: str) -> tuple[int, int]:
+    info = await nc.jetstream().consumer_info(stream, DURABLE)
     return info.num_pending, info.num_ack_pending
+
+
+async def stream_messages(nc: nats.aio.client.Client, stream: str) -> int:
+    return int((await nc.jetstream().stream_info(stream)).state.messages)
+
+
+async def stop(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_valid_events_stored_poison_terminated_and_counted(
     server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
 ) -> None:
     settings = IngestSettings(url=server.url, fetch_timeout_s=0.2)
-    await ensure_stream(js_client.jetstream(), settings)
     good = [envelope(store_id="store-a", event_id=f"ev-{n}") for n in range(20)]
-    for item in good:
-        await publish(js_client, "edge.events.store-a", json.dumps(item).encode(), item["event_id"])
-    # The same event again outside JetStream's de-dup (another msg id): the store de-dupes it.
-    await publish(js_client, "edge.events.store-a", json.dumps(good[0]).encode(), "other-id")
-    poison = {
-        b"{not json": "malformed_json",
-        b"\xff\xfe binary": "bad_unicode",
-        json.dumps(envelope(store_id="store-b")).encode(): "store_mismatch",
-        b'{"event_id": "x"}': "missing_field",
-        b"1,2": "not_one_envelope",
-    }
-    for payload in poison:
-        await publish(js_client, "edge.events.store-a", payload)
     worker = IngestWorker(settings, backend)
-    task = asyncio.create_task(worker.run())
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(ready))
     try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        for item in good:
+            await publish(
+                js_client, "edge.events.store-a", json.dumps(item).encode(), item["event_id"]
+            )
+        # The same event again outside JetStream's de-dup (another msg id): the store de-dupes.
+        await publish(js_client, "edge.events.store-a", json.dumps(good[0]).encode(), "other-id")
+        poison = {
+            b"{not json": "malformed_json",
+            b"\xff\xfe binary": "bad_unicode",
+            json.dumps(envelope(store_id="store-b")).encode(): "store_mismatch",
+            b'{"event_id": "x"}': "missing_field",
+            b"1,2": "not_one_envelope",
+        }
+        for payload in poison:
+            await publish(js_client, "edge.events.store-a", payload)
         await until(lambda: worker.stats.messages >= len(good) + len(poison) + 1)
-        assert await consumer_idle(js_client) == (0, 0)
+        assert await consumer_idle(js_client, stream_of("store-a")) == (0, 0)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stop(task)
     assert sorted(store_event_ids(db_url)) == sorted(item["event_id"] for item in good)
     assert worker.stats.accepted == len(good)
     assert worker.stats.duplicates == 1
+    assert worker.stats.probes == PROBES  # its own layout check, acknowledged, not stored
     rejected = dict(worker.stats.rejected)
     assert sum(rejected.values()) == len(poison)
     assert rejected.get("store_mismatch") == 1
     assert rejected.get("malformed_json", 0) + rejected.get("bad_unicode", 0) >= 1
-    # Terminated means gone for good: no redelivery loop, nothing left in the work queue.
-    stream = await js_client.jetstream().stream_info(STREAM)
-    assert stream.state.messages == 0
+    # Terminated means gone for good: no redelivery loop, nothing left in any work queue.
+    for shard in range(SHARDS):
+        assert await stream_messages(js_client, shard_stream(STREAM, shard)) == 0
 
 
-async def test_two_workers_share_one_consumer_each_event_once(
+async def test_the_servers_partition_is_shard_of_for_many_stores(
+    server: NatsNode, js_client: nats.aio.client.Client
+) -> None:
+    """Each store's events land in the stream ``shard_of`` names, and every shard gets some."""
+    await prepare(js_client.jetstream(), IngestSettings(url=server.url))
+    events = [envelope(store_id=f"store-{n:04d}", event_id=f"e{n}") for n in range(300)]
+    streams = await publish_events(js_client, events)
+    assert streams == [stream_of(item["store_id"]) for item in events]
+    per_stream = {name: streams.count(name) for name in set(streams)}
+    assert len(per_stream) == SHARDS, per_stream
+    assert min(per_stream.values()) > 30, per_stream
+    for name, count in per_stream.items():  # plus the 32 probes, not yet drained
+        probes = sum(stream_of(f"_shardprobe-{i}") == name for i in range(PROBES))
+        assert await stream_messages(js_client, name) == count + probes
+
+
+async def test_two_workers_share_the_consumers_each_event_once(
     server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
 ) -> None:
     settings = IngestSettings(url=server.url, batch=25, fetch_timeout_s=0.2)
-    await ensure_stream(js_client.jetstream(), settings)
     workers = [IngestWorker(settings, backend) for _ in range(2)]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
+    readies = [asyncio.Event() for _ in workers]
+    tasks = [asyncio.create_task(w.run(r)) for w, r in zip(workers, readies, strict=True)]
     total = 600
     try:
-        js = js_client.jetstream()
-        for n in range(total):
-            item = envelope(store_id=f"store-{n % 3}", event_id=f"e-{n:05d}")
-            await js.publish(
-                f"edge.events.store-{n % 3}",
-                json.dumps(item).encode(),
-                headers={"Nats-Msg-Id": f"store-{n % 3}:e-{n:05d}"},
-            )
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), BOUND_S)
+        events = [envelope(store_id=f"store-{n % 7}", event_id=f"e-{n:05d}") for n in range(total)]
+        await publish_events(js_client, events)
         await until(lambda: sum(w.stats.messages for w in workers) >= total)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop(*tasks)
     ids = store_event_ids(db_url)
     assert len(ids) == total
     assert len(set(ids)) == total
     assert all(w.stats.messages > 0 for w in workers), [w.stats for w in workers]
     assert sum(w.stats.accepted for w in workers) == total
+    drained = sum((w.stats.by_stream for w in workers), start=type(workers[0].stats.by_stream)())
+    assert set(drained) == {stream_of(f"store-{n}") for n in range(7)}
 
 
-async def test_duplicate_msg_id_inside_the_window_is_dropped_by_jetstream(
+async def test_a_pinned_worker_drains_only_its_shard(
+    server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
+) -> None:
+    events = [envelope(store_id=f"s-{n % 40}", event_id=f"p-{n:04d}") for n in range(400)]
+    pinned = 1
+    mine = [item for item in events if shard_of(item["store_id"], SHARDS) == pinned]
+    assert 0 < len(mine) < len(events)
+    worker = IngestWorker(IngestSettings(url=server.url, pinned=(pinned,)), backend)
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.stats.probes > 0)  # subscribed, its share of probes taken
+        await publish_events(js_client, events)
+        await until(lambda: worker.stats.messages >= len(mine))
+        await asyncio.sleep(1.0)  # room for a wrong extra fetch to show up
+    finally:
+        await stop(task)
+    assert worker.streams == [shard_stream(STREAM, pinned)]
+    assert sorted(store_event_ids(db_url)) == sorted(item["event_id"] for item in mine)
+    assert worker.stats.messages == len(mine)
+    for shard in range(SHARDS):
+        left = await stream_messages(js_client, shard_stream(STREAM, shard))
+        others = sum(shard_of(item["store_id"], SHARDS) == shard for item in events)
+        probes = sum(shard_of(f"_shardprobe-{i}", SHARDS) == shard for i in range(PROBES))
+        assert left == (0 if shard == pinned else others + probes), shard
+
+
+async def test_workers_starting_together_create_the_streams_once(server: NatsNode) -> None:
+    settings = IngestSettings(url=server.url)
+    clients = [await nats.connect(server.url) for _ in range(6)]
+    try:
+        results = await asyncio.gather(*(prepare(nc.jetstream(), settings) for nc in clients))
+        assert [replicas for replicas, _ in results] == [1] * 6
+        names = sorted(s.config.name for s in await clients[0].jetstream().streams_info())
+        assert names == [shard_stream(STREAM, k) for k in range(SHARDS)]
+    finally:
+        for nc in clients:
+            await nc.close()
+
+
+@pytest.mark.parametrize("shards", [8, 2, 0])
+async def test_a_worker_whose_shards_disagree_with_the_mapping_is_refused(
+    server: NatsNode, backend: Backend, shards: int
+) -> None:
+    worker = IngestWorker(IngestSettings(url=server.url, shards=shards), backend)
+    with pytest.raises(ShardLayoutError, match=r"mapping|no stream took") as refused:
+        await asyncio.wait_for(worker.run(), BOUND_S)
+    assert f"--shards {shards}" in str(refused.value)
+    assert worker.stats.messages == 0
+
+
+async def test_a_sharded_worker_on_a_server_without_mapping_is_refused(
+    tmp_path: Path, backend: Backend
+) -> None:
+    with nats_server(tmp_path / "plain") as node:
+        await jetstream_ready(node.url)
+        worker = IngestWorker(IngestSettings(url=node.url, shards=SHARDS), backend)
+        with pytest.raises(ShardLayoutError, match=r"no stream took edge\.events\._shardprobe-"):
+            await asyncio.wait_for(worker.run(), BOUND_S)
+
+
+def test_pinning_a_shard_the_hub_does_not_have_is_refused() -> None:
+    with pytest.raises(ShardLayoutError, match="--shard 4: the hub has 4 shards"):
+        IngestSettings(url="nats://127.0.0.1:1", shards=4, pinned=(4,))
+
+
+def test_the_cli_refuses_a_mismatch_with_exit_2(server: NatsNode, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "cloud_sync.store", "ingest", "--from", server.url]
+    command += ["--db", f"sqlite:///{tmp_path / 'store.db'}", "--shards", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""  # never said "ingesting"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("customer-store: error: this worker runs --shards 8, but "), last
+
+
+async def test_duplicate_msg_id_inside_the_window_is_dropped_per_shard(
     server: NatsNode, js_client: nats.aio.client.Client
 ) -> None:
-    await ensure_stream(js_client.jetstream(), IngestSettings(url=server.url))
+    await prepare(js_client.jetstream(), IngestSettings(url=server.url))
     payload = json.dumps(envelope(store_id="store-a", event_id="dup")).encode()
     assert not await publish(js_client, "edge.events.store-a", payload, "store-a:dup")
     assert await publish(js_client, "edge.events.store-a", payload, "store-a:dup")
-    info = await js_client.jetstream().stream_info(STREAM)
-    assert info.state.messages == 1
+    info = await js_client.jetstream().stream_info(stream_of("store-a"))
+    probes = sum(stream_of(f"_shardprobe-{i}") == stream_of("store-a") for i in range(PROBES))
+    assert info.state.messages == 1 + probes
     assert info.config.num_replicas == 1  # a single server: R1
+
+
+async def test_from_one_stream_to_4_shards_to_2_events_waiting_in_old_streams_kept(
+    tmp_path: Path, backend: Backend, db_url: str
+) -> None:
+    """The resharding procedure of docs/scaling.md on one server: events still waiting in
+    the old layouts' streams (the unsharded one, shards 2 and 3 of four) are drained by a
+    worker of the new layout, beside the events the new mapping sends to its shards."""
+    node = NatsNode(tmp_path / "hub", "hub")
+    node.start()
+    expected: list[str] = []
+    try:
+        for shards in (0, 4, 2):  # a restart with the new mapping (or nats-server --signal reload)
+            if shards:
+                node.stop()
+                node.extra = shard_mapping(shards)
+                node.write_config([])
+                node.start()
+            await jetstream_ready(node.url)
+            nc = await nats.connect(node.url)
+            try:
+                await prepare(nc.jetstream(), IngestSettings(url=node.url, shards=shards))
+                batch = [
+                    envelope(store_id=f"r-{n % 9}", event_id=f"l{shards}-{n}") for n in range(90)
+                ]
+                want = [stream_of(item["store_id"], shards) if shards else STREAM for item in batch]
+                assert await publish_events(nc, batch) == want
+                expected += [item["event_id"] for item in batch]
+            finally:
+                await nc.close()
+        nc = await nats.connect(node.url)
+        try:
+            waiting = [shard_stream(STREAM, 2), shard_stream(STREAM, 3), STREAM]
+            assert all([await stream_messages(nc, name) > 0 for name in waiting])
+            worker = IngestWorker(IngestSettings(url=node.url, shards=2), backend)
+            task = asyncio.create_task(worker.run())
+            try:
+                await until(lambda: len(store_event_ids(db_url)) >= len(expected))
+            finally:
+                await stop(task)
+            assert set(waiting) <= set(worker.streams), worker.streams
+            for name in worker.streams:
+                assert await consumer_idle(nc, name) == (0, 0), name
+                assert await stream_messages(nc, name) == 0, name
+        finally:
+            await nc.close()
+        ids = store_event_ids(db_url)
+        assert sorted(ids) == sorted(expected)
+        assert worker.stats.accepted == len(expected)
+    finally:
+        node.stop()
+
+
+async def test_a_store_leaf_node_needs_no_mapping_and_stays_confined(
+    tmp_path: Path, backend: Backend, db_url: str
+) -> None:
+    """The mapping lives on the hub only: a leaf node without JetStream or mapping forwards
+    edge.events.store-001 and the hub maps it into store-001's shard; the leaf's user may not
+    bring in another store's events, before or after the mapping."""
+    leaf_port = free_port()
+    store_only = '["edge.events.store-001", "edge.shard.*.store-001", "$JS.hub.API.>", "_INBOX.>"]'
+    hub = NatsNode(
+        tmp_path / "hub",
+        "hub",
+        domain="hub",
+        extra=(
+            f"leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n"
+            "accounts {\n  EDGE {\n    jetstream: enabled\n"
+            + server_mapping(SHARDS)
+            + "    users: [\n      { user: ingest, password: ig }\n"
+            "      { user: leaf-001, password: l1, permissions: {\n"
+            f"          publish: {store_only}\n"
+            '          subscribe: ["_INBOX.>", "$JS.hub.API.>"] } }\n    ]\n  }\n}\n'
+        ),
+    )
+    leaf = NatsNode(
+        tmp_path / "leaf",
+        "leaf",
+        jetstream=False,
+        extra=(
+            "leafnodes {\n  remotes = [ { urls: "
+            f'["nats://leaf-001:l1@127.0.0.1:{leaf_port}"] }} ]\n}}\n'
+        ),
+    )
+    hub.start()
+    task: asyncio.Task[None] | None = None
+    try:
+        hub_url = f"nats://ingest:ig@127.0.0.1:{hub.port}"
+        await jetstream_ready(hub_url)
+        leaf.start()
+        worker = IngestWorker(
+            IngestSettings(url=hub.url, user="ingest", password="ig", fetch_timeout_s=0.3),
+            backend,
+        )
+        ready = asyncio.Event()
+        task = asyncio.create_task(worker.run(ready))
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        nc = await nats.connect(leaf.url)  # a store-side client: no credentials at the leaf
+        try:
+            js = nc.jetstream(domain="hub", timeout=2)
+            item = envelope(store_id="store-001", event_id="via-leaf")
+            deadline = time.monotonic() + BOUND_S
+            while True:  # until the leaf connection is up (bounded)
+                try:
+                    ack = await js.publish("edge.events.store-001", json.dumps(item).encode())
+                    break
+                except nats.errors.Error:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            assert ack.stream == stream_of("store-001")
+            forged = json.dumps(envelope(store_id="store-002", event_id="forged")).encode()
+            for subject in ("edge.events.store-002", "edge.shard.1.store-002"):
+                with pytest.raises(nats.errors.Error):
+                    await js.publish(subject, forged)
+        finally:
+            await nc.close()
+        await until(lambda: worker.stats.accepted >= 1)
+        await asyncio.sleep(1.0)  # room for a forged event, were it let through
+    finally:
+        if task is not None:
+            await stop(task)
+        leaf.stop()
+        hub.stop()
+    assert store_event_ids(db_url) == ["via-leaf"]

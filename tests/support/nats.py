@@ -3,6 +3,10 @@
 The binary is ``/usr/sbin/nats-server`` (Debian's ``nats-server`` package) or on PATH; when
 it is absent the test is skipped with the reason, or fails under EDGE_REQUIRE_SERVICES=1.
 Every process is ended by its pid (``kill`` sends SIGKILL to that one process).
+
+``shards``: the hub's subject mapping of ``edge.events.*`` to N shard streams
+(``cloud_sync.store.nats_shards.server_mapping``); a cluster has the default N unless told
+otherwise, a single server none (the unsharded stream ``EDGE_EVENTS``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.local_broker import free_port, wait_for_port
+from cloud_sync.store.nats_shards import DEFAULT_SHARDS, server_mapping
 from tests.support.services import missing_service
 
 
@@ -116,10 +121,15 @@ class NatsNode:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
+def shard_mapping(shards: int) -> str:
+    """Config text mapping ``edge.events.*`` to ``shards`` streams ("" for 0: no mapping)."""
+    return server_mapping(shards) if shards else ""
+
+
 @contextlib.contextmanager
-def nats_server(workdir: Path) -> Iterator[NatsNode]:
+def nats_server(workdir: Path, shards: int = 0) -> Iterator[NatsNode]:
     """One JetStream server (streams are R1 on it)."""
-    node = NatsNode(workdir, "solo")
+    node = NatsNode(workdir, "solo", extra=shard_mapping(shards))
     node.start()
     try:
         yield node
@@ -128,11 +138,18 @@ def nats_server(workdir: Path) -> Iterator[NatsNode]:
 
 
 class NatsCluster:
-    """Three JetStream servers routed to each other (R3 streams), all on loopback."""
+    """Three JetStream servers routed to each other (R3 streams), all on loopback, each
+    mapping ``edge.events.*`` to ``shards`` streams (0: no mapping, one stream)."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, shards: int = DEFAULT_SHARDS) -> None:
+        self.shards = shards
         self.nodes = [
-            NatsNode(workdir / f"n{index}", f"n{index}", cluster_port=free_port())
+            NatsNode(
+                workdir / f"n{index}",
+                f"n{index}",
+                cluster_port=free_port(),
+                extra=shard_mapping(shards),
+            )
             for index in range(size)
         ]
         ports = [node.cluster_port for node in self.nodes]
@@ -161,8 +178,8 @@ class NatsCluster:
 
 
 @contextlib.contextmanager
-def nats_cluster(workdir: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(workdir)
+def nats_cluster(workdir: Path, shards: int = DEFAULT_SHARDS) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(workdir, shards=shards)
     cluster.start()
     try:
         yield cluster
