@@ -828,9 +828,12 @@ def _validate(config: Config) -> list[tuple[str, str]]:
             " reports stay on HTTP)",
         ),
         (
-            not config.sync.nats_downlink or _subject_token(config.agent.store_id),
+            # The subject's last token names the store (the hub's shard mapping and the
+            # ingest workers read it there): a dotted id would never be acknowledged.
+            config.sync.transport != "nats" or _subject_token(config.agent.store_id),
             "agent.store_id",
-            "must be letters, digits, - and _ (at most 64) for sync.nats_downlink",
+            'must be letters, digits, - and _ (at most 64) with sync.transport = "nats"'
+            " (one NATS subject token)",
         ),
         (
             not config.sync.downlink_url

@@ -205,6 +205,16 @@ def test_config_nats_transport_keys(tmp_path: Path) -> None:
         {**base, "sync": {"transport": "nats", "url": "tls://hub.example:4222,tls://hub2:4222"}}
     )
     assert connect_options(tls.sync)["servers"] == ["tls://hub.example:4222", "tls://hub2:4222"]
+    for dotted in ("store.a", "a.b.c", "store-*", "store>"):  # not one subject token
+        with pytest.raises(ConfigError, match=r"agent\.store_id"):
+            config_from_dict(
+                {
+                    "agent": {"store_id": dotted, "data_dir": str(tmp_path)},
+                    "sync": {"transport": "nats", "url": "nats://127.0.0.1:4222"},
+                }
+            )
+    dotted_http = {"store_id": "store.a", "data_dir": str(tmp_path)}  # fine over HTTP
+    assert config_from_dict({"agent": dotted_http}).agent.store_id == "store.a"
     with pytest.raises(ConfigError, match=r"sync\.token"):  # a downlink needs the token
         config_from_dict(
             {
