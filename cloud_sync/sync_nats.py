@@ -58,6 +58,12 @@ def message_id(store_id: str, event_id: str) -> str:
     return f"{store_id}:{event_id}"
 
 
+def inbox_prefix(store_id: str) -> str:
+    """Replies (PubAcks, fetched messages, API answers) come to inboxes only this store may
+    read: a store's NATS user subscribes to ``_INBOX_<store_id>.>``, never ``_INBOX.>``."""
+    return f"_INBOX_{store_id}"
+
+
 def tls_context(settings: SyncSection) -> ssl.SSLContext | None:
     """The TLS context the settings ask for, or None (the URL's tls:// scheme still works)."""
     if not (settings.nats_tls_ca or settings.nats_tls_cert):
@@ -181,6 +187,7 @@ class NatsEvents:
                     nc.connect(
                         **{
                             **connect_options(self.settings),
+                            "inbox_prefix": inbox_prefix(self.store_id),
                             "disconnected_cb": self._on_disconnected,
                         }
                     ),

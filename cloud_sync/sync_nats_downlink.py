@@ -47,7 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from cloud_sync import downlink_notices as notices
 from cloud_sync.sync_client import ErasureNotice, PublishedModel
 from cloud_sync.sync_downlink import MODEL_ETAG_KEY, Downlink
-from cloud_sync.sync_nats import connect_options
+from cloud_sync.sync_nats import connect_options, inbox_prefix
 from edge_agent.backoff import Backoff
 from edge_agent.component import ErasureListener, ModelListener
 from edge_agent.config import SyncSection
@@ -60,11 +60,6 @@ _FETCH_BATCH: Final = 100
 _FOLLOW_UP_S: Final = 0.05  # the wait for more after a first message: its added latency
 _INACTIVE_S: Final = 300.0  # a consumer left by a dead agent goes away by itself
 _GAP_CATCH_UP_ROUNDS: Final = 50  # each reads up to 20 pages of the HTTP feed
-
-
-def inbox_prefix(store_id: str) -> str:
-    """Replies (fetched messages, API answers) come to inboxes only this store may read."""
-    return f"_INBOX_{store_id}"
 
 
 class NatsDownlink:

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -34,6 +35,10 @@ from cloud_sync.store.backend import open_backend
 from cloud_sync.store.cli import build_parser
 from cloud_sync.store.nats_ingest import STREAM, IngestSettings, IngestWorker
 from cloud_sync.store.nats_shards import DEFAULT_SHARDS, server_mapping, shard_of, shard_stream
+from cloud_sync.sync_nats import NatsEvents, inbox_prefix
+from edge_agent.buffer.reads import PendingRow
+from edge_agent.config import SyncSection
+from edge_agent.governance import ConsentLedger
 from tests.support.nats import (
     jetstream_ready,
     nats_server,
@@ -228,14 +233,49 @@ async def test_the_hub_config_as_a_cluster_shards_and_confines_each_store(
     worker = IngestWorker(settings, backend)
     ready = asyncio.Event()
     task = asyncio.create_task(worker.run(ready))
+    # Store 002 listens for everyone's replies, as a compromised box would try to.
+    violations: list[str] = []
+
+    async def refused(exc: Exception) -> None:
+        violations.append(str(exc).lower())
+
+    snoop = await nats.connect(
+        hub.url("store-002", PASSWORDS["NATS_STORE_002_PASSWORD"]).split(","),
+        error_cb=refused,
+        allow_reconnect=False,
+    )
+    overheard: list[bytes] = []
+
+    async def heard(message: Any) -> None:
+        overheard.append(message.data)
+
+    await snoop.subscribe("_INBOX.>", cb=heard)
+    await snoop.subscribe(inbox_prefix("store-001") + ".>", cb=heard)
+    await snoop.flush()
+    # Store 001 sends through the agent's own sink, with only the config's permissions.
+    sink_settings = SyncSection(
+        transport="nats",
+        url=",".join(f"nats://127.0.0.1:{port}" for port in hub.ports),
+        nats_user="store-001",
+        nats_password=PASSWORDS["NATS_STORE_001_PASSWORD"],
+        timeout_s=10.0,
+    )
+    item = envelope(store_id="store-001", event_id="from-001")
+    row = PendingRow(1, json.dumps(item, separators=(",", ":")), True, None)
     store = await nats.connect(
-        hub.url("store-001", PASSWORDS["NATS_STORE_001_PASSWORD"]).split(",")
+        hub.url("store-001", PASSWORDS["NATS_STORE_001_PASSWORD"]).split(","),
+        inbox_prefix=inbox_prefix("store-001"),
     )
     try:
         await asyncio.wait_for(ready.wait(), 90)  # streams created, the probe agreed
+        async with NatsEvents(sink_settings, "store-001") as sink:
+            result = await sink.post_rows(
+                [row], ConsentLedger(require_consent=True), b"k" * 32, compress=False
+            )
+        assert (result.accepted, result.duplicates) == (1, 0)
         js = store.jetstream(timeout=5)
-        item = envelope(store_id="store-001", event_id="from-001")
-        ack = await js.publish("edge.events.store-001", json.dumps(item).encode())
+        second = json.dumps(envelope(store_id="store-001", event_id="from-001b")).encode()
+        ack = await js.publish("edge.events.store-001", second)
         assert ack.stream == shard_stream(STREAM, shard_of("store-001", DEFAULT_SHARDS))
         # Another store's subject, before or after the mapping: refused by the server.
         forged = json.dumps(envelope(store_id="store-002", event_id="forged")).encode()
@@ -243,17 +283,21 @@ async def test_the_hub_config_as_a_cluster_shards_and_confines_each_store(
             with pytest.raises(nats.errors.TimeoutError):
                 await js.publish(subject, forged, timeout=2)
         deadline = time.monotonic() + 30
-        while worker.stats.accepted < 1:
+        while worker.stats.accepted < 2:
             if time.monotonic() > deadline:
                 raise AssertionError("the store's event was not ingested within 30 s")
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # room for a forged event to arrive, were it let through
     finally:
         await store.close()
+        await snoop.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await backend.close()
-    assert store_event_ids(sqlite_url) == ["from-001"]
+    assert sorted(store_event_ids(sqlite_url)) == ["from-001", "from-001b"]
+    # Neither the default inbox nor store 001's: both subscriptions refused, nothing heard.
+    assert overheard == []
+    assert sum("permissions violation" in text for text in violations) >= 2, violations
     manager = await nats.connect(ingest_url.split(","))
     try:
         for shard in range(DEFAULT_SHARDS):

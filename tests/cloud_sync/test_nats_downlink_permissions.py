@@ -26,7 +26,7 @@ from nats_downlink_helpers import StoreSide, agent_config, agent_side, eventuall
 
 from cloud_sync import downlink_notices as notices
 from cloud_sync.store.backend import Backend
-from cloud_sync.sync_nats_downlink import inbox_prefix
+from cloud_sync.sync_nats import inbox_prefix
 from edge_agent.events import Event
 from tests.support.nats import NatsNode
 
@@ -51,7 +51,7 @@ def store_user(store_id: str) -> str:
     return (
         f"{{user: {store_id}, password: {PASSWORDS[store_id]}, permissions: {{"
         f" publish: {{allow: [{quoted}]}},"
-        f' subscribe: {{allow: ["{inbox_prefix(store_id)}.>", "_INBOX.>"]}} }} }}'
+        f' subscribe: {{allow: ["{inbox_prefix(store_id)}.>"]}} }} }}'
     )
 
 
