@@ -21,6 +21,7 @@ trigger-heavy ≥ 0.75x bare paho; peak PSS ≤ 80 MB after 100k events from 2,0
 
     .venv/bin/python -m benchmarks.ingest [--messages 20000] [--repeats 3] [--json out.json]
         [--clients paho,awscrt]   # the agent on each MQTT client, side by side in one run
+        [--clients awscrt,awscrt@DIR]  # and the agent's code of another checkout (before/after)
         [--memory-events 0]       # skip the memory run
 """
 
@@ -223,6 +224,17 @@ def status_of(http_port: int) -> dict[str, Any]:
     return result
 
 
+def agent_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``CLIENT`` or ``CLIENT@DIR``: the ``[mqtt] client`` value, and the environment of the
+    agent's process, which imports the agent from DIR (``git archive`` of another commit)
+    when given, so a change is measured against its base in the same run."""
+    client, _, code = spec.partition("@")
+    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING"}
+    if code:
+        env["PYTHONPATH"] = code
+    return client or "auto", env
+
+
 def run_agent(
     port: int,
     payloads: Path,
@@ -233,6 +245,7 @@ def run_agent(
     client: str = "auto",
 ) -> dict[str, Any]:
     """One agent process fed one payload file: rate, CPU per event, peak PSS, /status."""
+    client, env = agent_variant(client)
     workdir = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     http_port = free_port()
     config = workdir / "agent.toml"
@@ -244,7 +257,6 @@ def run_agent(
         "[governance]\nrequire_consent = false\n"
         f"[model]\nenabled = {'false' if no_model else 'true'}\n"
     )
-    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING"}
     agent = subprocess.Popen(
         [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], env=env
     )
@@ -309,7 +321,8 @@ def main() -> int:
     parser.add_argument(
         "--clients",
         default="auto",
-        help="comma-separated [mqtt] client values to run the agent on (e.g. paho,awscrt)",
+        help="comma-separated [mqtt] client values to run the agent on (e.g. paho,awscrt); "
+        "CLIENT@DIR runs the agent's code from DIR (another checkout) on that client",
     )
     add_png_argument(parser)
     parser.add_argument(
