@@ -41,10 +41,12 @@ _BURSTS_IN_FLIGHT: Final = 4  # bursts decoded and handed on while earlier ones 
 # dropping what it read; QoS 0 has no other flow control. As many as the bursts in flight,
 # so the next bursts are at hand when a commit finishes.
 INBOX_LIMIT: Final = 4 * MAX_BURST
-# Messages decoded between two yields to the event loop: a telemetry burst of MAX_BURST is
-# decoded in slices of about a millisecond each, so a customer event that arrives on the
-# other connection meanwhile is decoded and its trigger tapped within a slice, not after
-# the whole burst (benchmarks/suggest.py, loaded phase).
+# Messages a telemetry-only connection decodes between two yields to the event loop: its
+# bursts are decoded in slices of about a millisecond, so a customer event that arrives on
+# the events connection meanwhile is decoded and its trigger tapped within a slice, not
+# after the whole burst (benchmarks/suggest.py, loaded phase). A connection that carries
+# customer events decodes its burst in one pass: nothing on the loop is more urgent, and a
+# yield can hand the GIL to the client's thread for up to a switch interval.
 DECODE_SLICE: Final = 100
 
 
@@ -120,6 +122,7 @@ class MqttConsumer(ABC):
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._channels = channels
+        self._decode_slice = MAX_BURST if EVENTS_CHANNEL in channels else DECODE_SLICE
         self._init_client()
 
     @abstractmethod
@@ -228,13 +231,14 @@ class MqttConsumer(ABC):
         return burst
 
     async def _decode_in_slices(self, burst: list[Received]) -> list[Event | Rejected]:
-        """Decode a burst, letting the loop run other work (the other connection's customer
-        events, the personalizer's answers) between slices of DECODE_SLICE messages."""
+        """Decode a burst; a telemetry-only connection lets the loop run other work (the other
+        connection's customer events, the personalizer's answers) between its slices."""
         now = datetime.now(UTC)  # one receive time per burst: they arrived together
-        items = self._decode(burst[:DECODE_SLICE], now)
-        for start in range(DECODE_SLICE, len(burst), DECODE_SLICE):
+        step = self._decode_slice
+        items = self._decode(burst[:step], now)
+        for start in range(step, len(burst), step):
             await asyncio.sleep(0)
-            items += self._decode(burst[start : start + DECODE_SLICE], now)
+            items += self._decode(burst[start : start + step], now)
         return items
 
     def _decode(self, burst: list[Received], now: datetime) -> list[Event | Rejected]:
