@@ -229,7 +229,7 @@ def run_agent(
 ) -> dict[str, Any]:
     http_port = free_port()
     workdir = workdir / f"agent-{len(list(workdir.iterdir()))}"
-    client, env = agent_variant(client)
+    client, env, code = agent_variant(client)
     workdir.mkdir()
     config = workdir / "agent.toml"
     config.write_text(
@@ -256,6 +256,7 @@ def run_agent(
         stdout=subprocess.DEVNULL,
         stderr=log,
         env=env,
+        cwd=code,
     )
     status_url = f"http://127.0.0.1:{http_port}/status"
     prober = None
