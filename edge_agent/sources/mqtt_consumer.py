@@ -45,8 +45,8 @@ INBOX_LIMIT: Final = 4 * MAX_BURST
 # bursts are decoded in slices of about a millisecond, so a customer event that arrives on
 # the events connection meanwhile is decoded and its trigger tapped within a slice, not
 # after the whole burst (benchmarks/suggest.py, loaded phase). A connection that carries
-# customer events decodes its burst in one pass: nothing on the loop is more urgent, and a
-# yield can hand the GIL to the client's thread for up to a switch interval.
+# customer events decodes its burst in one pass, as before: nothing on the loop is more
+# urgent, and a yield can hand the GIL to the client's thread for a switch interval.
 DECODE_SLICE: Final = 100
 
 
