@@ -21,7 +21,9 @@ trigger-heavy ≥ 0.75x bare paho; peak PSS ≤ 80 MB after 100k events from 2,0
 
     .venv/bin/python -m benchmarks.ingest [--messages 20000] [--repeats 3] [--json out.json]
         [--clients paho,awscrt]   # the agent on each MQTT client, side by side in one run
+        [--clients awscrt,awscrt@DIR]  # and the agent's code of another checkout (before/after)
         [--memory-events 0]       # skip the memory run
+        [--in-process]            # only the agent's decode and row encoding, in this process
 """
 
 from __future__ import annotations
@@ -223,6 +225,18 @@ def status_of(http_port: int) -> dict[str, Any]:
     return result
 
 
+def agent_variant(spec: str) -> tuple[str, dict[str, str], str | None]:
+    """``CLIENT`` or ``CLIENT@DIR``: the ``[mqtt] client`` value, and the environment and
+    working directory of the agent's process, which imports the agent from DIR (``git
+    archive`` of another commit) when given, so a change is measured against its base in the
+    same run. The directory too: ``python -m`` puts it first on sys.path, before PYTHONPATH."""
+    client, _, code = spec.partition("@")
+    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING"}
+    if code:
+        env["PYTHONPATH"] = code
+    return client or "auto", env, code or None
+
+
 def run_agent(
     port: int,
     payloads: Path,
@@ -233,6 +247,7 @@ def run_agent(
     client: str = "auto",
 ) -> dict[str, Any]:
     """One agent process fed one payload file: rate, CPU per event, peak PSS, /status."""
+    client, env, code = agent_variant(client)
     workdir = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     http_port = free_port()
     config = workdir / "agent.toml"
@@ -244,9 +259,10 @@ def run_agent(
         "[governance]\nrequire_consent = false\n"
         f"[model]\nenabled = {'false' if no_model else 'true'}\n"
     )
-    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING"}
     agent = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], env=env
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+        env=env,
+        cwd=code,
     )
     try:
         wait_for_port(http_port, 30)
@@ -297,6 +313,54 @@ def run_agent(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def in_process(count: int, repeats: int) -> None:
+    """µs per message of the agent's own decode (JSON, checks, Event) and of the writer's row
+    encoding, in this process: the part of the CPU per event this repository's code spends
+    before SQLite. Another checkout, the same way: ``cd DIR && PYTHONPATH=THIS python -m
+    benchmarks.ingest --in-process`` (its edge_agent first on sys.path)."""
+    from datetime import UTC, datetime
+
+    from cloud_sync.envelope_schema import default_registry
+    from edge_agent.buffer.writes import event_row
+    from edge_agent.config import InputSection
+    from edge_agent.decode import decode_message, make_context, parse_topic
+
+    store_id = "bench-store"
+    context = make_context(store_id, default_registry(), InputSection(), b"k" * 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        events = Path(tmp) / "events.txt"
+        write_payloads(events, count, store_id)
+        customer = events.read_bytes().splitlines()
+    telemetry = [
+        json.dumps({"ts": "2026-11-27T10:00:00.000Z", "values": {"temp_c": 4.1 + n % 7}}).encode()
+        for n in range(count)
+    ]
+    channels = (("customer events", customer, "events"), ("telemetry", telemetry, "telemetry"))
+    print(f"in-process, {count} messages, median of {repeats}, load {os.getloadavg()[0]:.2f}")
+    for label, payloads, channel in channels:
+        topic = f"edge/{store_id}/devices/bench-01/{channel}"
+        parts = parse_topic(topic, "edge", store_id)
+        assert parts is not None
+        decode_us, row_us = [], []
+        for _ in range(repeats):
+            now = datetime.now(UTC)
+            started = time.perf_counter()
+            items = [
+                item
+                for payload in payloads
+                for item in decode_message(context, parts, f"mqtt:{topic}", payload, now)
+            ]
+            decoded = time.perf_counter()
+            for item in items:
+                event_row(item, 1.0)  # type: ignore[arg-type]  # all valid: Events
+            decode_us.append((decoded - started) * 1e6 / count)
+            row_us.append((time.perf_counter() - decoded) * 1e6 / count)
+        print(
+            f"  {label:<16} decode {statistics.median(decode_us):6.2f} µs/msg, "
+            f"row {statistics.median(row_us):6.2f} µs/msg"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -309,13 +373,20 @@ def main() -> int:
     parser.add_argument(
         "--clients",
         default="auto",
-        help="comma-separated [mqtt] client values to run the agent on (e.g. paho,awscrt)",
+        help="comma-separated [mqtt] client values to run the agent on (e.g. paho,awscrt); "
+        "CLIENT@DIR runs the agent's code from DIR (another checkout) on that client",
     )
     add_png_argument(parser)
     parser.add_argument(
         "--no-model", action="store_true", help="a collect-only agent ([model] enabled = false)"
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="only decode and row encoding, in this process"
+    )
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args.messages, max(args.repeats, 5))
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     broker = "max_inflight_messages 100\nset_tcp_nodelay true\n"
     try:

@@ -47,6 +47,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.figures import Figures, add_png_argument
+from benchmarks.ingest import agent_variant
 from benchmarks.local_broker import free_port, stop_process
 from benchmarks.local_broker import mosquitto as local_mosquitto
 
@@ -227,7 +228,8 @@ def run_agent(
     port: int, workdir: Path, args: argparse.Namespace, client: str = "auto"
 ) -> dict[str, Any]:
     http_port = free_port()
-    workdir = workdir / f"agent-{client}"
+    workdir = workdir / f"agent-{len(list(workdir.iterdir()))}"
+    client, env, code = agent_variant(client)
     workdir.mkdir()
     config = workdir / "agent.toml"
     config.write_text(
@@ -253,6 +255,8 @@ def run_agent(
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,
+        env=env,
+        cwd=code,
     )
     status_url = f"http://127.0.0.1:{http_port}/status"
     prober = None
@@ -351,7 +355,10 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
-        "--clients", default="auto", help="comma-separated [mqtt] client values (paho,awscrt)"
+        "--clients",
+        default="auto",
+        help="comma-separated [mqtt] client values (paho,awscrt); CLIENT@DIR runs the agent's "
+        "code from DIR (another checkout), for before/after in one run",
     )
     add_png_argument(parser)
     args = parser.parse_args()

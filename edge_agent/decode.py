@@ -22,6 +22,7 @@ Telemetry comes in three forms (docs/telemetry.md), all one ``telemetry`` event 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def clock_rules(limits: InputSection) -> ClockRules:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message, and a frozen __init__ costs 2x
 class _Message:
     context: DecodeContext
     topic: TopicParts
@@ -91,9 +92,20 @@ class TopicParts:
     field: str = ""  # telemetry/{field}: one value per topic
 
 
+_CACHED_TOPIC_LENGTH: Final = 256  # longer topics are parsed each time: the cache stays small
+
+
 def parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
     """``{prefix}/{store_id}/devices/{device_id}/{events|telemetry|telemetry/{field}}``,
     else None."""
+    if (
+        len(topic) <= _CACHED_TOPIC_LENGTH
+    ):  # a store's devices send on a few topics, again and again
+        return _parse_topic_cached(topic, prefix, store_id)
+    return _parse_topic(topic, prefix, store_id)
+
+
+def _parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
     head = f"{prefix}/{store_id}/devices/"
     if not topic.startswith(head) or "\x00" in topic:  # MQTT forbids U+0000; PostgreSQL too
         return None
@@ -108,6 +120,9 @@ def parse_topic(topic: str, prefix: str, store_id: str) -> TopicParts | None:
     if channel not in (EVENTS_CHANNEL, TELEMETRY_CHANNEL) or topic.endswith("/"):
         return None
     return TopicParts(device_id, channel)
+
+
+_parse_topic_cached: Final = functools.lru_cache(maxsize=1024)(_parse_topic)
 
 
 def decode_message(

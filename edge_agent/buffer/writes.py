@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
+import msgspec
+
 from edge_agent.config import BufferSection
 from edge_agent.events import Event, Rejected
 from edge_agent.governance import CentralGrant, ConsentRecord, consent_of
@@ -19,6 +21,10 @@ from edge_agent.governance import CentralGrant, ConsentRecord, consent_of
 log = logging.getLogger(__name__)
 
 UNSTORABLE: Final = "unstorable"
+# The envelope's text, written for every event on the owner thread (under the GIL the event
+# loop needs): msgspec writes the same compact JSON as ``Event.to_json`` several times faster.
+# Floats may be spelled differently (``1e16``, not ``1e+16``): the same numbers.
+_ENVELOPE: Final = msgspec.json.Encoder()
 
 
 def quarantine(
@@ -153,5 +159,15 @@ def event_row(event: Event, written_at: float) -> tuple[Any, ...]:
         event.customer_id,
         event.ts,
         written_at,  # within milliseconds of receipt; used for age figures only
-        event.to_json(),
+        envelope_text(event),
     )
+
+
+def envelope_text(event: Event) -> str:
+    envelope = event.envelope()
+    try:
+        return _ENVELOPE.encode(envelope).decode("utf-8")
+    except (TypeError, ValueError, OverflowError):
+        # What msgspec refuses (a lone surrogate, a type JSON has no word for) goes the old
+        # way, so the writer's split finds and quarantines that row as before.
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
