@@ -19,7 +19,7 @@ after 100k events from 2,000 customers):
    customers, paho): their PSS summed while both run.
 
     .venv/bin/python -m benchmarks.memory [--events 100000] [--customers 2000] [--json out.json]
-        [--runtime numpy] [--clients paho,awscrt] [--skip imports,state,split]
+        [--runtime numpy] [--clients paho,awscrt,awscrt@DIR] [--skip imports,state,split]
 
 Not a test: figures depend on the machine. Everything is bounded by count and time.
 """
@@ -46,7 +46,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ingest import process_tree, pss_mb, publish, status_of, write_payloads
+from benchmarks.ingest import (
+    agent_variant,
+    process_tree,
+    pss_mb,
+    publish,
+    status_of,
+    write_payloads,
+)
 from benchmarks.local_broker import free_port, mosquitto, wait_for_port
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "edge-agent.service"
@@ -209,6 +216,7 @@ def agent_process(
     client: str = "auto",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     http_port = free_port()
+    client, variant_env, code = agent_variant(client)
     config = workdir / "agent.toml"
     config.write_text(
         f'[agent]\nstore_id = "{STORE}"\ndata_dir = "{workdir}"\n'
@@ -218,9 +226,11 @@ def agent_process(
         "[governance]\nrequire_consent = false\n"
         f'[model]\nenabled = {"true" if model else "false"}\nruntime = "{runtime}"\n'
     )
-    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING", **env_extra}
+    env = {**variant_env, **env_extra}
     agent = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], env=env
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+        env=env,
+        cwd=code,
     )
     try:
         wait_for_port(http_port, 60)
@@ -519,7 +529,8 @@ def main() -> int:
         "--clients",
         default="auto",
         help="comma-separated [mqtt] client values of the agent section (paho,awscrt): each "
-        "runs the agent once per runtime, back to back on the same broker",
+        "runs the agent once per runtime, back to back on the same broker; CLIENT@DIR runs "
+        "the agent's code from DIR (another checkout), for before/after in one run",
     )
     args = parser.parse_args()
     clients = tuple(filter(None, args.clients.split(",")))
