@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 from awscrt import exceptions as crt_exceptions
 from awscrt import io as crt_io
@@ -37,7 +37,7 @@ from edge_agent.deadletter import fingerprint
 from edge_agent.sources.base import Emit
 from edge_agent.sources.mqtt_consumer import MqttConsumer, Received
 
-if TYPE_CHECKING:  # paho is imported only on a fall-back to MQTT 3.1.1 (about 0.5 MB)
+if TYPE_CHECKING:  # paho is imported only on a fall-back to MQTT 3.1.1 (about 0.5 MB PSS)
     from edge_agent.sources.mqtt import MqttSource
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ class MqttCrtSource(MqttConsumer):
         for message in burst:
             # A message from an earlier connection is redelivered by the broker instead.
             if message.qos > 0 and message.generation == generation:
-                handle = mqtt5.PublishAcknowledgementControlHandle(cast(int, message.ack))
-                client.invoke_publish_acknowledgement(handle)
+                client.invoke_publish_acknowledgement(message.ack)
 
     async def _shutdown(self) -> None:
         client = self._client
@@ -217,11 +216,7 @@ class MqttCrtSource(MqttConsumer):
         qos = int(packet.qos)
         ack = None
         if qos > 0 and data.acquire_publish_acknowledgement_control is not None:
-            # PUBACK after the commit. Only the handle's id is kept (an int, 40 bytes; the
-            # handle object is 120): up to 16,000 messages are held between the socket and
-            # their commit (the inbox and the bursts in flight), so the peak heap, which
-            # Python's allocator keeps afterwards, is about 1.3 MB smaller.
-            ack = _control_id(data.acquire_publish_acknowledgement_control())
+            ack = data.acquire_publish_acknowledgement_control()  # PUBACK after the commit
         topic: str = packet.topic
         payload = bytes(packet.payload or b"")
         while self._inbox_full() and not self._closing.is_set():
@@ -284,12 +279,6 @@ class MqttCrtSource(MqttConsumer):
 
     def _on_stopped(self, data: Any) -> None:
         self._stopped.set()
-
-
-def _control_id(handle: mqtt5.PublishAcknowledgementControlHandle) -> int:
-    """The id inside awscrt's PUBACK handle; ``_acknowledge`` wraps it again to send it."""
-    control_id: int = handle._control_id  # private, but the handle holds only this id
-    return control_id
 
 
 def _no_delay_to(port: int) -> None:
