@@ -13,7 +13,9 @@ after 100k events from 2,000 customers):
    PSS summed over its processes when imported, ready with the model loaded, then the peak
    during and the figure after 20k and 100k trigger events (``product.pickup``, QoS 1) from
    --customers customers; once per model runtime (``--runtime both``, the default: the
-   numpy runtime, then onnxruntime, back to back on the same broker);
+   numpy runtime, then onnxruntime, back to back on the same broker; ``--clients
+   paho,awscrt``: once per MQTT client too), with its largest anonymous mappings (heaps,
+   arenas, stacks) and its threads by name;
 4. a process-split prototype: a collect-only agent (``[model] enabled = false``: no
    onnxruntime, no numpy) plus an inference process (model, sessions of --customers
    customers, paho): their PSS summed while both run.
