@@ -13,12 +13,15 @@ after 100k events from 2,000 customers):
    PSS summed over its processes when imported, ready with the model loaded, then the peak
    during and the figure after 20k and 100k trigger events (``product.pickup``, QoS 1) from
    --customers customers; once per model runtime (``--runtime both``, the default: the
-   numpy runtime, then onnxruntime, back to back on the same broker);
+   numpy runtime, then onnxruntime, back to back on the same broker; ``--clients
+   paho,awscrt``: once per MQTT client too), with its largest anonymous mappings (heaps,
+   arenas, stacks) and its threads by name;
 4. a process-split prototype: a collect-only agent (``[model] enabled = false``: no
    onnxruntime, no numpy) plus an inference process (model, sessions of --customers
    customers, paho): their PSS summed while both run.
 
     .venv/bin/python -m benchmarks.memory [--events 100000] [--customers 2000] [--json out.json]
+        [--runtime numpy] [--clients paho,awscrt,awscrt@DIR] [--skip imports,state,split]
 
 Not a test: figures depend on the machine. Everything is bounded by count and time.
 """
@@ -45,7 +48,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ingest import process_tree, pss_mb, publish, status_of, write_payloads
+from benchmarks.ingest import (
+    agent_variant,
+    process_tree,
+    pss_mb,
+    publish,
+    status_of,
+    write_payloads,
+)
 from benchmarks.local_broker import free_port, mosquitto, wait_for_port
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "edge-agent.service"
@@ -200,20 +210,29 @@ def unit_environment() -> dict[str, str]:
 
 @contextmanager
 def agent_process(
-    port: int, workdir: Path, env_extra: dict[str, str], model: bool, runtime: str = "auto"
+    port: int,
+    workdir: Path,
+    env_extra: dict[str, str],
+    model: bool,
+    runtime: str = "auto",
+    client: str = "auto",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     http_port = free_port()
+    client, variant_env, code = agent_variant(client)
     config = workdir / "agent.toml"
     config.write_text(
         f'[agent]\nstore_id = "{STORE}"\ndata_dir = "{workdir}"\n'
         f'[mqtt]\nport = {port}\nqos = 1\nclient_id = "mem-{uuid.uuid4().hex[:8]}"\n'
+        f'client = "{client}"\n'
         f"[http]\nport = {http_port}\n"
         "[governance]\nrequire_consent = false\n"
         f'[model]\nenabled = {"true" if model else "false"}\nruntime = "{runtime}"\n'
     )
-    env = {**os.environ, "EDGE_AGENT_LOG_LEVEL": "WARNING", **env_extra}
+    env = {**variant_env, **env_extra}
     agent = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], env=env
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+        env=env,
+        cwd=code,
     )
     try:
         wait_for_port(http_port, 60)
@@ -245,6 +264,33 @@ def rss_mb(pids: list[int]) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def anonymous_detail(pid: int, top: int = 8) -> list[tuple[int, float, str]]:
+    """The largest anonymous mappings by PSS: (size kB, PSS MB, what it likely is). glibc's
+    per-thread arenas are 64 MB reservations (HEAP_MAX_SIZE) of which only the touched part
+    counts; thread stacks are 8 MB (the default ulimit -s) with a guard page."""
+    rows: list[tuple[int, float, str]] = []
+    size, path = 0, ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and not head[0].endswith(":") and "-" in head[0]:
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            size, path = (end - start) // 1024, head[5] if len(head) > 5 else ""
+        elif head and head[0] == "Pss:" and (not path or path == "[heap]"):
+            pss = int(head[1]) / 1024
+            kind = (
+                "brk heap (main arena)"
+                if path == "[heap]"
+                else "thread stack"
+                if size == 8192
+                else "thread arena"
+                if size <= 65536 and 65536 % max(size, 1) == 0 and size >= 132
+                else "mmap"
+            )
+            rows.append((size, round(pss, 2), kind))
+    rows.sort(key=lambda row: -row[1])
+    return rows[:top]
 
 
 def mappings(pid: int) -> dict[str, float]:
@@ -324,7 +370,12 @@ def triggers_committed(db: Path) -> int:
 
 
 def agent_section(
-    port: int, events: int, customers: int, env_extra: dict[str, str], runtime: str
+    port: int,
+    events: int,
+    customers: int,
+    env_extra: dict[str, str],
+    runtime: str,
+    client: str = "auto",
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     FEED_RSS.clear()
@@ -335,7 +386,11 @@ def agent_section(
             "imported_pss": round(imported["Pss"], 1),
             "imported_packages": heavy,
         }
-        with agent_process(port, workdir, env_extra, True, runtime) as (agent, http_port):
+        with agent_process(port, workdir, env_extra, True, runtime, client) as (
+            agent,
+            http_port,
+        ):
+            result["client"] = client
             result["runtime"] = status_of(http_port).get("model", {}).get("runtime")
             result["load_average_start"] = os.getloadavg()
             result["ready_pss"] = round(pss_mb(process_tree(agent.pid)), 1)
@@ -350,7 +405,8 @@ def agent_section(
             }
             result["rss_after_feeds"] = [round(value, 1) for value in FEED_RSS]
             result["mappings"] = mappings(agent.pid)
-            result["threads"] = len(os.listdir(f"/proc/{agent.pid}/task"))
+            result["anonymous_top"] = anonymous_detail(agent.pid)
+            result["threads"] = thread_names(agent.pid)
             suggestions = status_of(http_port).get("suggestions", {})
             result["sessions"] = suggestions.get("sessions")
             result["shown"] = suggestions.get("shown")
@@ -359,6 +415,18 @@ def agent_section(
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def thread_names(pid: int) -> dict[str, int]:
+    """The agent's threads by name (comm): how many each part of it runs."""
+    names: dict[str, int] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+        except OSError:
+            continue
+        names[name] = names.get(name, 0) + 1
+    return dict(sorted(names.items()))
 
 
 # ---- the process-split prototype ------------------------------------------------------
@@ -459,7 +527,15 @@ def main() -> int:
         default="both",
         help="[model] runtime of the agent section; both: numpy, then onnxruntime",
     )
+    parser.add_argument(
+        "--clients",
+        default="auto",
+        help="comma-separated [mqtt] client values of the agent section (paho,awscrt): each "
+        "runs the agent once per runtime, back to back on the same broker; CLIENT@DIR runs "
+        "the agent's code from DIR (another checkout), for before/after in one run",
+    )
     args = parser.parse_args()
+    clients = tuple(filter(None, args.clients.split(",")))
     runtimes = ("numpy", "onnxruntime") if args.runtime == "both" else (args.runtime,)
     skip = set(filter(None, args.skip.split(",")))
     env_extra = {} if args.plain else unit_environment()
@@ -476,11 +552,18 @@ def main() -> int:
             if "agent" not in skip:
                 sections += [
                     (
-                        f"agent_{runtime}",
+                        f"agent_{runtime}" if client == "auto" else f"agent_{client}_{runtime}",
                         functools.partial(
-                            agent_section, port, args.events, args.customers, env_extra, runtime
+                            agent_section,
+                            port,
+                            args.events,
+                            args.customers,
+                            env_extra,
+                            runtime,
+                            client,
                         ),
                     )
+                    for client in clients
                     for runtime in runtimes
                 ]
             if "split" not in skip:

@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from awscrt import exceptions as crt_exceptions
 from awscrt import io as crt_io
@@ -35,8 +35,10 @@ from awscrt import mqtt5
 
 from edge_agent.deadletter import fingerprint
 from edge_agent.sources.base import Emit
-from edge_agent.sources.mqtt import MqttSource
 from edge_agent.sources.mqtt_consumer import MqttConsumer, Received
+
+if TYPE_CHECKING:  # paho is imported only on a fall-back to MQTT 3.1.1 (about 0.5 MB PSS)
+    from edge_agent.sources.mqtt import MqttSource
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class MqttCrtSource(MqttConsumer):
                 "mqtt.protocol.fallback the broker does not speak MQTT 5; using paho on 3.1.1, "
                 "so the QoS 1 window is the broker's max_inflight_messages"
             )
+            from edge_agent.sources.mqtt import MqttSource
+
             settings = dataclasses.replace(self.settings, protocol="3.1.1", client="paho")
             paho = MqttSource(
                 settings,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,20 @@ async def test_auto_falls_back_to_paho_on_a_broker_without_mqtt5(
     finally:
         broker.close()
     assert len(buffered_event_ids(tmp_path / "data" / "buffer.db")) == 20
+
+
+@pytest.mark.skipif(not awscrt_available(), reason="the [awscrt] extra is not installed")
+def test_an_agent_on_awscrt_does_not_import_paho() -> None:
+    """paho is loaded only when the awscrt source falls back to MQTT 3.1.1 (memory, issue
+    11): the agent's wiring and the awscrt source, imported in a fresh interpreter, leave it
+    out; the paho source itself still pulls it in (the probe can see an import)."""
+    probe = (
+        "import sys, edge_agent.app, edge_agent.sources.mqtt_crt\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paho'))\n"
+        "import edge_agent.sources.mqtt\n"
+        "print('paho.mqtt.client' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out == ["[]", "True"]
