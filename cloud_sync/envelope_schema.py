@@ -14,11 +14,12 @@ they follow the same consent rule as the envelope's ``customer_id`` when uploade
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -86,6 +87,12 @@ class TypeSpec:
     customer: bool  # a customer interaction (kept longest), as opposed to telemetry
     fields: tuple[FieldSpec, ...]
     data: Rule = field(default_factory=lambda: _rule(("object",)))  # the whole data object
+    # ``data``'s fields compiled once into a direct check (the object itself is checked by
+    # the caller, without data's own bound on keys: its fields are declared one by one).
+    clean: _FieldsCheck = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clean", _compile_fields(self.data))
 
     @property
     def identity_fields(self) -> frozenset[str]:
@@ -99,11 +106,11 @@ class Cleaned(NamedTuple):  # a tuple: built for every event, cheaper than a dat
     dropped: int
 
 
-class _Dropped:
-    __slots__ = ("count",)
+_cleaned: Final = functools.partial(tuple.__new__, Cleaned)  # Cleaned without its Python __new__
 
-    def __init__(self) -> None:
-        self.count = 0
+# Undeclared parts dropped while cleaning one value: a one-element list, the cheapest
+# mutable counter to make per event.
+_Dropped = list[int]
 
 
 class _Wrong:
@@ -131,13 +138,13 @@ class Registry:
             return "unknown_type"
         if not isinstance(data, dict):
             return "wrong_type"
-        dropped = _Dropped()
-        clean = _clean_fields(data, spec.data, dropped)
-        if isinstance(clean, _Wrong):
+        dropped = [0]
+        clean = spec.clean(data, dropped)
+        if clean is _WRONG:
             return "wrong_type"
         if clean is None:
             return "missing_field"
-        return Cleaned(clean, dropped.count)
+        return _cleaned((clean, dropped[0]))
 
     def admit_data(self, event_type: str, data: object) -> Cleaned | str:
         """``clean_data``, counting what is dropped: call it once for each input taken in."""
@@ -170,71 +177,175 @@ class Registry:
         }
 
 
-def _clean(value: object, rule: Rule, dropped: _Dropped) -> Any:
-    """``value`` with undeclared parts removed, or ``_WRONG``."""
-    # Decoded JSON holds exact built-in types, so one set lookup judges the kind (and keeps
-    # bool apart from int); this runs for every value of every event at both ends.
-    kind = type(value)
-    if kind not in rule.exact_types:
-        return _WRONG
-    if kind is str:
-        return value if len(value) <= rule.max_length else _WRONG  # type: ignore[arg-type]
-    if kind is float:
-        return value if math.isfinite(value) else _WRONG  # type: ignore[arg-type]
-    if kind is list:
-        items = rule.items
-        if items is None or len(value) > rule.max_items:  # type: ignore[arg-type]
+# The registry is compiled once into nested closures, one per rule, so the check of every
+# value of every event (at both ends) is a dict lookup and a direct test, not a walk that
+# asks each rule what it is. tests/cloud_sync/registry_reference.py keeps the plain walk of
+# the rules, and a property test holds both to the same answers.
+_Test = Callable[[Any], bool]  # a scalar rule: the value is kept as it is when it passes
+_Check = Callable[[Any, _Dropped], Any]  # the clean value, or _WRONG
+_FieldsCheck = Callable[[dict[str, Any], _Dropped], Any]  # _WRONG, None (required missing)
+_KNOWN_KEYS_LIMIT: Final = 4096  # map keys remembered as matching their pattern, per rule
+
+
+def _scalar_test(rule: Rule) -> _Test | None:
+    """A direct test for a rule without arrays or objects, else None."""
+    if "array" in rule.kinds or "object" in rule.kinds:
+        return None
+    exact = rule.exact_types
+    longest = rule.max_length
+    if exact == frozenset({str}):
+        return lambda value: type(value) is str and len(value) <= longest
+    if exact == frozenset({int, float}):
+        return lambda value: type(value) is int or (type(value) is float and math.isfinite(value))
+
+    def test(value: Any) -> bool:
+        # Decoded JSON holds exact built-in types, so one set lookup judges the kind (and
+        # keeps bool apart from int).
+        kind = type(value)
+        if kind not in exact:
+            return False
+        if kind is str:
+            return len(value) <= longest
+        if kind is float:
+            return math.isfinite(value)
+        return True
+
+    return test
+
+
+def _compile(rule: Rule) -> _Check:
+    test = _scalar_test(rule)
+    if test is not None:
+        return lambda value, dropped: value if test(value) else _WRONG
+    exact, longest, most = rule.exact_types, rule.max_length, rule.max_items
+    items = _compile(rule.items) if rule.items is not None else None
+    if rule.values is not None:
+        entries = _compile_map(rule)
+    else:
+        fields = _compile_fields(rule)
+
+        def entries(value: dict[str, Any], dropped: _Dropped) -> Any:
+            kept = fields(value, dropped)
+            return _WRONG if kept is None else kept
+
+    def check(value: Any, dropped: _Dropped) -> Any:
+        kind = type(value)
+        if kind not in exact:
             return _WRONG
-        kept: list[Any] = []
-        for element in value:  # type: ignore[attr-defined]
-            clean = _clean(element, items, dropped)
+        if kind is dict:
+            return _WRONG if len(value) > most else entries(value, dropped)
+        if kind is list:
+            if items is None or len(value) > most:
+                return _WRONG
+            kept: list[Any] = []
+            for element in value:
+                clean = items(element, dropped)
+                if clean is _WRONG:
+                    return _WRONG
+                kept.append(clean)
+            return kept
+        if kind is str:
+            return value if len(value) <= longest else _WRONG
+        if kind is float:
+            return value if math.isfinite(value) else _WRONG
+        return value  # int, bool, None
+
+    return check
+
+
+def _scalar_source(rule: Rule, name: str) -> str | None:
+    """``_scalar_test`` as a Python expression on the variable ``name``, for the common
+    kinds; None for the others."""
+    exact = rule.exact_types
+    if "array" in rule.kinds or "object" in rule.kinds:
+        return None
+    if exact == frozenset({str}):
+        return f"(type({name}) is str and len({name}) <= {int(rule.max_length)})"
+    if exact == frozenset({int, float}):
+        return f"(type({name}) is int or (type({name}) is float and isfinite({name})))"
+    if exact in (frozenset({int}), frozenset({bool})):
+        return f"type({name}) is {next(iter(exact)).__name__}"
+    return None
+
+
+def _compile_fields(rule: Rule) -> _FieldsCheck:
+    """An object with declared keys: the clean copy, ``_WRONG``, or None (a required key is
+    missing; a wrong value anywhere wins over a missing key).
+
+    Written out as Python source once per object rule (as ``dataclasses`` writes its
+    ``__init__``), so each declared field is one inlined comparison and test, not a call."""
+    checks: dict[str, _Check] = {}
+    lines = ["def clean_fields(value, dropped):", "    kept = {}"]
+    lines.append("    for name, element in value.items():")
+    word = "if"
+    for name, spec in rule.fields.items():
+        lines.append(f"        {word} name == {name!r}:")
+        word = "elif"
+        test = _scalar_source(spec.rule, "element")
+        if test is not None:
+            lines.append(f"            if not {test}: return WRONG")
+        else:
+            checks[name] = _compile(spec.rule)
+            lines.append(f"            element = checks[{name!r}](element, dropped)")
+            lines.append("            if element is WRONG: return WRONG")
+    indent = "            " if rule.fields else "        "
+    if rule.fields:
+        lines.append("        else:")
+    lines += [f"{indent}dropped[0] += 1", f"{indent}continue"]
+    lines += [
+        "        kept[name] = element",
+        "    if required and not required.issubset(kept):",
+        "        return None",
+        "    return kept",
+    ]
+    text = "\n".join(lines) + "\n"
+    required = frozenset(spec.name for spec in rule.fields.values() if spec.required)
+    scope: dict[str, Any] = {
+        "WRONG": _WRONG,
+        "checks": checks,
+        "required": required,
+        "isfinite": math.isfinite,
+    }
+    exec(text, scope)  # noqa: S102 - source built above from the parsed registry's names
+    compiled: _FieldsCheck = scope["clean_fields"]
+    return compiled
+
+
+def _compile_map(rule: Rule) -> _FieldsCheck:
+    """Keys matching ``key_pattern`` (others dropped), values of one rule."""
+    assert rule.values is not None  # the caller checked
+    pattern = rule.key_pattern
+    test = _scalar_test(rule.values)
+    check = _compile(rule.values)
+    # A store's devices send the same few names again and again: each is matched once.
+    known: dict[str, bool] = {}
+
+    def matches(name: str) -> bool:
+        verdict = known.get(name)
+        if verdict is None:
+            verdict = pattern is not None and pattern.fullmatch(name) is not None
+            if len(known) < _KNOWN_KEYS_LIMIT:
+                known[name] = verdict
+        return verdict
+
+    def clean_map(value: dict[str, Any], dropped: _Dropped) -> Any:
+        kept: dict[str, Any] = {}
+        for name, element in value.items():
+            if not matches(name):
+                dropped[0] += 1
+                continue
+            if test is not None:
+                if not test(element):
+                    return _WRONG
+                kept[name] = element
+                continue
+            clean = check(element, dropped)
             if clean is _WRONG:
                 return _WRONG
-            kept.append(clean)
+            kept[name] = clean
         return kept
-    if kind is dict:
-        if len(value) > rule.max_items:  # type: ignore[arg-type]
-            return _WRONG
-        if rule.values is not None:
-            return _clean_map(value, rule, dropped)  # type: ignore[arg-type]
-        fields = _clean_fields(value, rule, dropped)  # type: ignore[arg-type]
-        return _WRONG if fields is None else fields
-    return value  # int, bool, None
 
-
-def _clean_fields(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
-    """An object with declared keys: the clean copy, ``_WRONG``, or None (a required key is
-    missing)."""
-    kept: dict[str, Any] = {}
-    declared = rule.fields
-    for name, element in value.items():
-        spec = declared.get(name)
-        if spec is None:
-            dropped.count += 1
-            continue
-        clean = _clean(element, spec.rule, dropped)
-        if clean is _WRONG:
-            return _WRONG
-        kept[name] = clean
-    if len(kept) < len(declared):
-        for spec in declared.values():
-            if spec.required and spec.name not in kept:
-                return None
-    return kept
-
-
-def _clean_map(value: dict[str, Any], rule: Rule, dropped: _Dropped) -> Any:
-    kept: dict[str, Any] = {}
-    assert rule.values is not None  # the caller checked
-    for name, element in value.items():
-        if rule.key_pattern is None or not rule.key_pattern.fullmatch(name):
-            dropped.count += 1
-            continue
-        clean = _clean(element, rule.values, dropped)
-        if clean is _WRONG:
-            return _WRONG
-        kept[name] = clean
-    return kept
+    return clean_map
 
 
 def _is_id(value: object) -> bool:

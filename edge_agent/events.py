@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import msgspec
+
 SCHEMA_VERSION: Final = 1
 _MAX_TS_LENGTH: Final = 64  # the longest RFC 3339 text is 35 characters
 # A fixed namespace so the same (key, source, raw bytes, index) always yields the same id.
@@ -57,9 +59,15 @@ def parse_ts(text: str) -> datetime | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One governed event envelope (DESIGN.md, "The event envelope")."""
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One governed event envelope (DESIGN.md, "The event envelope").
+
+    A frozen msgspec Struct rather than a frozen dataclass: one is built per event, and a
+    frozen dataclass's ``__init__`` sets each of its 11 fields through ``object.__setattr__``
+    (about 1 µs; the Struct is built in C in about 0.2). Immutable all the same (assigning a
+    field raises ``AttributeError``). ``gc=False``: an event refers only to strings and its
+    decoded JSON ``data``, never back to itself, so the collector need not track it.
+    """
 
     event_id: str
     type: str
