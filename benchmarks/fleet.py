@@ -443,12 +443,14 @@ async def stream_bytes_per_event(url: str, count: int) -> float:
 
 
 async def _stream_state(url: str) -> tuple[int, int]:
+    """Messages and bytes of every event stream (the shards ``EDGE_EVENTS_<k>``, or one)."""
     nc = await nats.connect(url.split(","), connect_timeout=2)
     try:
-        state = (await nc.jetstream(timeout=10).stream_info(STREAM)).state
+        infos = await nc.jetstream(timeout=10).streams_info()
     finally:
         await nc.close()
-    return int(state.messages), int(state.bytes)
+    states = [i.state for i in infos if (i.config.name or "").startswith(STREAM)]
+    return sum(int(s.messages) for s in states), sum(int(s.bytes) for s in states)
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ pull loop per shard it drains (all N, or the one ``--shard`` pins it to) on the 
 consumer ``ingest`` of that stream; any number of worker processes share each consumer:
 JetStream hands each message to one of them at a time.
 
-A loop fetches up to ``batch`` messages, judges every envelope exactly as the HTTP ingest
-does (``ingest.decode_body`` and ``ingest.check_batch``: limits, schema, storable values),
+A loop fetches up to ``batch`` messages, reads them in one pass (``nats_envelopes``: msgspec
+for the common case, the HTTP ingest's reader for anything unusual), judges every envelope
+exactly as the HTTP ingest does (``ingest.check_batch``: limits, schema, storable values),
 writes the valid ones with the backend's idempotent ``ingest`` in one transaction (COPY into
 staging on PostgreSQL), and only after the commit acknowledges them. A worker killed before
 its acknowledgements leaves the messages to be redelivered (after ``ack_wait``) to another
@@ -47,8 +48,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
-from cloud_sync.store.errors import BadRequestError, StoreError
-from cloud_sync.store.ingest import Limits, Piece, check_batch, decode_body
+from cloud_sync.store.errors import StoreError
+from cloud_sync.store.ingest import Limits, Piece, check_batch
+from cloud_sync.store.nats_envelopes import read_batch
 from cloud_sync.store.nats_shards import (
     DEFAULT_SHARDS,
     MAX_SHARDS,
@@ -270,13 +272,16 @@ class IngestWorker:
         by_store: dict[str, list[tuple[Msg, Piece]]] = {}
         poison: list[tuple[Msg, str]] = []
         probes: list[Msg] = []
-        for msg in msgs:
-            store_id, piece = self._read(msg)
-            if store_id is not None and is_probe(store_id):
-                probes.append(msg)  # a starting worker's layout check: nothing to store
-            elif store_id is None:  # refused pieces go through check_batch: same reasons
+        settings = self.settings
+        read = read_batch(
+            msgs, settings.subject_prefix, settings.shard_subject_prefix, settings.limits
+        )
+        for msg, (store_id, piece) in zip(msgs, read, strict=True):
+            if not store_id:
                 poison.append((msg, "bad_subject"))
-            else:
+            elif is_probe(store_id):
+                probes.append(msg)  # a starting worker's layout check: nothing to store
+            else:  # refused pieces go through check_batch: same reasons, counted once
                 by_store.setdefault(store_id, []).append((msg, piece))
         rows = []
         good: list[Msg] = []
@@ -332,31 +337,6 @@ class IngestWorker:
             counts.accepted,
             counts.duplicates + repeated,
         )
-
-    def _read(self, msg: Msg) -> tuple[str | None, Piece]:
-        """The store id the subject names, and the message's one envelope (parsed)."""
-        store_id = store_of_subject(msg.subject, self.settings)
-        if not store_id:
-            return None, Piece(refused="bad_subject")
-        try:
-            items = decode_body(b"[" + msg.data + b"]", None, self.settings.limits).items
-        except BadRequestError as exc:
-            return store_id, Piece(refused=exc.reason)
-        except ValueError:
-            return store_id, Piece(refused="malformed_json")
-        if len(items) != 1:
-            return store_id, Piece(refused="not_one_envelope")
-        return store_id, items[0]
-
-
-def store_of_subject(subject: str, settings: IngestSettings) -> str:
-    """``<shard prefix>.<k>.<store_id>`` or ``<prefix>.<store_id>``: the store id, else ""."""
-    shard_prefix = settings.shard_subject_prefix + "."
-    if subject.startswith(shard_prefix):
-        shard, _, store_id = subject[len(shard_prefix) :].partition(".")
-        return store_id if shard.isdigit() and "." not in store_id else ""
-    prefix = settings.subject_prefix + "."
-    return subject[len(prefix) :] if subject.startswith(prefix) else ""
 
 
 def _raise_if_cancelled() -> None:
