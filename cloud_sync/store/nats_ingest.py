@@ -24,8 +24,10 @@ store.
 
 Poison: a message that can never be stored (bad JSON, bad schema, another store's envelope,
 a subject without a store id) is terminated (``term``): counted by reason, logged, never
-redelivered. A database that fails is a transient fault: the batch is not acknowledged
-(``nak`` with a delay) and comes back; ``max_deliver`` bounds even that.
+redelivered. A database that fails is a transient fault: the worker keeps the batch (its
+messages marked in progress) and retries the write with backoff until the database takes it;
+it never hands the batch back (``nak``), which would spend JetStream's ``max_deliver`` and,
+after a long enough database outage, leave acknowledged events in the stream undelivered.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from cloud_sync.store.nats_shards import (
     shard_stream,
     shard_subjects,
 )
+from cloud_sync.store.records import EventRow, IngestCounts
 
 __all__ = [
     "DURABLE",
@@ -83,7 +86,7 @@ log = logging.getLogger(__name__)
 
 DURABLE: Final = "ingest"
 ACK_WAIT_S: Final = 30.0  # a worker killed with -9: its batch goes to another after this
-MAX_DELIVER: Final = 20  # even a batch the database keeps failing stops coming back
+MAX_DELIVER: Final = 20  # a batch whose workers died this often (crash, -9) stops coming back
 _RETRY_DELAY_S: Final = 2.0
 
 
@@ -105,6 +108,8 @@ class IngestSettings:
     batch: int = 500
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = ACK_WAIT_S
+    max_deliver: int = MAX_DELIVER
+    retry_delay_s: float = _RETRY_DELAY_S  # first wait after a database failure
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -127,7 +132,7 @@ class WorkerStats:
     erased: int = 0
     probes: int = 0  # layout probes of starting workers, acknowledged and not stored
     rejected: Counter[str] = field(default_factory=Counter)
-    failures: int = 0  # batches the database did not take (redelivered)
+    failures: int = 0  # database writes that failed (each retried by the worker)
     by_stream: Counter[str] = field(default_factory=Counter)  # messages per stream
 
 
@@ -207,7 +212,7 @@ async def subscribe(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
-        max_deliver=MAX_DELIVER,
+        max_deliver=settings.max_deliver,
         max_ack_pending=max(1000, settings.batch * 8),
     )
     return await patiently(
@@ -302,16 +307,7 @@ class IngestWorker:
                     good.append(msg)
             rows.extend(checked.rows)
             repeated += checked.repeated
-        try:
-            counts = await self.backend.ingest(rows, now, None)
-        # Whatever the database raised (its drivers differ): not acknowledged, so redelivered,
-        # at most MAX_DELIVER times; the worker goes on with the next batch.
-        except Exception as exc:
-            self.stats.failures += 1
-            log.warning("ingest.batch.failed messages=%d detail=%s", len(msgs), exc)
-            for msg in good:
-                await _settle(msg.nak(delay=_RETRY_DELAY_S))
-            return
+        counts = await self._write(rows, now, good)
         # After the commit: acknowledged; and the poison, terminated and counted.
         for msg in good + probes:
             await _settle(msg.ack())
@@ -337,6 +333,34 @@ class IngestWorker:
             counts.accepted,
             counts.duplicates + repeated,
         )
+
+    async def _write(
+        self, rows: list[EventRow], now: datetime, held: Sequence[Msg]
+    ) -> IngestCounts:
+        """Write the batch, retrying until the database takes it. Handing the batch back
+        (nak) would spend one of JetStream's ``max_deliver`` deliveries per failure, and a
+        database away longer than those left the batch in the stream, never delivered again:
+        acknowledged events never stored. So the worker keeps the messages (``in_progress``
+        restarts their ``ack_wait``) and backs off; cancelled or killed meanwhile, it leaves
+        them to be redelivered to another worker after ``ack_wait``."""
+        delay = self.settings.retry_delay_s
+        while True:
+            try:
+                return await self.backend.ingest(rows, now, None)
+            # Whatever the database raised (its drivers differ): a transient fault, retried.
+            except Exception as exc:
+                self.stats.failures += 1
+                log.warning(
+                    "ingest.batch.failed messages=%d retry_in_s=%.1f detail=%s",
+                    len(held),
+                    delay,
+                    exc,
+                )
+            for msg in held:
+                await _settle(msg.in_progress())
+            await asyncio.sleep(delay)
+            # Below ack_wait: the next in_progress comes before the messages would expire.
+            delay = min(delay * 2, self.settings.ack_wait_s / 3)
 
 
 def _raise_if_cancelled() -> None:

@@ -15,7 +15,9 @@ HTTP ingest's reader gives it: on hostile and generated messages, and through a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import psycopg
 import pytest
 from cstore_helpers import envelope
 from hypothesis import given, settings
@@ -580,3 +583,48 @@ async def test_a_mixed_batch_refuses_each_message_for_the_http_ingests_reason(
     assert dict(worker.stats.rejected) == expected
     assert worker.stats.batches >= 2  # more than one fetched batch went through
     assert await stream_messages(js_client, stream_of(store)) == 0
+
+
+def rename_events_table(db_url: str, old: str, new: str) -> None:
+    """Make the store's writes fail (its events table gone) or work again, from outside."""
+    statement = f"ALTER TABLE {old} RENAME TO {new}"
+    if db_url.startswith("sqlite://"):
+        path = db_url.removeprefix("sqlite://")
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute(statement)
+            db.commit()
+        return
+    with psycopg.connect(db_url) as conn:
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
+async def test_a_database_down_longer_than_max_deliver_tries_loses_nothing(
+    server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
+) -> None:
+    """JetStream stops delivering a message after max_deliver tries: a worker that handed
+    its batch back (nak) at each database failure left acknowledged events in the stream,
+    never to be stored, once the database was away longer than those tries. The worker
+    keeps the batch and retries until the database takes it."""
+    settings = IngestSettings(
+        url=server.url, fetch_timeout_s=0.2, max_deliver=3, retry_delay_s=0.1, ack_wait_s=5
+    )
+    events = [envelope(store_id="store-a", event_id=f"down-{n}") for n in range(10)]
+    worker = IngestWorker(settings, backend)
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        rename_events_table(db_url, "events", "events_away")
+        try:
+            await publish_events(js_client, events)
+            # More failed writes than JetStream would deliver the batch: the old way stops at
+            # max_deliver (never reached here), the batch stranded in the stream.
+            await until(lambda: worker.stats.failures > settings.max_deliver, within=15)
+        finally:
+            rename_events_table(db_url, "events_away", "events")
+        await until(lambda: len(store_event_ids(db_url)) >= len(events))
+        assert await consumer_idle(js_client, stream_of("store-a")) == (0, 0)
+    finally:
+        await stop(task)
+    assert sorted(store_event_ids(db_url)) == sorted(item["event_id"] for item in events)
+    assert worker.stats.accepted == len(events)
