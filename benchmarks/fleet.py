@@ -1,7 +1,8 @@
 """A simulated fleet through a 3-node NATS cluster into PostgreSQL, beside HTTP (prints figures).
 
     .venv/bin/python -m benchmarks.fleet [--stores 1000] [--rate 2] [--seconds 60]
-        [--drivers 2] [--workers 2] [--outage-s 60] [--phases nats,http,outage]
+        [--drivers 2] [--workers 2] [--shards 4] [--outage-at-s 20] [--outage-s 60]
+        [--phases nats,http,outage]
 
 Not a test. On this machine everything shares the cores: the cluster, the workers, the
 HTTP store, PostgreSQL and the simulated stores; each figure comes with the CPU the parts
@@ -12,15 +13,20 @@ share of the ``--stores`` as asyncio tasks with the real sink and the uploader's
 connection per store, batches of 500, backoff with a readiness probe), each store offering
 ``--rate`` events/s for ``--seconds``. Phases, each into its own scratch PostgreSQL schema:
 
-1. nats: through a private three-node cluster (stream R3) drained by ``--workers``
-   ``customer-store ingest`` processes;
+1. nats: through a private three-node cluster mapping the events to ``--shards`` R3 streams
+   (``EDGE_EVENTS_<k>``; 0: the one stream ``EDGE_EVENTS``) drained by ``--workers``
+   ``customer-store ingest --shards N`` processes;
 2. http: the same fleet through ``cloud_sync.uploader.HttpEvents`` to one
    ``customer-store serve`` (gzip batches, one token per store);
 3. outage: the nats phase with the whole cluster killed (-9) ``--outage-at-s`` after the
-   start and restarted ``--outage-s`` later; the stores keep making events meanwhile.
-   Catch-up: from the restart until the last event made before it was stored.
+   start (which must fall before ``--seconds``) and restarted ``--outage-s`` later; the
+   stores keep making events meanwhile. Held by the outage: events made before the restart
+   and stored after the kill; catch-up: from the restart until the last of them was stored.
 
-Per phase: events made / stored, events/s stored (first ``ts`` to last commit), p50/p99 of
+Per phase: events made, acknowledged (PubAck or HTTP 2xx) and stored, after waiting (at most
+``--wait-s``) for every event made to be stored; a NATS phase that stored fewer than were
+acknowledged also reports what the streams and their consumers still hold (waiting, or gone
+from the hub). Then events/s stored (first ``ts`` to last commit), p50/p99 of
 device-to-store lag (``ingested_at - ts``, one clock), CPU seconds per 1,000 events of the
 drivers, the ingest workers (or the HTTP store), the NATS servers, the PostgreSQL backends of
 this run's database, and every ``postgres`` process of the machine (other users included).
@@ -50,7 +56,8 @@ import psycopg
 
 from benchmarks.fleet_driver import Plan, envelope_row
 from benchmarks.store import DEFAULT_PG, make_tokens, new_schema, percentile, scratch_database
-from cloud_sync.store.nats_ingest import STREAM
+from cloud_sync.store.nats_ingest import DURABLE, STREAM
+from cloud_sync.store.nats_shards import DEFAULT_SHARDS
 from cloud_sync.sync_nats import NatsEvents
 from edge_agent.config import SyncSection
 from edge_agent.governance import ConsentLedger
@@ -100,8 +107,9 @@ def backend_pids(db_url: str) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
-def lag_figures(db_url: str, restart_epoch: float | None) -> dict[str, Any]:
-    """Rows, events/s (first ts to last commit), lag p50/p99; with an outage, catch-up."""
+def lag_figures(db_url: str, outage: tuple[float, float] | None) -> dict[str, Any]:
+    """Rows, events/s (first ts to last commit), lag p50/p99; with an outage (kill and
+    restart epochs), what it held up and the catch-up."""
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM ingested_at - ts), extract(epoch FROM ts),"
@@ -118,25 +126,52 @@ def lag_figures(db_url: str, restart_epoch: float | None) -> dict[str, Any]:
         "lag_p50_s": round(percentile(lags, 0.5), 3),
         "lag_p99_s": round(percentile(lags, 0.99), 3),
     }
-    if restart_epoch is not None:
-        before = [float(r[2]) for r in rows if float(r[1]) < restart_epoch]
-        found["catch_up_s"] = round(max(before) - restart_epoch, 1) if before else None
+    if outage is not None:
+        killed, restarted = outage
+        # Events made before the restart but stored after the kill: what the outage held up.
+        held = [float(r[2]) for r in rows if float(r[1]) < restarted and float(r[2]) >= killed]
+        found["held_by_outage"] = len(held)
+        # None when nothing waited (every event made before the kill was stored before it).
+        found["catch_up_s"] = round(max(held) - restarted, 1) if held else None
         # Until the last event (made before or after the restart) was stored.
-        found["drained_after_restart_s"] = round(last_in - restart_epoch, 1)
+        found["drained_after_restart_s"] = round(last_in - restarted, 1)
     return found
 
 
-def wait_rows(db_url: str, count: int, within: float) -> int:
-    deadline = time.monotonic() + within
-    seen = 0
-    while time.monotonic() < deadline:
-        with psycopg.connect(db_url) as conn:
-            row = conn.execute("SELECT count(*) FROM events").fetchone()
-        seen = int(row[0]) if row else 0
-        if seen >= count:
-            return seen
+def stored_rows(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM events").fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_rows(db_url: str, count: int, within: float) -> tuple[int, float]:
+    """Wait (bounded) until ``count`` rows are stored; return the rows and seconds waited."""
+    started = time.monotonic()
+    seen = stored_rows(db_url)
+    while seen < count and time.monotonic() - started < within:
         time.sleep(0.5)
-    return seen
+        seen = stored_rows(db_url)
+    return seen, round(time.monotonic() - started, 1)
+
+
+async def left_in_streams(url: str) -> dict[str, int]:
+    """What the event streams still hold and their consumers have not settled: after a
+    phase that stored fewer events than were acknowledged, whether the rest still waits
+    (redelivery, a stalled worker) or is gone from the hub."""
+    nc = await nats.connect(url.split(","), connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=10)
+        infos = [i for i in await js.streams_info() if (i.config.name or "").startswith(STREAM)]
+        found = {"messages": 0, "num_pending": 0, "num_ack_pending": 0, "num_redelivered": 0}
+        for info in infos:
+            found["messages"] += int(info.state.messages)
+            consumer = await js.consumer_info(info.config.name or "", DURABLE)
+            found["num_pending"] += int(consumer.num_pending or 0)
+            found["num_ack_pending"] += int(consumer.num_ack_pending or 0)
+            found["num_redelivered"] += int(consumer.num_redelivered or 0)
+    finally:
+        await nc.close()
+    return found
 
 
 def load_average() -> str:
@@ -290,34 +325,45 @@ def run_phase(
         assert driver.stdin is not None
         driver.stdin.write(f"go {go}\n".encode())
         driver.stdin.flush()
-    restart_epoch = None
+    outage = None
     if label == "outage" and cluster is not None:
         time.sleep(max(0.0, go + args.outage_at_s - time.time()))
         meter.bank("nats", cluster.pids())
+        killed_epoch = time.time()
         for node in cluster.nodes:
             node.kill()
         print(f"{label}: cluster killed (-9)", file=sys.stderr, flush=True)
         time.sleep(args.outage_s)
         for node in cluster.nodes:
             node.start(wait=False)
-        restart_epoch = time.time()
+        outage = (killed_epoch, time.time())
         groups["nats"] = cluster.pids()
         print(f"{label}: cluster restarted", file=sys.stderr, flush=True)
     results = driver_results(drivers, args.seconds + args.wait_s + 60)
     made = sum(r.get("made", 0) for r in results)
-    stored = wait_rows(schema, made, args.wait_s)
+    acknowledged = sum(r.get("acknowledged", 0) for r in results)
+    # The drivers end once every event is acknowledged (or at their deadline); the workers
+    # may still be draining the catch-up: wait for every event made, bounded.
+    stored, waited_s = wait_rows(schema, made, args.wait_s)
     groups["pg_backends"] = backend_pids(schema)
     spent = meter.stop(groups)
     spent["drivers"] = sum(r.get("cpu_s", 0.0) for r in results)  # their own, to the end
-    figures = lag_figures(schema, restart_epoch)
+    figures = lag_figures(schema, outage)
     per_k = 1000.0 / max(figures.get("stored", 0), 1)
-    return {
+    found: dict[str, Any] = {
         "phase": label,
         "stores": args.stores,
         "offered_per_s": round(args.stores * args.rate, 1),
         "made": made,
-        "acknowledged": sum(r.get("acknowledged", 0) for r in results),
+        "acknowledged": acknowledged,
         "stored_count": stored,
+        "waited_for_stored_s": waited_s,
+        "complete": stored == made == acknowledged,
+    }
+    if cluster is not None and stored < acknowledged:
+        found["left_in_streams"] = asyncio.run(left_in_streams(cluster.url))
+    return {
+        **found,
         **figures,
         "cpu_s_per_1k": {name: round(cpu * per_k, 3) for name, cpu in spent.items()},
         "cpu_s": {name: round(cpu, 1) for name, cpu in spent.items()},
@@ -352,6 +398,8 @@ def start_workers(
                 schema,
                 "--pool-size",
                 "2",
+                "--shards",
+                str(args.shards),
             ],
             work / f"ingest-{label}-{n}.log",
             "ingesting",
@@ -365,6 +413,11 @@ def main_sync(args: argparse.Namespace) -> None:
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise SystemExit(f"unknown phases {sorted(unknown)}; known: {PHASES}")
+    if "outage" in phases and args.outage_at_s >= args.seconds:
+        raise SystemExit(
+            f"--outage-at-s {args.outage_at_s:g} is not before --seconds {args.seconds:g}: the "
+            "hub would go down after the last event was made, and the phase measure no outage"
+        )
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
         if args.keep_logs:
@@ -374,7 +427,7 @@ def main_sync(args: argparse.Namespace) -> None:
         results = []
         print(
             f"fleet: {args.stores} stores x {args.rate} ev/s for {args.seconds} s, "
-            f"{args.drivers} drivers, {args.workers} workers, sync.timeout_s "
+            f"{args.drivers} drivers, {args.workers} workers, {args.shards} shards, sync.timeout_s "
             f"{args.sync_timeout_s}; load {load_average()}",
             file=sys.stderr,
             flush=True,
@@ -405,7 +458,7 @@ def main_sync(args: argparse.Namespace) -> None:
                     plans = split_plans(args, "http", url, tokens)
                     results.append(run_phase(label, args, plans, work, schema, [serve.pid], None))
             else:
-                cluster = NatsCluster(work / f"cluster-{label}")
+                cluster = NatsCluster(work / f"cluster-{label}", shards=args.shards)
                 cluster.start()
                 try:
                     asyncio.run(jetstream_ready(cluster.url, 60))
@@ -443,12 +496,14 @@ async def stream_bytes_per_event(url: str, count: int) -> float:
 
 
 async def _stream_state(url: str) -> tuple[int, int]:
+    """Messages and bytes of every event stream (the shards ``EDGE_EVENTS_<k>``, or one)."""
     nc = await nats.connect(url.split(","), connect_timeout=2)
     try:
-        state = (await nc.jetstream(timeout=10).stream_info(STREAM)).state
+        infos = await nc.jetstream(timeout=10).streams_info()
     finally:
         await nc.close()
-    return int(state.messages), int(state.bytes)
+    states = [i.state for i in infos if (i.config.name or "").startswith(STREAM)]
+    return sum(int(s.messages) for s in states), sum(int(s.bytes) for s in states)
 
 
 def main() -> None:
@@ -458,6 +513,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long events are made")
     parser.add_argument("--drivers", type=int, default=2, help="processes simulating stores")
     parser.add_argument("--workers", type=int, default=2, help="ingest worker processes")
+    parser.add_argument(
+        "--shards", type=int, default=DEFAULT_SHARDS, help="hub shard streams (0: one stream)"
+    )
     parser.add_argument("--outage-at-s", type=float, default=20.0)
     parser.add_argument("--outage-s", type=float, default=60.0)
     parser.add_argument("--phases", default=",".join(PHASES), help="of nats,http,outage")

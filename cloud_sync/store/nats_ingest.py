@@ -7,8 +7,9 @@ pull loop per shard it drains (all N, or the one ``--shard`` pins it to) on the 
 consumer ``ingest`` of that stream; any number of worker processes share each consumer:
 JetStream hands each message to one of them at a time.
 
-A loop fetches up to ``batch`` messages, judges every envelope exactly as the HTTP ingest
-does (``ingest.decode_body`` and ``ingest.check_batch``: limits, schema, storable values),
+A loop fetches up to ``batch`` messages, reads them in one pass (``nats_envelopes``: msgspec
+for the common case, the HTTP ingest's reader for anything unusual), judges every envelope
+exactly as the HTTP ingest does (``ingest.check_batch``: limits, schema, storable values),
 writes the valid ones with the backend's idempotent ``ingest`` in one transaction (COPY into
 staging on PostgreSQL), and only after the commit acknowledges them. A worker killed before
 its acknowledgements leaves the messages to be redelivered (after ``ack_wait``) to another
@@ -23,8 +24,10 @@ store.
 
 Poison: a message that can never be stored (bad JSON, bad schema, another store's envelope,
 a subject without a store id) is terminated (``term``): counted by reason, logged, never
-redelivered. A database that fails is a transient fault: the batch is not acknowledged
-(``nak`` with a delay) and comes back; ``max_deliver`` bounds even that.
+redelivered. A database that fails is a transient fault: the worker keeps the batch (its
+messages marked in progress) and retries the write with backoff until the database takes it;
+it never hands the batch back (``nak``), which would spend JetStream's ``max_deliver`` and,
+after a long enough database outage, leave acknowledged events in the stream undelivered.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
-from cloud_sync.store.errors import BadRequestError, StoreError
-from cloud_sync.store.ingest import Limits, Piece, check_batch, decode_body
+from cloud_sync.store.errors import StoreError
+from cloud_sync.store.ingest import Limits, Piece, check_batch
+from cloud_sync.store.nats_envelopes import read_batch
 from cloud_sync.store.nats_shards import (
     DEFAULT_SHARDS,
     MAX_SHARDS,
@@ -65,6 +69,7 @@ from cloud_sync.store.nats_shards import (
     shard_stream,
     shard_subjects,
 )
+from cloud_sync.store.records import EventRow, IngestCounts
 
 __all__ = [
     "DURABLE",
@@ -81,7 +86,7 @@ log = logging.getLogger(__name__)
 
 DURABLE: Final = "ingest"
 ACK_WAIT_S: Final = 30.0  # a worker killed with -9: its batch goes to another after this
-MAX_DELIVER: Final = 20  # even a batch the database keeps failing stops coming back
+MAX_DELIVER: Final = 20  # a batch whose workers died this often (crash, -9) stops coming back
 _RETRY_DELAY_S: Final = 2.0
 
 
@@ -103,6 +108,8 @@ class IngestSettings:
     batch: int = 500
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = ACK_WAIT_S
+    max_deliver: int = MAX_DELIVER
+    retry_delay_s: float = _RETRY_DELAY_S  # first wait after a database failure
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -125,7 +132,7 @@ class WorkerStats:
     erased: int = 0
     probes: int = 0  # layout probes of starting workers, acknowledged and not stored
     rejected: Counter[str] = field(default_factory=Counter)
-    failures: int = 0  # batches the database did not take (redelivered)
+    failures: int = 0  # database writes that failed (each retried by the worker)
     by_stream: Counter[str] = field(default_factory=Counter)  # messages per stream
 
 
@@ -205,7 +212,7 @@ async def subscribe(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
-        max_deliver=MAX_DELIVER,
+        max_deliver=settings.max_deliver,
         max_ack_pending=max(1000, settings.batch * 8),
     )
     return await patiently(
@@ -270,13 +277,16 @@ class IngestWorker:
         by_store: dict[str, list[tuple[Msg, Piece]]] = {}
         poison: list[tuple[Msg, str]] = []
         probes: list[Msg] = []
-        for msg in msgs:
-            store_id, piece = self._read(msg)
-            if store_id is not None and is_probe(store_id):
-                probes.append(msg)  # a starting worker's layout check: nothing to store
-            elif store_id is None:  # refused pieces go through check_batch: same reasons
+        settings = self.settings
+        read = read_batch(
+            msgs, settings.subject_prefix, settings.shard_subject_prefix, settings.limits
+        )
+        for msg, (store_id, piece) in zip(msgs, read, strict=True):
+            if not store_id:
                 poison.append((msg, "bad_subject"))
-            else:
+            elif is_probe(store_id):
+                probes.append(msg)  # a starting worker's layout check: nothing to store
+            else:  # refused pieces go through check_batch: same reasons, counted once
                 by_store.setdefault(store_id, []).append((msg, piece))
         rows = []
         good: list[Msg] = []
@@ -297,16 +307,7 @@ class IngestWorker:
                     good.append(msg)
             rows.extend(checked.rows)
             repeated += checked.repeated
-        try:
-            counts = await self.backend.ingest(rows, now, None)
-        # Whatever the database raised (its drivers differ): not acknowledged, so redelivered,
-        # at most MAX_DELIVER times; the worker goes on with the next batch.
-        except Exception as exc:
-            self.stats.failures += 1
-            log.warning("ingest.batch.failed messages=%d detail=%s", len(msgs), exc)
-            for msg in good:
-                await _settle(msg.nak(delay=_RETRY_DELAY_S))
-            return
+        counts = await self._write(rows, now, good)
         # After the commit: acknowledged; and the poison, terminated and counted.
         for msg in good + probes:
             await _settle(msg.ack())
@@ -333,30 +334,33 @@ class IngestWorker:
             counts.duplicates + repeated,
         )
 
-    def _read(self, msg: Msg) -> tuple[str | None, Piece]:
-        """The store id the subject names, and the message's one envelope (parsed)."""
-        store_id = store_of_subject(msg.subject, self.settings)
-        if not store_id:
-            return None, Piece(refused="bad_subject")
-        try:
-            items = decode_body(b"[" + msg.data + b"]", None, self.settings.limits).items
-        except BadRequestError as exc:
-            return store_id, Piece(refused=exc.reason)
-        except ValueError:
-            return store_id, Piece(refused="malformed_json")
-        if len(items) != 1:
-            return store_id, Piece(refused="not_one_envelope")
-        return store_id, items[0]
-
-
-def store_of_subject(subject: str, settings: IngestSettings) -> str:
-    """``<shard prefix>.<k>.<store_id>`` or ``<prefix>.<store_id>``: the store id, else ""."""
-    shard_prefix = settings.shard_subject_prefix + "."
-    if subject.startswith(shard_prefix):
-        shard, _, store_id = subject[len(shard_prefix) :].partition(".")
-        return store_id if shard.isdigit() and "." not in store_id else ""
-    prefix = settings.subject_prefix + "."
-    return subject[len(prefix) :] if subject.startswith(prefix) else ""
+    async def _write(
+        self, rows: list[EventRow], now: datetime, held: Sequence[Msg]
+    ) -> IngestCounts:
+        """Write the batch, retrying until the database takes it. Handing the batch back
+        (nak) would spend one of JetStream's ``max_deliver`` deliveries per failure, and a
+        database away longer than those left the batch in the stream, never delivered again:
+        acknowledged events never stored. So the worker keeps the messages (``in_progress``
+        restarts their ``ack_wait``) and backs off; cancelled or killed meanwhile, it leaves
+        them to be redelivered to another worker after ``ack_wait``."""
+        delay = self.settings.retry_delay_s
+        while True:
+            try:
+                return await self.backend.ingest(rows, now, None)
+            # Whatever the database raised (its drivers differ): a transient fault, retried.
+            except Exception as exc:
+                self.stats.failures += 1
+                log.warning(
+                    "ingest.batch.failed messages=%d retry_in_s=%.1f detail=%s",
+                    len(held),
+                    delay,
+                    exc,
+                )
+            for msg in held:
+                await _settle(msg.in_progress())
+            await asyncio.sleep(delay)
+            # Below ack_wait: the next in_progress comes before the messages would expire.
+            delay = min(delay * 2, self.settings.ack_wait_s / 3)
 
 
 def _raise_if_cancelled() -> None:

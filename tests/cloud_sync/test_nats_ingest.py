@@ -7,27 +7,39 @@ subject is refused, and two workers sharing the durable consumers store every ev
 once. Sharding: the server's partition agrees with ``shard_of`` for many stores, a pinned
 worker drains only its shard, workers racing to create the streams all start, a hub whose
 mapping disagrees with ``--shards`` is refused (in process and by the CLI, exit 2), and a hub
-moving from one stream to shards, or from 4 shards to 2, loses nothing.
+moving from one stream to shards, or from 4 shards to 2, loses nothing. Reading a fetched
+batch (msgspec for the common case) gives every message the piece, or the refusal, that the
+HTTP ingest's reader gives it: on hostile and generated messages, and through a real worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from itertools import zip_longest
 from pathlib import Path
 
 import nats
 import nats.errors
+import psycopg
 import pytest
 from cstore_helpers import envelope
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sync_helpers import store_event_ids
 
 from benchmarks.local_broker import free_port
+from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
+from cloud_sync.store.errors import BadRequestError
+from cloud_sync.store.ingest import Limits, Piece, check_batch, decode_body
+from cloud_sync.store.nats_envelopes import read_batch, read_envelope, store_of_subject
 from cloud_sync.store.nats_ingest import (
     DURABLE,
     STREAM,
@@ -415,3 +427,211 @@ async def test_a_store_leaf_node_needs_no_mapping_and_stays_confined(
         leaf.stop()
         hub.stop()
     assert store_event_ids(db_url) == ["via-leaf"]
+
+
+LIMITS = Limits()
+
+
+def read_as_http(data: bytes, limits: Limits = LIMITS) -> Piece:
+    """The reference: the HTTP ingest's reader on a one-element array (the workers' old way)."""
+    try:
+        items = decode_body(b"[" + data + b"]", None, limits).items
+    except BadRequestError as exc:
+        return Piece(refused=exc.reason)
+    except ValueError:
+        return Piece(refused="malformed_json")
+    return items[0] if len(items) == 1 else Piece(refused="not_one_envelope")
+
+
+def nested(depth: int) -> bytes:
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+VALID = json.dumps(envelope(store_id="store-a", event_id="ok")).encode()
+HOSTILE = [
+    VALID,
+    b"  " + VALID + b"\n",
+    b"{not json",
+    b"",
+    b" ",
+    b"1,2",
+    b"1],[2",
+    b"]",
+    b"[",
+    b'{"a":1}{"b":2}',
+    b'{"a": NaN}',
+    b'{"a": -Infinity}',
+    b'{"a": 1e400}',
+    b'{"a": 1e-400}',
+    b'{"a": 9223372036854775808}',
+    b'{"a": 123456789012345678}',
+    b'{"a": ' + b"7" * 5000 + b"}",
+    b'{"a": "\\ud800"}',
+    b'{"a": "\\u0000"}',
+    b'{"\\uD83D\\uDE00": "\\ud83d\\ude00"}',
+    b'{"a": "\xff"}',
+    b'{"a": "\xed\xa0\x80"}',
+    b"\xef\xbb\xbf{}",
+    b'{"a": "\x01"}',
+    b'{"a": 1, "a": 2}',
+    b'{"a": 01}',
+    b'{"a": [1, 2,]}',
+    nested(LIMITS.max_depth),
+    nested(LIMITS.max_depth + 1),
+    b'{"a": "' + b"[" * 40 + b'"}',  # brackets inside a string: not nesting
+    b'{"a": "' + b"x" * LIMITS.max_envelope_bytes + b'"}',
+    b'{"a": "' + b"x" * (LIMITS.max_envelope_bytes - 10) + b'"}',
+    b"null",
+    b'"just a string"',
+    b"[]",
+]
+
+
+def assert_read_alike(data: bytes) -> None:
+    fast, reference = read_envelope(data, LIMITS), read_as_http(data)
+    assert fast.refused == reference.refused, data[:200]
+    assert fast.value == reference.value, data[:200]
+    assert type(fast.value) is type(reference.value), data[:200]
+    if fast.refused is None:
+        assert fast.risky == reference.risky, data[:200]
+
+
+@pytest.mark.parametrize("data", HOSTILE, ids=range(len(HOSTILE)))
+def test_a_message_reads_as_the_http_ingest_reads_it(data: bytes) -> None:
+    assert_read_alike(data)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES, ascii_only=st.booleans(), spaced=st.booleans())
+def test_generated_json_reads_alike(value: object, ascii_only: bool, spaced: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=1 if spaced else None)
+    assert_read_alike(text.encode("utf-8"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cut=st.integers(min_value=0, max_value=len(VALID)), junk=st.binary(max_size=6))
+def test_damaged_envelopes_read_alike(cut: int, junk: bytes) -> None:
+    assert_read_alike(VALID[:cut] + junk + VALID[cut:])
+    assert_read_alike(VALID[:cut] + junk)
+
+
+def test_the_store_id_comes_from_the_subject_only() -> None:
+    def of(subject: str) -> str:
+        return store_of_subject(subject, "edge.events", "edge.shard")
+
+    assert of("edge.shard.3.store-7") == "store-7"
+    assert of("edge.events.store-7") == "store-7"
+    assert of("edge.shard.x.store-7") == ""  # not a shard number
+    assert of("edge.shard.3.a.b") == ""  # a store id is one token
+    assert of("edge.shard.3") == ""
+    assert of("other.store-7") == ""
+
+    class Msg:
+        def __init__(self, subject: str, data: bytes) -> None:
+            self.subject, self.data = subject, data
+
+    read = read_batch(
+        [Msg("edge.shard.1.s-1", VALID), Msg("nowhere", VALID), Msg("edge.events.s-2", b"{")],
+        "edge.events",
+        "edge.shard",
+        LIMITS,
+    )
+    assert [store for store, _ in read] == ["s-1", "", "s-2"]
+    assert [piece.refused for _, piece in read] == [None, "bad_subject", "malformed_json"]
+    assert read[0][1].value == json.loads(VALID)
+
+
+async def test_a_mixed_batch_refuses_each_message_for_the_http_ingests_reason(
+    server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
+) -> None:
+    """Valid and hostile messages interleaved in fetched batches: the valid ones stored, each
+    hostile one terminated and counted under the reason the HTTP ingest gives it."""
+    store = "store-a"
+    good = [envelope(store_id=store, event_id=f"mix-{n}") for n in range(30)]
+    hostile = [data for data in HOSTILE if data.strip() != VALID]
+    big = envelope(store_id=store, event_id="big-int", data={"sku": "S-1", "weight_g": 2**64})
+    hostile.append(json.dumps(big).encode())
+    hostile.append(json.dumps(envelope(store_id="store-b", event_id="theirs")).encode())
+    expected: dict[str, int] = {}
+    for data in hostile:
+        checked = check_batch([read_as_http(data)], store, default_registry())
+        assert not checked.rows, data[:100]  # every one of them is refused by HTTP too
+        reason = str(checked.rejected[0]["reason"])
+        expected[reason] = expected.get(reason, 0) + 1
+    payloads = [json.dumps(item).encode() for item in good]
+    mixed = [p for pair in zip_longest(payloads, hostile) for p in pair if p is not None]
+    assert len(mixed) == len(good) + len(hostile)
+    worker = IngestWorker(IngestSettings(url=server.url, batch=16, fetch_timeout_s=0.2), backend)
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        for number, payload in enumerate(mixed):
+            await publish(js_client, f"edge.events.{store}", payload, f"m-{number}")
+        await until(lambda: worker.stats.messages >= len(mixed))
+        assert await consumer_idle(js_client, stream_of(store)) == (0, 0)
+    finally:
+        await stop(task)
+    assert sorted(store_event_ids(db_url)) == sorted(item["event_id"] for item in good)
+    assert dict(worker.stats.rejected) == expected
+    assert worker.stats.batches >= 2  # more than one fetched batch went through
+    assert await stream_messages(js_client, stream_of(store)) == 0
+
+
+def rename_events_table(db_url: str, old: str, new: str) -> None:
+    """Make the store's writes fail (its events table gone) or work again, from outside."""
+    statement = f"ALTER TABLE {old} RENAME TO {new}"
+    if db_url.startswith("sqlite://"):
+        path = db_url.removeprefix("sqlite://")
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute(statement)
+            db.commit()
+        return
+    with psycopg.connect(db_url) as conn:
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
+async def test_a_database_down_longer_than_max_deliver_tries_loses_nothing(
+    server: NatsNode, js_client: nats.aio.client.Client, backend: Backend, db_url: str
+) -> None:
+    """JetStream stops delivering a message after max_deliver tries: a worker that handed
+    its batch back (nak) at each database failure left acknowledged events in the stream,
+    never to be stored, once the database was away longer than those tries. The worker
+    keeps the batch and retries until the database takes it."""
+    settings = IngestSettings(
+        url=server.url, fetch_timeout_s=0.2, max_deliver=3, retry_delay_s=0.1, ack_wait_s=5
+    )
+    events = [envelope(store_id="store-a", event_id=f"down-{n}") for n in range(10)]
+    worker = IngestWorker(settings, backend)
+    ready = asyncio.Event()
+    task = asyncio.create_task(worker.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        rename_events_table(db_url, "events", "events_away")
+        try:
+            await publish_events(js_client, events)
+            await until(lambda: worker.stats.failures > 0)
+            # Away far longer than max_deliver handings-back take (3 x 0.1 s): a worker that
+            # naks has every event delivered max_deliver times meanwhile, then never again.
+            await asyncio.sleep(3.0)
+        finally:
+            rename_events_table(db_url, "events_away", "events")
+        await until(lambda: len(store_event_ids(db_url)) >= len(events))
+        assert await consumer_idle(js_client, stream_of("store-a")) == (0, 0)
+    finally:
+        await stop(task)
+    assert sorted(store_event_ids(db_url)) == sorted(item["event_id"] for item in events)
+    assert worker.stats.accepted == len(events)
