@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from cloud_sync import downlink_notices as notices
 from cloud_sync.store import rollout
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError
+from cloud_sync.store.nats_connect import connect_options
 from cloud_sync.store.records import ModelRecord, format_ts
 
 log = logging.getLogger(__name__)
@@ -80,27 +80,6 @@ class AnnounceStats:
     models: int = 0  # model announcements
     failures: int = 0  # rounds that did not finish (NATS or the database away)
     by_store: dict[str, str] = field(default_factory=dict)  # the ETag last announced
-
-
-def connect_options(settings: AnnounceSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "servers": [part.strip() for part in settings.url.split(",") if part.strip()],
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 2,
-        "name": "customer-store-announce",
-        "error_cb": _log_error,  # one line, not nats-py's default traceback per retry
-    }
-    if settings.creds:
-        options["user_credentials"] = settings.creds
-    elif settings.user:
-        options["user"], options["password"] = settings.user, settings.password
-    elif settings.token:
-        options["token"] = settings.token
-    if settings.tls_ca:
-        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
-    return options
 
 
 async def ensure_stream(js: JetStreamContext, settings: AnnounceSettings) -> int:
@@ -195,7 +174,7 @@ class Announcer:
         while True:
             nc = Client()
             try:
-                await nc.connect(**connect_options(self.settings))
+                await nc.connect(**connect_options(self.settings, "customer-store-announce"))
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 await nc.close()
                 wait = min(wait * 2, _BACKOFF_MAX_S)
@@ -284,10 +263,6 @@ async def _read_cursor(state: KeyValue) -> int:
         return 0
     text = (entry.value or b"0").decode("ascii", "replace")
     return int(text) if text.isdigit() else 0
-
-
-async def _log_error(exc: Exception) -> None:
-    log.warning("announce.nats.error kind=%s detail=%s", type(exc).__name__, exc)
 
 
 async def run_announce(

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.ingest import Limits, Piece, check_batch
+from cloud_sync.store.nats_connect import connect_options
 from cloud_sync.store.nats_envelopes import read_batch
 from cloud_sync.store.nats_shards import (
     DEFAULT_SHARDS,
@@ -136,27 +136,6 @@ class WorkerStats:
     by_stream: Counter[str] = field(default_factory=Counter)  # messages per stream
 
 
-def connect_options(settings: IngestSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "servers": [part.strip() for part in settings.url.split(",") if part.strip()],
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 2,
-        "name": "customer-store-ingest",
-        "error_cb": _log_error,  # one line, not nats-py's default traceback per retry
-    }
-    if settings.creds:
-        options["user_credentials"] = settings.creds
-    elif settings.user:
-        options["user"], options["password"] = settings.user, settings.password
-    elif settings.token:
-        options["token"] = settings.token
-    if settings.tls_ca:
-        options["tls"] = ssl.create_default_context(cafile=settings.tls_ca)
-    return options
-
-
 async def ensure_stream(js: JetStreamContext, settings: IngestSettings) -> int:
     """Create the unsharded stream ``settings.stream`` on ``<subject_prefix>.>`` unless it
     exists (a single server without a mapping); return its replica count."""
@@ -234,7 +213,7 @@ class IngestWorker:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         nc = Client()
-        await nc.connect(**connect_options(self.settings))
+        await nc.connect(**connect_options(self.settings, "customer-store-ingest"))
         try:
             js = nc.jetstream(timeout=10)
             replicas, refs = await prepare(js, self.settings)
@@ -367,10 +346,6 @@ def _raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-async def _log_error(exc: Exception) -> None:
-    log.warning("ingest.nats.error kind=%s detail=%s", type(exc).__name__, exc)
 
 
 async def _settle(action: Any) -> None:
