@@ -35,7 +35,7 @@ from models.errors import ModelError
 from models.evaluate import EvaluationCase, evaluate, evaluation_cases
 from models.events import load_event_log
 from models.pipeline import train_to_dir
-from models.serving import SuggestionModel
+from models.serving import Runtime, SuggestionModel
 from models.simulator import SimulationConfig, write_events
 
 P99_TARGET_MS = 0.2
@@ -121,8 +121,12 @@ def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]
         model = SuggestionModel.load(model_dir)
     except ModelError:  # none yet, or made by other code: train afresh
         model, _ = train_to_dir(events, model_dir, holdout_last=True, progress=False)
-    runtimes = ("numpy", "onnxruntime") if args.runtime == "both" else (args.runtime,)
-    models = {name: SuggestionModel.load(model_dir, runtime=name) for name in runtimes}
+    runtimes: tuple[Runtime, ...] = (
+        ("numpy", "onnxruntime") if args.runtime == "both" else (args.runtime,)
+    )
+    models: dict[str, SuggestionModel] = {
+        name: SuggestionModel.load(model_dir, runtime=name) for name in runtimes
+    }
     with events.open(encoding="utf-8") as handle:
         count = sum(1 for _ in handle)
     prepared_s = time.monotonic() - started
@@ -147,7 +151,7 @@ def run_scenario(scenario: Scenario, workdir: Path, args: Any) -> dict[str, Any]
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
-    columns = ("items", "runtime", "call p50", "call p99", "cpu p50", "cpu p99")
+    columns: tuple[str, ...] = ("items", "runtime", "call p50", "call p99", "cpu p50", "cpu p99")
     columns += ("suggest p50", "suggest p99", "HR@10 model", "HR@10 pop", "HR@10 sess")
     columns += ("ratio", "MB")
     print(" ".join(f"{column:>11}" for column in columns))

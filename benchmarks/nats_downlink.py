@@ -26,9 +26,10 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -123,7 +124,7 @@ async def run_mode(
     erasures: int,
     prefix: str,
     rng: random.Random,
-    background: Callable[[Downlink], Awaitable[None]],
+    background: Callable[[Downlink], Coroutine[Any, Any, None]],
 ) -> list[float]:
     buffer = await Buffer.open(cfg.data_dir / "buffer.db", BufferSection())
     try:

@@ -23,6 +23,7 @@ arrived, and the gateway's rate counts only those. Every wait is bounded by time
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -423,7 +424,7 @@ def main() -> int:
                     run_bare_paho_many(
                         device_port,
                         f"edge/{STORE}/devices/+/events",
-                        lambda files=files: start_publishers(device_port, files),
+                        functools.partial(start_publishers, device_port, files),
                         args.events,
                     )
                 )

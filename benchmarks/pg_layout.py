@@ -127,13 +127,13 @@ async def make_layout(db_url: str, layout: str, days: int, hash_parts: int) -> s
     with psycopg.connect(url, autocommit=True) as conn:
         for offset in range(-days, 8):
             day = (now + timedelta(days=offset)).date()
-            name = sql.Identifier(partitions.day_name(day))
+            partition = sql.Identifier(partitions.day_name(day))
             lo, hi = partitions.midnight(day), partitions.midnight(day + timedelta(days=1))
             conn.execute(
                 sql.SQL(
                     "CREATE TABLE {} PARTITION OF events FOR VALUES FROM ({}) TO ({})"
                     " PARTITION BY HASH (store_id)"
-                ).format(name, sql.Literal(lo), sql.Literal(hi))
+                ).format(partition, sql.Literal(lo), sql.Literal(hi))
             )
             for h in range(hash_parts):
                 conn.execute(

@@ -137,7 +137,7 @@ class Prober:
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         now = time.perf_counter_ns()
-        if self._key(message.payload) == self._current:
+        if self._key(bytes(message.payload)) == self._current:
             self._received_ns = now
             self._arrived.set()
 
