@@ -44,7 +44,7 @@ from cloud_sync import downlink_notices as notices
 from cloud_sync.store import rollout
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import BackendError
-from cloud_sync.store.nats_connect import connect_options
+from cloud_sync.store.nats_connect import NatsAccess, connect_options
 from cloud_sync.store.records import ModelRecord, format_ts
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,7 @@ _BACKOFF_MAX_S: Final = 30.0
 
 
 @dataclass(frozen=True)
-class AnnounceSettings:
-    url: str  # nats://HOST:PORT, several separated by commas
-    creds: str = ""
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    tls_ca: str = ""
+class AnnounceSettings(NatsAccess):
     replicas: int = 0  # 0: 3 on a cluster, 1 on a single server
     interval_s: float = 1.0
     # Per store and kind: an agent away longer than this many erasures catches up over HTTP.

@@ -10,26 +10,22 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-class NatsAccess(Protocol):
-    """The connection part of a service's settings."""
+@dataclass(frozen=True)
+class NatsAccess:
+    """Where and as whom a service connects: the first fields of its settings."""
 
-    @property
-    def url(self) -> str: ...  # nats://HOST:PORT, several separated by commas
-    @property
-    def creds(self) -> str: ...
-    @property
-    def user(self) -> str: ...
-    @property
-    def password(self) -> str: ...
-    @property
-    def token(self) -> str: ...
-    @property
-    def tls_ca(self) -> str: ...
+    url: str  # nats://HOST:PORT, several separated by commas
+    creds: str = ""  # a .creds file (JWT + nkey)
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    tls_ca: str = ""  # CA bundle of a TLS hub
 
 
 def connect_options(access: NatsAccess, name: str) -> dict[str, Any]:
@@ -42,9 +38,8 @@ def connect_options(access: NatsAccess, name: str) -> dict[str, Any]:
         "reconnect_time_wait": 0.5,
         "connect_timeout": 2,
         "name": name,
-        "error_cb": _error_logger(
-            name.removeprefix("customer-store-")
-        ),  # one line, not nats-py's traceback per retry
+        # One log line per error, not nats-py's traceback on every retry.
+        "error_cb": _error_logger(name.removeprefix("customer-store-")),
     }
     if access.creds:
         options["user_credentials"] = access.creds

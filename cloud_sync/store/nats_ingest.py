@@ -51,7 +51,7 @@ from cloud_sync.envelope_schema import default_registry
 from cloud_sync.store.backend import Backend
 from cloud_sync.store.errors import StoreError
 from cloud_sync.store.ingest import Limits, Piece, check_batch
-from cloud_sync.store.nats_connect import connect_options
+from cloud_sync.store.nats_connect import NatsAccess, connect_options
 from cloud_sync.store.nats_envelopes import read_batch
 from cloud_sync.store.nats_shards import (
     DEFAULT_SHARDS,
@@ -91,13 +91,7 @@ _RETRY_DELAY_S: Final = 2.0
 
 
 @dataclass(frozen=True)
-class IngestSettings:
-    url: str  # nats://HOST:PORT, several separated by commas
-    creds: str = ""
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    tls_ca: str = ""
+class IngestSettings(NatsAccess):
     stream: str = STREAM  # the unsharded stream's name; shard k's is <stream>_<k>
     subject_prefix: str = SUBJECT_PREFIX
     shard_subject_prefix: str = SHARD_SUBJECT_PREFIX
