@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.envelope_schema import Cleaned, Registry, default_registry, parse_registry
-from tests.cloud_sync.registry_reference import reference_clean_data
+from registry_reference import reference_clean_data
 
 
 def registry_document() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 import nats
+import nats.aio.client
 import nats.errors
 import psycopg
 import pytest
