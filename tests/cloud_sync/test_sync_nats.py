@@ -106,7 +106,9 @@ async def test_hub_absent_is_unavailable_within_the_timeout_then_ready(
             node.stop()
 
 
-async def _listener(url: str, subject: str, count: int) -> tuple[nats.aio.client.Client, asyncio.Event]:
+async def _listener(
+    url: str, subject: str, count: int
+) -> tuple[nats.aio.client.Client, asyncio.Event]:
     """A plain subscriber on ``subject`` (no stream): messages arrive, PubAcks never come,
     and there is a responder, so the publishes are not refused with "no responders"."""
     nc = await nats.connect(url, allow_reconnect=False)
