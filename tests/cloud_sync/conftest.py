@@ -15,6 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from psycopg import sql
 
@@ -98,7 +99,7 @@ async def backend(db_url: str) -> AsyncIterator[Backend]:
 
 
 @pytest.fixture
-async def client(backend: Backend) -> AsyncIterator[TestClient[object, object]]:
+async def client(backend: Backend) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     server = TestServer(create_app(backend, TEST_LIMITS))
     # TestServer drops constructor options; started here, the client reuses this runner.
     await server.start_server(**RUNNER_OPTIONS)

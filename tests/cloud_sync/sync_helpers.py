@@ -202,4 +202,4 @@ def store_rows(db_url: str) -> list[tuple[str, str | None, str]]:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             return list(db.execute(query))
     with psycopg.connect(db_url) as conn:
-        return list(conn.execute(query))  # type: ignore[arg-type]
+        return list(conn.execute(query))

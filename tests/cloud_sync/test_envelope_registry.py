@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_reference import reference_clean_data
 
 from cloud_sync.envelope_schema import Cleaned, Registry, default_registry, parse_registry
-from tests.cloud_sync.registry_reference import reference_clean_data
 
 
 def registry_document() -> dict[str, Any]:

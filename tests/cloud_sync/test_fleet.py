@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from sync_helpers import StoreProcess, store_cli, sync_section
@@ -171,7 +172,7 @@ def test_agents_heartbeats_make_the_fleet_view_and_a_killed_agent_goes_stale_fir
 
 
 async def test_a_heartbeat_is_checked_field_by_field_and_counted(
-    client: TestClient[object, object], tokens: Tokens
+    client: TestClient[web.Request, web.Application], tokens: Tokens
 ) -> None:
     agent = await tokens.agent("store-hb")
     for raw, field in (

@@ -35,7 +35,8 @@ from cloud_sync.store.backend import Backend
 from cloud_sync.store.model_publish import read_model_dir
 from cloud_sync.sync_downlink import ERASURE_CURSOR_KEY, MODEL_ETAG_KEY
 from cloud_sync.sync_nats_downlink import SEQ_KEY
-from edge_agent.config import ConfigError, config_from_dict
+from edge_agent.config import config_from_dict
+from edge_agent.errors import ConfigError
 from edge_agent.events import Event
 from tests.support.nats import NatsNode, nats_server, wait_jetstream_ready
 
@@ -254,7 +255,8 @@ async def test_forged_and_garbled_notices_are_refused_counted_and_the_downlink_g
 
 
 async def _refused_total(reader: Any, total: int) -> bool:
-    return sum(reader.refused.values()) >= total
+    refused: int = sum(reader.refused.values())
+    return refused >= total
 
 
 async def test_nats_killed_the_agent_keeps_working_and_catches_up(

@@ -26,6 +26,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 import nats
+import nats.aio.client
 import nats.errors
 import psycopg
 import pytest
@@ -242,7 +243,7 @@ async def test_workers_starting_together_create_the_streams_once(server: NatsNod
     try:
         results = await asyncio.gather(*(prepare(nc.jetstream(), settings) for nc in clients))
         assert [replicas for replicas, _ in results] == [1] * 6
-        names = sorted(s.config.name for s in await clients[0].jetstream().streams_info())
+        names = sorted(str(s.config.name) for s in await clients[0].jetstream().streams_info())
         assert names == [shard_stream(STREAM, k) for k in range(SHARDS)]
     finally:
         for nc in clients:
@@ -601,7 +602,7 @@ def rename_events_table(db_url: str, old: str, new: str) -> None:
             db.commit()
         return
     with psycopg.connect(db_url) as conn:
-        conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute(statement)
 
 
 async def test_a_database_down_longer_than_max_deliver_tries_loses_nothing(

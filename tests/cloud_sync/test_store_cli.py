@@ -15,6 +15,7 @@ from cloud_sync.store import auth
 from cloud_sync.store.backend import open_backend
 from cloud_sync.store.cli import main
 from cloud_sync.store.migrations import latest_version
+from cloud_sync.store.records import Principal
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -30,7 +31,7 @@ def test_token_create_prints_a_working_token_last(
     token = out.strip().splitlines()[-1]
     assert token.startswith(auth.TOKEN_PREFIX["agent"])
 
-    async def lookup() -> auth.Principal | None:
+    async def lookup() -> Principal | None:
         backend = await open_backend(db_url)
         try:
             return await backend.find_principal(auth.hash_token(token))

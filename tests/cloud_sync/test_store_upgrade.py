@@ -54,18 +54,18 @@ def store_at_version_3(db_url: str) -> None:
     path = sqlite_path(db_url)
     assert path is not None
     stamp = NOW.isoformat()
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute(migrations.SQLITE_LEDGER)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(migrations.SQLITE_LEDGER)
         for migration in older:
             for statement in migration.sqlite:
-                conn.execute(statement)
-            conn.execute(
+                db.execute(statement)
+            db.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, stamp),
             )
-        conn.execute(credential.replace("%s", "?"), (auth.hash_token(TOKEN), stamp))
+        db.execute(credential.replace("%s", "?"), (auth.hash_token(TOKEN), stamp))
         for row in rows:
-            conn.execute(model.replace("%s", "?"), (*row[:4], stamp))
+            db.execute(model.replace("%s", "?"), (*row[:4], stamp))
 
 
 async def test_an_upgraded_store_serves_the_same_model_to_the_same_tokens(db_url: str) -> None:

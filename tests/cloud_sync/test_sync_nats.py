@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import nats.aio.client
 import pytest
 
 from cloud_sync.store.nats_ingest import STREAM, IngestSettings, ensure_stream
 from cloud_sync.sync_client import StoreUnavailableError
 from cloud_sync.sync_nats import NatsEvents, connect_options, event_subject
 from edge_agent.buffer.reads import PendingRow
-from edge_agent.config import ConfigError, SyncSection, config_from_dict, load_config
+from edge_agent.config import SyncSection, config_from_dict, load_config
+from edge_agent.errors import ConfigError
 from edge_agent.governance import PSEUDONYM_PREFIX, ConsentLedger
 from tests.support.broker import free_port
 from tests.support.nats import NatsNode, jetstream_ready, nats_server, wait_jetstream_ready
@@ -104,7 +106,9 @@ async def test_hub_absent_is_unavailable_within_the_timeout_then_ready(
             node.stop()
 
 
-async def _listener(url: str, subject: str, count: int) -> tuple[nats.NATS, asyncio.Event]:
+async def _listener(
+    url: str, subject: str, count: int
+) -> tuple[nats.aio.client.Client, asyncio.Event]:
     """A plain subscriber on ``subject`` (no stream): messages arrive, PubAcks never come,
     and there is a responder, so the publishes are not refused with "no responders"."""
     nc = await nats.connect(url, allow_reconnect=False)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,10 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "default_model"
 
 
 @pytest.fixture
-def store(db_url: str, tmp_path: Path) -> AsyncIterator[StoreProcess]:
+def store(db_url: str, tmp_path: Path) -> Iterator[StoreProcess]:
     process = StoreProcess(db_url, tmp_path / "store.log")
     process.start()
-    yield process  # type: ignore[misc]
+    yield process
     process.stop()
 
 

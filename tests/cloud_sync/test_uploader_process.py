@@ -32,10 +32,10 @@ TOTAL = 600
 KILLS = 3
 
 
-def sync_status(port: int) -> dict[str, object]:
+def sync_status(port: int) -> dict[str, int]:
     status, body = http_get(f"http://127.0.0.1:{port}/status")
     assert status == 200
-    sync: dict[str, object] = json.loads(body)["sync"]
+    sync: dict[str, int] = json.loads(body)["sync"]
     return sync
 
 

@@ -388,8 +388,16 @@ async def test_refusals_found_after_the_commit_are_quarantined_and_counted(
 
 
 async def test_consent_is_recorded_with_its_event_and_read_back_whole(tmp_path: Path) -> None:
-    flags = {"personalization": True, "profile_sharing": False, "partner_sharing": True}
-    older = {"personalization": False, "profile_sharing": True, "partner_sharing": False}
+    flags: dict[str, object] = {
+        "personalization": True,
+        "profile_sharing": False,
+        "partner_sharing": True,
+    }
+    older: dict[str, object] = {
+        "personalization": False,
+        "profile_sharing": True,
+        "partner_sharing": False,
+    }
     async with await open_buffer(tmp_path / "buffer.db") as buffer:
         await buffer.commit(
             [

@@ -34,7 +34,11 @@ async def granted(buffer: Buffer, ledger: ConsentLedger, customer_id: str) -> Ce
 
 
 def local_consent(n: int, sharing: bool, ts: str = "2026-11-22T09:00:00.000Z") -> Event:
-    flags = {"personalization": sharing, "profile_sharing": sharing, "partner_sharing": False}
+    flags: dict[str, object] = {
+        "personalization": sharing,
+        "profile_sharing": sharing,
+        "partner_sharing": False,
+    }
     return event(n, event_type="consent.update", customer_id=CUSTOMER_ID, data=flags, ts=ts)
 
 

@@ -149,7 +149,17 @@ def test_fallback_order_model_then_store_popularity_then_bestsellers(tmp_path: P
 async def test_store_popularity_counts_the_buffer_window(tmp_path: Path) -> None:
     now = format_ts(datetime.now(UTC))
     events = [
-        Event(f"e{n}", kind, now, "store-001", "shelf-01", "c-1", "test", data, now)
+        Event(
+            f"e{n}",
+            kind,
+            now,
+            "store-001",
+            "shelf-01",
+            "c-1",
+            "test",
+            cast(dict[str, Any], data),
+            now,
+        )
         for n, (kind, data) in enumerate(
             [
                 ("product.pickup", {"sku": "SKU-A"}),

@@ -7,6 +7,7 @@ import json
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -142,7 +143,7 @@ def test_consent_is_decided_from_structure_never_from_text() -> None:
         pseudonymise(cid, KEY) for cid, _ in customers
     }
     identified = next(item for item in uploaded if item["type"] == "customer.identified")
-    assert identified["data"]["alias"] == pseudonymise("card-000000", KEY)
+    assert cast(dict[str, object], identified["data"])["alias"] == pseudonymise("card-000000", KEY)
 
 
 def test_short_ids_are_replaced_only_where_a_whole_string_names_them() -> None:

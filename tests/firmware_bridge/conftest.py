@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from bridge_helpers import SimLauncher
+
+from tests.firmware_bridge.bridge_helpers import SimLauncher
 
 
 @pytest.fixture

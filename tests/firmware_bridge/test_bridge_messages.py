@@ -26,7 +26,7 @@ from firmware_bridge.messages import (
 )
 
 # No U+0000: the agent refuses it in every string (the central store cannot hold it).
-chars = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 text = st.text(chars, max_size=40).filter(lambda s: len(s.encode()) <= 255)
 ids = st.text(chars, min_size=1, max_size=30).filter(lambda s: len(s.encode()) <= 255)
 u32 = st.integers(0, 0xFFFFFFFF)

@@ -12,14 +12,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridge_helpers import Committed, SimLauncher, port_config, running, until
-
 from edge_agent.events import Event, Rejected
 from firmware_bridge.codec import FrameDecoder, encode
 from firmware_bridge.link import serial_event_id
 from firmware_bridge.messages import SetParam, ShowSuggestion
 from firmware_bridge.serial_source import SerialSource
 from firmware_bridge.sim_device import SimulatedDevice
+from tests.firmware_bridge.bridge_helpers import Committed, SimLauncher, port_config, running, until
 
 
 async def test_events_arrive_once_and_are_acked(sims: SimLauncher, tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def test_the_agent_reports_its_runtime_and_loads_onnxruntime_only_for_it(
     agent.start()
     try:
         wait_http_ready(f"http://127.0.0.1:{http_port}/healthz", timeout=60)
-        deadline, model = time.monotonic() + 60, {}
+        deadline = time.monotonic() + 60
+        model: dict[str, object] = {}
         while time.monotonic() < deadline and not model.get("version"):
             _, body = http_get(f"http://127.0.0.1:{http_port}/status")
             model = json.loads(body).get("model", {})

@@ -81,7 +81,7 @@ def _evaluate(
     argv = ["evaluate", "--model", str(model), "--events", str(loop.events), "--json", *extra]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    written = json.loads((model / EVALUATION_FILE).read_text("utf-8"))
+    written: dict[str, Any] = json.loads((model / EVALUATION_FILE).read_text("utf-8"))
     assert printed == written
     return written
 

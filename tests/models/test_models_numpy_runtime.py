@@ -138,7 +138,7 @@ def test_any_feed_gives_the_same_bytes_on_both_runtimes(
     slots[: min(16, len(history))] = [index % (n_items + 1) for index in history[:16]]
     scores_penalty = np.zeros(n_items, np.float32)
     scores_penalty[penalty] = penalty_value
-    feeds = {
+    feeds: dict[str, npt.NDArray[Any]] = {
         "history_items": slots,
         "history_weights": np.array(weights, np.float32),
         "hour": np.array([hour], np.int64),
@@ -154,7 +154,7 @@ def test_a_feed_outside_the_tables_fails_on_both_runtimes(
     bundled_pair: tuple[SuggestionModel, SuggestionModel],
 ) -> None:
     numpy_model, ort_model = bundled_pair
-    feeds = {
+    feeds: dict[str, npt.NDArray[Any]] = {
         name: array.copy() for name, array in numpy_model.build_feeds([], (1, "s", None)).items()
     }
     feeds["store"][0] = 1000
@@ -257,7 +257,7 @@ def test_scatter_elements_in_two_dimensions_with_repeats(reduction: str, axis: i
     indices = np.array([[0, 2, -1], [1, 1, 0]], np.int64)  # repeats, a negative index
     if reduction == "none":  # ONNX leaves repeated targets undefined without a reduction
         indices = np.array([[0, 2, -1], [1, 0, 2]], np.int64)
-    feeds = {
+    feeds: dict[str, npt.NDArray[Any]] = {
         "data": rng.random((3, 4), np.float32),
         "indices": indices,
         "updates": rng.random((2, 3), np.float32),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ from tests.fuzz.targets import check_onnx
 
 BUNDLED = (DEFAULT_MODEL_DIR / "model.onnx").read_bytes()
 SMALL = seeds()["scoring_graph"]
-DTYPES = {
+DTYPES: dict[np.dtype[Any], int] = {
     np.dtype("float32"): TensorProto.FLOAT,
     np.dtype("float64"): TensorProto.DOUBLE,
     np.dtype("int32"): TensorProto.INT32,
@@ -129,7 +129,7 @@ def test_attributes_and_shapes_read_back(
     model = read_model(data)
     values = {name: a.value for name, a in model.graph.nodes[0].attributes.items()}
     assert values["i"] == integer
-    assert np.float32(values["f"]) == np.float32(number)
+    assert np.float32(cast(float, values["f"])) == np.float32(number)
     assert values["s"] == text
     assert values["strings"] == tuple(texts)
     assert values["ints"] == tuple(integers)

@@ -61,7 +61,7 @@ class Publisher:
         )
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.1, 1.0)
+        self.client.reconnect_delay_set(0.1, 1.0)  # type: ignore[arg-type]  # paho stubs say int; it takes seconds as float
         self.client.connect(host, port, 30)
         self.client.loop_start()
         self.pending: list[paho.MQTTMessageInfo] = []

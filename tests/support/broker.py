@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from benchmarks.local_broker import free_port, wait_for_port
+from benchmarks.local_broker import free_port as free_port  # noqa: PLC0414 (an explicit re-export, for mypy)
+from benchmarks.local_broker import wait_for_port
 
 
 class TestBroker(Protocol):
