@@ -6,7 +6,8 @@ durable consumer. Events of 40 stores land in the stream their store id hashes t
 events stream in, one NATS node and one worker are killed with -9: every event is stored
 exactly once. Then a
 real agent (``edge-agent run``) with ``sync.transport = "nats"`` syncs through the cluster;
-with the whole hub down it keeps its rows unsynced, and catches up once the hub is back.
+with the whole hub down it keeps its rows unsynced, and catches up once the hub is back; then
+one node and one of its two workers are killed with -9 while its events flow: each stored once.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def test_agent_syncs_through_the_cluster_and_catches_up_after_hub_outage(
     store_id: str,
     mqtt_broker: MosquittoBroker | AmqttBroker,
 ) -> None:
-    worker = IngestProcess(cluster.url, pg_url, tmp_path / "worker.log")
+    workers = [IngestProcess(cluster.url, pg_url, tmp_path / f"worker-{n}.log") for n in range(2)]
     http_port = free_port()
     document = agent_config_dict(
         tmp_path,
@@ -285,9 +286,31 @@ def test_agent_syncs_through_the_cluster_and_catches_up_after_hub_outage(
         while pending(http_port) != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pending(http_port) == 0
+
+        # The agent's own stream through a node and a worker killed with -9 mid-way.
+        third = [f"c-{n:04d}" for n in range(150)]
+        for event_id in third[:50]:
+            publisher.publish(event_topic(store_id), pickup(event_id))
+        publisher.wait_all(60)
+        cluster.nodes[1].kill()
+        for event_id in third[50:100]:
+            publisher.publish(event_topic(store_id), pickup(event_id))
+        workers[0].kill()
+        for event_id in third[100:]:
+            publisher.publish(event_topic(store_id), pickup(event_id))
+        publisher.wait_all(60)
+        total += len(third)
+        assert wait_stored(pg_url, total, 90) == (total, total), agent.log.read_text()[-3000:]
+        deadline = time.monotonic() + 30
+        while pending(http_port) != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pending(http_port) == 0
+        time.sleep(1.0)  # room for a redelivered batch to add a row, were it let through
+        assert stored(pg_url) == (total, total)
     finally:
         publisher.close()
         if agent.process is not None and agent.process.poll() is None:
             agent.terminate()
         agent.ensure_dead()
-        worker.stop()
+        for worker in workers:
+            worker.stop()
