@@ -46,6 +46,7 @@ import nats
 import nats.errors
 import psycopg
 
+from benchmarks.fleet import stop_child
 from benchmarks.store import DEFAULT_PG, new_schema, scratch_database
 from cloud_sync.store.nats_ingest import IngestSettings, prepare
 from tests.support.nats import NatsCluster, jetstream_ready
@@ -133,18 +134,6 @@ def wait_ingesting(proc: subprocess.Popen[bytes], log: Path) -> None:
         raise SystemExit(f"worker did not start: {log.read_text()[-2000:]}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 def one_run(
     work: Path, db: str, layout: tuple[str, int, int], args: argparse.Namespace, index: int
 ) -> dict[str, Any]:
@@ -195,7 +184,7 @@ def one_run(
         }
     finally:
         for proc in workers:
-            stop(proc)
+            stop_child(proc)
         cluster.stop()
 
 
