@@ -33,6 +33,7 @@ from cloud_sync.sync_nats_downlink import NatsDownlink
 from edge_agent.buffer import Buffer
 from edge_agent.component import ModelAnswer
 from edge_agent.config import BufferSection, Config, config_from_dict
+from edge_agent.events import Event
 
 BOUND_S = 30.0
 
@@ -142,3 +143,19 @@ async def agent_side(config: Config, key: bytes = b"k" * 32) -> AsyncIterator[Ag
             yield AgentSide(config, buffer, client, Downlink(client, buffer, config, key))
     finally:
         await buffer.aclose()
+
+
+def pickup(store_id: str, customer_id: str, n: int = 1) -> Event:
+    """A customer's pickup, committed straight into an agent's buffer (the rows an erasure
+    must remove)."""
+    return Event(
+        event_id=f"ev-{customer_id}-{n}",
+        type="product.pickup",
+        ts="2026-11-22T08:00:00.000Z",
+        store_id=store_id,
+        device_id="shelf-1",
+        customer_id=customer_id,
+        source=f"mqtt:edge/{store_id}/devices/shelf-1/events",
+        data={"sku": f"SKU-{n}"},
+        received_at="2026-11-22T08:00:00.000Z",
+    )

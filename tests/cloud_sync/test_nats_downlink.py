@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nats_downlink_helpers import StoreSide, agent_config, agent_side, eventually
+from nats_downlink_helpers import StoreSide, agent_config, agent_side, eventually, pickup
 
 from cloud_sync import downlink_notices as notices
 from cloud_sync.erasure_blinding import blind, blinding_key
@@ -37,7 +37,6 @@ from cloud_sync.sync_downlink import ERASURE_CURSOR_KEY, MODEL_ETAG_KEY
 from cloud_sync.sync_nats_downlink import SEQ_KEY
 from edge_agent.config import config_from_dict
 from edge_agent.errors import ConfigError
-from edge_agent.events import Event
 from tests.support.nats import NatsNode, nats_server, wait_jetstream_ready
 
 Client = TestClient[Any, Any]
@@ -63,20 +62,6 @@ async def store(backend: Backend, server: NatsNode) -> AsyncIterator[StoreSide]:
 
 def token_of(headers: dict[str, str]) -> str:
     return headers["Authorization"].removeprefix("Bearer ")
-
-
-def pickup(n: int, customer_id: str) -> Event:
-    return Event(
-        event_id=f"ev-{customer_id}-{n}",
-        type="product.pickup",
-        ts="2026-11-22T08:00:00.000Z",
-        store_id=STORE,
-        device_id="shelf-1",
-        customer_id=customer_id,
-        source=f"mqtt:edge/{STORE}/devices/shelf-1/events",
-        data={"sku": f"SKU-{n}"},
-        received_at="2026-11-22T08:00:00.000Z",
-    )
 
 
 async def stream_messages(url: str, subject: str) -> list[dict[str, Any]]:
@@ -143,7 +128,9 @@ async def test_erasure_reaches_the_agent_blinded_as_over_http_and_erases_its_row
     url = str(client.make_url("")).rstrip("/")
     config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
     async with agent_side(config) as side:
-        await side.buffer.commit([pickup(n, cid) for n in range(3) for cid in ("c-1", "c-2")])
+        await side.buffer.commit(
+            [pickup(STORE, cid, n) for n in range(3) for cid in ("c-1", "c-2")]
+        )
         assert (await client.delete("/v1/customers/c-1", headers=admin)).status == 200
         await store.round()
 
@@ -178,7 +165,9 @@ async def test_agent_down_when_published_applies_after_restart_and_nothing_twice
     url = str(client.make_url("")).rstrip("/")
     config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
     async with agent_side(config) as side:
-        await side.buffer.commit([pickup(n, cid) for n in range(2) for cid in ("c-1", "c-2")])
+        await side.buffer.commit(
+            [pickup(STORE, cid, n) for n in range(2) for cid in ("c-1", "c-2")]
+        )
         assert (await client.delete("/v1/customers/c-1", headers=admin)).status == 200
         await store.round()
         async with side.running():
@@ -217,7 +206,7 @@ async def test_forged_and_garbled_notices_are_refused_counted_and_the_downlink_g
     config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
     subject = notices.subject(STORE, notices.ERASURE)
     async with agent_side(config) as side:
-        await side.buffer.commit([pickup(1, "c-1"), pickup(1, "c-2")])
+        await side.buffer.commit([pickup(STORE, "c-1", 1), pickup(STORE, "c-2", 1)])
         nc = await nats.connect(store.nats_url)
         try:
             js = nc.jetstream(timeout=5)
@@ -266,7 +255,7 @@ async def test_nats_killed_the_agent_keeps_working_and_catches_up(
     url = str(client.make_url("")).rstrip("/")
     config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
     async with agent_side(config) as side:
-        await side.buffer.commit([pickup(1, "c-1"), pickup(1, "c-3")])
+        await side.buffer.commit([pickup(STORE, "c-1", 1), pickup(STORE, "c-3", 1)])
         async with side.running() as reader:
             await eventually(lambda: _connected(reader, True))
             server.kill()  # -9: the hub is gone
@@ -274,7 +263,7 @@ async def test_nats_killed_the_agent_keeps_working_and_catches_up(
             assert (await client.delete("/v1/customers/c-3", headers=admin)).status == 200
             with pytest.raises(Exception):  # noqa: B017,PT011 (the announcer's round fails; its loop retries)
                 await asyncio.wait_for(store.round(), 10)
-            await side.buffer.commit([pickup(2, "c-1")])  # the agent keeps collecting
+            await side.buffer.commit([pickup(STORE, "c-1", 2)])  # the agent keeps collecting
             assert side.buffer.counters.pending == 3
             server.start()  # same port, same store directory: the stream is still there
             await eventually(lambda: _round_succeeds(store), within_s=30, every=0.5)
@@ -308,7 +297,9 @@ async def test_a_store_added_after_erasures_catches_the_gap_up_over_http(
     url = str(client.make_url("")).rstrip("/")
     config = agent_config(tmp_path / "a", STORE, store.nats_url, url, token_of(agent))
     async with agent_side(config) as side:
-        await side.buffer.commit([pickup(1, "c-old"), pickup(1, "c-new"), pickup(1, "c-kept")])
+        await side.buffer.commit(
+            [pickup(STORE, "c-old", 1), pickup(STORE, "c-new", 1), pickup(STORE, "c-kept", 1)]
+        )
         async with side.running() as reader:
             await eventually(lambda: _held_without(side.buffer, "c-new"))
             assert await side.buffer.held_customers() == ["c-kept"]

@@ -22,12 +22,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import Tokens
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats_downlink_helpers import StoreSide, agent_config, agent_side, eventually
+from nats_downlink_helpers import StoreSide, agent_config, agent_side, eventually, pickup
 
 from cloud_sync import downlink_notices as notices
 from cloud_sync.store.backend import Backend
 from cloud_sync.sync_nats import inbox_prefix
-from edge_agent.events import Event
 from tests.support.nats import NatsNode
 
 Client = TestClient[Any, Any]
@@ -111,20 +110,6 @@ async def store(backend: Backend, server: NatsNode) -> AsyncIterator[StoreSide]:
         await side.close()
 
 
-def pickup(customer_id: str, store_id: str) -> Event:
-    return Event(
-        event_id=f"ev-{customer_id}",
-        type="product.pickup",
-        ts="2026-11-22T08:00:00.000Z",
-        store_id=store_id,
-        device_id="shelf-1",
-        customer_id=customer_id,
-        source=f"mqtt:edge/{store_id}/devices/shelf-1/events",
-        data={"sku": "SKU-1"},
-        received_at="2026-11-22T08:00:00.000Z",
-    )
-
-
 async def _held_without(side: Any, customer_id: str) -> bool:
     return customer_id not in await side.buffer.held_customers()
 
@@ -171,8 +156,8 @@ async def test_a_store_reads_only_its_own_notices_and_cannot_forge_another_store
         await store.round()  # notices for both stores, store A's naming c-a blinded
 
         async with agent_side(configs[STORE_A]) as side_a, agent_side(configs[STORE_B]) as side_b:
-            await side_a.buffer.commit([pickup("c-a", STORE_A), pickup("c-x", STORE_A)])
-            await side_b.buffer.commit([pickup("c-a", STORE_B), pickup("c-y", STORE_B)])
+            await side_a.buffer.commit([pickup(STORE_A, "c-a"), pickup(STORE_A, "c-x")])
+            await side_b.buffer.commit([pickup(STORE_B, "c-a"), pickup(STORE_B, "c-y")])
             async with side_a.running() as reader_a, side_b.running() as reader_b:
                 # The permissions documented are enough: each agent applies its own notice.
                 await eventually(lambda: _held_without(side_a, "c-a"))
